@@ -1,0 +1,183 @@
+"""What a plugin is: the base classes that sources and transforms subclass, and their options.
+
+A third-party package subclasses :class:`Source` or :class:`Transform` and registers the class under the
+entry-point group ``facegen.sources`` or ``facegen.transforms``. Class attributes carry what the dataset card
+needs (licence, citation, description); nothing in facegen lists plugins by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from facegen.errors import UsageError
+from facegen.records import Identity, IdentityResult, SourceImage, Skip
+
+
+def to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "y", "on"):
+        return True
+    if text in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def to_list(value: Any) -> list[str]:
+    """A comma-separated string (CLI) or a YAML list (recipe) -> list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+@dataclass
+class Option:
+    """One ``k=v`` option of a plugin: default, converter (from the CLI's string or a recipe's YAML value), help."""
+
+    default: Any
+    help: str
+    type: Callable[[Any], Any] = str
+    choices: Sequence[Any] | None = None
+
+
+def parse_options(spec: dict[str, Option], given: dict[str, Any], owner: str) -> dict[str, Any]:
+    """Validate ``given`` against ``spec``; unknown names and bad values are a UsageError (one line)."""
+    unknown = sorted(set(given) - set(spec))
+    if unknown:
+        known = ", ".join(sorted(spec)) or "none"
+        raise UsageError(f"{owner}: unknown option {unknown[0]!r} (options: {known})")
+    values = {}
+    for name, option in spec.items():
+        if name not in given:
+            values[name] = option.default
+            continue
+        raw = given[name]
+        try:
+            value = raw if raw is None else option.type(raw)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{owner}: bad value {raw!r} for option {name!r}: {exc}") from None
+        if option.choices is not None and value not in option.choices:
+            choices = ", ".join(map(str, option.choices))
+            raise UsageError(f"{owner}: option {name!r} must be one of {choices}, got {raw!r}")
+        values[name] = value
+    return values
+
+
+@dataclass
+class ModelInfo:
+    """A model a transform uses, for provenance and the card's licence chain."""
+
+    id: str  # Hub id or a name
+    revision: str | None = None
+    role: str = ""  # what it does here, e.g. "UNet", "face detector"
+    license: str = ""  # licence name as the owner states it
+    license_link: str = ""
+    citation: str = ""  # BibTeX
+    note: str = ""  # e.g. "non-commercial research only"
+    source: str = ""  # where it was actually loaded from in this run (path or hub id@revision)
+
+
+@dataclass
+class LicenseInfo:
+    """A licence as the card needs it. ``id`` is a Hub licence id (``mit``, ``cc0-1.0``, ``other``…)."""
+
+    id: str
+    name: str = ""  # license_name when id is "other"
+    link: str = ""
+    text: str = ""  # text for the LICENSE file (summary plus link when the full text is not ours to copy)
+    commercial_use: bool = False
+    note: str = ""
+
+
+class Plugin:
+    """Common to sources and transforms: a name, a one-line description, options and card metadata."""
+
+    name: str = ""
+    description: str = ""  # one line, shown by `facegen plugins`
+    card_description: str = ""  # a paragraph for the dataset card
+    homepage: str = ""
+    citation: str = ""  # BibTeX
+    license: LicenseInfo | None = None
+    options: dict[str, Option] = {}
+
+    def __init__(self, **options: Any):
+        self.opts = parse_options(self.options, options, f"{self.kind} {self.name!r}")
+
+    kind = "plugin"
+
+    def provenance(self) -> dict[str, Any]:
+        """Facts for the card's provenance section (versions, command files…): JSON-serialisable."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class Source(Plugin):
+    """A dataset layout: a cheap, stably ordered identity list and per-identity loading.
+
+    Constructed in every process of a run with the same arguments; ``identities()`` must return the same list
+    in each. ``load`` returns the identity's images in their natural order; an unreadable image becomes a
+    :class:`Skip` (with its reason) instead of an exception.
+    """
+
+    kind = "source"
+    image_format = "png"  # encoding of the images as stored
+
+    def __init__(self, path: str | os.PathLike, **options: Any):
+        super().__init__(**options)
+        self.path = os.fspath(path)
+        if not os.path.exists(self.path):
+            raise UsageError(f"source {self.name!r}: path {self.path} does not exist")
+
+    def identities(self) -> Sequence[str]:
+        raise NotImplementedError
+
+    def load(self, identity_id: str) -> list[SourceImage | Skip]:
+        raise NotImplementedError
+
+    def json_features(self) -> dict[str, Any]:
+        """``datasets`` features of the per-image ``meta`` fields this source adds to each sample's json."""
+        return {}
+
+    def extra_features(self) -> dict[str, Any]:
+        """``datasets`` features of the extra tar members (field name -> feature) this source emits."""
+        return {}
+
+
+class Transform(Plugin):
+    """Turns batches of identities into faces.
+
+    ``setup(device)`` loads the models once per process; ``__call__`` takes up to ``batch_size`` identities and
+    yields one :class:`IdentityResult` per identity, in input order. All randomness comes from ``identity.seed``.
+    """
+
+    kind = "transform"
+    batch_size = 1  # identities per call
+
+    def models(self) -> list[ModelInfo]:
+        return []
+
+    def output_format(self, source: Source) -> str:
+        """The image encoding used when ``--format`` is not given."""
+        return "png"
+
+    def json_features(self, source: Source) -> dict[str, Any]:
+        """Features of the ``meta`` fields this transform adds to each sample's json."""
+        return {}
+
+    def extra_features(self, source: Source) -> dict[str, Any]:
+        """Features of the extra tar members this transform's faces carry."""
+        return {}
+
+    def setup(self, device: Any) -> None:
+        pass
+
+    def __call__(self, batch: list[Identity]) -> Iterable[IdentityResult]:
+        raise NotImplementedError

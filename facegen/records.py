@@ -29,7 +29,8 @@ class Skip:
     """A sample that was not written, and why (counted in the shard stats and the card)."""
 
     ref: str
-    reason: str
+    reason: str  # a short category, counted in the stats ("corrupt image", "no face detected")
+    detail: str = ""  # the specific error, kept in the stats' failure list
 
 
 @dataclass

@@ -1,0 +1,96 @@
+"""Build options: the CLI's ``k=v`` pairs and recipes (YAML files holding the same options; the CLI overrides)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from facegen.errors import UsageError
+
+
+@dataclass
+class BuildConfig:
+    source: str | None = None
+    source_path: str | None = None
+    source_opts: dict[str, Any] = field(default_factory=dict)
+    plugin: str | None = None
+    plugin_opts: dict[str, Any] = field(default_factory=dict)
+    out: str | None = None
+    recipe: str | None = None
+    limit_identities: int | None = None
+    identities_file: str | None = None
+    shard_size: int = 100
+    seed: int = 0
+    format: str | None = None
+    strict: bool = False
+    overwrite: bool = False
+    command: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "command"}
+
+
+def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
+    """``("a=1", "b=x")`` -> ``{"a": "1", "b": "x"}``; a pair without ``=`` is a UsageError."""
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"{flag} expects key=value, got {pair!r}")
+        values[name.strip()] = value
+    return values
+
+
+def recipe_names() -> list[str]:
+    folder = resources.files("facegen.builders") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_recipe(name_or_file: str) -> dict[str, Any]:
+    """A recipe by built-in name (``digiface``) or by path to a YAML file."""
+    if os.path.isfile(name_or_file):
+        text = open(name_or_file, encoding="utf-8").read()
+        where = name_or_file
+    else:
+        candidate = resources.files("facegen.builders") / "recipes" / f"{name_or_file}.yaml"
+        if not candidate.is_file():
+            raise UsageError(
+                f"unknown recipe {name_or_file!r}: not a file, and not a built-in recipe "
+                f"(built-in: {', '.join(recipe_names()) or 'none'})"
+            )
+        text = candidate.read_text(encoding="utf-8")
+        where = f"built-in recipe {name_or_file}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{where} must be a YAML mapping of build options")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - RECIPE_KEYS)
+    if unknown:
+        raise UsageError(f"{where}: unknown option {unknown[0]!r} (options: {', '.join(sorted(RECIPE_KEYS))})")
+    for key in ("source_opts", "plugin_opts"):
+        if data.get(key) is None:
+            data[key] = {}
+        if not isinstance(data[key], dict):
+            raise UsageError(f"{where}: {key} must be a mapping")
+    return data
+
+
+def merge_recipe(recipe: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+    """Recipe values, overridden by every CLI value that was given (option dicts are merged key by key)."""
+    merged = dict(recipe)
+    for key, value in cli.items():
+        if key in ("source_opts", "plugin_opts"):
+            merged[key] = {**recipe.get(key, {}), **value}
+        elif value is not None:
+            merged[key] = value
+    return merged

@@ -1,0 +1,232 @@
+"""The shard writer: one tar per work unit, written under a hidden name, renamed when complete, stats last.
+
+A shard is complete when both ``data/train/train-{i:06d}.tar`` and ``.facegen/shards/{i:06d}.json`` exist; a kill
+at any moment leaves at most a hidden temporary file, which the next attempt at that shard removes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from facegen.records import Face, IdentityResult
+
+MAX_FAILURES_LISTED = 100
+
+
+def shard_tar_path(out: Path, index: int) -> Path:
+    return out / "data" / "train" / f"train-{index:06d}.tar"
+
+
+def shard_stats_path(out: Path, index: int) -> Path:
+    return out / ".facegen" / "shards" / f"{index:06d}.json"
+
+
+def shard_is_complete(out: Path, index: int) -> bool:
+    return shard_tar_path(out, index).exists() and shard_stats_path(out, index).exists()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write bytes under a hidden temporary name, fsync, rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_default(value: Any):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_image(image: Any, ext: str | None, fmt: str) -> bytes:
+    """Bytes already in ``fmt`` are copied; anything else is decoded (if needed) and encoded once."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if ext == fmt:
+            return bytes(image)
+        image = Image.open(io.BytesIO(image))
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        image.convert("RGB").save(buf, format="JPEG", quality=95)
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_extra(field: str, value: Any) -> bytes:
+    """Encode one extra tar member by its field's last extension (what `datasets` will decode it by)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    last = field.rsplit(".", 1)[-1]
+    if last == "npy":
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(value), allow_pickle=False)
+        return buf.getvalue()
+    if last in ("png", "jpg", "jpeg"):
+        return encode_image(value, None, "jpg" if last != "png" else "png")
+    if last in ("json", "jsn"):
+        return dumps(value)
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (int, np.integer)):
+        return str(int(value)).encode()
+    raise TypeError(f"cannot encode extra field {field!r} of type {type(value).__name__}")
+
+
+class UstarWriter:
+    """A minimal, deterministic USTAR tar writer for regular files with short names.
+
+    Why not webdataset.TarWriter: it builds every member header through ``tarfile.TarInfo`` (a copy and the pax
+    logic, ~25 µs per member); a sample here has 3+ members and the passthrough target is 0.8x the rate of copying
+    only the images with TarWriter. The headers are byte-identical to ``tarfile``'s USTAR headers (fixed mtime 0,
+    mode 0444, owner facegen), read by ``tarfile``, ``webdataset`` and ``datasets`` alike.
+    """
+
+    RECORD = 10240  # tar files end padded to a multiple of the 20-block record, like tarfile's
+
+    def __init__(self, fileobj):
+        self.f = fileobj
+        self.size = 0
+        head = bytearray(512)
+        head[100:108] = b"0000444\0"  # mode
+        head[108:116] = b"0000000\0"  # uid
+        head[116:124] = b"0000000\0"  # gid
+        head[136:148] = b"00000000000\0"  # mtime 0: reproducible bytes
+        head[148:156] = b"        "  # checksum field counts as spaces
+        head[156:157] = b"0"  # regular file
+        head[257:265] = b"ustar\x0000"
+        head[265:272] = b"facegen"  # uname
+        head[297:304] = b"facegen"  # gname
+        self._template = bytes(head)
+        self._template_sum = sum(head)
+
+    def _write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.size += len(data)
+
+    def add(self, name: str, data: bytes) -> None:
+        encoded = name.encode()
+        if len(encoded) > 100:
+            raise ValueError(f"tar member name longer than 100 bytes: {name}")
+        size_field = b"%011o\0" % len(data)
+        checksum = self._template_sum + sum(encoded) + sum(size_field)
+        header = bytearray(self._template)
+        header[0:len(encoded)] = encoded
+        header[124:136] = size_field
+        header[148:156] = b"%06o\0 " % checksum
+        self._write(bytes(header))
+        self._write(data)
+        pad = -len(data) % 512
+        if pad:
+            self._write(b"\0" * pad)
+
+    def close(self) -> None:
+        end = 1024 + (-(self.size + 1024) % self.RECORD)
+        self._write(b"\0" * end)
+
+
+class ShardWriter:
+    """Writes one shard: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then the stats file."""
+
+    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1)):
+        self.out, self.index, self.fmt, self.source_name = out, index, fmt, source_name
+        self.rank = rank
+        self.quality_fields = tuple(quality_fields)
+        self.final = shard_tar_path(out, index)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):
+            stale.unlink(missing_ok=True)  # left by a killed attempt at this shard
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
+        self._file = open(self.tmp, "wb", buffering=1 << 20)
+        self._tar = UstarWriter(self._file)  # deterministic bytes: the same samples give the same tar anywhere
+        self.started = time.perf_counter()
+        self.identities = 0
+        self.images = 0
+        self.per_identity: dict[str, int] = {}
+        self.skipped: Counter = Counter()
+        self.failures: list[dict] = []
+        self.quality: dict[str, dict] = {}
+
+    def write(self, result: IdentityResult) -> None:
+        ident = result.identity
+        self.identities += 1
+        for n, face in enumerate(result.faces):
+            sample = self._sample(ident.cls, n, ident.id, face)
+            key = sample.pop("__key__")
+            for field in sorted(sample):  # sorted fields, like webdataset's TarWriter
+                self._tar.add(f"{key}.{field}", sample[field])
+        self.images += len(result.faces)
+        self.per_identity[ident.id] = len(result.faces)
+        for skip in result.skipped:
+            self.skipped[skip.reason] += 1
+            if len(self.failures) < MAX_FAILURES_LISTED:
+                self.failures.append({"identity": ident.id, "ref": skip.ref, "reason": skip.reason,
+                                      "detail": skip.detail})
+
+    def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> dict:
+        meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref, **face.meta}
+        for name in self.quality_fields:
+            value = face.meta.get(name)
+            if isinstance(value, (int, float, np.number)) and np.isfinite(value):
+                q = self.quality.setdefault(name, {"sum": 0.0, "count": 0, "min": float(value), "max": float(value)})
+                q["sum"] += float(value)
+                q["count"] += 1
+                q["min"], q["max"] = min(q["min"], float(value)), max(q["max"], float(value))
+        sample = {
+            "__key__": f"{cls:06d}_{n:03d}",
+            self.fmt: encode_image(face.image, face.ext, self.fmt),
+            "cls": str(cls).encode(),
+            "json": dumps(meta),
+        }
+        for field, value in face.extras.items():
+            sample[field] = encode_extra(field, value)
+        return sample
+
+    def commit(self) -> dict:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        size = self._tar.size
+        os.replace(self.tmp, self.final)
+        stats = {
+            "shard": self.index,
+            "identities": self.identities,
+            "images": self.images,
+            "images_per_identity": self.per_identity,
+            "skipped": dict(sorted(self.skipped.items())),
+            "failures": self.failures,
+            "quality": self.quality,
+            "seconds": round(time.perf_counter() - self.started, 3),
+            "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
+            "tar": self.final.relative_to(self.out).as_posix(),
+            "tar_bytes": size,
+        }
+        write_atomic(shard_stats_path(self.out, self.index), dumps(stats))
+        return stats
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,36 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from facegen.testing.folder import write_folder_source
+
+BIN = Path(sys.executable).parent
+
+
+def run_facegen(*args, env=None, check=False, timeout=600):
+    """Run the installed `facegen` console script in a real subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([str(BIN / "facegen"), *map(str, args)], capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"facegen {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def folder_source(tmp_path):
+    return write_folder_source(tmp_path / "src", identities=12, images_per_identity=3)
+
+
+@pytest.fixture(autouse=True)
+def isolated_datasets_cache(tmp_path, monkeypatch):
+    """`datasets` caches a local folder by its name and README, not its path: two test outputs both named `out`
+    would otherwise load each other's cached rows. Each test gets its own cache."""
+    import datasets
+
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))

@@ -1,0 +1,196 @@
+"""facegen build end to end on real files: loadable output, bytes copied, bad input, recipes, resume rules."""
+
+import io
+import json
+import tarfile
+
+import datasets
+import pytest
+from PIL import Image
+
+from conftest import run_facegen
+from facegen.cli import main
+from facegen.testing.folder import write_folder_source
+
+
+def build(*args):
+    """Run `facegen build` in-process through the click group called with an argument list."""
+    try:
+        main(["build", *map(str, args)], standalone_mode=False)
+    except SystemExit as exc:  # the group exits like the console script
+        if exc.code not in (0, None):
+            raise
+
+
+def tar_members(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_passthrough_output_loads_with_declared_columns(tmp_path):
+    src = write_folder_source(tmp_path / "src", identities=7, images_per_identity=3, corrupt=1)
+    out = tmp_path / "out"
+    build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out, "--shard-size", 3)
+    assert sorted(p.name for p in (out / "data" / "train").iterdir()) == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert sorted(p.name for p in (out / ".facegen" / "shards").iterdir()) == [
+        "000000.json", "000001.json", "000002.json"]
+    expected_columns = ["png", "cls", "json", "__key__", "__url__"]
+
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.num_rows == 7 * 3 - 1  # one corrupt image skipped
+    assert ds.column_names == expected_columns
+    assert ds.features["cls"] == datasets.Value("int64")
+    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "image_index"}
+    first = ds[0]
+    assert first["__key__"] == "000000_000" and first["cls"] == 0
+    assert first["json"] == {"identity": "0", "source": "folder", "source_ref": "0/0.png", "image_index": 0}
+    assert isinstance(first["png"], Image.Image) and first["png"].size == (112, 112)
+
+    streamed = list(datasets.load_dataset(str(out), split="train", streaming=True))
+    assert len(streamed) == ds.num_rows
+    assert list(streamed[0]) == expected_columns
+
+    # the image bytes in the shard are the source file's bytes, untouched
+    members = dict(tar_members(out / "data" / "train" / "train-000001.tar"))
+    assert members["000004_002.png"] == (src / "4" / "2.png").read_bytes()
+    assert members["000004_002.cls"] == b"4"
+
+    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
+    assert stats["skipped"] == {"corrupt image": 1}
+    assert stats["failures"][0]["ref"] == "0/2.png"
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    assert run["totals"]["images"] == 20 and run["totals"]["skipped"] == {"corrupt image": 1}
+
+
+def test_natural_order_and_labels(tmp_path):
+    src = tmp_path / "src"
+    for ident in ("10", "2", "1"):
+        (src / ident).mkdir(parents=True)
+        for k in (10, 2, 1):
+            Image.new("RGB", (8, 8), (int(ident), k, 0)).save(src / ident / f"img{k}.png")
+    out = tmp_path / "out"
+    build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out)
+    ds = datasets.load_dataset(str(out), split="train")
+    assert [r["identity"] for r in ds["json"]] == ["1"] * 3 + ["2"] * 3 + ["10"] * 3
+    assert [r["source_ref"] for r in ds["json"]][:3] == ["1/img1.png", "1/img2.png", "1/img10.png"]
+    assert ds["cls"] == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_format_conversion_to_jpg(tmp_path, folder_source):
+    out = tmp_path / "out"
+    build("--source", "folder", "--source-path", folder_source, "--plugin", "passthrough", "--out", out,
+          "--format", "jpg", "--limit-identities", "2")
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.column_names[0] == "jpg" and ds.num_rows == 6
+    names = [n for n, _ in tar_members(out / "data" / "train" / "train-000000.tar")]
+    assert "000000_000.jpg" in names
+    data = dict(tar_members(out / "data" / "train" / "train-000000.tar"))["000000_000.jpg"]
+    assert Image.open(io.BytesIO(data)).format == "JPEG"
+
+
+def test_identities_file_and_limit(tmp_path, folder_source):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("7\n3\n# a comment\n11\n")
+    out = tmp_path / "out"
+    build("--source", "folder", "--source-path", folder_source, "--plugin", "passthrough", "--out", out,
+          "--identities-file", ids, "--limit-identities", "2")
+    ds = datasets.load_dataset(str(out), split="train")
+    assert sorted({r["identity"] for r in ds["json"]}) == ["3", "7"]  # source order 3, 7 (11 cut by the limit)
+    assert sorted(set(ds["cls"])) == [0, 1]
+
+
+def test_recipe_file_with_cli_override(tmp_path, folder_source):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("source: folder\nplugin: passthrough\nshard_size: 2\nformat: jpg\nlimit_identities: 5\n")
+    out = tmp_path / "out"
+    build("--recipe", recipe, "--source-path", folder_source, "--out", out, "--format", "png")
+    assert len(list((out / "data" / "train").glob("*.tar"))) == 3
+    assert datasets.load_dataset(str(out), split="train").column_names[0] == "png"
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    assert run["options"]["shard_size"] == 2 and run["options"]["format"] == "png"
+
+
+def test_rerun_resumes_and_other_command_is_refused(tmp_path, folder_source):
+    out = tmp_path / "out"
+    args = ["build", "--source", "folder", "--source-path", folder_source, "--plugin", "passthrough", "--out", out,
+            "--shard-size", "5"]
+    assert run_facegen(*args).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train").iterdir()}
+    again = run_facegen(*args)
+    assert again.returncode == 0 and "0 written now, 3 already complete" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train").iterdir()} == before
+
+    other = run_facegen(*args[:-1], "4")
+    assert other.returncode == 2 and other.stderr.count("\n") == 1
+    assert "different build" in other.stderr and "shard_size" in other.stderr
+    replaced = run_facegen(*args[:-1], "4", "--overwrite")
+    assert replaced.returncode == 0
+    assert len(list((out / "data" / "train").glob("*.tar"))) == 3  # 12 identities / 4
+    assert datasets.load_dataset(str(out), split="train").num_rows == 36
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--source-path", "/nonexistent/x"], "does not exist"),
+    (["--source-opt", "colour"], "expects key=value"),
+    (["--source-opt", "colour=red"], "unknown option 'colour'"),
+    (["--plugin-opt", "speed=3"], "unknown option 'speed'"),
+    (["--source", "nosuch"], "unknown source plugin 'nosuch'"),
+    (["--recipe", "nosuch"], "unknown recipe 'nosuch'"),
+    (["--identities-file", "/nonexistent/ids.txt"], "cannot read identities file"),
+    (["--shard-size", "0"], "--shard-size must be at least 1"),
+    (["--bogus-flag"], "No such option"),
+])
+def test_user_mistakes_are_one_line_exit_2(tmp_path, folder_source, args, message):
+    base = {"--source": "folder", "--source-path": str(folder_source), "--plugin": "passthrough",
+            "--out": str(tmp_path / "o")}
+    given = dict(zip(args[::2], args[1::2]))
+    argv = [x for k, v in {**base, **given}.items() if k not in ("--bogus-flag", "--source-opt", "--plugin-opt")
+            for x in (k, v)]
+    argv += [a for a in args if a == "--bogus-flag"]
+    for flag in ("--source-opt", "--plugin-opt"):
+        if flag in given:
+            argv += [flag, given[flag]]
+    proc = run_facegen("build", *argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr
+
+
+def test_empty_source_and_missing_options(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_facegen("build", "--source", "folder", "--source-path", tmp_path / "empty", "--plugin",
+                       "passthrough", "--out", tmp_path / "o")
+    assert proc.returncode == 2 and "plan is empty" in proc.stderr and proc.stderr.count("\n") == 1
+    proc = run_facegen("build", "--source", "folder")
+    assert proc.returncode == 2 and "missing --source-path" in proc.stderr
+
+
+def test_strict_stops_at_a_corrupt_image_and_keeps_complete_shards(tmp_path):
+    src = write_folder_source(tmp_path / "src", identities=6, images_per_identity=2)
+    victim = src / "4" / "1.png"
+    victim.write_bytes(victim.read_bytes()[:100])
+    out = tmp_path / "out"
+    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+                       "--shard-size", "2", "--strict")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "4/1.png" in proc.stderr and "corrupt image" in proc.stderr
+    # the shards before the bad one are complete and intact; no temporary file is visible
+    assert sorted(p.name for p in (out / "data" / "train").iterdir()) == ["train-000000.tar", "train-000001.tar"]
+    # without --strict the same folder is a different command only in strictness: it resumes and skips
+    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+                       "--shard-size", "2")
+    assert proc.returncode == 0 and "corrupt image: 1" in proc.stdout
+    assert datasets.load_dataset(str(out), split="train").num_rows == 11
+
+
+def test_unreadable_file_is_skipped_and_counted(tmp_path):
+    src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
+    (src / "1" / "7.png").mkdir()  # listed like an image, but reading it fails (runs as root too, unlike chmod 0)
+    out = tmp_path / "out"
+    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 (unreadable file: 1)" in proc.stdout
+    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
+    assert stats["failures"][0]["ref"] == "1/7.png" and stats["failures"][0]["reason"] == "unreadable file"
+    assert datasets.load_dataset(str(out), split="train").num_rows == 6

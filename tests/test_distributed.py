@@ -1,0 +1,96 @@
+"""One process and two real processes (torchrun, accelerate launch) on CPU give byte-identical output."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+
+from conftest import BIN, run_facegen
+from facegen.testing.folder import write_folder_source
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard_bytes(out):
+    return {p.name: p.read_bytes() for p in sorted((out / "data" / "train").iterdir())}
+
+
+def writers(out):
+    stats = [json.loads(p.read_text()) for p in (out / ".facegen" / "shards").glob("*.json")]
+    return {(s["written_by"]["process"], s["written_by"]["processes"]) for s in stats}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    src = write_folder_source(root / "src", identities=23, images_per_identity=3, corrupt=1)
+    out = root / "one"
+    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+                       "--shard-size", "4")
+    assert proc.returncode == 0, proc.stderr
+    return src, out
+
+
+def common_args(src, out):
+    return ["build", "--source", "folder", "--source-path", str(src), "--plugin", "passthrough", "--out", str(out),
+            "--shard-size", "4"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_byte_identical(reference, tmp_path):
+    src, one = reference
+    out = tmp_path / "two"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
+           str(BIN / "facegen"), *common_args(src, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert writers(out) == {(0, 2), (1, 2)}
+    assert shard_bytes(out) == shard_bytes(one)
+    assert proc.stdout.count("facegen build done") == 1  # one summary, from the main process
+    assert datasets.load_dataset(str(out), split="train").num_rows == 23 * 3 - 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_byte_identical(reference, tmp_path):
+    src, one = reference
+    out = tmp_path / "acc"
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "facegen", *common_args(src, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert writers(out) == {(0, 2), (1, 2)}
+    assert shard_bytes(out) == shard_bytes(one)
+
+
+def test_world_size_without_a_launcher_is_one_line_exit_2(reference, tmp_path):
+    src, _ = reference
+    proc = run_facegen(*common_args(src, tmp_path / "x"), env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert proc.returncode == 2 and "WORLD_SIZE=2" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+
+
+def test_world_size_seen_as_one_process_is_refused(monkeypatch):
+    """Processes that accelerate cannot see as ranks would each write every shard: refuse to run."""
+    import accelerate
+
+    from facegen.builders import run
+    from facegen.errors import UsageError
+
+    class SingleProcessState:  # what PartialState reports when it misses the ranks (e.g. no cpu=True on CPU)
+        def __init__(self, cpu=False):
+            self.num_processes = 1
+
+    monkeypatch.setattr(accelerate, "PartialState", SingleProcessState)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="accelerate sees one process"):
+        run.distributed_state()

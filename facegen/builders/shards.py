@@ -160,6 +160,7 @@ class ShardWriter:
         self._file = open(self.tmp, "wb", buffering=1 << 20)
         self._tar = UstarWriter(self._file)  # deterministic bytes: the same samples give the same tar anywhere
         self.started = time.perf_counter()
+        self.started_at = time.time()
         self.identities = 0
         self.images = 0
         self.per_identity: dict[str, int] = {}
@@ -218,6 +219,8 @@ class ShardWriter:
             "failures": self.failures,
             "quality": self.quality,
             "seconds": round(time.perf_counter() - self.started, 3),
+            "started_at": self.started_at,
+            "finished_at": time.time(),
             "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
             "tar": self.final.relative_to(self.out).as_posix(),
             "tar_bytes": size,

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def draw_face(identity_index: int, image_index: int = 0, size: int = 112, noise: float = 7.0) -> Image.Image:
+def draw_face(identity_index: int, image_index: int = 0, size: int = 112, noise: float = 6.0) -> Image.Image:
     """A face drawn for (identity, image): the identity fixes shape and colours, the image index jitters pose/light."""
     ident = np.random.default_rng(10_007 * identity_index + 17)
     shot = np.random.default_rng((identity_index + 1) * 1_000_003 + image_index)
@@ -72,7 +72,7 @@ def write_folder_source(
     corrupt: int = 0,
     unreadable: int = 0,
     start: int = 0,
-    noise: float = 7.0,
+    noise: float = 6.0,
 ) -> Path:
     """Write ``identities`` folders ``{start}..`` with ``images_per_identity`` images ``0.png, 1.png …`` each.
 

@@ -262,7 +262,8 @@ class Builder:
         prepare_output(self.out, self.signature(), self.config.overwrite, state)
         complete_at_start = {i for i in range(plan.num_shards) if shard_is_complete(self.out, i)}
         mine = [i for i in plan.shards_of(state.process_index, state.num_processes) if i not in complete_at_start]
-        self.transform.setup(state.device)
+        if mine:  # nothing to do (a finished build rerun) loads no model
+            self.transform.setup(state.device)
         started = time.perf_counter()
         progress = tqdm(total=sum(len(plan.shard(i)) for i in mine), unit="id", dynamic_ncols=True,
                         desc=f"facegen {self.config.plugin}", disable=not state.is_main_process)

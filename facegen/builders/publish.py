@@ -1,0 +1,367 @@
+"""`facegen publish`: check a finished build folder, then upload it to a Hub dataset repository.
+
+Steps (each visible in :func:`publish`):
+
+1. Check the folder locally (:func:`check_folder`) and refuse with the list of problems: the card's YAML parses
+   and names a licence (with a LICENSE file when it is `other`), every shard is a complete tar whose size,
+   checksum and sample count match its stats, the totals match the run, and ``load_dataset(OUT, streaming=True)``
+   yields exactly the declared columns and rows.
+2. List what would be uploaded (:func:`files_to_upload`): README.md, LICENSE*, preview.jpg and data/**; never
+   ``.facegen/`` or hidden/temporary files. ``--dry-run`` stops here and contacts nothing.
+3. ``create_repo(repo_type="dataset", exist_ok=True)`` (and the branch when ``--revision`` names one), then
+   ``upload_folder`` with those patterns. huggingface_hub 2.x's upload is resumable: rerunning the same command
+   after an interruption skips the files already committed.
+
+The token comes from ``--token``, ``HF_TOKEN`` or the saved ``hf auth login``; it is never printed, and any error
+text that could contain it is masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import tarfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from facegen.errors import FacegenError, UsageError
+
+ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "data/**"]
+# Hidden names anywhere (temporary shard files, editor droppings) and the build's own records stay local.
+IGNORE_PATTERNS = [".facegen/**", ".*", "**/.*", "**/__pycache__/**"]
+SHARD_NAME = re.compile(r"^train-(\d{6})\.tar$")
+PROBLEMS_SHOWN = 30
+
+
+class PublishError(FacegenError):
+    """The Hub refused or failed (network, permissions): one line, token masked, exit code 1."""
+
+
+@dataclass
+class FileToUpload:
+    path: str  # relative to the folder = path in the repo
+    size: int
+
+
+@dataclass
+class PublishResult:
+    repo_id: str
+    revision: str
+    files: list[FileToUpload] = field(default_factory=list)
+    commit_url: str | None = None
+    dry_run: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+# --------------------------------------------------------------------------------------------- local checks
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes every byte read (one pass gives both the tar walk and the sha256)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.bytes_read = 0
+
+    def read(self, size=-1):
+        data = self._f.read(size)
+        self.sha256.update(data)
+        self.bytes_read += len(data)
+        return data
+
+
+def check_shard(path: Path, image_column: str) -> tuple[dict, str | None]:
+    """Walk a tar to its end. Returns ({"images", "labels", "sha256", "bytes"}, problem or None)."""
+    images, labels = 0, set()
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw)
+        try:
+            # stream mode reads every member's data in order: a truncated or corrupt tar fails here
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    name = member.name
+                    if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
+                        return {}, f"unexpected member {name!r}"
+                    key, _, ext = name.rpartition("/")[2].partition(".")
+                    if ext == image_column:
+                        images += 1
+                        labels.add(key.split("_", 1)[0])
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
+        while reader.read(1 << 20):  # the end-of-archive padding, so that the checksum covers the whole file
+            pass
+    return {"images": images, "labels": len(labels), "sha256": reader.sha256.hexdigest(),
+            "bytes": reader.bytes_read}, None
+
+
+def _check_card(out: Path, run: dict, problems: list[str]) -> None:
+    from datasets import Features
+    from datasets.info import DatasetInfosDict
+    from huggingface_hub import DatasetCard
+
+    readme = out / "README.md"
+    if not readme.is_file():
+        problems.append("README.md is missing (run `facegen card OUT` to write it)")
+        return
+    try:
+        card = DatasetCard.load(readme)
+    except Exception as exc:  # the YAML parser and the card loader raise several types
+        problems.append(f"README.md: the YAML front matter does not parse ({type(exc).__name__}: {exc})")
+        return
+    data = card.data.to_dict()
+    licence = data.get("license")
+    if not licence:
+        problems.append("README.md: no `license` in the YAML")
+    elif licence == "other":
+        if not data.get("license_name"):
+            problems.append("README.md: `license: other` needs a `license_name`")
+        link = data.get("license_link")
+        if not link:
+            problems.append("README.md: `license: other` needs a `license_link` (the LICENSE file)")
+        elif not re.match(r"^https?://", link):
+            target = out / link
+            if not target.is_file() or target.stat().st_size == 0:
+                problems.append(f"README.md: `license_link: {link}` but that file is missing or empty")
+    if not data.get("configs"):
+        problems.append("README.md: no `configs` (data_files) in the YAML")
+    infos = DatasetInfosDict.from_dataset_card_data(card.data)
+    info = next(iter(infos.values()), None) if infos else None
+    if info is None or info.features is None:
+        problems.append("README.md: no `dataset_info.features` in the YAML")
+        return
+    if info.features != Features.from_dict(run["features"]):
+        problems.append("README.md declares other columns than .facegen/run.json (run `facegen card OUT`)")
+    if info.splits and "train" in info.splits:
+        declared = info.splits["train"].num_examples
+        if declared != run.get("totals", {}).get("images"):
+            problems.append(f"README.md declares {declared} train examples but the run has "
+                            f"{run.get('totals', {}).get('images')} (run `facegen card OUT`)")
+
+
+def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
+    from facegen.cards.stats import load_shard_stats
+
+    image_column = run.get("image_column", "png")
+    shards = load_shard_stats(out)
+    expected = run.get("plan", {}).get("shards", len(shards))
+    indices = [s.get("shard") for s in shards]
+    missing = sorted(set(range(expected)) - set(indices))
+    if missing:
+        problems.append(f"{len(missing)} of {expected} shards have no stats (not finished?): first is "
+                        f"{missing[0]:06d}; rerun the build command to complete them")
+    listed = set()
+    totals = Counter()
+    for stats in shards:
+        rel = stats.get("tar") or f"data/train/train-{stats.get('shard', 0):06d}.tar"
+        listed.add(rel)
+        totals["images"] += stats.get("images", 0)
+        totals["identities"] += stats.get("identities", 0)
+        path = out / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing (its stats file exists)")
+            continue
+        found, problem = check_shard(path, image_column)
+        if problem:
+            problems.append(f"{rel}: {problem}")
+            continue
+        if "tar_bytes" in stats and found["bytes"] != stats["tar_bytes"]:
+            problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats['tar_bytes']}")
+        if stats.get("tar_sha256") and found["sha256"] != stats["tar_sha256"]:
+            problems.append(f"{rel}: sha256 differs from its stats (the file changed after the build)")
+        if found["images"] != stats.get("images"):
+            problems.append(f"{rel}: {found['images']} images but its stats say {stats.get('images')}")
+    run_totals = run.get("totals", {})
+    for name in ("images", "identities"):
+        if name in run_totals and run_totals[name] != totals[name]:
+            problems.append(f"run.json counts {run_totals[name]} {name} but the shard stats add up to {totals[name]}")
+    # every visible file under data/ must be a listed shard: `datasets` would load anything else ending in .tar
+    data_dir = out / "data"
+    if not data_dir.is_dir():
+        problems.append("data/ is missing")
+        return
+    for path in sorted(data_dir.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_dir() or any(part.startswith(".") for part in path.relative_to(out).parts):
+            continue
+        if rel not in listed:
+            problems.append(f"{rel}: not a shard of this build (remove it or rerun the build)")
+
+
+def _check_loads(out: Path, run: dict, problems: list[str]) -> None:
+    """``load_dataset(OUT, split="train", streaming=True)`` must yield the declared columns, every row once."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(str(out), split="train", streaming=True)
+        declared = list(datasets.Features.from_dict(run["features"]))
+        rows = 0
+        # images are not decoded (the tar walk checked them); every json row is still cast to its features
+        for example in stream.decode(False):
+            if rows == 0 and list(example) != declared:
+                problems.append(f"load_dataset yields columns {list(example)}, the card declares {declared}")
+                return
+            rows += 1
+    except Exception as exc:  # datasets raises many types (DatasetGenerationError, ValueError, ArrowInvalid…)
+        problems.append(f"load_dataset(OUT, streaming=True) fails: {type(exc).__name__}: {exc}".splitlines()[0])
+        return
+    if rows != run.get("totals", {}).get("images"):
+        problems.append(f"load_dataset yields {rows} rows, the run counts {run.get('totals', {}).get('images')}")
+
+
+def check_folder(out_dir) -> list[str]:
+    """Every problem that should stop a publish, as one line each (empty list = ready to publish)."""
+    from facegen.cards.stats import load_run
+
+    out = Path(out_dir)
+    if not out.is_dir():
+        return [f"{out} is not a folder"]
+    try:
+        run = load_run(out)
+    except UsageError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    _check_card(out, run, problems)
+    _check_shards(out, run, problems)
+    if not problems:  # loading is slow and pointless when the files are already known to be wrong
+        _check_loads(out, run, problems)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- upload
+
+
+def files_to_upload(out_dir) -> list[FileToUpload]:
+    """Exactly the files `upload_folder` will send with facegen's patterns (same matcher as huggingface_hub)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    out = Path(out_dir)
+    rel_paths = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    chosen = filter_repo_objects(rel_paths, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+    return [FileToUpload(path=p, size=(out / p).stat().st_size) for p in chosen]
+
+
+def resolve_token(token: str | None) -> tuple[str | None, str]:
+    """(token, where it came from): --token, then HF_TOKEN, then the saved login."""
+    from huggingface_hub import get_token
+
+    if token:
+        return token, "--token"
+    found = get_token()
+    if not found:
+        return None, "none"
+    if found in (os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        return found, "HF_TOKEN"
+    return found, "saved login"
+
+
+def mask(text: str, token: str | None) -> str:
+    """Remove the token (and anything shaped like an HF token) from text meant for a terminal or a log."""
+    if token:
+        text = text.replace(token, "hf_***")
+    return re.sub(r"\bhf_[A-Za-z0-9]{8,}\b", "hf_***", text)
+
+
+def hf_upload_command(repo_id: str, out_dir, private: bool = False, revision: str | None = None) -> str:
+    """The equivalent `hf upload` command line (huggingface_hub >= 1.0; older versions: `huggingface-cli upload`)."""
+    args = ["hf", "upload", repo_id, str(out_dir), ".", "--repo-type", "dataset"]
+    if private:
+        args.append("--private")
+    if revision:
+        args += ["--revision", revision]
+    for pattern in ALLOW_PATTERNS:
+        args += ["--include", pattern]
+    for pattern in IGNORE_PATTERNS:
+        args += ["--exclude", pattern]
+    return shlex.join(args)
+
+
+def _check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id or repo_id.count("/") != 1:
+        raise UsageError(f"--repo must be ORG/NAME (a user or organisation, a slash, a name), got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(f"--repo {repo_id!r} is not a valid repository id: {str(exc).splitlines()[0]}") from None
+
+
+def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run: bool = False,
+            token: str | None = None, endpoint: str | None = None,
+            echo: Callable[[str], None] = print) -> PublishResult:
+    """Check ``out_dir`` and upload it to the dataset repo ``repo_id`` (see the module docstring)."""
+    from huggingface_hub import HfApi, constants
+
+    from facegen.cards.card import PLACEHOLDER_REPO, remembered_repo_id, write_card
+
+    out = Path(out_dir).expanduser().resolve()
+    _check_repo_id(repo_id)
+    if not out.is_dir():
+        raise UsageError(f"{out_dir} is not a folder")
+    branch = revision or constants.DEFAULT_REVISION
+
+    # 1. local checks; refuse with every problem found
+    echo(f"checking {out} …")
+    problems = check_folder(out)
+    if problems:
+        shown = problems[:PROBLEMS_SHOWN]
+        more = f"\n  … and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
+        raise UsageError(f"refusing to publish {out_dir}: {len(problems)} problem(s):\n  - "
+                         + "\n  - ".join(shown) + more)
+
+    token_value, token_source = resolve_token(token)
+    if token_value is None and not dry_run:
+        raise UsageError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
+
+    # 2. the card's loading examples name this repo (re-rendered from the same records; never on a dry run)
+    readme = out / "README.md"
+    named = PLACEHOLDER_REPO not in readme.read_text(encoding="utf-8") and remembered_repo_id(out) == repo_id
+    if not dry_run and not named:
+        write_card(out, repo_id=repo_id)
+        echo(f"README.md: loading examples now name {repo_id}")
+
+    # 3. what goes where
+    files = files_to_upload(out)
+    result = PublishResult(repo_id=repo_id, revision=branch, files=files, dry_run=dry_run)
+    hub = (endpoint or constants.ENDPOINT).rstrip("/")
+    visibility = "private" if private else "public, unless the repo exists or its owner defaults to private"
+    echo(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility})")
+    echo(f"token: {token_source}")
+    echo(f"{len(files)} files, {result.total_bytes:,} bytes:")
+    for f in files:
+        echo(f"  {f.path}  ({f.size:,} bytes)")
+    if dry_run:
+        echo("same upload with the hf CLI: " + hf_upload_command(repo_id, out_dir, private, revision))
+        echo("dry run: nothing was uploaded")
+        return result
+
+    # 4. repository (and branch), then the resumable folder upload
+    api = HfApi(endpoint=endpoint, token=token_value)
+    try:
+        api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private or None)
+        if branch != constants.DEFAULT_REVISION:
+            api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, repo_type="dataset", folder_path=str(out), revision=branch,
+            allow_patterns=ALLOW_PATTERNS, ignore_patterns=list(IGNORE_PATTERNS),
+            commit_message=f"Upload dataset built with facegen ({len(files)} files)",
+        )
+    except KeyboardInterrupt:
+        echo("interrupted: rerun the same command to resume the upload (files already committed are skipped)")
+        raise
+    except Exception as exc:  # HfHubHTTPError, network errors…: one masked line, and how to resume
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PublishError(mask(f"upload to {repo_id} failed: {type(exc).__name__}: {message}; rerun the same "
+                                "command to resume (files already committed are skipped)", token_value)) from None
+    result.commit_url = getattr(info, "commit_url", None)
+    echo(f"published: {hub}/datasets/{repo_id}" + (f" (commit {result.commit_url})" if result.commit_url else ""))
+    return result
+

@@ -1,0 +1,66 @@
+"""The card's preview grid: a few identities (columns) with a few of their images (rows), from the first shards."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+IDENTITIES = 8
+IMAGES_PER_IDENTITY = 4
+TILE = 128
+GAP = 4
+
+
+def _first_samples(tar_paths: list[Path], image_column: str, identities: int, per_identity: int):
+    """{label: [image bytes…]} for the first ``identities`` labels found, in shard order; reads only what it needs."""
+    suffix = "." + image_column
+    found: dict[str, list[bytes]] = {}
+    for path in tar_paths:
+        try:
+            with tarfile.open(path, "r:") as tar:  # members are read into memory, never extracted to disk
+                for member in tar:
+                    if not member.isfile() or not member.name.endswith(suffix):
+                        continue
+                    key = member.name[: -len(suffix)].rsplit("/", 1)[-1]
+                    label = key.split("_", 1)[0]
+                    if label not in found and len(found) >= identities:
+                        return found
+                    images = found.setdefault(label, [])
+                    if len(images) < per_identity:
+                        images.append(tar.extractfile(member).read())
+        except (tarfile.TarError, OSError, EOFError):
+            continue  # a damaged shard gives no preview tiles; `facegen publish` reports it as a problem
+    return found
+
+
+def preview_grid(tar_paths: list[Path], image_column: str, identities: int = IDENTITIES,
+                 per_identity: int = IMAGES_PER_IDENTITY, tile: int = TILE) -> bytes | None:
+    """A JPEG grid (one column per identity, its label on top), or None when the shards hold no image."""
+    samples = _first_samples(tar_paths, image_column, identities, per_identity)
+    if not samples:
+        return None
+    label_height = 16
+    columns = len(samples)
+    rows = max(len(v) for v in samples.values())
+    width = columns * tile + (columns + 1) * GAP
+    height = label_height + rows * tile + (rows + 1) * GAP
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for col, (label, images) in enumerate(samples.items()):
+        x = GAP + col * (tile + GAP)
+        draw.text((x + 2, 2), f"cls {int(label)}" if label.isdigit() else label, fill=(0, 0, 0))
+        for row, data in enumerate(images):
+            try:
+                with Image.open(io.BytesIO(data)) as im:
+                    thumb = im.convert("RGB")
+                    thumb.thumbnail((tile, tile))
+            except Exception:  # a damaged image leaves its tile blank; the card must still render
+                continue
+            y = label_height + GAP + row * (tile + GAP)
+            grid.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
+    buf = io.BytesIO()
+    grid.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()

@@ -1,0 +1,101 @@
+"""Read a build's own records (``OUT/.facegen``) and summarise them for the card."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from facegen.errors import UsageError
+
+FAILURES_SHOWN = 10
+
+
+@dataclass
+class Statistics:
+    identities: int = 0
+    images: int = 0
+    shards: int = 0
+    tar_bytes: int = 0
+    seconds: float = 0.0
+    per_identity_min: int = 0
+    per_identity_mean: float = 0.0
+    per_identity_max: int = 0
+    identities_without_images: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, most frequent first
+    failures: list[dict] = field(default_factory=list)  # a few examples (ref, reason, detail)
+    quality: dict[str, dict] = field(default_factory=dict)  # name -> {mean, min, max, count}
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+
+def load_run(out: Path) -> dict:
+    path = out / ".facegen" / "run.json"
+    if not path.is_file():
+        raise UsageError(f"{out} has no .facegen/run.json: not a finished facegen build (run `facegen build` first)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); rerun the build to rewrite it") from None
+
+
+def load_shard_stats(out: Path) -> list[dict]:
+    """Every shard's stats file, in shard order."""
+    stats = []
+    for path in sorted((out / ".facegen" / "shards").glob("*.json")):
+        if path.name.startswith("."):
+            continue  # a temporary file of an unfinished write
+        try:
+            stats.append(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path} is not valid JSON ({exc}); delete it and rerun the build") from None
+    return sorted(stats, key=lambda s: s.get("shard", 0))
+
+
+def summarise(shards: list[dict]) -> Statistics:
+    stats = Statistics(shards=len(shards))
+    per_identity: list[int] = []
+    skipped: Counter = Counter()
+    quality: dict[str, dict] = {}
+    for shard in shards:
+        stats.identities += shard.get("identities", 0)
+        stats.images += shard.get("images", 0)
+        stats.tar_bytes += shard.get("tar_bytes", 0)
+        stats.seconds += shard.get("seconds", 0.0)
+        per_identity.extend(shard.get("images_per_identity", {}).values())
+        skipped.update(shard.get("skipped", {}))
+        for failure in shard.get("failures", []):
+            if len(stats.failures) < FAILURES_SHOWN:
+                stats.failures.append(failure)
+        for name, q in (shard.get("quality") or {}).items():
+            total = quality.setdefault(name, {"sum": 0.0, "count": 0, "min": None, "max": None})
+            if not q.get("count"):
+                continue
+            total["sum"] += q["sum"]
+            total["count"] += q["count"]
+            total["min"] = q["min"] if total["min"] is None else min(total["min"], q["min"])
+            total["max"] = q["max"] if total["max"] is None else max(total["max"], q["max"])
+    if per_identity:
+        stats.per_identity_min = min(per_identity)
+        stats.per_identity_max = max(per_identity)
+        stats.per_identity_mean = sum(per_identity) / len(per_identity)
+        stats.identities_without_images = sum(1 for n in per_identity if n == 0)
+    stats.skipped = dict(skipped.most_common())
+    stats.quality = {
+        name: {"mean": q["sum"] / q["count"], "min": q["min"], "max": q["max"], "count": q["count"]}
+        for name, q in sorted(quality.items()) if q["count"]
+    }
+    return stats
+
+
+def size_category(n: int) -> str:
+    """The Hub's `size_categories` bucket of a number of examples."""
+    bounds = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+              (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+    for bound, name in bounds:
+        if n < bound:
+            return name
+    return "1B<n<10B"

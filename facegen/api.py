@@ -81,6 +81,7 @@ class ModelInfo:
     citation: str = ""  # BibTeX
     note: str = ""  # e.g. "non-commercial research only"
     source: str = ""  # where it was actually loaded from in this run (path or hub id@revision)
+    commercial_use: bool | None = None  # None: the card classifies the licence name and note
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Plugin:
     citation: str = ""  # BibTeX
     license: LicenseInfo | None = None
     options: dict[str, Option] = {}
+    columns: dict[str, str] = {}  # descriptions of the columns this plugin adds, e.g. {"json.part": "…"}
 
     def __init__(self, **options: Any):
         self.opts = parse_options(self.options, options, f"{self.kind} {self.name!r}")

@@ -83,6 +83,7 @@ def _plugin_record(plugin: Source | Transform, kind: str) -> dict[str, Any]:
             "commercial_use": lic.commercial_use, "note": lic.note,
         },
         "options": _json_safe(plugin.opts),
+        "columns": dict(plugin.columns),
         "provenance": _json_safe(plugin.provenance()),
     }
     if isinstance(plugin, Transform):

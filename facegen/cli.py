@@ -108,6 +108,169 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
 
 # --- download (issue 3) ---
 
+
+@main.command("download")
+@click.argument("source")
+@click.option("--to", "directory", required=True, type=click.Path(file_okay=False),
+              help="Folder to download into (then use it as --source-path).")
+@click.option("--parts", help="Comma-separated part names, e.g. subjects_0-1999_72_imgs (default: all).")
+@click.option("--base-url", help="Download from this mirror instead of the publisher's URL.")
+@click.option("--accept-license", is_flag=True, help="Accept the source's licence (shown first) without asking.")
+@click.option("--retries", type=int, default=3, show_default=True,
+              help="Automatic resumes (HTTP Range) after a dropped connection.")
+def download_command(source, directory, parts, base_url, accept_license, retries):
+    """Download a source's published files: licence first, resumable, verified before use."""
+    from facegen import registry
+    from facegen.api import to_list
+    from facegen.builders.download import DownloadError, download_source
+
+    source_cls = registry.get_source(source)
+    ask = None
+    if not accept_license and sys.stdin.isatty():
+        def ask(question):
+            return click.confirm(question, default=False)
+    try:
+        download_source(source_cls, directory, parts=to_list(parts), base_url=base_url,
+                        accept_license=accept_license, confirm=ask, retries=retries, echo=click.echo)
+    except DownloadError as exc:
+        raise click.ClickException(str(exc)) from None
+
 # --- arc2face commands: embed, select-identities, estimate-shift, demo (issue 5) ---
 
+
+@main.command("embed")
+@click.option("--source", required=True, help="Source plugin name (see `facegen plugins`).")
+@click.option("--source-path", required=True, type=click.Path(), help="Where the source dataset lies.")
+@click.option("--source-opt", "source_opts", multiple=True, metavar="K=V", help="Source option (repeatable).")
+@click.option("--model-dir", type=click.Path(), help="Local model folder (as the arc2face model_dir); default: Hub.")
+@click.option("--detector", type=click.Choice(["scrfd", "dlib"]), default="scrfd", show_default=True,
+              help="Face detector for images that are not 112x112 crops.")
+@click.option("--det-size", type=int, default=640, show_default=True, help="SCRFD input size (square).")
+@click.option("--limit-identities", type=int, help="Embed only the first N identities.")
+@click.option("--out", required=True, type=click.Path(), help="Output prototypes.npz.")
+def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, out):
+    """Identity prototypes (normalised mean unit ArcFace embedding) -> prototypes.npz (ids, embeddings)."""
+    from facegen.builders.identities import FaceEmbedder, embed_source, open_source
+    from facegen.builders.options import parse_pairs
+
+    src = open_source(source, source_path, parse_pairs(source_opts, "--source-opt"))
+    embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size)
+    prototypes = embed_source(src, embedder, limit=limit_identities)
+    src.close()
+    if not prototypes.ids:
+        raise UsageError(f"no identity of {source_path} has a usable face image; nothing written")
+    prototypes.save(out)
+    reasons: dict[str, int] = {}
+    for skip in prototypes.skipped:
+        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
+    click.echo(f"{len(prototypes.ids)} prototypes from {int(prototypes.num_images.sum())} images -> {out}")
+    if reasons:
+        click.echo("skipped images: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+    if prototypes.identities_without_images:
+        click.echo(f"{len(prototypes.identities_without_images)} identities without a usable image left out")
+
+
+@main.command("select-identities")
+@click.option("--prototypes", required=True, type=click.Path(), help="prototypes.npz from `facegen embed`.")
+@click.option("--count", required=True, type=int, help="How many identities to keep.")
+@click.option("--block", type=int, default=2048, show_default=True, help="Rows/columns per similarity tile.")
+@click.option("--out", required=True, type=click.Path(), help="Output ids.txt (for --identities-file).")
+def select_identities_command(prototypes, count, block, out):
+    """Keep the COUNT identities least similar to any other (lowest highest-cosine), for --identities-file."""
+    from facegen.builders.identities import load_prototypes, select_least_similar, write_ids
+
+    if block < 1:
+        raise UsageError("--block must be at least 1")
+    ids, embeddings = load_prototypes(prototypes)
+    selection = select_least_similar(ids, embeddings, count, block=block)
+    write_ids(out, selection, [
+        f"facegen select-identities: {len(selection.ids)} of {selection.total} identities of {prototypes}",
+        f"kept: highest cosine similarity to any other identity <= {selection.threshold:.6f}",
+        "order: most distinct first (facegen build keeps the source's order)",
+    ])
+    click.echo(f"kept {len(selection.ids)} of {selection.total} identities (highest similarity to another "
+               f"<= {selection.threshold:.4f}) in {selection.seconds:.1f} s -> {out}")
+
+
+@main.command("estimate-shift")
+@click.option("--real", "real", multiple=True, required=True, metavar="SOURCE_SPEC",
+              help="Real images: NAME:PATH[:k=v,...] (repeatable), e.g. folder:/data/ffhq.")
+@click.option("--synthetic", "synthetic", multiple=True, required=True, metavar="SOURCE_SPEC",
+              help="Synthetic images: NAME:PATH[:k=v,...] (repeatable), e.g. digiface:/data/digiface.")
+@click.option("--model-dir", type=click.Path(), help="Local model folder (as the arc2face model_dir); default: Hub.")
+@click.option("--max-images", type=int, default=1000, show_default=True, help="Images sampled per set.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image sampling.")
+@click.option("--device", help="Torch device of the text encoder (default: cuda when available).")
+@click.option("--detector", type=click.Choice(["scrfd", "dlib"]), default="scrfd", show_default=True,
+              help="Face detector for images that are not 112x112 crops.")
+@click.option("--det-size", type=int, default=640, show_default=True, help="SCRFD input size (square).")
+@click.option("--out", required=True, type=click.Path(), help="Output delta.safetensors (key 'delta').")
+def estimate_shift_command(real, synthetic, model_dir, max_images, seed, device, detector, det_size, out):
+    """Domain-gap shift: mean projected Arc2Face encoder output over real minus over synthetic images."""
+    import os
+
+    from facegen.builders.shift import estimate_shift, parse_source_spec
+
+    real_specs = [parse_source_spec(s) for s in real]
+    synthetic_specs = [parse_source_spec(s) for s in synthetic]
+    if model_dir is not None and not os.path.isdir(model_dir):
+        raise UsageError(f"model directory {model_dir} does not exist")
+    estimate = estimate_shift(real_specs, synthetic_specs, model_dir=model_dir, max_images=max_images, seed=seed,
+                              device=device, detector=detector, det_size=det_size)
+    estimate.save(out)
+    for line in estimate.lines():
+        click.echo(line)
+    click.echo(f"-> {out} (use it with --plugin-opt shift={out})")
+
+
+@main.command("demo")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Rebuild the demo dataset in OUT from scratch.")
+def demo_command(out, overwrite):
+    """Build a small Digi2Real dataset end to end, offline, with tiny RANDOM-WEIGHT models (the faces are noise)."""
+    from facegen.builders.demo import run_demo
+
+    run_demo(out, overwrite=overwrite, echo=click.echo)
+
 # --- publish and card (issue 7) ---
+
+
+@main.command("publish")
+@click.argument("out", type=click.Path())
+@click.option("--repo", "repo_id", required=True, metavar="ORG/NAME", help="Hub dataset repository to upload to.")
+@click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its setting).")
+@click.option("--revision", metavar="BRANCH", help="Branch to commit to (created when missing; default main).")
+@click.option("--dry-run", is_flag=True, help="Check the folder and list what would be uploaded; contact nothing.")
+@click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN, then the saved `hf auth login`).")
+def publish_command(out, repo_id, private, revision, dry_run, token):
+    """Check a finished build folder and upload it to a Hub dataset repo (rerun to resume an interrupted upload)."""
+    from facegen.builders.publish import PublishError, publish
+
+    try:
+        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, echo=click.echo)
+    except PublishError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("card")
+@click.argument("out", type=click.Path())
+@click.option("--repo", "repo_id", metavar="ORG/NAME", help="Name this Hub repo in the card's loading examples.")
+def card_command(out, repo_id):
+    """Re-render README.md, LICENSE and preview.jpg from OUT/.facegen without rebuilding."""
+    from pathlib import Path
+
+    from facegen.cards import write_card
+
+    if not Path(out).is_dir():
+        raise UsageError(f"{out} is not a folder")
+    files = write_card(out, repo_id=repo_id)
+    planned = files.run.get("plan", {}).get("shards")
+    if planned is not None and files.statistics.shards < planned:
+        click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "
+                   "those (rerun the build command to finish the rest)", err=True)
+    written = ["README.md"] + (["LICENSE"] if files.license is not None else []) + (
+        ["preview.jpg"] if files.preview is not None else [])
+    click.echo(f"wrote {', '.join(str(Path(out) / name) for name in written)}")
+    click.echo(f"licence: {files.card_data.license}"
+               + (f" ({files.card_data.license_name})" if files.card_data.license == "other" else "")
+               + f" — {files.chain.summary}")

@@ -34,3 +34,14 @@ def isolated_datasets_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hf-datasets-cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+
+
+def build(*args):
+    """Run `facegen build` in-process through the click group called with an argument list; raise on failure."""
+    from facegen.cli import main
+
+    try:
+        main(["build", *map(str, args)], standalone_mode=False)
+    except SystemExit as exc:  # the group exits like the console script on errors
+        if exc.code not in (0, None):
+            raise

@@ -8,18 +8,10 @@ import datasets
 import pytest
 from PIL import Image
 
-from conftest import run_facegen
-from facegen.cli import main
+from conftest import build, run_facegen
 from facegen.testing.folder import write_folder_source
 
 
-def build(*args):
-    """Run `facegen build` in-process through the click group called with an argument list."""
-    try:
-        main(["build", *map(str, args)], standalone_mode=False)
-    except SystemExit as exc:  # the group exits like the console script
-        if exc.code not in (0, None):
-            raise
 
 
 def tar_members(path):

@@ -9,8 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import run_facegen
-from facegen.cli import main
+from conftest import build, run_facegen
 from facegen.testing.digiface import truncate_file, write_digiface_part
 
 P72_A = "subjects_0-1999_72_imgs"
@@ -18,12 +17,6 @@ P72_B = "subjects_2000-3999_72_imgs"
 P5_A = "subjects_100000-133332_5_imgs"
 
 
-def build(*args):
-    try:
-        main(["build", *map(str, args)], standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
 
 
 def front_matter(readme):

@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_facegen
-from facegen.cli import main
+from conftest import build, run_facegen
 from facegen.errors import UsageError
 from facegen.plugins.disco import DiscoSource, natural_key
 from facegen.records import SourceImage, Skip
 from facegen.testing.disco import IMAGES_DIR, disco_labels, write_disco_source
 
 
-def build(*args):
-    try:
-        main(["build", *map(str, args)], standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_facegen
-from facegen.cli import main
+from conftest import build, run_facegen
 from facegen.errors import UsageError
 from facegen.generators.landmarks import ARCFACE_TEMPLATE_112
 from facegen.plugins.sfhq import SFHQSource
@@ -22,12 +21,6 @@ from facegen.testing.sfhq import sfhq_name, write_sfhq_source
 SMALL_FEATURES = {"CLIP_ViTL_14@336": 768, "CLIP_ResNet50x64": 16}
 
 
-def build(*args):
-    try:
-        main(["build", *map(str, args)], standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
 
 
 def files_of(root: Path, name: str) -> dict[str, Path]:

@@ -131,11 +131,12 @@ class Source(Plugin):
 
     kind = "source"
     image_format = "png"  # encoding of the images as stored
+    needs_path = True  # False for sources that read no files (e.g. `seeds`): --source-path is then optional
 
-    def __init__(self, path: str | os.PathLike, **options: Any):
+    def __init__(self, path: str | os.PathLike | None = None, **options: Any):
         super().__init__(**options)
-        self.path = os.fspath(path)
-        if not os.path.exists(self.path):
+        self.path = os.fspath(path) if path is not None else None
+        if self.needs_path and (self.path is None or not os.path.exists(self.path)):
             raise UsageError(f"source {self.name!r}: path {self.path} does not exist")
 
     def identities(self) -> Sequence[str]:

@@ -155,6 +155,8 @@ def test_empty_source_and_missing_options(tmp_path):
                        "passthrough", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "plan is empty" in proc.stderr and proc.stderr.count("\n") == 1
     proc = run_facegen("build", "--source", "folder")
+    assert proc.returncode == 2 and "missing --plugin, --out" in proc.stderr
+    proc = run_facegen("build", "--source", "folder", "--plugin", "passthrough", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "missing --source-path" in proc.stderr
 
 

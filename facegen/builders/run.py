@@ -179,15 +179,19 @@ class Builder:
 
     def __init__(self, config: BuildConfig, state=None):
         self.config = config
-        missing = [flag for flag, value in (("--source", config.source), ("--source-path", config.source_path),
-                                            ("--plugin", config.plugin), ("--out", config.out)) if not value]
+        missing = [flag for flag, value in (("--source", config.source), ("--plugin", config.plugin),
+                                            ("--out", config.out)) if not value]
         if missing:
             raise UsageError(f"missing {', '.join(missing)} (give it on the command line or in a --recipe)")
         if config.format not in (None, "png", "jpg"):
             raise UsageError(f"--format must be png or jpg, got {config.format!r}")
-        self.state = state or distributed_state()
         source_cls = registry.get_source(config.source)
         transform_cls = registry.get_transform(config.plugin)
+        if source_cls.needs_path and not config.source_path:
+            raise UsageError(f"missing --source-path (source {config.source!r} reads files)")
+        if not source_cls.needs_path:
+            config.source_path = None  # not read, so not part of the build's identity
+        self.state = state or distributed_state()
         self.source: Source = source_cls(config.source_path, **config.source_opts)
         self.transform: Transform = transform_cls(**config.plugin_opts)
         self.plan: Plan = make_plan(self.source.identities(), config.shard_size, config.identities_file,
@@ -198,7 +202,7 @@ class Builder:
     def signature(self) -> dict[str, Any]:
         c = self.config
         return _json_safe({
-            "source": c.source, "source_path": os.path.abspath(c.source_path), "source_opts": self.source.opts,
+            "source": c.source, "source_path": _abspath(c.source_path), "source_opts": self.source.opts,
             "plugin": c.plugin, "plugin_opts": self.transform.opts, "plan_sha256": self.plan.sha256(),
             "identities": len(self.plan.ids), "shard_size": c.shard_size, "seed": c.seed, "format": self.format,
         })
@@ -315,7 +319,7 @@ class Builder:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "python": sys.version.split()[0],
             "options": {
-                "source": c.source, "source_path": os.path.abspath(c.source_path),
+                "source": c.source, "source_path": _abspath(c.source_path),
                 "source_opts": _json_safe(self.source.opts), "plugin": c.plugin,
                 "plugin_opts": _json_safe(self.transform.opts), "recipe": c.recipe,
                 "limit_identities": c.limit_identities, "identities_file": c.identities_file,
@@ -333,6 +337,10 @@ class Builder:
                        "skipped": dict(summary.skipped), "shards": summary.shards},
         }
         write_atomic(self.out / ".facegen" / "run.json", json.dumps(run, indent=1).encode())
+
+
+def _abspath(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
 
 
 def _file_sha256(path: str | None) -> str | None:

@@ -129,7 +129,9 @@ def _option_args(flag: str, options: dict) -> list[str]:
 def rebuild_command(run: dict, out: str = "OUT") -> str:
     """The `facegen build` command with every option spelled out (the recipe's values included)."""
     o = run.get("options", {})
-    args = ["facegen", "build", "--source", o.get("source", "?"), "--source-path", o.get("source_path", "?")]
+    args = ["facegen", "build", "--source", o.get("source", "?")]
+    if o.get("source_path"):
+        args += ["--source-path", o["source_path"]]
     args += _option_args("--source-opt", o.get("source_opts"))
     args += ["--plugin", o.get("plugin", "?")]
     args += _option_args("--plugin-opt", o.get("plugin_opts"))

@@ -6,20 +6,13 @@ import datasets
 import numpy as np
 import pytest
 
-from conftest import run_facegen
-from facegen.cli import main
+from conftest import build, run_facegen
 from facegen.testing.folder import write_folder_source
 from facegen.testing.stylegan import write_checkpoints
 
 pytestmark = pytest.mark.slow
 
 
-def build(*args):
-    try:
-        main(["build", *map(str, args)], standalone_mode=False)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +83,16 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
                        "--out", tmp_path / "out")
     assert proc.returncode == 2
     assert "nothere.pt not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sfhq_truncation_recipe_needs_only_the_checkpoint(tmp_path):
+    e4e_path, _ = write_checkpoints(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    build("--recipe", "sfhq-truncation", "--source-opt", "count=3", "--plugin-opt", f"checkpoint={e4e_path}",
+          "--plugin-opt", "batch_size=3", "--out", out)
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.column_names[0] == "jpg" and ds.num_rows == 3
+    assert {(j["mode"], j["psi"], j["phi"]) for j in ds["json"]} == {("truncation", 1.5, 0.5)}
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    assert run["options"]["source_path"] is None and run["options"]["recipe"] == "sfhq-truncation"

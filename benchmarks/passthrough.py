@@ -79,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--work", default="/tmp/facegen-bench")
-    parser.add_argument("--shard-size", type=int, default=25, help="identities per shard (25 x 40 = 1000 images)")
+    parser.add_argument("--shard-size", type=int, default=50, help="identities per shard (50 x 40 = 2000 images)")
     parser.add_argument("--repeat", type=int, default=2, help="best of N for each measurement")
     args = parser.parse_args()
     work = Path(args.work)

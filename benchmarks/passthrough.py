@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--work", default="/tmp/facegen-bench")
     parser.add_argument("--shard-size", type=int, default=50, help="identities per shard (50 x 40 = 2000 images)")
-    parser.add_argument("--repeat", type=int, default=2, help="best of N for each measurement")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N for each measurement")
     args = parser.parse_args()
     work = Path(args.work)
     src = make_source(work, args.images)

@@ -239,7 +239,8 @@ class Builder:
         if batch:
             yield batch
 
-    def write_shard(self, index: int, pool: ThreadPoolExecutor, progress) -> dict:
+    def write_shard(self, index: int, pool: ThreadPoolExecutor, progress) -> ShardWriter:
+        """Write shard ``index`` under its temporary name; the caller commits the returned, finished writer."""
         writer = ShardWriter(self.out, index, self.format, self.source.name,
                              getattr(self.transform, "quality_fields", ()),
                              rank=(self.state.process_index, self.state.num_processes))
@@ -257,7 +258,8 @@ class Builder:
                         raise SampleError(bad.ref, f"{bad.reason}{': ' + bad.detail if bad.detail else ''}")
                     writer.write(result)
                     progress.update(1)
-            return writer.commit()
+            writer.finish()
+            return writer
         except BaseException:
             writer.abort()
             raise
@@ -272,10 +274,17 @@ class Builder:
         started = time.perf_counter()
         progress = tqdm(total=sum(len(plan.shard(i)) for i in mine), unit="id", dynamic_ncols=True,
                         desc=f"facegen {self.config.plugin}", disable=not state.is_main_process)
-        with progress, ThreadPoolExecutor(LOAD_THREADS) as pool:
+        # a shard's fsync + rename + stats run in a committer thread while the next shard is written
+        with progress, ThreadPoolExecutor(LOAD_THREADS) as pool, ThreadPoolExecutor(1) as committer:
+            committing = None
             for index in mine:
-                stats = self.write_shard(index, pool, progress)
-                progress.set_postfix(images=stats["images"], shard=index)
+                writer = self.write_shard(index, pool, progress)
+                if committing is not None:
+                    committing.result()
+                committing = committer.submit(writer.commit)
+                progress.set_postfix(images=writer.images, shard=index)
+            if committing is not None:
+                committing.result()
         self.transform.close()
         self.source.close()
         if not state.is_main_process:

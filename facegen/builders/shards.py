@@ -120,29 +120,27 @@ class UstarWriter:
         self._template = bytes(head)
         self._template_sum = sum(head)
 
-    def _write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.size += len(data)
-
-    def add(self, name: str, data: bytes) -> None:
-        encoded = name.encode()
-        if len(encoded) > 100:
-            raise ValueError(f"tar member name longer than 100 bytes: {name}")
-        size_field = b"%011o\0" % len(data)
-        checksum = self._template_sum + sum(encoded) + sum(size_field)
-        header = bytearray(self._template)
-        header[0:len(encoded)] = encoded
-        header[124:136] = size_field
-        header[148:156] = b"%06o\0 " % checksum
-        self._write(bytes(header))
-        self._write(data)
-        pad = -len(data) % 512
-        if pad:
-            self._write(b"\0" * pad)
+    def add_sample(self, key: str, fields: dict[str, bytes]) -> None:
+        """One sample's members, fields in sorted order (like webdataset's TarWriter), in a single write."""
+        chunks = []
+        for field in sorted(fields):
+            name, data = f"{key}.{field}".encode(), fields[field]
+            if len(name) > 100:
+                raise ValueError(f"tar member name longer than 100 bytes: {name.decode()}")
+            size_field = b"%011o\0" % len(data)
+            header = bytearray(self._template)
+            header[0:len(name)] = name
+            header[124:136] = size_field
+            header[148:156] = b"%06o\0 " % (self._template_sum + sum(name) + sum(size_field))
+            chunks += (header, data, b"\0" * (-len(data) % 512))
+        block = b"".join(chunks)
+        self.f.write(block)
+        self.size += len(block)
 
     def close(self) -> None:
         end = 1024 + (-(self.size + 1024) % self.RECORD)
-        self._write(b"\0" * end)
+        self.f.write(b"\0" * end)
+        self.size += end
 
 
 class ShardWriter:
@@ -173,9 +171,7 @@ class ShardWriter:
         self.identities += 1
         for n, face in enumerate(result.faces):
             sample = self._sample(ident.cls, n, ident.id, face)
-            key = sample.pop("__key__")
-            for field in sorted(sample):  # sorted fields, like webdataset's TarWriter
-                self._tar.add(f"{key}.{field}", sample[field])
+            self._tar.add_sample(sample.pop("__key__"), sample)
         self.images += len(result.faces)
         self.per_identity[ident.id] = len(result.faces)
         for skip in result.skipped:
@@ -203,10 +199,15 @@ class ShardWriter:
             sample[field] = encode_extra(field, value)
         return sample
 
-    def commit(self) -> dict:
+    def finish(self) -> None:
+        """All samples are written: end the tar. ``commit`` (fsync, rename, stats) may then run in another thread."""
         self._tar.close()
         self._file.flush()
-        os.fsync(self._file.fileno())
+        self.finished_at = time.time()
+        self.seconds = time.perf_counter() - self.started
+
+    def commit(self) -> dict:
+        os.fsync(self._file.fileno())  # the bytes are on disk before the final name exists
         self._file.close()
         size = self._tar.size
         os.replace(self.tmp, self.final)
@@ -218,9 +219,9 @@ class ShardWriter:
             "skipped": dict(sorted(self.skipped.items())),
             "failures": self.failures,
             "quality": self.quality,
-            "seconds": round(time.perf_counter() - self.started, 3),
+            "seconds": round(self.seconds, 3),
             "started_at": self.started_at,
-            "finished_at": time.time(),
+            "finished_at": self.finished_at,
             "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
             "tar": self.final.relative_to(self.out).as_posix(),
             "tar_bytes": size,

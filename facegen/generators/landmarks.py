@@ -27,11 +27,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from facegen.generators.alignment import ARCFACE_TEMPLATE, umeyama
+
 # insightface's arcface_dst for 112x112 crops (x, y), in the order described above
-ARCFACE_TEMPLATE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64,
-)
+ARCFACE_TEMPLATE_112 = ARCFACE_TEMPLATE.astype(np.float64)
 
 SFHQ_NUM_LANDMARKS = 110
 SFHQ_LEFT_EYE = tuple(range(36, 42))  # image-left eye contour (iBUG-68)
@@ -86,31 +85,14 @@ def check_face_layout(five: np.ndarray) -> None:
 
 
 def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity transform (2x3 matrix) mapping ``src`` (N, 2) points onto ``dst`` (N, 2).
-
-    Umeyama, "Least-squares estimation of transformation parameters between two point patterns", PAMI 1991.
-    A reflection is never returned (the sign of the smallest singular direction is flipped instead).
-    """
+    """Least-squares similarity transform (2x3 matrix, never a reflection) mapping ``src`` (N, 2) onto ``dst``."""
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
         raise ValueError(f"need two matching (N>=2, 2) point sets, got {src.shape} and {dst.shape}")
-    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    covariance = dst_c.T @ src_c / len(src)
-    u, singular, vt = np.linalg.svd(covariance)
-    sign = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[-1] = -1.0
-    rotation = u @ np.diag(sign) @ vt
-    src_var = (src_c ** 2).sum() / len(src)
-    if src_var <= 0:
+    if not np.ptp(src, axis=0).any():
         raise ValueError("source points are all identical")
-    scale = float((singular * sign).sum() / src_var)
-    matrix = np.empty((2, 3))
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
-    return matrix
+    return umeyama(src, dst)[:2]
 
 
 def arcface_matrix(five_points: np.ndarray, size: int = 112) -> np.ndarray:

@@ -207,6 +207,13 @@ def test_licence_chain_most_restrictive_input_governs():
     chain = licence_chain(_run(MIT, transform_license={**MIT, "id": "cc-by-nc-sa-4.0", "name": "CC BY-NC-SA 4.0",
                                                        "commercial_use": False}))
     assert chain.hub_id == "cc-by-nc-sa-4.0" and [i.role for i in chain.inputs] == ["source dataset", "transform"]
+    # a permissive id declared non-commercial (CC0 images made with NC weights) never becomes the card's licence
+    chain = licence_chain(_run({**MIT, "id": "cc0-1.0", "name": "CC0 1.0", "commercial_use": False}))
+    assert (chain.hub_id, chain.commercial_use) == ("other", False) and chain.link == "LICENSE"
+    # share-alike / copyleft inputs allow commercial use but their terms travel with the data
+    for name in ("cc-by-sa-4.0", "GPL-3.0", "c-uda"):
+        chain = licence_chain(_run(MIT, [_model(name)]))
+        assert chain.commercial_use and chain.governing and "share-alike/copyleft" in chain.summary, name
 
 
 def test_rerender_removes_our_license_when_no_longer_other(tmp_path):

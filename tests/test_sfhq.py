@@ -267,7 +267,9 @@ def test_build_sfhq_recipe_end_to_end_with_typed_columns(tmp_path):
     assert run["source"]["provenance"]["feature_columns"]["CLIP_ViTL_14@336"] == {
         "column": "clip_vitl_14_336.npy", "dimension": 768}
     card = (out / "README.md").read_text()
-    assert "license: cc0-1.0" in card and "david_beniaguev_2022_SFHQ" in card
+    # CC0 as found, but declared non-commercial (StyleGAN2/FFHQ provenance): the YAML must not claim CC0
+    assert "license: other" in card and "license: cc0-1.0" not in card and "david_beniaguev_2022_SFHQ" in card
+    assert "CC0" in (out / "LICENSE").read_text()
     assert not list(root.glob("PWNED*"))
     # the stored JPEG bytes went into the shard untouched
     with tarfile.open(out / "data" / "train" / "train-000000.tar") as tar:

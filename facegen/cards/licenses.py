@@ -23,6 +23,12 @@ PERMISSIVE = {
     "lgpl-2.1", "openrail", "openrail++", "creativeml-openrail-m", "bigscience-openrail-m", "bigcode-openrail-m",
     "bigscience-bloom-rail-1.0",
 }
+# Permissive for commercial use, but with terms that travel with derived data (share-alike, copyleft, the C-UDA's
+# limits on redistribution): always among the governing licences, and named in the summary.
+COPYLEFT = {
+    "cc-by-sa-3.0", "cc-by-sa-4.0", "odbl", "cdla-sharing-1.0", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "lgpl-3.0",
+    "agpl-3.0", "mpl-2.0", "epl-2.0", "eupl-1.1", "c-uda",
+}
 # Hub licence ids that forbid commercial use.
 NON_COMMERCIAL = {
     "cc-by-nc-2.0", "cc-by-nc-3.0", "cc-by-nc-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0",
@@ -68,6 +74,7 @@ class LicenceChain:
     link: str | None = None  # `license_link` when hub_id is "other"
     commercial_use: bool = False
     use_restricted: list[str] = field(default_factory=list)  # inputs with OpenRAIL-style use restrictions
+    copyleft: list[str] = field(default_factory=list)  # inputs whose share-alike/copyleft terms travel
     undeclared: list[str] = field(default_factory=list)  # inputs without any licence statement
     governing: list[LicenceInput] = field(default_factory=list)  # the inputs whose terms bind the result
 
@@ -77,6 +84,9 @@ class LicenceChain:
         restrictions = ""
         if self.use_restricted:
             restrictions = " Use is also subject to the use restrictions of " + ", ".join(self.use_restricted) + "."
+        if self.copyleft:
+            restrictions += (" The share-alike/copyleft or redistribution terms of " + ", ".join(self.copyleft)
+                             + " apply to the dataset and what is derived from it.")
         non_commercial = ", ".join(f"{i.name} ({i.licence})" for i in self.inputs if i.commercial_use is False)
         if self.undeclared:
             known = (f" At the very least it is for non-commercial use only ({non_commercial})."
@@ -87,7 +97,7 @@ class LicenceChain:
             names = ", ".join(f"{i.name} ({i.licence})" for i in self.governing if i.commercial_use is not True)
             return ("Non-commercial use only: at least one input does not allow commercial use "
                     f"({names}); the most restrictive input governs the dataset." + restrictions)
-        if self.use_restricted:
+        if self.use_restricted or self.copyleft:
             return "Every input allows commercial use." + restrictions
         return "Every input allows commercial use; keep the attribution each licence asks for."
 
@@ -170,15 +180,19 @@ def licence_chain(run: dict) -> LicenceChain:
     chain.undeclared = [i.name for i in chain.inputs if not i.licence]
     chain.use_restricted = [f"{i.name} ({i.licence})" for i in chain.inputs
                             if (i.hub_id or "").lower() in USE_RESTRICTED or "openrail" in i.licence.lower()]
+    chain.copyleft = [f"{i.name} ({i.licence})" for i in chain.inputs if (i.hub_id or "").lower() in COPYLEFT]
     chain.commercial_use = all(i.commercial_use is True for i in chain.inputs)
     # Governing = every input whose terms say more than "attribute me": non-commercial, unknown, custom (`other`)
     # or use-restricted licences. The dataset is bound by all of them at once.
-    plain = PERMISSIVE - USE_RESTRICTED
+    plain = PERMISSIVE - USE_RESTRICTED - COPYLEFT
     chain.governing = [i for i in chain.inputs if i.commercial_use is not True or (i.hub_id or "") not in plain]
 
     # The card's `license`: a Hub id only when that one licence is all that governs (the other inputs being
     # plainly permissive) or every input has it; anything else is `other` with a LICENSE file listing every input.
-    governing_ids = {i.hub_id for i in chain.governing}
+    # An input restricted beyond its Hub id (e.g. CC0 images declared non-commercial because of how they were made)
+    # cannot lend that id to the card: the YAML must not claim more rights than the text.
+    governing_ids = {None if i.commercial_use is False and (i.hub_id or "") in PERMISSIVE else i.hub_id
+                     for i in chain.governing}
     all_ids = {i.hub_id for i in chain.inputs}
     if chain.undeclared:
         chain.hub_id = "other"

@@ -188,3 +188,36 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path):
     stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
     assert stats["failures"][0]["ref"] == "1/7.png" and stats["failures"][0]["reason"] == "unreadable file"
     assert datasets.load_dataset(str(out), split="train").num_rows == 6
+
+
+def test_jpeg_folder_is_copied_byte_for_byte_and_cmyk_is_converted(tmp_path):
+    src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2, fmt="jpg")
+    cmyk = src / "1" / "5.jpg"
+    Image.new("CMYK", (32, 32), (10, 200, 30, 0)).save(cmyk, format="JPEG")
+    out = tmp_path / "out"
+    build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out)
+    members = dict(tar_members(out / "data" / "train" / "train-000000.tar"))
+    assert members["000000_001.jpg"] == (src / "0" / "1.jpg").read_bytes()  # stored JPEG, untouched
+    ds = datasets.load_dataset(str(out), split="train")
+    assert ds.column_names[0] == "jpg" and ds.num_rows == 7
+    # to PNG, the CMYK JPEG (a mode PNG cannot hold) is converted instead of crashing the build
+    out_png = tmp_path / "png"
+    build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out_png, "--format", "png")
+    png = dict(tar_members(out_png / "data" / "train" / "train-000000.tar"))["000001_002.png"]
+    assert Image.open(io.BytesIO(png)).mode == "RGB"
+    assert datasets.load_dataset(str(out_png), split="train").num_rows == 7
+
+
+def test_unencodable_extra_is_skipped_and_counted(tmp_path):
+    from facegen.builders.shards import ShardWriter
+    from facegen.records import Face, Identity, IdentityResult
+
+    writer = ShardWriter(tmp_path, 0, "png", "test")
+    good = Face(image=Image.new("RGB", (8, 8)), ref="a")
+    bad = Face(image=Image.new("RGB", (8, 8)), ref="b", extras={"thing.weird": object()})
+    writer.write(IdentityResult(Identity("x", 0, 1), [good, bad, good]))
+    writer.finish()
+    stats = writer.commit()
+    assert stats["images"] == 2 and stats["skipped"] == {"unencodable sample": 1}
+    assert [n for n, _ in tar_members(tmp_path / "data" / "train" / "train-000000.tar")][::3] == [
+        "000000_000.cls", "000000_001.cls"]  # keys stay dense

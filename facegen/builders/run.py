@@ -253,10 +253,10 @@ class Builder:
                         raise RuntimeError(f"transform {self.transform.name!r} did not return identity "
                                            f"{identity.id} in order")
                     result.skipped = identity.skipped + result.skipped
-                    if self.config.strict and result.skipped:
+                    writer.write(result)  # adds a skip for a sample it cannot encode
+                    if self.config.strict and result.skipped:  # the shard is aborted: nothing of it remains
                         bad = result.skipped[0]
                         raise SampleError(bad.ref, f"{bad.reason}{': ' + bad.detail if bad.detail else ''}")
-                    writer.write(result)
                     progress.update(1)
             writer.finish()
             return writer

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facegen.records import Face, IdentityResult
+from facegen.records import Face, IdentityResult, Skip
 
 MAX_FAILURES_LISTED = 100
 
@@ -57,6 +57,9 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
+
+
 def encode_image(image: Any, ext: str | None, fmt: str) -> bytes:
     """Bytes already in ``fmt`` are copied; anything else is decoded (if needed) and encoded once."""
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -69,6 +72,8 @@ def encode_image(image: Any, ext: str | None, fmt: str) -> bytes:
     if fmt == "jpg":
         image.convert("RGB").save(buf, format="JPEG", quality=95)
     else:
+        if image.mode not in PNG_MODES:  # CMYK, YCbCr, … (JPEG-only modes)
+            image = image.convert("RGB")
         image.save(buf, format="PNG")
     return buf.getvalue()
 
@@ -169,12 +174,20 @@ class ShardWriter:
     def write(self, result: IdentityResult) -> None:
         ident = result.identity
         self.identities += 1
-        for n, face in enumerate(result.faces):
-            sample = self._sample(ident.cls, n, ident.id, face)
+        written = 0
+        skipped = list(result.skipped)
+        for face in result.faces:
+            try:
+                sample = self._sample(ident.cls, written, ident.id, face)
+            except (OSError, ValueError, TypeError) as exc:  # an image PIL cannot decode/encode, a bad extra
+                skipped.append(Skip(face.ref, "unencodable sample", f"{type(exc).__name__}: {exc}"))
+                continue
             self._tar.add_sample(sample.pop("__key__"), sample)
-        self.images += len(result.faces)
-        self.per_identity[ident.id] = len(result.faces)
-        for skip in result.skipped:
+            written += 1
+        self.images += written
+        self.per_identity[ident.id] = written
+        result.skipped = skipped
+        for skip in skipped:
             self.skipped[skip.reason] += 1
             if len(self.failures) < MAX_FAILURES_LISTED:
                 self.failures.append({"identity": ident.id, "ref": skip.ref, "reason": skip.reason,
@@ -182,13 +195,6 @@ class ShardWriter:
 
     def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> dict:
         meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref, **face.meta}
-        for name in self.quality_fields:
-            value = face.meta.get(name)
-            if isinstance(value, (int, float, np.number)) and np.isfinite(value):
-                q = self.quality.setdefault(name, {"sum": 0.0, "count": 0, "min": float(value), "max": float(value)})
-                q["sum"] += float(value)
-                q["count"] += 1
-                q["min"], q["max"] = min(q["min"], float(value)), max(q["max"], float(value))
         sample = {
             "__key__": f"{cls:06d}_{n:03d}",
             self.fmt: encode_image(face.image, face.ext, self.fmt),
@@ -197,6 +203,13 @@ class ShardWriter:
         }
         for field, value in face.extras.items():
             sample[field] = encode_extra(field, value)
+        for name in self.quality_fields:  # counted once the sample is sure to be written
+            value = face.meta.get(name)
+            if isinstance(value, (int, float, np.number)) and np.isfinite(value):
+                q = self.quality.setdefault(name, {"sum": 0.0, "count": 0, "min": float(value), "max": float(value)})
+                q["sum"] += float(value)
+                q["count"] += 1
+                q["min"], q["max"] = min(q["min"], float(value)), max(q["max"], float(value))
         return sample
 
     def finish(self) -> None:

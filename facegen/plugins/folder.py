@@ -33,10 +33,14 @@ class FolderSource(Source):
         with os.scandir(self.path) as entries:
             names = [e.name for e in entries if e.is_dir() and not e.name.startswith((".", "__"))]
         self._ids = sorted(names, key=natural_key)
-        first = next((n for n in os.listdir(self.path) if n.lower().endswith(tuple(IMAGE_EXTENSIONS))), None)
+        # the stored encoding, from the first identity's images: passthrough then copies bytes instead of converting
         self.image_format = "png"
-        if first:
-            self.image_format = IMAGE_EXTENSIONS[os.path.splitext(first)[1].lower()]
+        if self._ids:
+            names = os.listdir(os.path.join(self.path, self._ids[0]))
+            first = next((n for n in sorted(names, key=natural_key)
+                          if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS), None)
+            if first:
+                self.image_format = IMAGE_EXTENSIONS[os.path.splitext(first)[1].lower()]
 
     def identities(self):
         return self._ids

@@ -405,3 +405,20 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
     assert "| `cosine_to_prototype` |" in text  # the transform's quality figure is summarised
     proc = run_facegen("publish", out, "--repo", "org/digi2real-test", "--dry-run", check=True)
     assert "data/train/train-000001.tar" in proc.stdout and "dry run: nothing was uploaded" in proc.stdout
+
+
+def test_a_shard_changed_after_a_real_build_is_refused(tmp_path):
+    """The run records each shard's sha256; a byte flipped inside an image (same size, still a tar) is caught."""
+    src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
+    out = tmp_path / "out"
+    assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+               "--shard-size", "2") == 0
+    assert check_folder(out) == []
+    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
+    tar_path = out / stats["tar"]
+    assert stats["tar_sha256"] == hashlib.sha256(tar_path.read_bytes()).hexdigest()
+    data = bytearray(tar_path.read_bytes())
+    data[2000] ^= 0xFF  # inside the first PNG's data, past its 512-byte header
+    tar_path.write_bytes(bytes(data))
+    problems = check_folder(out)
+    assert any("sha256 differs" in p for p in problems), problems

@@ -6,6 +6,7 @@ at any moment leaves at most a hidden temporary file, which the next attempt at 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -223,6 +224,12 @@ class ShardWriter:
         os.fsync(self._file.fileno())  # the bytes are on disk before the final name exists
         self._file.close()
         size = self._tar.size
+        # read back from the page cache in the committer thread: hashlib releases the GIL for large blocks, so
+        # the checksum costs the writing thread nothing
+        digest = hashlib.sha256()
+        with open(self.tmp, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
         os.replace(self.tmp, self.final)
         stats = {
             "shard": self.index,
@@ -238,6 +245,7 @@ class ShardWriter:
             "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
             "tar": self.final.relative_to(self.out).as_posix(),
             "tar_bytes": size,
+            "tar_sha256": digest.hexdigest(),
         }
         write_atomic(shard_stats_path(self.out, self.index), dumps(stats))
         return stats

@@ -221,3 +221,38 @@ def test_unencodable_extra_is_skipped_and_counted(tmp_path):
     assert stats["images"] == 2 and stats["skipped"] == {"unencodable sample": 1}
     assert [n for n, _ in tar_members(tmp_path / "data" / "train" / "train-000000.tar")][::3] == [
         "000000_000.cls", "000000_001.cls"]  # keys stay dense
+
+
+def test_out_folder_of_the_user_is_protected(tmp_path, folder_source):
+    args = ["build", "--source", "folder", "--source-path", folder_source, "--plugin", "passthrough",
+            "--limit-identities", "2"]
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "README.md").write_text("# my project\n")
+    (project / "LICENSE").write_text("MIT, my own\n")
+    (project / "data" / "labels.csv").write_text("a,b\n")
+    proc = run_facegen(*args, "--out", project)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr and proc.stderr.count("\n") == 1
+    assert (project / "README.md").read_text() == "# my project\n"
+    # a LICENSE that is not facegen's is never written over: the card needs that name
+    proc = run_facegen(*args, "--out", project, "--overwrite")
+    assert proc.returncode == 2 and "LICENSE" in proc.stderr and "Traceback" not in proc.stderr
+    assert (project / "LICENSE").read_text() == "MIT, my own\n"
+    (project / "LICENSE").unlink()
+    # --overwrite writes the build beside the user's files and removes only what facegen writes
+    assert run_facegen(*args, "--out", project, "--overwrite").returncode == 0
+    assert run_facegen(*args, "--out", project, "--overwrite", "--seed", "3").returncode == 0
+    assert (project / "data" / "labels.csv").read_text() == "a,b\n"
+    assert "written by facegen" in (project / "LICENSE").read_text()
+
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out, message in ((a_file, "is a file"), ("/proc/facegen-out", "cannot create --out")):
+        proc = run_facegen(*args, "--out", out)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+    out = tmp_path / "out"
+    assert run_facegen(*args, "--out", out).returncode == 0
+    (out / ".facegen" / "config.json").write_text("{bad")
+    proc = run_facegen(*args, "--out", out)
+    assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr

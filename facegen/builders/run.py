@@ -116,24 +116,48 @@ def dataset_features(source: Source, transform: Transform, image_format: str):
     return Features(columns)
 
 
-FACEGEN_OUTPUTS = ("data", ".facegen", "README.md", "LICENSE", "preview.jpg")
+def _remove_facegen_outputs(out: Path) -> None:
+    """What --overwrite removes: only the files a build writes, never anything else in the folder."""
+    shutil.rmtree(out / ".facegen", ignore_errors=True)
+    train = out / "data" / "train"
+    if train.is_dir():
+        for path in train.iterdir():
+            if path.name.startswith(("train-", ".train-")) and ".tar" in path.name:
+                path.unlink()
+        for folder in (train, out / "data"):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    for name in ("README.md", "preview.jpg"):
+        (out / name).unlink(missing_ok=True)
+    from facegen.cards.card import LICENSE_MARKER  # in every LICENSE the card writes
+
+    license_path = out / "LICENSE"
+    if license_path.is_file() and LICENSE_MARKER in license_path.read_text(encoding="utf-8", errors="replace"):
+        license_path.unlink()
 
 
 def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state) -> None:
-    """Refuse a folder that holds a different build (unless --overwrite); record this build's signature."""
+    """Refuse a folder that holds a different build or other files (unless --overwrite); record the signature."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
     if overwrite:
         if state.is_main_process:
-            for name in FACEGEN_OUTPUTS:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+            _remove_facegen_outputs(out)
         if state.num_processes > 1:
             state.wait_for_everyone()
+        if (out / "LICENSE").exists():  # not ours (ours was removed): the card would have to write over it
+            raise UsageError(f"{out / 'LICENSE'} was not written by facegen and the dataset card writes its licence "
+                             "there: move it out of --out")
     config_path = out / ".facegen" / "config.json"
     if config_path.exists():
-        existing = json.loads(config_path.read_text())
+        try:
+            existing = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            raise UsageError(f"{config_path} is damaged; pass --overwrite to start this build again") from None
         if existing != signature:
             changed = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
             raise UsageError(
@@ -141,10 +165,15 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
                 "resume it, or pass --overwrite to replace it, or choose another --out"
             )
         return
-    if (out / "data").exists() and any((out / "data").rglob("*.tar")):
-        raise UsageError(f"{out} already holds shards not written by facegen build; pass --overwrite or choose "
-                         "another --out")
-    write_atomic(config_path, json.dumps(signature, indent=1, sort_keys=True).encode())
+    others = sorted(p.name for p in out.iterdir() if p.name != ".facegen")
+    if others and not overwrite:
+        shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
+        raise UsageError(f"{out} is not empty ({shown}) and holds no facegen build: choose a new or empty --out, "
+                         "or pass --overwrite to write the build beside those files")
+    try:
+        write_atomic(config_path, json.dumps(signature, indent=1, sort_keys=True).encode())
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
 
 @dataclass

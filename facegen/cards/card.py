@@ -294,6 +294,9 @@ def write_card(out_dir, repo_id: str | None = None) -> CardFiles:
     _write(out / "README.md", files.readme.encode("utf-8"))
     license_path = out / "LICENSE"
     if files.license is not None:
+        if license_path.is_file() and LICENSE_MARKER not in license_path.read_text(encoding="utf-8", errors="replace"):
+            raise FileExistsError(f"{license_path} was not written by facegen; move it away so the card can write "
+                                  "the dataset's licence there")
         _write(license_path, files.license.encode("utf-8"))
     elif license_path.is_file() and LICENSE_MARKER in license_path.read_text(encoding="utf-8", errors="replace"):
         license_path.unlink()  # our own LICENSE from an earlier render whose licence was `other`

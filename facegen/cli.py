@@ -81,7 +81,7 @@ def plugins_command():
 @click.option("--shard-size", type=int, help="Identities per shard (default 100).")
 @click.option("--seed", type=int, help="Run seed; per-identity seeds derive from it (default 0).")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
-@click.option("--strict", is_flag=True, default=None, help="Stop at the first bad sample instead of skipping it.")
+@click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
                   identities_file, shard_size, seed, image_format, strict, overwrite):

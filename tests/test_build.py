@@ -256,3 +256,24 @@ def test_out_folder_of_the_user_is_protected(tmp_path, folder_source):
     (out / ".facegen" / "config.json").write_text("{bad")
     proc = run_facegen(*args, "--out", out)
     assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_recipe_values_are_typed_like_the_cli(tmp_path, folder_source):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('source: folder\nplugin: passthrough\nshard_size: "5"\nstrict: "no"\nlimit_identities: 6\n')
+    victim = folder_source / "1" / "0.png"
+    victim.write_bytes(victim.read_bytes()[:50])
+    out = tmp_path / "out"
+    build("--recipe", recipe, "--source-path", folder_source, "--out", out)  # "no" is not strict: skips
+    assert len(list((out / "data" / "train").glob("*.tar"))) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: folder\nplugin: passthrough\nshard_size: ten\n")
+    proc = run_facegen("build", "--recipe", bad, "--source-path", folder_source, "--out", tmp_path / "o2")
+    assert proc.returncode == 2 and "bad value 'ten' for shard_size" in proc.stderr and "Traceback" not in proc.stderr
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("source: folder\nplugin: passthrough\nstrict: true\n")
+    proc = run_facegen("build", "--recipe", strict, "--source-path", folder_source, "--out", tmp_path / "o3")
+    assert proc.returncode == 2 and "1/0.png" in proc.stderr
+    proc = run_facegen("build", "--recipe", strict, "--source-path", folder_source, "--out", tmp_path / "o3",
+                       "--no-strict")
+    assert proc.returncode == 0 and "corrupt image: 1" in proc.stdout

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from facegen.api import to_bool
 from facegen.errors import UsageError
 
 
@@ -35,6 +36,8 @@ class BuildConfig:
 
 
 RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "command"}
+RECIPE_TYPES = {"shard_size": int, "seed": int, "limit_identities": int, "strict": to_bool,
+                "source": str, "plugin": str, "source_path": str, "identities_file": str, "format": str}
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:
@@ -73,6 +76,8 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
         raise UsageError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{where} must be a YAML mapping of build options")
+    if not all(isinstance(k, str) for k in data):
+        raise UsageError(f"{where}: option names must be strings")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - RECIPE_KEYS)
     if unknown:
@@ -82,6 +87,12 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
             data[key] = {}
         if not isinstance(data[key], dict):
             raise UsageError(f"{where}: {key} must be a mapping")
+    for key, convert in RECIPE_TYPES.items():  # YAML may hold "2" or "no" where the CLI would give 2 or False
+        if data.get(key) is not None:
+            try:
+                data[key] = convert(data[key])
+            except (TypeError, ValueError):
+                raise UsageError(f"{where}: bad value {data[key]!r} for {key}") from None
     return data
 
 

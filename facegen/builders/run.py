@@ -225,6 +225,7 @@ class Builder:
         self.transform: Transform = transform_cls(**config.plugin_opts)
         self.plan: Plan = make_plan(self.source.identities(), config.shard_size, config.identities_file,
                                     config.limit_identities)
+        self.identities_file_sha256 = _file_sha256(config.identities_file)  # the file this plan was made from
         self.format = config.format or self.transform.output_format(self.source)
         self.out = Path(config.out).resolve()
 
@@ -303,19 +304,21 @@ class Builder:
         started = time.perf_counter()
         progress = tqdm(total=sum(len(plan.shard(i)) for i in mine), unit="id", dynamic_ncols=True,
                         desc=f"facegen {self.config.plugin}", disable=not state.is_main_process)
-        # a shard's fsync + rename + stats run in a committer thread while the next shard is written
-        with progress, ThreadPoolExecutor(LOAD_THREADS) as pool, ThreadPoolExecutor(1) as committer:
-            committing = None
-            for index in mine:
-                writer = self.write_shard(index, pool, progress)
+        try:
+            # a shard's fsync + rename + stats run in a committer thread while the next shard is written
+            with progress, ThreadPoolExecutor(LOAD_THREADS) as pool, ThreadPoolExecutor(1) as committer:
+                committing = None
+                for index in mine:
+                    writer = self.write_shard(index, pool, progress)
+                    if committing is not None:
+                        committing.result()
+                    committing = committer.submit(writer.commit)
+                    progress.set_postfix(images=writer.images, shard=index)
                 if committing is not None:
                     committing.result()
-                committing = committer.submit(writer.commit)
-                progress.set_postfix(images=writer.images, shard=index)
-            if committing is not None:
-                committing.result()
-        self.transform.close()
-        self.source.close()
+        finally:  # open files and HDF5 handles are released even when a bad sample stops the run
+            self.transform.close()
+            self.source.close()
         if not state.is_main_process:
             return None
         self._wait_for_all_shards()
@@ -361,7 +364,7 @@ class Builder:
                 "source_opts": _json_safe(self.source.opts), "plugin": c.plugin,
                 "plugin_opts": _json_safe(self.transform.opts), "recipe": c.recipe,
                 "limit_identities": c.limit_identities, "identities_file": c.identities_file,
-                "identities_file_sha256": _file_sha256(c.identities_file), "shard_size": c.shard_size,
+                "identities_file_sha256": self.identities_file_sha256, "shard_size": c.shard_size,
                 "seed": c.seed, "format": self.format, "strict": c.strict,
             },
             "plan": {"identities": len(self.plan.ids), "shards": self.plan.num_shards,

@@ -167,10 +167,24 @@ def test_shift_file_changes_the_conditioning(tiny_dir, source, tmp_path):
     plain = make(tiny_dir)
     shifted = make(tiny_dir, shift=str(tmp_path / "delta.safetensors"), shift_scale="2")
     torch.testing.assert_close(shifted.delta, delta)
+    seen = {}
+    for name, transform in (("plain", plain), ("shifted", shifted)):  # the conditioning the sampler receives
+        generate = transform.generator.generate
+
+        def recording(cond, seeds, _generate=generate, _name=name):
+            seen.setdefault(_name, []).append(cond.detach().clone())
+            return _generate(cond, seeds)
+
+        transform.generator.generate = recording
     a, b = list(plain(batch))[0].faces, list(shifted(batch))[0].faces
+    torch.testing.assert_close(torch.cat(seen["shifted"]), torch.cat(seen["plain"]) + 2 * delta, atol=1e-5, rtol=0)
     assert [f.meta["seed"] for f in a] == [f.meta["seed"] for f in b]
     assert np.abs(pixels(a[0]) - pixels(b[0])).mean() > 1
     assert shifted.provenance()["shift_norm"] == pytest.approx(float(delta.norm()), rel=1e-5)
+
+    save_file({"delta": torch.zeros(76, 512)}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(UsageError, match=r"has shape \(76, 512\)"):
+        make(tiny_dir, shift=str(tmp_path / "short.safetensors"))
 
     save_file({"a": delta, "b": delta.clone()}, str(tmp_path / "two.safetensors"))
     with pytest.raises(UsageError, match="no tensor named 'delta'"):

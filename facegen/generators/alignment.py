@@ -104,9 +104,11 @@ def warp_face(image: np.ndarray, landmarks5: np.ndarray, image_size: int = 112) 
 
 
 def resolve_scrfd(model_dir: str | os.PathLike | None = None) -> str:
-    """Path of antelopev2's ``scrfd_10g_bnkps.onnx``: ``DIR/antelopev2/`` or ``DIR/``."""
+    """Path of antelopev2's ``scrfd_10g_bnkps.onnx``: ``DIR/antelopev2/`` (or its nested twin) or ``DIR/``."""
     root = Path(model_dir).expanduser() if model_dir is not None else Path("~/.insightface/models").expanduser()
-    for candidate in (root / "antelopev2" / SCRFD_FILENAME, root / SCRFD_FILENAME):
+    # some antelopev2 zips hold a top folder of the same name: antelopev2/antelopev2/*.onnx once unzipped
+    for candidate in (root / "antelopev2" / SCRFD_FILENAME, root / "antelopev2" / "antelopev2" / SCRFD_FILENAME,
+                      root / SCRFD_FILENAME):
         if candidate.is_file():
             return str(candidate)
     raise MissingModelError(

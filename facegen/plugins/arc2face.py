@@ -376,6 +376,7 @@ class Arc2FaceTransform(Transform):
         path = self.opts["shift"]
         if path is None:
             return None
+        import torch
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -390,7 +391,11 @@ class Arc2FaceTransform(Transform):
         else:
             raise UsageError(f"transform 'arc2face': shift file {path} has no tensor named {SHIFT_KEY!r} "
                              f"(found {', '.join(sorted(tensors)) or 'none'})")
-        if delta.shape[-1] != hidden or delta.ndim > 3:
+        try:  # Δ is added to (N, 77, hidden) conditioning: it must broadcast to one prompt's (1, 77, hidden)
+            fits = torch.broadcast_shapes(tuple(delta.shape), (1, 77, hidden)) == (1, 77, hidden)
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise UsageError(f"transform 'arc2face': shift in {path} has shape {tuple(delta.shape)}; expected "
                              f"(77, {hidden}) or ({hidden},) for this text encoder")
         return delta.float()

@@ -203,3 +203,23 @@ def test_dlib_on_an_arcface_aligned_photo(dlib_aligner):
 def test_dlib_blank_image_is_none(dlib_aligner):
     blank = np.full((400, 400, 3), 200, np.uint8)
     assert dlib_aligner.align([blank]) == [None]
+
+
+def test_scrfd_retries_a_frame_filling_face_at_256(face_models, monkeypatch):
+    """No face at det_size 640 (a tight crop) -> one retry at 256, as the Arc2Face maintainer advises."""
+    aligner = FaceAligner(model_dir=face_models)
+    real_detect = aligner._scrfd.detect
+    sizes = []
+
+    def detect(image_bgr, input_size, det_thresh):
+        sizes.append(tuple(input_size))
+        boxes, kps = real_detect(image_bgr, input_size=input_size, det_thresh=det_thresh)
+        return (boxes[:0], kps[:0] if kps is not None else kps) if tuple(input_size) == (640, 640) else (boxes, kps)
+
+    monkeypatch.setattr(aligner._scrfd, "detect", detect)
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    crop = aligner.align_one(image)
+    assert sizes == [(640, 640), (256, 256)] and crop is not None and crop.shape == (112, 112, 3)
+    aligner.retry_det_size = None
+    sizes.clear()
+    assert aligner.align_one(image) is None and sizes == [(640, 640)]

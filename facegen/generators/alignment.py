@@ -172,9 +172,13 @@ class FaceAligner:
 
     def __init__(self, detector: str = "scrfd", model_path: str | os.PathLike | None = None,
                  model_dir: str | os.PathLike | None = None, det_size: tuple[int, int] = (640, 640),
-                 det_thresh: float = 0.5, providers: list | None = None, image_size: int = 112, upsample: int = 1):
+                 det_thresh: float = 0.5, providers: list | None = None, image_size: int = 112, upsample: int = 1,
+                 retry_det_size: tuple[int, int] | None = (256, 256)):
         self.detector_name = detector
         self.det_size = (int(det_size[0]), int(det_size[1]))
+        # SCRFD at 640 misses faces that fill the frame (FFHQ-style crops, Arc2Face outputs; Arc2Face issue #17,
+        # where the maintainer's advice is 256): an image with no face at det_size is tried once more at this size
+        self.retry_det_size = tuple(retry_det_size) if retry_det_size else None
         self.det_thresh = float(det_thresh)
         self.image_size = image_size
         self.upsample = upsample
@@ -203,6 +207,9 @@ class FaceAligner:
         if self.detector_name == "scrfd":
             image_bgr = np.ascontiguousarray(image_rgb[:, :, ::-1])
             boxes, keypoints = self._scrfd.detect(image_bgr, input_size=self.det_size, det_thresh=self.det_thresh)
+            if len(boxes) == 0 and self.retry_det_size and self.retry_det_size != self.det_size:
+                boxes, keypoints = self._scrfd.detect(image_bgr, input_size=self.retry_det_size,
+                                                      det_thresh=self.det_thresh)
             faces = [DetectedFace(box[:4].astype(np.float32), float(box[4]), kps.astype(np.float32))
                      for box, kps in zip(boxes, keypoints if keypoints is not None else [])]
         else:

@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import httpx2
+import xxhash
 import huggingface_hub
 import pytest
 import yaml
@@ -267,7 +268,7 @@ def test_bad_repo_id_is_a_usage_error(built, hub, capsys):
 
 
 def _rewrite_shard(out: Path, index: int, edit) -> None:
-    """Rewrite one shard's tar through ``edit(name, data) -> data`` and update its stats (size, sha256)."""
+    """Rewrite one shard's tar through ``edit(name, data) -> data`` and update its stats (size, checksum)."""
     import io
 
     path = out / "data" / "train" / f"train-{index:06d}.tar"
@@ -283,7 +284,7 @@ def _rewrite_shard(out: Path, index: int, edit) -> None:
     stats_path = out / ".facegen" / "shards" / f"{index:06d}.json"
     stats = json.loads(stats_path.read_text())
     stats["tar_bytes"] = len(buf.getvalue())
-    stats["tar_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    stats["tar_xxh3_128"] = xxhash.xxh3_128(buf.getvalue()).hexdigest()
     stats_path.write_text(json.dumps(stats))
 
 
@@ -408,7 +409,7 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
 
 
 def test_a_shard_changed_after_a_real_build_is_refused(tmp_path):
-    """The run records each shard's sha256; a byte flipped inside an image (same size, still a tar) is caught."""
+    """The run records each shard's checksum; a byte flipped inside an image (same size, still a tar) is caught."""
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
@@ -416,9 +417,9 @@ def test_a_shard_changed_after_a_real_build_is_refused(tmp_path):
     assert check_folder(out) == []
     stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
     tar_path = out / stats["tar"]
-    assert stats["tar_sha256"] == hashlib.sha256(tar_path.read_bytes()).hexdigest()
+    assert stats["tar_xxh3_128"] == xxhash.xxh3_128(tar_path.read_bytes()).hexdigest()
     data = bytearray(tar_path.read_bytes())
     data[2000] ^= 0xFF  # inside the first PNG's data, past its 512-byte header
     tar_path.write_bytes(bytes(data))
     problems = check_folder(out)
-    assert any("sha256 differs" in p for p in problems), problems
+    assert any("checksum (XXH3-128) differs" in p for p in problems), problems

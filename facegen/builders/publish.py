@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from facegen.errors import FacegenError, UsageError
 
 ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "data/**"]
@@ -69,11 +71,13 @@ class _HashingReader:
     def __init__(self, f):
         self._f = f
         self.sha256 = hashlib.sha256()
+        self.xxh3_128 = xxhash.xxh3_128()
         self.bytes_read = 0
 
     def read(self, size=-1):
         data = self._f.read(size)
         self.sha256.update(data)
+        self.xxh3_128.update(data)
         self.bytes_read += len(data)
         return data
 
@@ -99,6 +103,7 @@ def check_shard(path: Path, image_column: str) -> tuple[dict, str | None]:
         while reader.read(1 << 20):  # the end-of-archive padding, so that the checksum covers the whole file
             pass
     return {"images": images, "labels": len(labels), "sha256": reader.sha256.hexdigest(),
+            "xxh3_128": reader.xxh3_128.hexdigest(),
             "bytes": reader.bytes_read}, None
 
 
@@ -176,6 +181,8 @@ def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
             problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats['tar_bytes']}")
         if stats.get("tar_sha256") and found["sha256"] != stats["tar_sha256"]:
             problems.append(f"{rel}: sha256 differs from its stats (the file changed after the build)")
+        if stats.get("tar_xxh3_128") and found["xxh3_128"] != stats["tar_xxh3_128"]:
+            problems.append(f"{rel}: checksum (XXH3-128) differs from its stats (the file changed after the build)")
         if found["images"] != stats.get("images"):
             problems.append(f"{rel}: {found['images']} images but its stats say {stats.get('images')}")
     run_totals = run.get("totals", {})

@@ -6,7 +6,6 @@ at any moment leaves at most a hidden temporary file, which the next attempt at 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 from PIL import Image
 
 from facegen.records import Face, IdentityResult, Skip
@@ -113,6 +113,8 @@ class UstarWriter:
     def __init__(self, fileobj):
         self.f = fileobj
         self.size = 0
+        # XXH3-128 of the bytes as written (~2 µs per sample); sha256 cost 15% of the passthrough rate
+        self.digest = xxhash.xxh3_128()
         head = bytearray(512)
         head[100:108] = b"0000444\0"  # mode
         head[108:116] = b"0000000\0"  # uid
@@ -141,11 +143,13 @@ class UstarWriter:
             chunks += (header, data, b"\0" * (-len(data) % 512))
         block = b"".join(chunks)
         self.f.write(block)
+        self.digest.update(block)
         self.size += len(block)
 
     def close(self) -> None:
         end = 1024 + (-(self.size + 1024) % self.RECORD)
         self.f.write(b"\0" * end)
+        self.digest.update(b"\0" * end)
         self.size += end
 
 
@@ -224,12 +228,6 @@ class ShardWriter:
         os.fsync(self._file.fileno())  # the bytes are on disk before the final name exists
         self._file.close()
         size = self._tar.size
-        # read back from the page cache in the committer thread: hashlib releases the GIL for large blocks, so
-        # the checksum costs the writing thread nothing
-        digest = hashlib.sha256()
-        with open(self.tmp, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
         os.replace(self.tmp, self.final)
         stats = {
             "shard": self.index,
@@ -245,7 +243,7 @@ class ShardWriter:
             "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
             "tar": self.final.relative_to(self.out).as_posix(),
             "tar_bytes": size,
-            "tar_sha256": digest.hexdigest(),
+            "tar_xxh3_128": self._tar.digest.hexdigest(),
         }
         write_atomic(shard_stats_path(self.out, self.index), dumps(stats))
         return stats

@@ -125,10 +125,8 @@ def download_command(source, directory, parts, base_url, accept_license, retries
     from facegen.builders.download import DownloadError, download_source
 
     source_cls = registry.get_source(source)
-    ask = None
-    if not accept_license and sys.stdin.isatty():
-        def ask(question):
-            return click.confirm(question, default=False)
+    # an interactive yes when the licence was not accepted on the command line and someone is there to answer
+    ask = (lambda question: click.confirm(question, default=False)) if sys.stdin.isatty() else None
     try:
         download_source(source_cls, directory, parts=to_list(parts), base_url=base_url,
                         accept_license=accept_license, confirm=ask, retries=retries, echo=click.echo)

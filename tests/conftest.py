@@ -45,3 +45,28 @@ def build(*args):
     except SystemExit as exc:  # the group exits like the console script on errors
         if exc.code not in (0, None):
             raise
+
+
+def run_cli(args, capsys):
+    """The real click group in this process; returns (exit code, stdout, stderr)."""
+    from facegen.cli import main
+
+    try:
+        main(list(map(str, args)), standalone_mode=False)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run thousands of tiny ops: with 2 OpenMP threads on a shared 2-core machine every op can wait a
+    scheduler slice for the other thread, which made such tests up to 40x slower under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,14 +14,7 @@ from facegen.generators import arc2face as a2f
 from facegen.testing.arc2face import tiny_vocab, write_tiny_arc2face
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run thousands of tiny ops: with 2 OpenMP threads on a shared 2-core machine every op can
-    wait a scheduler slice for the other thread, which made these tests up to 40x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

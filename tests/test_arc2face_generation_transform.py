@@ -25,14 +25,7 @@ from facegen.testing.folder import write_folder_source
 FAST = {"steps": "3", "latents": "2", "images_per_latent": "2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models run thousands of tiny ops: with 2 OpenMP threads on a shared 2-core machine every op can
-    wait a scheduler slice for the other thread, which made these tests up to 40x slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import datasets
 import pytest

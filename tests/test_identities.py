@@ -15,7 +15,7 @@ from facegen.builders.identities import (
     select_least_similar,
 )
 from facegen.builders.plan import read_identities_file
-from facegen.cli import main
+from conftest import run_cli
 from facegen.errors import UsageError
 from facegen.generators.alignment import ARCFACE_TEMPLATE
 from facegen.generators.arcface import ArcFaceEmbedder, normalize
@@ -29,15 +29,6 @@ def face_models(tmp_path_factory):
     return write_tiny_face_models(tmp_path_factory.mktemp("models"))
 
 
-def run_cli(args, capsys):
-    """The real click command in this process; returns (exit code, stdout, stderr)."""
-    try:
-        main(list(map(str, args)), standalone_mode=False)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def unit_rows(rng, n, d=512):

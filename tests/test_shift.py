@@ -14,7 +14,7 @@ from facegen.builders.shift import (
     parse_source_spec,
     sample_unit_embeddings,
 )
-from facegen.cli import main
+from conftest import run_cli
 from facegen.errors import UsageError
 from facegen.generators.arc2face import project_embeddings
 from facegen.generators.arcface import ArcFaceEmbedder
@@ -31,14 +31,6 @@ def world(tmp_path_factory):
     return root, models, synthetic, real
 
 
-def run_cli(args, capsys):
-    try:
-        main(list(map(str, args)), standalone_mode=False)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_parse_source_spec():

@@ -70,3 +70,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def cli(*args):
+    """Run any facegen command in-process; returns its exit code (0 when the command returned normally)."""
+    from facegen.cli import main
+
+    try:
+        main([*map(str, args)], standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code or 0
+    return 0

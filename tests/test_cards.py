@@ -11,7 +11,7 @@ from PIL import Image
 
 from facegen.cards import licence_chain, write_card
 from facegen.cards.preview import TILE
-from facegen.cli import main
+from conftest import cli
 from facegen.errors import UsageError
 from facegen.testing.folder import write_folder_source
 from facegen.testing.output import MIT, RESEARCH_ONLY, write_output_folder
@@ -19,13 +19,6 @@ from facegen.testing.output import MIT, RESEARCH_ONLY, write_output_folder
 RECIPES = sorted((Path(__file__).parent.parent / "facegen" / "builders" / "recipes").glob("*.yaml"))
 
 
-def cli(*args):
-    """Run a facegen command in-process; returns the exit code (0 when the command returned normally)."""
-    try:
-        main([*map(str, args)], standalone_mode=False)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 def front_matter(readme: Path) -> dict:

@@ -13,16 +13,16 @@ import tarfile
 from pathlib import Path
 
 import httpx2
-import xxhash
 import huggingface_hub
 import pytest
+import xxhash
 import yaml
 from huggingface_hub import constants
 from huggingface_hub.utils._http import default_client_factory
 
+from conftest import cli
 from facegen.builders import publish as publish_module
 from facegen.builders.publish import IGNORE_PATTERNS, check_folder, files_to_upload
-from facegen.cli import main
 from facegen.testing.folder import write_folder_source
 from facegen.testing.output import RESEARCH_ONLY, write_output_folder
 
@@ -124,12 +124,6 @@ def hub(monkeypatch, tmp_path):
     huggingface_hub.set_client_factory(default_client_factory)
 
 
-def cli(*args):
-    try:
-        main([*map(str, args)], standalone_mode=False)
-    except SystemExit as exc:
-        return exc.code or 0
-    return 0
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from facegen.errors import UsageError
@@ -80,8 +80,11 @@ class ModelInfo:
     license_link: str = ""
     citation: str = ""  # BibTeX
     note: str = ""  # e.g. "non-commercial research only"
-    source: str = ""  # where it was actually loaded from in this run (path or hub id@revision)
+    source: str = ""  # where it was actually loaded from in this run (path or hub id@revision); run.json only
     commercial_use: bool | None = None  # None: the card classifies the licence name and note
+    # what setup() read (facegen.generators.weights.describe_loaded): {"hub", "commit"} or {"folder", "sha256"},
+    # plus "test_model" for facegen's random test weights; empty when nothing was loaded in this run
+    loaded: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Source(Plugin):
 
     kind = "source"
     image_format = "png"  # encoding of the images as stored
+    synthetic: bool | None = None  # True: the images are generated (the card may call them synthetic); None: unknown
     needs_path = True  # False for sources that read no files (e.g. `seeds`): --source-path is then optional
 
     def __init__(self, path: str | os.PathLike | None = None, **options: Any):
@@ -163,6 +167,7 @@ class Transform(Plugin):
 
     kind = "transform"
     batch_size = 1  # identities per call
+    synthetic = False  # True: the transform generates the output images (they are synthetic whatever the source)
 
     def models(self) -> list[ModelInfo]:
         return []

@@ -1,6 +1,7 @@
 """Dataset cards: YAML that `datasets` and `huggingface_hub` accept, statistics, preview, licence chain, re-render."""
 
 import json
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -44,11 +45,18 @@ def test_card_of_a_real_build_declares_what_load_dataset_returns(built):
     card = DatasetCard.load(built / "README.md")
     assert card.data.pretty_name == meta["pretty_name"] == "folder faces (facegen)"
     assert meta["task_categories"] == ["image-classification", "image-feature-extraction"]
-    assert {"synthetic", "faces", "face-recognition", "webdataset", "passthrough"} <= set(meta["tags"])
+    # a folder may hold photos of real people: nothing calls them synthetic unless the source says so
+    assert {"faces", "face-recognition", "webdataset", "passthrough"} <= set(meta["tags"])
+    assert "synthetic" not in meta["tags"] and "The images are synthetic" not in (built / "README.md").read_text()
+    assert "they may show real people" in (built / "README.md").read_text()
     assert meta["size_categories"] == ["n<1K"]
     assert meta["configs"] == [{"config_name": "default",
                                 "data_files": [{"split": "train", "path": "data/train/*.tar"}]}]
-    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": 0, "num_examples": 20}]
+    # num_bytes: the samples' bytes, i.e. every tar member's payload
+    payload = sum(m.size for tar in sorted((built / "data" / "train").glob("*.tar"))
+                  for m in tarfile.open(tar) if m.isfile())
+    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": payload, "num_examples": 20}]
+    assert meta["dataset_info"]["dataset_size"] == payload and "source_datasets" not in meta
     infos = datasets.info.DatasetInfosDict.from_dataset_card_data(card.data)
     assert infos["default"].features == datasets.Features.from_dict(run["features"])
     # the folder source declares no licence: `other`, named "undeclared", with a LICENSE saying so
@@ -65,7 +73,7 @@ def test_card_of_a_real_build_declares_what_load_dataset_returns(built):
     assert "| images per identity (min / mean / max) | 2 / 2.86 / 3 |" in text
     assert "| corrupt image | 1 |" in text
     assert "| `json.image_index` | int32 |" in text
-    assert "--source-path " + str(run["options"]["source_path"]) in text
+    assert "--source-path '<folder source folder>'" in text and str(run["options"]["source_path"]) not in text
     stats0 = json.loads((built / ".facegen" / "shards" / "000000.json").read_text())
     assert stats0["tar_xxh3_128"] in text  # a real build records each shard's checksum, and the card shows it
     # the preview: one column per identity (first 7), label row + up to 4 rows of tiles
@@ -129,9 +137,10 @@ def test_card_with_extras_quality_and_models(tmp_path):
     models = [
         {"id": "org/arc2face", "revision": "a" * 40, "role": "UNet", "license": "CC BY-NC 4.0",
          "license_link": "https://example.org/l", "citation": "@inproceedings{arc,\n  title={Arc}\n}", "note": "",
-         "source": "org/arc2face@" + "a" * 40},
+         "source": "org/arc2face@" + "a" * 40, "loaded": {"hub": "org/arc2face", "commit": "c" * 40}},
         {"id": "org/sd15", "revision": "b" * 40, "role": "VAE", "license": "CreativeML OpenRAIL-M",
-         "license_link": "", "citation": "", "note": "", "source": ""},
+         "license_link": "", "citation": "", "note": "", "source": str(tmp_path / "models" / "sd15"),
+         "loaded": {"folder": "sd15", "sha256": {"vae/diffusion_pytorch_model.safetensors": "d" * 64}}},
     ]
     out = write_output_folder(tmp_path / "out", identities=5, images_per_identity=2, shard_size=2, models=models)
     meta = front_matter(out / "README.md")
@@ -143,7 +152,13 @@ def test_card_with_extras_quality_and_models(tmp_path):
         assert name in licence_file
     assert "Non-commercial use only" in licence_file and "Non-commercial use only" in text
     assert "| `embedding.npy` | list<float32>[8] |" in text
-    assert "`" + "a" * 40 + "`" in text  # model revision pinned in provenance
+    # what was loaded: the Hub commit, or the local folder's name and each weight file's sha256 (never its path)
+    assert "| `org/arc2face` | Hub `org/arc2face@" + "c" * 40 + "` | UNet |" in text
+    assert "| `org/sd15` | local folder `sd15` (sha256 of its weights below) | VAE |" in text
+    assert "| `sd15` | `vae/diffusion_pytorch_model.safetensors` | `" + "d" * 64 + "` |" in text
+    assert "lfs.sha256" in text and str(tmp_path) not in text
+    assert meta["facegen"]["models"][1]["loaded"]["sha256"] == models[1]["loaded"]["sha256"]
+    assert "Test models" not in text  # no random-weights marker recorded
     assert "@inproceedings{arc," in text and "@misc{fixture2026," in text  # model + source citations
     assert "--plugin-opt steps=25 --plugin-opt guidance=3.0 --plugin-opt fp16=true" in text
     assert "--source-opt parts=a,b" in text and "--seed 7" in text
@@ -179,7 +194,7 @@ def test_licence_chain_most_restrictive_input_governs():
     assert (chain.hub_id, chain.commercial_use, chain.name) == ("other", False, "insightface-model-licence")
     # a research-only source (custom licence) + an NC model: `other`, composite name, both governing
     chain = licence_chain(_run(RESEARCH_ONLY, [_model("cc-by-nc-4.0")]))
-    assert chain.hub_id == "other" and chain.name == "facegen-src-t-terms" and not chain.commercial_use
+    assert chain.hub_id == "other" and chain.name == "src-t-terms" and not chain.commercial_use
     assert [i.name for i in chain.governing] == ["src", "m-cc-by-nc-4.0-"]
     # a licence nobody can classify is not a grant of commercial use
     chain = licence_chain(_run(MIT, [_model("Some Custom Licence")]))
@@ -194,7 +209,7 @@ def test_licence_chain_most_restrictive_input_governs():
     assert "non-commercial" not in chain.summary
     # ... and what is known still binds: a non-commercial model makes it non-commercial at the very least
     chain = licence_chain(_run(None, [_model("cc-by-nc-4.0")]))
-    assert "not declared" in chain.summary and "non-commercial use only (m-cc-by-nc-4.0- (cc-by-nc-4.0))" in chain.summary
+    assert "not declared" in chain.summary and "non-commercial use only: m-cc-by-nc-4.0-: cc-by-nc-4.0." in chain.summary
     # a transform that declares its own licence is an input too
     chain = licence_chain(_run(MIT, transform_license={**MIT, "id": "cc-by-nc-sa-4.0", "name": "CC BY-NC-SA 4.0",
                                                        "commercial_use": False}))

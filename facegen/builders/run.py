@@ -85,6 +85,7 @@ def _plugin_record(plugin: Source | Transform, kind: str) -> dict[str, Any]:
         "options": _json_safe(plugin.opts),
         "columns": dict(plugin.columns),
         "provenance": _json_safe(plugin.provenance()),
+        "synthetic": getattr(plugin, "synthetic", None),  # the card calls images synthetic only when stated
     }
     if isinstance(plugin, Transform):
         record["models"] = [_json_safe(vars(m)) for m in plugin.models()]
@@ -299,6 +300,7 @@ class Builder:
         prepare_output(self.out, self.signature(), self.config.overwrite, state)
         complete_at_start = {i for i in range(plan.num_shards) if shard_is_complete(self.out, i)}
         mine = [i for i in plan.shards_of(state.process_index, state.num_processes) if i not in complete_at_start]
+        self.models_loaded = bool(mine)
         if mine:  # nothing to do (a finished build rerun) loads no model
             self.transform.setup(state.device)
         started = time.perf_counter()
@@ -377,7 +379,21 @@ class Builder:
             "totals": {"identities": summary.identities, "images": summary.images,
                        "skipped": dict(summary.skipped), "shards": summary.shards},
         }
+        if not getattr(self, "models_loaded", True):
+            _keep_loaded_models(self.out, run)
         write_atomic(self.out / ".facegen" / "run.json", json.dumps(run, indent=1).encode())
+
+
+def _keep_loaded_models(out: Path, run: dict) -> None:
+    """A rerun that loaded no model keeps what the run that made the shards recorded as loaded."""
+    try:
+        before = json.loads((out / ".facegen" / "run.json").read_text())
+    except (OSError, ValueError):
+        return
+    loaded = {(m.get("id"), m.get("role")): m.get("loaded") for m in (before.get("transform") or {}).get("models", [])}
+    for model in run["transform"].get("models") or []:
+        if not model.get("loaded") and loaded.get((model.get("id"), model.get("role"))):
+            model["loaded"] = loaded[(model.get("id"), model.get("role"))]
 
 
 def _abspath(path: str | None) -> str | None:

@@ -415,6 +415,7 @@ def read_zip_member(fd: int, row: tuple) -> bytes:
 
 class DigiFaceSource(Source):
     name = "digiface"
+    synthetic = True  # the card may call the images synthetic
     description = "DigiFace-1M (Microsoft): the published zip parts read in place, or extracted folders"
     card_description = (
         "DigiFace-1M (Bae et al., WACV 2023) is a synthetic face-recognition dataset by Microsoft: 1,219,995 "

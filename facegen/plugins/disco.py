@@ -84,6 +84,7 @@ def read_command_yml(path: str) -> Any:
 
 class DiscoSource(Source):
     name = "disco"
+    synthetic = True  # the card may call the images synthetic
     image_format = "png"
     description = "Idiap Langevin/Dispersion/DisCo ensemble: samples.h5 + images_arcface_112x112 (lazy HDF5)"
     card_description = (

@@ -81,6 +81,7 @@ def feature_column(model: str) -> str:
 
 class SFHQSource(Source):
     name = "sfhq"
+    synthetic = True  # the card may call the images synthetic
     image_format = "jpg"
     description = "SFHQ (Synthetic Faces High Quality) parts 1-4 from Kaggle: one identity per image, with extras"
     card_description = (

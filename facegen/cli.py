@@ -240,12 +240,15 @@ def demo_command(out, overwrite):
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to (created when missing; default main).")
 @click.option("--dry-run", is_flag=True, help="Check the folder and list what would be uploaded; contact nothing.")
 @click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN, then the saved `hf auth login`).")
-def publish_command(out, repo_id, private, revision, dry_run, token):
+@click.option("--no-gating", is_flag=True,
+              help="Do not gate research-only data (no access form in the card, the repo's gate left as it is).")
+def publish_command(out, repo_id, private, revision, dry_run, token, no_gating):
     """Check a finished build folder and upload it to a Hub dataset repo (rerun to resume an interrupted upload)."""
     from facegen.builders.publish import PublishError, publish
 
     try:
-        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, echo=click.echo)
+        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
+                gating=not no_gating, echo=click.echo)
     except PublishError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -253,7 +256,9 @@ def publish_command(out, repo_id, private, revision, dry_run, token):
 @main.command("card")
 @click.argument("out", type=click.Path())
 @click.option("--repo", "repo_id", metavar="ORG/NAME", help="Name this Hub repo in the card's loading examples.")
-def card_command(out, repo_id):
+@click.option("--gating/--no-gating", default=None,
+              help="Add (default) or leave out the Hub access form for research-only data (remembered).")
+def card_command(out, repo_id, gating):
     """Re-render README.md, LICENSE and preview.jpg from OUT/.facegen without rebuilding."""
     from pathlib import Path
 
@@ -261,7 +266,7 @@ def card_command(out, repo_id):
 
     if not Path(out).is_dir():
         raise UsageError(f"{out} is not a folder")
-    files = write_card(out, repo_id=repo_id)
+    files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.get("plan", {}).get("shards")
     if planned is not None and files.statistics.shards < planned:
         click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "

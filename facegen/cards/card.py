@@ -212,10 +212,9 @@ def random_weight_models(run: dict) -> list[dict]:
 
 def gating_fields(chain: LicenceChain) -> dict:
     """`extra_gated_prompt`/`extra_gated_fields` (the Hub's access form) for data that is not free to use."""
-    terms = "non-commercial research only" if not chain.undeclared else "terms that are not fully declared"
     return {
-        "extra_gated_prompt": (f"This dataset is for {terms}: {chain.summary} Request access only if you accept "
-                               "every licence listed in the card's Licence section (and in LICENSE)."),
+        "extra_gated_prompt": (f"{chain.summary} Request access only if you accept every licence listed in the "
+                               "card's Licence section (and in LICENSE)."),
         "extra_gated_fields": {
             "Name": "text",
             "Affiliation": "text",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ IDENTITIES_FILE = f"{PROVENANCE_DIR}/identities.txt"
 SHIFT_FILE = f"{PROVENANCE_DIR}/shift.safetensors"
 OUT_PLACEHOLDER = "NEW"
 # an absolute POSIX path or a home-relative one, not part of a URL (`https://x/y`) or of a relative path (`a/b`)
-ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(?:~|/(?!/))[^\s\"'`()\[\]<>,;|]*")
+ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])(?:~|/(?!/))[^\s\"'`()\[\]<>,;|]*")
 
 
 def source_placeholder(run: dict) -> str:
@@ -124,6 +123,24 @@ def provenance_files(run: dict) -> list[tuple[str, str, str | None]]:
     return files
 
 
+def _publishable_copy(path: Path) -> bytes:
+    """The file's bytes; a safetensors file's metadata (which may name local paths) is scrubbed, its tensors kept."""
+    data = path.read_bytes()
+    if path.suffix != ".safetensors":
+        return data
+    from safetensors.numpy import load, save
+
+    try:
+        import json
+        import struct
+
+        header_len = struct.unpack("<Q", data[:8])[0]
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        return save(load(data), metadata=scrub(metadata))
+    except Exception:  # not readable as safetensors: the build read it, so publish it as it is
+        return data
+
+
 def copy_provenance(out: Path, run: dict) -> list[str]:
     """Copy the rebuild inputs under ``OUT/provenance/`` (only when the file is still the one the build used).
     Returns the provenance files present afterwards."""
@@ -132,10 +149,11 @@ def copy_provenance(out: Path, run: dict) -> list[str]:
         target = out / rel
         source = Path(os.path.expanduser(local))
         if source.is_file() and (sha is None or _sha256(source) == sha):
-            if not target.is_file() or _sha256(target) != _sha256(source):
+            data = _publishable_copy(source)
+            if not target.is_file() or target.read_bytes() != data:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.tmp")
-                shutil.copyfile(source, tmp)
+                tmp.write_bytes(data)
                 tmp.replace(target)
         if target.is_file():
             present.append(rel)

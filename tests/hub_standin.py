@@ -467,8 +467,11 @@ class _Handler(BaseHTTPRequestHandler):
         if blob is None:
             return self._send(404, b"", {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": sha,
                                           "X-Error-Message": f"{path} does not exist on {rev}"}, head)
-        if blob.lfs:  # like the Hub: a redirect to the object store, with the object's identity in X-Linked-*
-            return self._send(302, b"", {"Location": f"{self.standin.url}/lfs-objects/{blob.sha256}",
+        if blob.lfs:  # like the Hub: a redirect to the object store (another host name, so a HEAD is not followed
+            # there), with the object's identity in X-Linked-*
+            port = self.standin.url.rsplit(":", 1)[1]
+            store = f"http://localhost:{port}/lfs-objects/{blob.sha256}?commit={sha}"
+            return self._send(302, b"", {"Location": store,
                                          "X-Repo-Commit": sha, "ETag": f'"{blob.oid}"',
                                          "X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": len(blob.data)},
                               head)
@@ -478,4 +481,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = self.standin.lfs.get(oid)
         if data is None:
             return self._error(404, "EntryNotFound", "no such object", self.command == "HEAD")
-        self._ranged(data, {"ETag": f'"{oid}"'}, self.command == "HEAD")
+        headers = {"ETag": f'"{oid}"', "X-Linked-Etag": f'"{oid}"', "X-Linked-Size": len(data)}
+        if query.get("commit"):
+            headers["X-Repo-Commit"] = query["commit"][0]
+        self._ranged(data, headers, self.command == "HEAD")

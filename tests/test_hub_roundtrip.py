@@ -188,7 +188,7 @@ def test_an_upload_of_2000_shards_killed_midway_is_completed_by_the_rerun(tmp_pa
     hub.hold_commits_after = 2  # the third commit hangs: the upload is killed while it waits
     started = time.monotonic()
     proc = subprocess.Popen([str(BIN / "facegen"), "publish", str(out), "--repo", "org/big"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=hub_env(hub, tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=hub_env(hub, tmp_path),
                             start_new_session=True)
     try:
         assert hub.held.wait(300), "the upload never reached its third commit"

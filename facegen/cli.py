@@ -83,8 +83,11 @@ def plugins_command():
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
+@click.option("--from-card", "from_card", metavar="PATH_OR_REPO",
+              help="Rebuild a facegen dataset from its card (a build folder, its README.md, or a Hub ORG/NAME); "
+                   "the options given here override the card's.")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
-                  identities_file, shard_size, seed, image_format, strict, overwrite):
+                  identities_file, shard_size, seed, image_format, strict, overwrite, from_card):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
     from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
     from facegen.builders.run import build
@@ -95,7 +98,16 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
         "limit_identities": limit_identities, "identities_file": identities_file, "shard_size": shard_size,
         "seed": seed, "format": image_format, "strict": strict,
     }
-    values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
+    record = None
+    if from_card:
+        from facegen.builders.from_card import build_values, read_card
+
+        if recipe:
+            raise UsageError("--from-card and --recipe both give every option: use one")
+        record = read_card(from_card)
+        values = build_values(record, cli_values)
+    else:
+        values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}
     config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, command=["facegen", *sys.argv[1:]], **values)
     try:
@@ -105,6 +117,15 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     if summary is not None:
         for line in summary.lines():
             click.echo(line)
+        if record is not None:
+            from pathlib import Path
+
+            from facegen.builders.from_card import compare
+
+            same, line = compare(record, Path(out))
+            if not same:
+                raise click.ClickException(f"rebuild differs from {from_card}: {line}")
+            click.echo(f"rebuild of {from_card}: {line}")
 
 # --- download (issue 3) ---
 

@@ -1,6 +1,7 @@
 """Dataset cards: YAML that `datasets` and `huggingface_hub` accept, statistics, preview, licence chain, re-render."""
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -299,3 +300,111 @@ def test_card_renders_for_each_recipe(recipe, tmp_path):
         assert model["id"] in text
     if card.data.license == "other":
         assert card.data.license_name and (tmp_path / "LICENSE").read_text().strip()
+
+
+def publishable_files(out: Path) -> list[Path]:
+    from facegen.builders.publish import files_to_upload
+
+    return [out / f.path for f in files_to_upload(out)]
+
+
+def test_nothing_publishable_names_a_local_path(tmp_path, monkeypatch):
+    """A real build whose inputs all lie under the test's folder (and a fake home inside it): no publishable file
+    (README.md, LICENSE, provenance/, preview) names that folder or the home folder."""
+    home = tmp_path / "home" / "someone"
+    monkeypatch.setenv("HOME", str(home))
+    src = write_folder_source(home / "data" / "faces", identities=4, images_per_identity=2, size=48, corrupt=1)
+    ids = home / "lists" / "ids.txt"
+    ids.parent.mkdir(parents=True)
+    ids.write_text("0\n1\n3\n")
+    out = tmp_path / "out"
+    assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--identities-file",
+               ids, "--shard-size", 2, "--out", out) == 0
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    assert run["options"]["source_path"] == str(src)  # the private record keeps the real paths
+    files = publishable_files(out)
+    assert {p.relative_to(out).as_posix() for p in files} >= {"README.md", "LICENSE", "preview.jpg",
+                                                              "provenance/identities.txt"}
+    for path in files:
+        data = path.read_bytes()
+        for private in (str(tmp_path), str(home), "/home/", os.path.expanduser("~")):
+            assert private.encode() not in data, (path.name, private)
+    text = (out / "README.md").read_text()
+    assert "--source-path '<folder source folder>'" in text and "--identities-file provenance/identities.txt" in text
+
+
+def test_model_paths_in_records_are_scrubbed(tmp_path):
+    """Older records (or third-party plugins) may name models by local path: the card shows file names only."""
+    models = [{"id": str(tmp_path / "ckpt" / "e4e_ffhq_encode.pt"), "revision": None, "role": "encoder",
+               "license": "MIT", "source": str(tmp_path / "ckpt" / "e4e_ffhq_encode.pt"),
+               "loaded": {"folder": "ckpt", "sha256": {"e4e_ffhq_encode.pt": "e" * 64}}}]
+    out = write_output_folder(tmp_path / "out", identities=2, models=models, card=False)
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    run["transform"]["provenance"] = {"e4e_source": str(tmp_path / "ckpt" / "e4e_ffhq_encode.pt"),
+                                      "warnings": [f"cannot read {tmp_path}/src/x.png"]}
+    (out / ".facegen" / "run.json").write_text(json.dumps(run))
+    write_card(out)
+    for path in publishable_files(out):
+        assert str(tmp_path).encode() not in path.read_bytes(), path.name
+    text = (out / "README.md").read_text()
+    assert "`<e4e_ffhq_encode.pt>`" in text and "cannot read <x.png>" in text
+
+
+def test_yaml_is_hub_grade_and_the_summary_reads_plainly(tmp_path, capsys):
+    models = [{"id": "org/gen", "revision": "a" * 40, "role": "generator",
+               "license": "research-only (model terms of A (weights) / B)", "note": "non-commercial",
+               "loaded": {"hub": "org/gen", "commit": "a" * 40}}]
+    out = write_output_folder(tmp_path / "out", identities=1, images_per_identity=3, shard_size=1,
+                              source_license=RESEARCH_ONLY, models=models)
+    meta = front_matter(out / "README.md")
+    text = (out / "README.md").read_text()
+    # a short license_name id; no invalid source_datasets; gating fields for non-commercial data
+    assert meta["license"] == "other" and meta["license_name"] == "fixture-fixture-transform-terms"
+    assert "source_datasets" not in meta
+    assert meta["extra_gated_fields"] == {
+        "Name": "text", "Affiliation": "text", "Country": "country",
+        "I will use this dataset for non-commercial research only": "checkbox",
+        "I accept the licence of every input listed in the dataset card": "checkbox"}
+    assert meta["extra_gated_prompt"].startswith("Non-commercial use only.")
+    assert "Access is gated" in text
+    # the summary names each licence without its parenthetical remarks: no nested brackets
+    summary = licence_chain(json.loads((out / ".facegen" / "run.json").read_text())).summary
+    assert "fixture: Research Use of Data Agreement v1.0; org/gen: research-only." in summary
+    assert "((" not in summary and "))" not in summary
+    # plurals
+    assert "1 identity, 3 face images in 1 WebDataset shard, built" in text
+    assert "| plan | 1 identity in 1 shard," in text
+    # --no-gating leaves the fields out, and is remembered by the next render
+    assert cli("card", out, "--no-gating") == 0
+    assert "extra_gated_fields" not in front_matter(out / "README.md")
+    write_card(out)
+    assert "extra_gated_fields" not in front_matter(out / "README.md")
+    assert cli("card", out, "--gating") == 0 and "extra_gated_fields" in front_matter(out / "README.md")
+    # data free to use is never gated
+    free = write_output_folder(tmp_path / "free", identities=1)
+    assert "extra_gated_fields" not in front_matter(free / "README.md")
+
+
+def test_random_weight_models_are_announced_at_the_top(tmp_path):
+    from facegen.generators.weights import describe_loaded, write_test_model_marker
+
+    folder = tmp_path / "tiny" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    write_test_model_marker(tmp_path / "tiny", "tiny UNet")
+    loaded = describe_loaded(folder)
+    assert set(loaded) == {"folder", "sha256", "test_model"} and "random-weight" in loaded["test_model"]
+    import hashlib
+
+    assert loaded["sha256"] == {"model.safetensors": hashlib.sha256(b"weights").hexdigest()}
+    models = [{"id": "org/unet", "revision": None, "role": "UNet", "license": "MIT", "loaded": loaded}]
+    out = write_output_folder(tmp_path / "out", identities=2, models=models)
+    text = (out / "README.md").read_text()
+    body = text.split("---\n", 2)[2]
+    assert body.lstrip().startswith("# fixture faces through fixture-transform (facegen)\n\n> **Test models: "
+                                    "these images are noise.**")
+    assert "| `org/unet` | local folder `unet` (sha256 of its weights below) — **random test weights** |" in text
+    # a Hub snapshot path is recorded as repo@commit
+    snapshot = tmp_path / "hub" / "models--org--unet" / "snapshots" / ("f" * 40) / "unet"
+    snapshot.mkdir(parents=True)
+    assert describe_loaded(snapshot) == {"hub": "org/unet", "commit": "f" * 40}

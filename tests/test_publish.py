@@ -363,3 +363,48 @@ def test_a_shard_changed_after_a_real_build_is_refused(tmp_path):
     tar_path.write_bytes(bytes(data))
     problems = check_folder(out)
     assert any("checksum (XXH3-128) differs" in p for p in problems), problems
+
+
+def test_publish_refuses_a_licence_the_inputs_do_not_imply(tmp_path, hub, capsys):
+    out = write_output_folder(tmp_path / "out", identities=4, shard_size=2, source_license=RESEARCH_ONLY)
+    assert check_folder(out) == []
+    readme = out / "README.md"
+    original = readme.read_text()
+    readme.write_text(original.replace("license: other\n", "license: mit\n", 1))
+    problems = check_folder(out)
+    assert "README.md: `license: mit` but the build's inputs imply `other` (run `facegen card OUT` to write the " \
+           "licence they imply)" in problems
+    readme.write_text(original)
+    (out / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge…\n")
+    assert cli("publish", out, "--repo", "org/x", "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert "LICENSE: its text is not the one the build's inputs imply" in err and hub.requests == []
+
+
+def test_publish_checks_every_linked_file_and_the_info_file(tmp_path):
+    out = write_output_folder(tmp_path / "out", identities=6, shard_size=2)
+    (out / "preview.jpg").unlink()
+    assert check_folder(out) == ["README.md links to preview.jpg, which is missing"]
+    write_card_again(out)
+    shards = [f"data/train/train-{i:06d}.tar" for i in range(3)]
+    info = {"name": "x", "splits": {"train": {"name": "train", "num_samples": 18, "filenames": shards,
+                                              "shard_lengths": [6, 6, 6]}}}
+    (out / "_info.json").write_text(json.dumps(info))
+    assert check_folder(out) == []
+    assert "_info.json" in [f.path for f in files_to_upload(out)][-2:]  # uploaded with the card, last
+    info["splits"]["train"].update(filenames=shards[:2] + ["data/train/train-000009.tar"],
+                                   shard_lengths=[6, 5, 6], num_samples=17)
+    (out / "_info.json").write_text(json.dumps(info))
+    assert check_folder(out) == [
+        "_info.json lists data/train/train-000009.tar, which is not a shard of this build",
+        "_info.json does not list the shard data/train/train-000002.tar",
+        "_info.json gives data/train/train-000001.tar 5 samples; it holds 6",
+        "_info.json: num_samples 17, the shards hold 18"]
+    (out / "_info.json").write_text("{}")
+    assert check_folder(out)[0].startswith("_info.json: not timm's format")
+
+
+def write_card_again(out):
+    from facegen.cards import write_card
+
+    write_card(out)

@@ -172,7 +172,9 @@ def build_values(record: CardRecord, given: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loaded_key(model: dict) -> tuple:
-    return model.get("id"), model.get("role")
+    from facegen.cards.public import scrub
+
+    return scrub(model.get("id")), model.get("role")
 
 
 def _model_difference(card: dict, rebuilt: dict) -> str | None:

@@ -253,7 +253,7 @@ def facegen_record(run: dict, provenance: list[str]) -> dict:
     """The card's machine-readable `facegen:` YAML key: what `facegen build --from-card` needs to rebuild."""
     models = []
     for m in (run.get("transform") or {}).get("models") or []:
-        models.append({"id": m.get("id"), "role": m.get("role"), "revision": m.get("revision"),
+        models.append({"id": scrub(m.get("id")), "role": m.get("role"), "revision": m.get("revision"),
                        "loaded": scrub(m.get("loaded") or {})})
     return {
         "version": run.get("facegen_version"),

@@ -110,7 +110,9 @@ def build(tmp_path, name="out", identities=6, images=2, shard_size=2, extra=()):
 
 @pytest.mark.slow
 def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path, hub):
-    out = build(tmp_path)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("0\n1\n2\n4\n5\n")
+    out = build(tmp_path, extra=("--identities-file", ids))
     proc = publish(hub, tmp_path, out, "--repo", "org/x")
     assert proc.returncode == 0, proc.stderr
     local = local_rows(out)
@@ -127,6 +129,16 @@ def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path
     proc = publish(hub, tmp_path, out, "--repo", "org/x")
     assert proc.returncode == 0, proc.stderr
     assert len(hub.commits("org/x")) == commits
+
+    # a stranger rebuilds it from the Hub card: options, identity list and checksums come from the repo
+    ids.unlink()
+    proc = subprocess.run([str(BIN / "facegen"), "build", "--from-card", "org/x", "--source-path", tmp_path / "src",
+                           "--out", tmp_path / "rebuilt"], capture_output=True, text=True,
+                          env=hub_env(hub, tmp_path / "stranger"), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "all 3 shards are byte-identical to the card's" in proc.stdout
+    for shard in (out / "data" / "train").glob("*.tar"):
+        assert (tmp_path / "rebuilt" / "data" / "train" / shard.name).read_bytes() == shard.read_bytes()
 
 
 @pytest.mark.slow

@@ -344,6 +344,18 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
     licence = (out / "LICENSE").read_text()
     assert "FoivosPar/Arc2Face" in licence and "insightface" in licence and "Commercial use: no" in licence
     assert "| `cosine_to_prototype` |" in text  # the transform's quality figure is summarised
+    # what was loaded, not a hard-coded default: the tiny folders by name with their weights' sha256, and the
+    # random-weights marker at the top of the card; no local path anywhere publishable
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    loaded = {m["id"]: m["loaded"] for m in run["transform"]["models"]}
+    assert loaded["FoivosPar/Arc2Face"]["folder"] == "arc2face" and "test_model" in loaded["FoivosPar/Arc2Face"]
+    assert set(loaded["FoivosPar/Arc2Face"]["sha256"]) == {"arc2face/diffusion_pytorch_model.safetensors",
+                                                           "encoder/pytorch_model.bin"}
+    assert "| `FoivosPar/Arc2Face` | local folder `arc2face` (sha256 of its weights below) — **random test weights**" \
+        in text
+    assert "> **Test models: these images are noise.**" in text and "@451f4fe" not in text
+    for f in files_to_upload(out):
+        assert str(tmp_path).encode() not in (out / f.path).read_bytes(), f.path
     proc = run_facegen("publish", out, "--repo", "org/digi2real-test", "--dry-run", check=True)
     assert "data/train/train-000001.tar" in proc.stdout and "dry run: nothing was uploaded" in proc.stdout
 

@@ -117,6 +117,8 @@ def _named(i: "LicenceInput") -> str:
 
 def short_id(text: str, words: int = 5, length: int = 40) -> str:
     """A short Hub `license_name` id: lowercase, hyphens, at most a few words ("my-license-1.0")."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,63}", text):  # already an id, as its owner spells it
+        return text
     head = re.split(r"[;,:]", plain(text), maxsplit=1)[0]
     parts = [p for p in _slug(head).split("-") if p][:words]
     while len("-".join(parts)) > length and len(parts) > 1:

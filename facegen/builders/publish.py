@@ -229,21 +229,20 @@ def _check_licence(out: Path, problems: list[str]) -> None:
     `license: mit` or a replaced LICENSE text is refused)."""
     from huggingface_hub import DatasetCard
 
-    from facegen.cards.card import render_card
+    from facegen.cards.card import expected_licence
 
     try:
-        expected = render_card(out)
+        chain, licence_text = expected_licence(out)
         data = DatasetCard.load(out / "README.md").data.to_dict()
     except Exception:  # the card checks above already report an unreadable card or run
         return
-    for key in ("license", "license_name", "license_link"):
-        want = getattr(expected.card_data, key, None)
+    for key, want in (("license", chain.hub_id), ("license_name", chain.name), ("license_link", chain.link)):
         if data.get(key) != want:
             problems.append(f"README.md: `{key}: {data.get(key)}` but the build's inputs imply `{want}` "
                             "(run `facegen card OUT` to write the licence they imply)")
     licence_file = out / "LICENSE"
-    if expected.license is not None and licence_file.is_file():
-        if licence_file.read_text(encoding="utf-8", errors="replace") != expected.license:
+    if licence_text is not None and licence_file.is_file():
+        if licence_file.read_text(encoding="utf-8", errors="replace") != licence_text:
             problems.append("LICENSE: its text is not the one the build's inputs imply (run `facegen card OUT`, "
                             "after moving your own text elsewhere)")
 
@@ -437,13 +436,12 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     settings = card_settings(out)
     named = PLACEHOLDER_REPO not in readme.read_text(encoding="utf-8") and settings.get("repo_id") == repo_id
     if not dry_run and (not named or settings.get("gating", True) != gating):
-        files = write_card(out, repo_id=repo_id, gating=gating)
+        write_card(out, repo_id=repo_id, gating=gating)
         echo(f"README.md: loading examples name {repo_id}" + ("" if gating else "; no access form (--no-gating)"))
-    else:
-        from facegen.cards.card import render_card
+    from facegen.cards.card import expected_licence, needs_gating
 
-        files = render_card(out, repo_id=repo_id, gating=gating)
-    gated = gating and files.card_data.to_dict().get("extra_gated_fields") is not None
+    # what the card carries after this publish (a dry run leaves it as it is, so ask the inputs)
+    gated = gating and needs_gating(expected_licence(out)[0])
 
     # 3. what goes where
     upload = files_to_upload(out)

@@ -430,6 +430,18 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
                      statistics=statistics, run=run)
 
 
+def expected_licence(out_dir) -> tuple[LicenceChain, str | None]:
+    """The licence the build's inputs imply and the LICENSE text the card writes for it (None unless `other`),
+    without rendering the rest of the card."""
+    run = load_run(Path(out_dir))
+    chain = licence_chain(run)
+    if chain.hub_id != "other":
+        return chain, None
+    text = _environment().get_template("LICENSE.j2").render(
+        pretty_name=_pretty_name(run), run=run, chain=chain, license_marker=LICENSE_MARKER)
+    return chain, text
+
+
 def _provenance_inputs(run: dict):
     from facegen.cards.public import provenance_files
 

@@ -17,7 +17,14 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
-from facegen.cards.stats import Statistics, load_run, load_shard_stats, size_category, summarise
+from facegen.cards.stats import (
+    Statistics,
+    load_run,
+    load_shard_stats,
+    load_unit_stats,
+    size_category,
+    summarise,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 DATA_FILES = "data/train/*.tar"
@@ -230,7 +237,7 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
     out = Path(out_dir)
     run = load_run(out)
     shards = load_shard_stats(out)
-    statistics = summarise(shards)
+    statistics = summarise(shards, load_unit_stats(out), (run.get("plan") or {}).get("identities"))
     chain = licence_chain(run)
     data = card_data(run, statistics, chain)
     features = Features.from_dict(run["features"])

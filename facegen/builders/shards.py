@@ -280,13 +280,14 @@ class ShardWriter:
         return len(self.per_identity)
 
     def write(self, result: IdentityResult, first: int = 0) -> None:
-        """An identity's faces, numbered ``first``, ``first + 1`` … in their keys."""
+        """An identity's faces, numbered ``first``, ``first + 1`` … in their keys (dense: a face that cannot be
+        encoded takes no number)."""
         ident = result.identity
         written = 0
         skipped = list(result.skipped)
-        for n, face in enumerate(result.faces, first):
+        for face in result.faces:
             try:
-                key, sample = self._sample(ident.cls, n, ident.id, face)
+                key, sample = self._sample(ident.cls, first + written, ident.id, face)
             except (OSError, ValueError, TypeError, SyntaxError) as exc:  # an image PIL cannot read, a bad extra
                 skipped.append(Skip(face.ref, "unencodable sample", f"{type(exc).__name__}: {exc}"))
                 continue

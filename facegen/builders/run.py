@@ -431,6 +431,8 @@ class Builder:
             writer = self._writer(j, unit=False)
             return self._write(writer, self._single_images(table, rows, pool), progress)
 
+        if mine:
+            self._setup()  # before the progress bar: a model that fails to load says so in one line
         progress = progress_total(sum(self.layout[j] for j in mine), "img")
         with progress:
             self._write_files([(j, make) for j in mine], progress)
@@ -441,6 +443,8 @@ class Builder:
         units = {i: unit_place(self.out, i) for i in range(plan.num_units)}
         self.unit_snapshot = _snapshot(units) if state.is_main_process else {}
         mine = self._todo(units, plan.units_of(state.process_index, state.num_processes), "unit")
+        if mine:
+            self._setup()  # before the progress bar: a model that fails to load says so in one line
         progress = progress_total(sum(len(plan.unit(i)) for i in mine), "id")
         with progress:
             self._write_files([(i, lambda i, pool: self.write_shard(i, pool, progress)) for i in mine], progress)

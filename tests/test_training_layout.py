@@ -301,3 +301,24 @@ def test_shuffle_buffer_mixes_identities(tmp_path):
           f"{wds_distinct}, no shuffle {len(set(unshuffled))}")
     counts = Counter(len(tar_keys(p)) for p in shard_paths(out))
     assert counts == {1000: 8}
+
+
+def test_a_changed_source_listing_redoes_the_shards_and_drops_surplus_ones(tmp_path, capsys):
+    """Images removed from an identity folder: the plan (identity ids) is the same command, but the shards were
+    planned from another listing: they are redone, and the shards past the new count are removed."""
+    src = write_folder_source(tmp_path / "src", identities=6, images_per_identity=4, size=16)
+    out = tmp_path / "out"
+    args = ["build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+            "--shard-samples", 5]
+    assert run_cli(args, capsys)[0] == 0
+    assert len(shard_paths(out)) == 5  # 24 samples
+    for name in ("2.png", "3.png"):
+        (src / "5" / name).unlink()
+    code, stdout, _ = run_cli(args, capsys)
+    assert code == 0 and "shards 5 (5 written now" in stdout  # 22 samples: still 5 shards, all replanned
+    for name in ("0.png", "1.png"):
+        (src / "5" / name).unlink()
+    assert run_cli(args, capsys)[0] == 0
+    assert len(shard_paths(out)) == 4  # 20 samples: train-000004.tar is gone
+    check_info_json_like_timm(out)
+    assert sorted(check_index(out)) == sorted(f"{c:06d}_{n:03d}" for c in range(5) for n in range(4))

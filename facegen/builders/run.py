@@ -404,8 +404,15 @@ class Builder:
 
     def list_images(self) -> SampleTable:
         """Per-image transforms: every source image of the plan, from the source's listing (no image is read)."""
-        counts = np.fromiter((len(self.source.image_refs(i)) for i in self.plan.ids), dtype=np.int64,
-                             count=len(self.plan.ids))
+        digest = xxhash.xxh3_128()  # of every listed ref: a shard planned from another listing is not reused
+
+        def count(identity_id: str) -> int:
+            refs = self.source.image_refs(identity_id)
+            digest.update("\0".join([identity_id, *refs]).encode("utf-8", "surrogateescape") + b"\n")
+            return len(refs)
+
+        counts = np.fromiter((count(i) for i in self.plan.ids), dtype=np.int64, count=len(self.plan.ids))
+        self.listing_digest = digest.hexdigest()
         cls = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         starts = np.cumsum(counts) - counts
         number = np.arange(len(cls), dtype=np.int64) - np.repeat(starts, counts)
@@ -421,7 +428,8 @@ class Builder:
         self.layout = self._layout(len(table))
         places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
         self.snapshot = _snapshot(places) if state.is_main_process else {}
-        mine = self._todo(places, shards_of(len(places), state.process_index, state.num_processes), "shard")
+        mine = self._stale_removed(places, "listing_xxh3_128", self.listing_digest)
+        mine = self._todo(places, mine, "shard")
         order = sample_order(len(table), self.config.seed)
         bounds = shard_bounds(self.layout)
 
@@ -429,6 +437,7 @@ class Builder:
             self._setup()
             rows = order[bounds[j][0]:bounds[j][1]]
             writer = self._writer(j, unit=False)
+            writer.extra_stats["listing_xxh3_128"] = self.listing_digest
             return self._write(writer, self._single_images(table, rows, pool), progress)
 
         if mine:
@@ -481,12 +490,7 @@ class Builder:
         self.layout = self._layout(len(table))
         places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
         self.snapshot = _snapshot(places) if state.is_main_process else {}
-        mine = []
-        for j in shards_of(len(places), state.process_index, state.num_processes):
-            if (read_stats(places[j].stats) or {}).get("units_xxh3_128") not in (None, units_digest):
-                places[j].stats.unlink(missing_ok=True)  # assembled from other units (e.g. redone differently)
-            mine.append(j)
-        mine = self._todo(places, mine, "shard")
+        mine = self._todo(places, self._stale_removed(places, "units_xxh3_128", units_digest), "shard")
         order = sample_order(len(table), self.config.seed)
         bounds = shard_bounds(self.layout)
         ids = self.plan.ids
@@ -519,6 +523,23 @@ class Builder:
         self.assembly_seconds = time.perf_counter() - started
         self.units_digest = units_digest
 
+    def _stale_removed(self, places: dict, field: str, digest: str) -> list[int]:
+        """This process's shards, after removing the stats of those made from other inputs (a source listing or
+        units that changed since): they are then missing, and redone. The main process also removes shards past
+        the new count (`datasets` would load them)."""
+        if self.state.is_main_process:
+            for path in (self.out / "data" / "train").glob("train-*.tar"):
+                j = path.name[len("train-"):-len(".tar")]
+                if j.isdigit() and int(j) >= len(places):
+                    stale = shard_place(self.out, int(j))
+                    for file in (stale.stats, stale.index, stale.tar):  # stats first: never complete-looking
+                        file.unlink(missing_ok=True)
+        mine = shards_of(len(places), self.state.process_index, self.state.num_processes)
+        for j in mine:
+            if (read_stats(places[j].stats) or {}).get(field, digest) != digest:
+                places[j].stats.unlink(missing_ok=True)
+        return mine
+
     def _layout(self, num_samples: int) -> list[int]:
         return shard_lengths(num_samples, self.config.shard_samples, self.config.shards_multiple_of)
 
@@ -530,6 +551,7 @@ class Builder:
         self._redo_reasons: dict[tuple[str, int], str] = {}
         self.assembly_seconds = 0.0
         self.units_digest = None
+        self.listing_digest = None
         self.identities_without_images: list[str] = []
         self.unit_snapshot: dict = {}
         started = time.perf_counter()

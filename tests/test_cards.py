@@ -35,7 +35,7 @@ def built(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=7, images_per_identity=3, corrupt=1)
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-size", 3) == 0
+               "--shard-samples", 7) == 0
     return out
 
 
@@ -58,6 +58,9 @@ def test_card_of_a_real_build_declares_what_load_dataset_returns(built):
                   for m in tarfile.open(tar) if m.isfile())
     assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": payload, "num_examples": 20}]
     assert meta["dataset_info"]["dataset_size"] == payload and "source_datasets" not in meta
+    # taken from the shards' stats (written with each shard), not by re-reading the tars
+    stats = [json.loads(p.read_text()) for p in sorted((built / ".facegen" / "shards").glob("[0-9]*.json"))]
+    assert sum(st["sample_bytes"] for st in stats) == payload
     infos = datasets.info.DatasetInfosDict.from_dataset_card_data(card.data)
     assert infos["default"].features == datasets.Features.from_dict(run["features"])
     # the folder source declares no licence: `other`, named "undeclared", with a LICENSE saying so
@@ -300,6 +303,29 @@ def test_card_renders_for_each_recipe(recipe, tmp_path):
         assert model["id"] in text
     if card.data.license == "other":
         assert card.data.license_name and (tmp_path / "LICENSE").read_text().strip()
+
+
+def test_sample_bytes_of_written_and_assembled_shards(tmp_path):
+    """A shard's `sample_bytes` (the card's num_bytes) is its members' payload, also when its samples are copied
+    from units of work (identity-level transforms); the card reads it from the stats, not from the tars."""
+    import io
+
+    from facegen.builders.shards import UstarWriter
+    from facegen.cards.card import sample_bytes
+
+    unit, shard = io.BytesIO(), io.BytesIO()
+    written, copied = UstarWriter(unit), UstarWriter(shard)
+    samples = [{"png": b"x" * n, "cls": b"7", "json": b"{}" * (n // 3)} for n in (1, 511, 512, 513, 4000)]
+    blocks = [written.add_sample(f"{i:06d}_000", sample) for i, sample in enumerate(samples)]
+    written.close()
+    for offset, length in reversed(blocks):  # the assembly copies whole samples, in another order
+        copied.add_raw(unit.getvalue()[offset:offset + length])
+    copied.close()
+    for writer, data in ((written, unit), (copied, shard)):
+        with tarfile.open(fileobj=io.BytesIO(data.getvalue())) as tar:
+            assert writer.payload == sum(m.size for m in tar if m.isfile()) == sum(
+                len(v) for sample in samples for v in sample.values())
+    assert sample_bytes(tmp_path, [{"tar": "data/train/gone.tar", "sample_bytes": 123}]) == 123
 
 
 def publishable_files(out: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """`facegen build --from-card`: a build rebuilt from its own card is byte-identical; a difference is one line."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,13 +38,16 @@ def shards(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def published(tmp_path):
-    """A passthrough build with an identity list (a rebuild input that travels under provenance/)."""
+    """A passthrough build with an identity list (a rebuild input that travels under provenance/). 8 samples with
+    --shard-samples 8 would be one shard: --shards-multiple-of 2 makes it two, so a rebuild that lost either
+    layout option would not be byte-identical."""
     src = write_folder_source(tmp_path / "src", identities=6, images_per_identity=2, size=48)
     ids = tmp_path / "ids.txt"
     ids.write_text("0\n2\n3\n5\n")
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--identities-file",
-               ids, "--shard-size", 2, "--seed", 3, "--out", out) == 0
+               ids, "--shard-size", 2, "--shard-samples", 8, "--shards-multiple-of", 2, "--seed", 3, "--out", out) == 0
+    assert len(shards(out)) == 2
     ids.unlink()  # the original list is gone: the rebuild must use the published copy
     return src, out, clone(out, tmp_path / "clone")
 
@@ -55,6 +59,8 @@ def test_the_card_carries_the_options_and_the_identity_list(published):
     assert record["options"]["source_path"] == "<folder source folder>"
     assert record["options"]["identities_file"] == "provenance/identities.txt"
     assert record["options"]["seed"] == 3 and record["options"]["shard_size"] == 2
+    # the published layout (sizes and shuffle) is rebuilt from these
+    assert record["options"]["shard_samples"] == 8 and record["options"]["shards_multiple_of"] == 2
     assert record["provenance"] == ["provenance/identities.txt", "provenance/checksums.json"]
     assert (card / "provenance" / "identities.txt").read_text() == "0\n2\n3\n5\n"
     text = (card / "README.md").read_text()
@@ -77,9 +83,20 @@ def test_a_build_rebuilt_from_its_card_is_byte_identical(published, tmp_path, ca
     assert code == 0 and "byte-identical" in stdout and shards(tmp_path / "new3") == shards(out)
 
 
+def _shard_holding(out: Path, identity: str, number: int) -> str:
+    """The published shard holding an identity's image ``number`` (shards are shuffled: read the sample index)."""
+    for path in sorted((out / ".facegen" / "shards" / "index").glob("*.json")):
+        index = json.loads(path.read_text())
+        for key, ident in zip(index["keys"], index["identities"]):
+            if ident == identity and key.endswith(f"_{number:03d}"):
+                return index["tar"]
+    raise AssertionError(f"no sample {identity}/{number} in {out}")
+
+
 def test_a_changed_source_file_is_one_line(published, tmp_path, capsys):
     src, out, card = published
     image = sorted((src / "2").iterdir())[0]
+    changed = _shard_holding(out, "2", 0)
     with Image.open(image) as im:
         pixels = im.convert("RGB")
     pixels.putpixel((0, 0), (1, 2, 3))
@@ -88,7 +105,7 @@ def test_a_changed_source_file_is_one_line(published, tmp_path, capsys):
                                 capsys)
     assert code == 1
     assert error_line(err).startswith(f"facegen: error: rebuild differs from {card}: 1 of 2 shards differ from the card "
-                          "(data/train/train-000000.tar first): the source files differ")
+                                      f"({changed} first): the source files differ")
 
 
 def test_another_source_is_one_line_naming_the_plan(published, tmp_path, capsys):

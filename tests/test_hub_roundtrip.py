@@ -98,13 +98,13 @@ def same_rows(loaded, local):
         assert {k: got["json"][k] for k in want["json"]} == want["json"]
 
 
-def build(tmp_path, name="out", identities=6, images=2, shard_size=2, extra=()):
+def build(tmp_path, name="out", identities=6, images=2, shard_samples=4, extra=()):
     src = tmp_path / "src"
     if not src.exists():
         write_folder_source(src, identities=identities, images_per_identity=images, size=48)
     out = tmp_path / name
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-size", shard_size, *extra) == 0
+               "--shard-samples", shard_samples, *extra) == 0
     return out
 
 
@@ -112,7 +112,8 @@ def build(tmp_path, name="out", identities=6, images=2, shard_size=2, extra=()):
 def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path, hub):
     ids = tmp_path / "ids.txt"
     ids.write_text("0\n1\n2\n4\n5\n")
-    out = build(tmp_path, extra=("--identities-file", ids))
+    # 10 samples of at most 5 per shard would be 2 shards: --shards-multiple-of 3 makes 3, which the card must carry
+    out = build(tmp_path, shard_samples=5, extra=("--identities-file", ids, "--shards-multiple-of", 3))
     proc = publish(hub, tmp_path, out, "--repo", "org/x")
     assert proc.returncode == 0, proc.stderr
     local = local_rows(out)
@@ -123,6 +124,10 @@ def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path
     assert "/datasets/org/x/resolve/main/README.md" in asked
     assert any(p.startswith("/api/datasets/org/x/tree/") for p in asked)
     assert any(p.endswith("/data/train/train-000002.tar") and "/resolve/" in p for p in asked)
+    # timm's shard list names the repo's shards, relative to the repo root (where it lies: timm's --data-dir)
+    remote = hub.files("org/x")
+    info = json.loads(remote["_info.json"])["splits"]["train"]
+    assert info["filenames"] == sorted(p for p in remote if p.startswith("data/")) and info["num_samples"] == 10
 
     # a second publish uploads nothing new
     commits = len(hub.commits("org/x"))
@@ -145,14 +150,15 @@ def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path
 def test_lfs_uploads_and_redirected_downloads(tmp_path, hub):
     """Without hf_xet the client uploads large files through the LFS batch API; downloads follow the Hub's
     redirect with X-Linked-Etag/X-Linked-Size."""
-    hub.lfs_threshold = 10_000  # shards and the preview are LFS files, the card and LICENSE regular ones
+    hub.lfs_threshold = 20_000  # shards and the preview are LFS files, the card, LICENSE and _info.json regular
     out = build(tmp_path)
     proc = publish(hub, tmp_path, out, "--repo", "org/lfs", HF_HUB_DISABLE_XET="1")
     assert proc.returncode == 0, proc.stderr
     assert any(path == "/datasets/org/lfs.git/info/lfs/objects/batch" for _, path, _ in hub.requests)
     repo = hub.repos["org/lfs"]
     files = repo.files("main")
-    assert files["data/train/train-000000.tar"].lfs and not files["README.md"].lfs
+    assert files["data/train/train-000000.tar"].lfs and files["preview.jpg"].lfs
+    assert not files["README.md"].lfs and not files["_info.json"].lfs
     same_rows(parsed(load_rows(hub, tmp_path, "org/lfs")), local_rows(out))
     assert any(path.startswith("/lfs-objects/") for _, path, _ in hub.requests)
 
@@ -180,10 +186,10 @@ def test_gated_and_private_repos_load_with_a_token_and_fail_clearly_without(tmp_
 
 @pytest.mark.slow
 def test_republishing_a_rebuilt_dataset_deletes_the_shards_it_no_longer_has(tmp_path, hub):
-    out = build(tmp_path, shard_size=2)  # 3 shards
+    out = build(tmp_path, shard_samples=4)  # 12 samples: 3 shards
     assert publish(hub, tmp_path, out, "--repo", "org/re").returncode == 0
     assert len([p for p in hub.files("org/re") if p.startswith("data/")]) == 3
-    build(tmp_path, shard_size=3, extra=("--overwrite",))  # the same folder rebuilt into 2 shards
+    build(tmp_path, shard_samples=6, extra=("--overwrite",))  # the same folder rebuilt into 2 shards
     proc = publish(hub, tmp_path, out, "--repo", "org/re")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p for p in hub.files("org/re") if p.startswith("data/")) == [
@@ -194,7 +200,7 @@ def test_republishing_a_rebuilt_dataset_deletes_the_shards_it_no_longer_has(tmp_
 
 @pytest.mark.slow
 def test_an_upload_of_2000_shards_killed_midway_is_completed_by_the_rerun(tmp_path, hub):
-    out = build(tmp_path, identities=2000, images=1, shard_size=1)
+    out = build(tmp_path, identities=2000, images=1, shard_samples=1)
     files = sorted(p.relative_to(out).as_posix() for p in (out / "data" / "train").glob("*.tar"))
     assert len(files) == 2000
     hub.hold_commits_after = 2  # the third commit hangs: the upload is killed while it waits
@@ -209,7 +215,7 @@ def test_an_upload_of_2000_shards_killed_midway_is_completed_by_the_rerun(tmp_pa
         proc.wait()
     first_run = time.monotonic() - started
     committed = {p for c in hub.commits("org/big") for p in c["added"]}
-    assert 0 < len(committed) < 2000 and "README.md" not in committed
+    assert 0 < len(committed) < 2000 and not {"README.md", "_info.json"} & committed
     hub.hold_commits_after = None
     hub.release()
     before = len(hub.commits("org/big"))
@@ -221,6 +227,7 @@ def test_an_upload_of_2000_shards_killed_midway_is_completed_by_the_rerun(tmp_pa
     # the rerun sent only what the killed run had not committed, and the card came last
     second = hub.commits("org/big")[before:]
     assert not {p for c in second for p in c["added"]} & committed
-    assert second[-1]["added"] == ["README.md"] and len(second) > 2  # several commits, the card last
+    # several commits, the card and timm's shard list last
+    assert second[-1]["added"] == ["README.md", "_info.json"] and len(second) > 2
     print(f"2000 shards: killed after {len(committed)} committed files ({first_run:.1f} s); "
           f"rerun {len(hub.commits('org/big')) - 1} commits in all")

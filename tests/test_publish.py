@@ -50,7 +50,7 @@ def built(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=6, images_per_identity=3)
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-size", 2) == 0
+               "--shard-samples", 6) == 0
     (out / "data" / "train" / ".train-000009.tar.tmp-123").write_bytes(b"half a shard")  # a killed writer's file
     (out / ".DS_Store").write_bytes(b"finder")
     (out / "notes.txt").write_text("my notes, not part of the dataset\n")
@@ -58,8 +58,9 @@ def built(tmp_path):
 
 
 SHARDS = ["data/train/train-000000.tar", "data/train/train-000001.tar", "data/train/train-000002.tar"]
-PUBLISHED = sorted(["LICENSE", "README.md", "preview.jpg", "provenance/checksums.json", *SHARDS])
-FIRST = sorted(p for p in PUBLISHED if p != "README.md")  # the card is committed after everything else
+PUBLISHED = sorted(["LICENSE", "README.md", "_info.json", "preview.jpg", "provenance/checksums.json", *SHARDS])
+LAST = ["README.md", "_info.json"]  # the card and timm's shard list are committed after everything else
+FIRST = sorted(p for p in PUBLISHED if p not in LAST)
 
 
 def test_publish_commits_exactly_the_dataset_files(built, hub, capsys):
@@ -72,7 +73,7 @@ def test_publish_commits_exactly_the_dataset_files(built, hub, capsys):
         assert files[path] == (built / path).read_bytes()
     assert 'load_dataset("org/faces", split="train")' in files["README.md"].decode()  # the card names the repo
     # the shards first, the card last; the folder source declares no licence, so the repo is gated first
-    assert [c["added"] for c in hub.commits("org/faces")[1:]] == [FIRST, ["README.md"]]
+    assert [c["added"] for c in hub.commits("org/faces")[1:]] == [FIRST, LAST]
     assert repo.gated == "auto"
     paths = [path for _, path, _ in api_calls(hub)]
     assert paths[:2] == ["/api/repos/create", "/api/datasets/org/faces/settings"]
@@ -110,7 +111,7 @@ def test_dry_run_lists_files_and_target_and_contacts_nothing(built, hub, capsys)
     assert hub.requests == [] and hub.repos == {}
     assert f"target: {hub.url}/datasets/org/faces (branch main" in out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
-    assert listed == FIRST + ["README.md"]  # in upload order; no .hidden
+    assert listed == FIRST + LAST  # in upload order; no .hidden
     assert "token: none" in out and "dry run: nothing was uploaded" in out
     hf = next(line for line in out.splitlines() if line.startswith("same upload with the hf CLI"))
     assert f"hf upload org/faces {built} . --repo-type dataset --include 'LICENSE*' --include preview.jpg" in hf
@@ -128,7 +129,7 @@ def test_dry_run_lists_files_and_target_and_contacts_nothing(built, hub, capsys)
 
 def test_files_to_upload_uses_the_same_matcher_as_upload_folder(built):
     (built / ".hidden").write_text("x")
-    assert [f.path for f in files_to_upload(built)] == FIRST + ["README.md"]
+    assert [f.path for f in files_to_upload(built)] == FIRST + LAST
     assert ".facegen/**" in IGNORE_PATTERNS
 
 
@@ -149,13 +150,14 @@ def test_rerun_after_an_interrupted_multi_commit_upload_skips_what_was_committed
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 1
     first = [c["added"] for c in hub.commits("org/faces")[1:]]
     assert first == [["LICENSE"], ["data/train/train-000000.tar"], ["data/train/train-000001.tar"]]
-    assert "README.md" not in hub.files("org/faces")  # an interrupted upload never looks complete
+    # an interrupted upload never looks complete: neither the card nor timm's shard list is there yet
+    assert not set(LAST) & set(hub.files("org/faces"))
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 0
     second = [c["added"] for c in hub.commits("org/faces")[1 + len(first):]]
     # the rerun sends only the files not committed yet, and the repo ends complete and byte-exact
-    assert sorted(p for c in second for p in c) == ["README.md", "data/train/train-000002.tar", "preview.jpg",
-                                                    "provenance/checksums.json"]
-    assert second[-1] == ["README.md"]
+    assert sorted(p for c in second for p in c) == ["README.md", "_info.json", "data/train/train-000002.tar",
+                                                    "preview.jpg", "provenance/checksums.json"]
+    assert sorted(p for c in second[-2:] for p in c) == LAST  # the card and _info.json last
     files = hub.files("org/faces")
     assert sorted(files) == PUBLISHED and all(files[p] == (built / p).read_bytes() for p in PUBLISHED)
     assert TOKEN not in capsys.readouterr().err
@@ -332,7 +334,7 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
     out = tmp_path / "out"
     args = ["build", "--source", "folder", "--source-path", src, "--plugin", "arc2face", "--out", out,
-            "--shard-size", 2]
+            "--shard-size", 2, "--shard-samples", 3]
     for opt in (f"model_dir={tiny}", "steps=2", "latents=1", "images_per_latent=2", "batch_size=2"):
         args += ["--plugin-opt", opt]
     run_facegen(*args, env={"HF_HUB_OFFLINE": "1"}, check=True)

@@ -25,7 +25,14 @@ from facegen.cards.public import (
     scrub,
     source_placeholder,
 )
-from facegen.cards.stats import Statistics, load_run, load_shard_stats, size_category, summarise
+from facegen.cards.stats import (
+    Statistics,
+    load_run,
+    load_shard_stats,
+    load_unit_stats,
+    size_category,
+    summarise,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 DATA_FILES = "data/train/*.tar"
@@ -105,6 +112,8 @@ def _columns(run: dict, features) -> list[dict]:
         "json.identity": "the identity's id in the source dataset",
         "json.source": "the source plugin's name",
         "json.source_ref": "the source image (or seed) this sample was made from",
+        "json.width": "width of the stored image in pixels (as decoded, before any EXIF orientation)",
+        "json.height": "height of the stored image in pixels (as decoded, before any EXIF orientation)",
         "__key__": "sample key `{cls:06d}_{n:03d}` (identity label, image number)",
         "__url__": "the shard (tar file) the sample was read from",
     }
@@ -147,7 +156,8 @@ def rebuild_command(run: dict, out: str = OUT_PLACEHOLDER) -> str:
     args += ["--plugin", o.get("plugin", "?")]
     args += _option_args("--plugin-opt", o.get("plugin_opts"))
     for key, flag in (("limit_identities", "--limit-identities"), ("identities_file", "--identities-file"),
-                      ("shard_size", "--shard-size"), ("seed", "--seed"), ("format", "--format")):
+                      ("shard_size", "--shard-size"), ("shard_samples", "--shard-samples"),
+                      ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format")):
         if o.get(key) is not None:
             args += [flag, str(o[key])]
     if o.get("strict"):
@@ -368,7 +378,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     out = Path(out_dir)
     run = load_run(out)
     shards = load_shard_stats(out)
-    statistics = summarise(shards)
+    statistics = summarise(shards, load_unit_stats(out), (run.get("plan") or {}).get("identities"))
     chain = licence_chain(run)
     if gating is None:
         gating = card_settings(out).get("gating", True)
@@ -379,7 +389,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     features = Features.from_dict(run["features"])
     repo = _repo_id(out, repo_id)
     tar_paths = [out / s["tar"] for s in shards if (out / s.get("tar", "")).is_file()]
-    preview = preview_grid(tar_paths, run.get("image_column", "png"))
+    preview = preview_grid(tar_paths, run.get("image_column", "png"), out=out)
     num_shards = len(shards)
     known = known_paths(run, out)
     models = _models_for_card(run)
@@ -406,6 +416,8 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         "repo_known": repo is not None,
         "data_files": DATA_FILES,
         "last_shard": f"{max(num_shards - 1, 0):06d}",
+        "layout_lengths": _lengths_text([s.get("images", 0) for s in shards]),
+        "layout_mode": (run.get("layout") or {}).get("mode"),
         "shards": shards[:SHARD_CHECKSUMS_SHOWN],
         "shards_hidden": max(0, num_shards - SHARD_CHECKSUMS_SHOWN),
         "has_preview": preview is not None,
@@ -446,6 +458,14 @@ def _provenance_inputs(run: dict):
     from facegen.cards.public import provenance_files
 
     return provenance_files(run)
+
+
+def _lengths_text(lengths: list[int]) -> str:
+    """'1,000' or '999 to 1,000': how many samples the shards hold."""
+    if not lengths:
+        return "0"
+    low, high = min(lengths), max(lengths)
+    return f"{high:,}" if low == high else f"{low:,} to {high:,}"
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -82,9 +82,11 @@ def plugins_command():
 @click.option("--seed", type=int, help="Run seed; per-identity seeds derive from it (default 0).")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")
+@click.option("--verify", type=click.Choice(["full", "header"]),
+              help="full (default): decode every image once before writing it; header: PIL's cheap check only.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
-                  identities_file, shard_size, seed, image_format, strict, overwrite):
+                  identities_file, shard_size, seed, image_format, strict, verify, overwrite):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
     from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
     from facegen.builders.run import build
@@ -93,7 +95,7 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
         "source": source, "source_path": source_path, "source_opts": parse_pairs(source_opts, "--source-opt"),
         "plugin": plugin, "plugin_opts": parse_pairs(plugin_opts, "--plugin-opt"),
         "limit_identities": limit_identities, "identities_file": identities_file, "shard_size": shard_size,
-        "seed": seed, "format": image_format, "strict": strict,
+        "seed": seed, "format": image_format, "strict": strict, "verify": verify,
     }
     values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}

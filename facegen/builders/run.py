@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import facegen
 from facegen import registry
 from facegen.api import Source, Transform
+from facegen.builders.images import VERIFY_LEVELS, check_source_images
 from facegen.builders.options import BuildConfig
 from facegen.builders.plan import Plan, identity_seed, make_plan
 from facegen.builders.shards import (
@@ -214,6 +215,8 @@ class Builder:
             raise UsageError(f"missing {', '.join(missing)} (give it on the command line or in a --recipe)")
         if config.format not in (None, "png", "jpg"):
             raise UsageError(f"--format must be png or jpg, got {config.format!r}")
+        if config.verify not in VERIFY_LEVELS:
+            raise UsageError(f"--verify must be full or header, got {config.verify!r}")
         source_cls = registry.get_source(config.source)
         transform_cls = registry.get_transform(config.plugin)
         if source_cls.needs_path and not config.source_path:
@@ -235,6 +238,7 @@ class Builder:
             "source": c.source, "source_path": _abspath(c.source_path), "source_opts": self.source.opts,
             "plugin": c.plugin, "plugin_opts": self.transform.opts, "plan_sha256": self.plan.sha256(),
             "identities": len(self.plan.ids), "shard_size": c.shard_size, "seed": c.seed, "format": self.format,
+            "verify": c.verify,
         })
 
     def _identities(self, positions: range, pool: ThreadPoolExecutor) -> Iterator[Identity]:
@@ -244,20 +248,24 @@ class Builder:
         pending: deque = deque()
         todo = iter(positions)
         for pos in todo:
-            pending.append((pos, pool.submit(self.source.load, ids[pos])))
+            pending.append((pos, pool.submit(self._load, ids[pos])))
             if len(pending) >= window:
                 break
         while pending:
             pos, future = pending.popleft()
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(self.source.load, ids[nxt])))
+                pending.append((nxt, pool.submit(self._load, ids[nxt])))
             items = future.result()
             yield Identity(
                 id=ids[pos], cls=pos, seed=identity_seed(self.config.seed, ids[pos]),
                 images=[i for i in items if isinstance(i, SourceImage)],
                 skipped=[i for i in items if isinstance(i, Skip)],
             )
+
+    def _load(self, identity_id: str) -> list[SourceImage | Skip]:
+        """One identity's images, each checked on this loading thread (PIL and zlib release the GIL)."""
+        return check_source_images(self.source.load(identity_id), self.config.verify)
 
     def _batches(self, identities: Iterator[Identity]) -> Iterator[list[Identity]]:
         batch: list[Identity] = []
@@ -273,7 +281,8 @@ class Builder:
         """Write shard ``index`` under its temporary name; the caller commits the returned, finished writer."""
         writer = ShardWriter(self.out, index, self.format, self.source.name,
                              getattr(self.transform, "quality_fields", ()),
-                             rank=(self.state.process_index, self.state.num_processes))
+                             rank=(self.state.process_index, self.state.num_processes),
+                             verify=self.config.verify, lossy_allowed=self.config.format == "jpg")
         try:
             for batch in self._batches(self._identities(self.plan.shard(index), pool)):
                 results = iter(self.transform(batch))
@@ -365,7 +374,7 @@ class Builder:
                 "plugin_opts": _json_safe(self.transform.opts), "recipe": c.recipe,
                 "limit_identities": c.limit_identities, "identities_file": c.identities_file,
                 "identities_file_sha256": self.identities_file_sha256, "shard_size": c.shard_size,
-                "seed": c.seed, "format": self.format, "strict": c.strict,
+                "seed": c.seed, "format": self.format, "strict": c.strict, "verify": c.verify,
             },
             "plan": {"identities": len(self.plan.ids), "shards": self.plan.num_shards,
                      "plan_sha256": self.plan.sha256()},

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from PIL import Image
 
+from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
 from facegen.records import Face, IdentityResult, Skip
 
 MAX_FAILURES_LISTED = 100
+MAX_SIZES_LISTED = 64  # distinct image sizes counted per shard; more are counted as "other"
 
 
 def shard_tar_path(out: Path, index: int) -> Path:
@@ -58,27 +59,6 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-
-
-def encode_image(image: Any, ext: str | None, fmt: str) -> bytes:
-    """Bytes already in ``fmt`` are copied; anything else is decoded (if needed) and encoded once."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        if ext == fmt:
-            return bytes(image)
-        image = Image.open(io.BytesIO(image))
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    if fmt == "jpg":
-        image.convert("RGB").save(buf, format="JPEG", quality=95)
-    else:
-        if image.mode not in PNG_MODES:  # CMYK, YCbCr, … (JPEG-only modes)
-            image = image.convert("RGB")
-        image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def encode_extra(field: str, value: Any) -> bytes:
     """Encode one extra tar member by its field's last extension (what `datasets` will decode it by)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -88,8 +68,8 @@ def encode_extra(field: str, value: Any) -> bytes:
         buf = io.BytesIO()
         np.save(buf, np.asarray(value), allow_pickle=False)
         return buf.getvalue()
-    if last in ("png", "jpg", "jpeg"):
-        return encode_image(value, None, "jpg" if last != "png" else "png")
+    if last in IMAGE_FIELD_EXTENSIONS:
+        return prepare_image(value, IMAGE_FIELD_EXTENSIONS[last]).data
     if last in ("json", "jsn"):
         return dumps(value)
     if isinstance(value, str):
@@ -156,8 +136,11 @@ class UstarWriter:
 class ShardWriter:
     """Writes one shard: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then the stats file."""
 
-    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1)):
+    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1),
+                 verify: str = "full", lossy_allowed: bool = False):
         self.out, self.index, self.fmt, self.source_name = out, index, fmt, source_name
+        self.verify = verify  # how images not checked on the loading threads are checked here
+        self.lossy_allowed = lossy_allowed  # --format jpg given: a PNG may become a JPEG
         self.rank = rank
         self.quality_fields = tuple(quality_fields)
         self.final = shard_tar_path(out, index)
@@ -175,6 +158,9 @@ class ShardWriter:
         self.skipped: Counter = Counter()
         self.failures: list[dict] = []
         self.quality: dict[str, dict] = {}
+        self.converted: Counter = Counter()  # re-encode reason -> images
+        self.modes: Counter = Counter()  # PIL mode of the stored images
+        self.sizes: Counter = Counter()  # "WxH" of the stored images
 
     def write(self, result: IdentityResult) -> None:
         ident = result.identity
@@ -184,7 +170,10 @@ class ShardWriter:
         for face in result.faces:
             try:
                 sample = self._sample(ident.cls, written, ident.id, face)
-            except (OSError, ValueError, TypeError) as exc:  # an image PIL cannot decode/encode, a bad extra
+            except ImageError as exc:  # an image that does not decode, or may not be converted
+                skipped.append(Skip(face.ref, exc.reason, str(exc)))
+                continue
+            except (OSError, ValueError, TypeError) as exc:  # an image PIL cannot encode, a bad extra
                 skipped.append(Skip(face.ref, "unencodable sample", f"{type(exc).__name__}: {exc}"))
                 continue
             self._tar.add_sample(sample.pop("__key__"), sample)
@@ -200,14 +189,26 @@ class ShardWriter:
 
     def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> dict:
         meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref, **face.meta}
+        image = prepare_image(face.image, self.fmt, self.verify, self.lossy_allowed)
         sample = {
             "__key__": f"{cls:06d}_{n:03d}",
-            self.fmt: encode_image(face.image, face.ext, self.fmt),
+            self.fmt: image.data,
             "cls": str(cls).encode(),
             "json": dumps(meta),
         }
+        changes = list(image.changes)
         for field, value in face.extras.items():
-            sample[field] = encode_extra(field, value)
+            kind = IMAGE_FIELD_EXTENSIONS.get(field.rsplit(".", 1)[-1])
+            if kind is None:
+                sample[field] = encode_extra(field, value)
+                continue
+            extra = prepare_image(value, kind, self.verify)  # an extra image is never made lossy
+            sample[field] = extra.data
+            changes += [f"{field}: {change}" for change in extra.changes]
+        self.converted.update(changes)  # counted once the sample is sure to be written
+        self.modes[image.mode] += 1
+        size = f"{image.size[0]}x{image.size[1]}"
+        self.sizes[size if size in self.sizes or len(self.sizes) < MAX_SIZES_LISTED else "other"] += 1
         for name in self.quality_fields:  # counted once the sample is sure to be written
             value = face.meta.get(name)
             if isinstance(value, (int, float, np.number)) and np.isfinite(value):
@@ -237,6 +238,10 @@ class ShardWriter:
             "skipped": dict(sorted(self.skipped.items())),
             "failures": self.failures,
             "quality": self.quality,
+            "verify": self.verify,
+            "converted": dict(sorted(self.converted.items())),
+            "image_modes": dict(sorted(self.modes.items())),
+            "image_sizes": dict(self.sizes.most_common()),
             "seconds": round(self.seconds, 3),
             "started_at": self.started_at,
             "finished_at": self.finished_at,

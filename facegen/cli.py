@@ -242,12 +242,15 @@ def demo_command(out, overwrite):
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to (created when missing; default main).")
 @click.option("--dry-run", is_flag=True, help="Check the folder and list what would be uploaded; contact nothing.")
 @click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN, then the saved `hf auth login`).")
-def publish_command(out, repo_id, private, revision, dry_run, token):
+@click.option("--verify", type=click.Choice(["full", "header"]), default="full", show_default=True,
+              help="full: decode every image before uploading; header: only check the tars and checksums.")
+def publish_command(out, repo_id, private, revision, dry_run, token, verify):
     """Check a finished build folder and upload it to a Hub dataset repo (rerun to resume an interrupted upload)."""
     from facegen.builders.publish import PublishError, publish
 
     try:
-        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, echo=click.echo)
+        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, verify=verify,
+                echo=click.echo)
     except PublishError as exc:
         raise click.ClickException(str(exc)) from None
 

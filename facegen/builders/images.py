@@ -61,7 +61,12 @@ def readable(exc: BaseException) -> str:
 
 
 def _png_stream_ok(data: bytes, width: int, height: int) -> bool:
-    """True when a non-interlaced PNG is well formed and its pixel stream is complete; False means "decode it"."""
+    """True when a non-interlaced PNG is well formed and its pixel stream complete; False means "decode it to know".
+
+    Raises :class:`ImageError` for a well-formed file whose pixel stream is broken: not zlib, shorter than the
+    image (PIL fails with "image file is truncated", or, when the stream is a complete zlib stream, silently fills
+    the missing rows with black), or a row with an unknown filter type.
+    """
     pos = 8
     idat: list[bytes] = []
     header = None
@@ -95,12 +100,15 @@ def _png_stream_ok(data: bytes, width: int, height: int) -> bool:
     inflate = zlib.decompressobj()
     try:
         pixels = inflate.decompress(b"".join(idat), expected)  # at most the expected size: bounded memory
-    except zlib.error:
-        return False
-    if len(pixels) != expected:
-        return False
+    except zlib.error as exc:
+        raise ImageError(f"PNG pixel data is not a valid zlib stream ({exc})") from None
+    if len(pixels) < expected:
+        raise ImageError(f"image file is truncated: PNG pixel data ends after {len(pixels):,} of "
+                         f"{expected:,} bytes")
     filters = np.frombuffer(pixels, dtype=np.uint8)[::row]
-    return bool(filters.max() <= 4)  # filter types 0-4; anything else is a decode error
+    if filters.max() > 4:
+        raise ImageError(f"PNG row {int(np.argmax(filters > 4))} has unknown filter type {int(filters.max())}")
+    return True
 
 
 def check_image(data: bytes, level: str = "full") -> CheckedImage:

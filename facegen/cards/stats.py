@@ -26,6 +26,14 @@ class Statistics:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, most frequent first
     failures: list[dict] = field(default_factory=list)  # a few examples (ref, reason, detail)
     quality: dict[str, dict] = field(default_factory=dict)  # name -> {mean, min, max, count}
+    converted: dict[str, int] = field(default_factory=dict)  # re-encode reason -> images, most frequent first
+    image_modes: dict[str, int] = field(default_factory=dict)  # PIL mode -> images, most frequent first
+    image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> images, most frequent first
+    verify: list[str] = field(default_factory=list)  # the image checks the shards were written with
+
+    @property
+    def converted_total(self) -> int:
+        return sum(self.converted.values())
 
     @property
     def skipped_total(self) -> int:
@@ -60,7 +68,15 @@ def summarise(shards: list[dict]) -> Statistics:
     per_identity: list[int] = []
     skipped: Counter = Counter()
     quality: dict[str, dict] = {}
+    converted: Counter = Counter()
+    modes: Counter = Counter()
+    sizes: Counter = Counter()
+    verify: set[str] = set()
     for shard in shards:
+        converted.update(shard.get("converted") or {})
+        modes.update(shard.get("image_modes") or {})
+        sizes.update(shard.get("image_sizes") or {})
+        verify.add(shard.get("verify") or "header")  # shards written before --verify existed had PIL's check
         stats.identities += shard.get("identities", 0)
         stats.images += shard.get("images", 0)
         stats.tar_bytes += shard.get("tar_bytes", 0)
@@ -84,6 +100,10 @@ def summarise(shards: list[dict]) -> Statistics:
         stats.per_identity_mean = sum(per_identity) / len(per_identity)
         stats.identities_without_images = sum(1 for n in per_identity if n == 0)
     stats.skipped = dict(skipped.most_common())
+    stats.converted = dict(converted.most_common())
+    stats.image_modes = dict(modes.most_common())
+    stats.image_sizes = dict(sizes.most_common())
+    stats.verify = sorted(verify)
     stats.quality = {
         name: {"mean": q["sum"] / q["count"], "min": q["min"], "max": q["max"], "count": q["count"]}
         for name, q in sorted(quality.items()) if q["count"]

@@ -243,7 +243,6 @@ def passthrough(src, out, *extra):
     return ["build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out, *extra]
 
 
-@pytest.mark.slow
 def test_undecodable_images_are_skipped_stop_strict_and_are_caught_by_publish(hostile_png_folder,
                                                                                 hostile_jpeg_folder, tmp_path,
                                                                                 capsys):
@@ -284,7 +283,6 @@ def test_undecodable_images_are_skipped_stop_strict_and_are_caught_by_publish(ho
         assert code == 2 and "differs in: verify" in stderr
 
 
-@pytest.mark.slow
 def test_sfhq_truncated_jpeg_at_native_size_is_skipped(tmp_path, capsys):
     root = write_sfhq_source(tmp_path / "sfhq", images_per_part=4, size=96, corrupt_images=1, feature_dims={})
     out = tmp_path / "out"
@@ -316,7 +314,6 @@ def test_an_image_extra_given_as_bytes_is_checked(tmp_path):
     assert stats["failures"][0]["ref"] == "a/1"
 
 
-@pytest.mark.slow
 def test_mixed_folder_keeps_pngs_converts_the_jpeg_losslessly_and_says_so(tmp_path, capsys):
     rotated = draw_face(0, 1).resize((112, 90))
     rgba = Image.new("RGBA", (64, 64), (200, 10, 10, 128))
@@ -354,7 +351,6 @@ def test_mixed_folder_keeps_pngs_converts_the_jpeg_losslessly_and_says_so(tmp_pa
     assert every_image_decodes(out, "png") == 5
 
 
-@pytest.mark.slow
 def test_format_png_on_jpegs_applies_orientation_and_counts_each(tmp_path, capsys):
     files = {f"{i}/{k}.jpg": exif_rotated_jpeg(draw_face(i, k).resize((112, 96)), 8) for i in range(2)
              for k in range(2)}
@@ -366,3 +362,13 @@ def test_format_png_on_jpegs_applies_orientation_and_counts_each(tmp_path, capsy
     assert run_cli(passthrough(src, out, "--format", "png"), capsys)[0] == 0
     assert shard_stats(out)["converted"] == {"jpg -> png": 4, "EXIF orientation applied": 4}
     assert Image.open(io.BytesIO(shard_members(out)["000000_000.png"])).size == (96, 112)
+
+
+def test_an_image_checked_on_a_loading_thread_is_not_checked_again(monkeypatch):
+    import facegen.builders.images as images
+
+    checked = check_image(GOOD_PNG, "full")
+    monkeypatch.setattr(images, "_png_stream_ok", lambda *a: pytest.fail("checked twice"))
+    monkeypatch.setattr(images.Image, "open", lambda *a: pytest.fail("checked twice"))
+    prepared = prepare_image(checked, "png")
+    assert prepared.data is checked and (prepared.mode, prepared.size) == ("RGB", (112, 112))

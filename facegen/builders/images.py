@@ -156,7 +156,7 @@ def check_source_images(items: list, level: str) -> list:
         for name, value in item.extras.items():
             if isinstance(value, (bytes, bytearray)) and name.rsplit(".", 1)[-1] in IMAGE_FIELD_EXTENSIONS:
                 try:
-                    item.extras[name] = check_image(bytes(value), level)
+                    item.extras[name] = check_image(value if isinstance(value, bytes) else bytes(value), level)
                 except ImageError as exc:
                     problem = Skip(item.ref, exc.reason, f"{name}: {exc}")
                     break
@@ -198,7 +198,7 @@ def prepare_image(image: Any, fmt: str, level: str = "full", lossy_allowed: bool
     are encoded once.
     """
     if isinstance(image, (bytes, bytearray, memoryview)):
-        checked = check_image(bytes(image), level)
+        checked = check_image(image if isinstance(image, bytes) else bytes(image), level)
         if checked.format == fmt:
             return PreparedImage(checked, checked.mode, checked.size)
         if fmt == "jpg" and not lossy_allowed:

@@ -176,7 +176,7 @@ def test_jpeg_to_png_applies_the_exif_orientation_and_is_lossless():
     face = draw_face(2, 0).resize((112, 80))
     data = exif_rotated_jpeg(face, orientation=6)
     prepared = prepare_image(data, "png")
-    assert prepared.changes == ["jpg -> png", "EXIF orientation applied"]
+    assert prepared.changes == ["jpg -> png (lossless)", "EXIF orientation applied"]
     with Image.open(io.BytesIO(data)) as original:
         expected = np.asarray(ImageOps.exif_transpose(original).convert("RGB"))
     stored = np.asarray(Image.open(io.BytesIO(prepared.data)))
@@ -187,9 +187,10 @@ def test_a_png_never_becomes_a_jpeg_unless_asked():
     with pytest.raises(ImageError) as info:
         prepare_image(GOOD_PNG, "jpg")
     assert info.value.reason == "PNG image in a JPEG dataset" and "--format jpg" in str(info.value)
-    assert prepare_image(GOOD_PNG, "jpg", lossy_allowed=True).changes == ["png -> jpg"]
+    assert prepare_image(GOOD_PNG, "jpg", lossy_allowed=True).changes == ["png -> jpg (lossy, --format jpg)"]
     rgba = png_bytes(Image.new("RGBA", (8, 8)))
-    assert prepare_image(rgba, "jpg", lossy_allowed=True).changes == ["png -> jpg", "mode RGBA -> RGB (JPEG)"]
+    assert prepare_image(rgba, "jpg", lossy_allowed=True).changes == ["png -> jpg (lossy, --format jpg)",
+                                                                      "mode RGBA -> RGB (JPEG)"]
 
 # --------------------------------------------------------------------------------------------- builds
 
@@ -340,14 +341,14 @@ def test_mixed_folder_keeps_pngs_converts_the_jpeg_losslessly_and_says_so(tmp_pa
         expected = np.asarray(ImageOps.exif_transpose(original).convert("RGB"))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(members["000000_000.png"]))), expected)
     stats = shard_stats(out)
-    assert stats["converted"] == {"jpg -> png": 1, "EXIF orientation applied": 1}
+    assert stats["converted"] == {"jpg -> png (lossless)": 1, "EXIF orientation applied": 1}
     assert stats["image_modes"] == {"L": 1, "RGB": 3, "RGBA": 1}
     assert stats["image_sizes"] == {"112x112": 2, "90x112": 1, "64x64": 1, "37x51": 1}
     card = (out / "README.md").read_text()
     assert "| image modes | RGB: 3, L: 1, RGBA: 1 |" in card
     assert "112x112: 2" in card and "37x51: 1" in card
     assert "| images re-encoded or converted | 2 |" in card
-    assert "| jpg -> png | 1 |" in card and "| EXIF orientation applied | 1 |" in card
+    assert "| jpg -> png (lossless) | 1 |" in card and "| EXIF orientation applied | 1 |" in card
     assert every_image_decodes(out, "png") == 5
 
 
@@ -360,7 +361,7 @@ def test_format_png_on_jpegs_applies_orientation_and_counts_each(tmp_path, capsy
     assert shard_members(copy)["000001_001.jpg"] == files["1/1.jpg"] and shard_stats(copy)["converted"] == {}
     out = tmp_path / "png"
     assert run_cli(passthrough(src, out, "--format", "png"), capsys)[0] == 0
-    assert shard_stats(out)["converted"] == {"jpg -> png": 4, "EXIF orientation applied": 4}
+    assert shard_stats(out)["converted"] == {"jpg -> png (lossless)": 4, "EXIF orientation applied": 4}
     assert Image.open(io.BytesIO(shard_members(out)["000000_000.png"])).size == (96, 112)
 
 
@@ -372,3 +373,14 @@ def test_an_image_checked_on_a_loading_thread_is_not_checked_again(monkeypatch):
     monkeypatch.setattr(images.Image, "open", lambda *a: pytest.fail("checked twice"))
     prepared = prepare_image(checked, "png")
     assert prepared.data is checked and (prepared.mode, prepared.size) == ("RGB", (112, 112))
+
+
+def test_a_resize_by_the_source_is_counted_in_the_card(tmp_path, capsys):
+    root = write_sfhq_source(tmp_path / "sfhq", images_per_part=3, size=96, feature_dims={})
+    out = tmp_path / "out"
+    code, _, _ = run_cli(["build", "--source", "sfhq", "--source-path", root, "--source-opt", "extras=",
+                          "--source-opt", "size=64", "--plugin", "passthrough", "--out", out], capsys)
+    assert code == 0
+    assert shard_stats(out)["converted"] == {"resized to 64 px wide (JPEG re-encoded)": 3}
+    assert shard_stats(out)["image_sizes"] == {"64x64": 3}
+    assert "| resized to 64 px wide (JPEG re-encoded) | 3 |" in (out / "README.md").read_text()

@@ -204,7 +204,7 @@ def prepare_image(image: Any, fmt: str, level: str = "full", lossy_allowed: bool
         if fmt == "jpg" and not lossy_allowed:
             raise ImageError("never made lossy silently: pass --format png to keep it lossless, or --format jpg to "
                              "convert it", "PNG image in a JPEG dataset")
-        changes = [f"{checked.format} -> {fmt}"]
+        changes = [f"{checked.format} -> {fmt}" + (" (lossless)" if fmt == "png" else " (lossy, --format jpg)")]
         try:
             with Image.open(io.BytesIO(checked)) as im:
                 im.load()

@@ -196,7 +196,7 @@ class ShardWriter:
             "cls": str(cls).encode(),
             "json": dumps(meta),
         }
-        changes = list(image.changes)
+        changes = list(face.changes) + image.changes
         for field, value in face.extras.items():
             kind = IMAGE_FIELD_EXTENSIONS.get(field.rsplit(".", 1)[-1])
             if kind is None:

@@ -33,5 +33,5 @@ class Passthrough(Transform):
             result = IdentityResult(identity)  # the run loop counts identity.skipped itself
             for image in identity.images:
                 result.faces.append(Face(image=image.data, ext=image.ext, ref=image.ref, meta=image.meta,
-                                         extras=image.extras))
+                                         extras=image.extras, changes=image.changes))
             yield result

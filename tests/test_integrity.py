@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import build, cli, run_cli
+from conftest import cli, run_cli
 from facegen.builders.images import CheckedImage, ImageError, check_image, prepare_image
 from facegen.testing.folder import draw_face, encode
 from facegen.testing.sfhq import write_sfhq_source

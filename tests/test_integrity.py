@@ -384,3 +384,16 @@ def test_a_resize_by_the_source_is_counted_in_the_card(tmp_path, capsys):
     assert shard_stats(out)["converted"] == {"resized to 64 px wide (JPEG re-encoded)": 3}
     assert shard_stats(out)["image_sizes"] == {"64x64": 3}
     assert "| resized to 64 px wide (JPEG re-encoded) | 3 |" in (out / "README.md").read_text()
+
+
+def test_a_huge_declared_size_is_refused_before_anything_is_allocated():
+    chunks = png_chunks(GOOD_PNG)
+    header = struct.pack(">II", 20_000, 20_000) + chunks[0][1][8:]  # 400 M pixels declared, 25 KB of data
+    huge = png_from_chunks([(b"IHDR", header)] + chunks[1:])
+    with pytest.raises(ImageError) as info:
+        check_image(huge, "full")
+    assert info.value.reason == "image too large" and "400000000 pixels" in str(info.value)
+    header = struct.pack(">II", 8_000, 5_000) + chunks[0][1][8:]  # 40 M pixels: under PIL's limit, over ours
+    with pytest.raises(ImageError) as info:
+        check_image(png_from_chunks([(b"IHDR", header)] + chunks[1:]), "full")
+    assert info.value.reason == "image too large" and "8000x5000" in str(info.value)

@@ -130,6 +130,8 @@ def check_image(data: bytes, level: str = "full") -> CheckedImage:
                 im.load()
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:  # PIL's own size limit, above ours
+        raise ImageError(readable(exc), "image too large") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error, …) for broken files
         raise ImageError(readable(exc)) from None
     checked = CheckedImage(data)

@@ -38,7 +38,8 @@ from facegen.builders.shards import (
 from facegen.errors import SampleError, UsageError
 from facegen.records import Identity, SourceImage, Skip
 
-LOAD_THREADS = 4  # identities are read ahead by threads: file and zip reads release the GIL
+# identities are read ahead and their images checked by threads: file reads, zlib and PIL decodes release the GIL
+LOAD_THREADS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
 
 
 def distributed_state():

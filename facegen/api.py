@@ -163,6 +163,9 @@ class Transform(Plugin):
 
     kind = "transform"
     batch_size = 1  # identities per call
+    # True when the source's encoded bytes are written as they are (passthrough): the run then checks every source
+    # image on its loading threads, beside the writer. Other transforms' images are checked when written.
+    copies_source_images = False
 
     def models(self) -> list[ModelInfo]:
         return []

@@ -265,8 +265,12 @@ class Builder:
             )
 
     def _load(self, identity_id: str) -> list[SourceImage | Skip]:
-        """One identity's images, each checked on this loading thread (PIL and zlib release the GIL)."""
-        return check_source_images(self.source.load(identity_id), self.config.verify)
+        """One identity's images; checked on this loading thread (PIL and zlib release the GIL) when the transform
+        writes them as they are."""
+        items = self.source.load(identity_id)
+        if self.transform.copies_source_images:
+            items = check_source_images(items, self.config.verify)
+        return items
 
     def _batches(self, identities: Iterator[Identity]) -> Iterator[list[Identity]]:
         batch: list[Identity] = []

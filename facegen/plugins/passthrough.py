@@ -18,6 +18,7 @@ class Passthrough(Transform):
     card_description = ("Images are the source's own files, copied byte for byte (converted only where the "
                         "encoding differs from the dataset's; the statistics count every conversion).")
     batch_size = 16
+    copies_source_images = True
 
     def output_format(self, source):
         return source.image_format

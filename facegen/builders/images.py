@@ -3,11 +3,13 @@
 ``--verify full`` (the default) decodes every image the way ``datasets`` will (``PIL.Image.open(...).load()``), so a
 published image cannot fail to decode. A well-formed PNG takes a cheaper path that gives the same guarantee: every
 chunk's CRC, then the whole IDAT stream inflated, its length checked against the image size and every row's filter
-byte checked; anything unusual (interlaced, APNG, chunks after the pixel data, a bad CRC) falls back to the full
-decode, whose verdict counts. ``--verify header`` only parses the header and checksums (PIL ``verify()``).
+byte checked (stricter than PIL, which silently blackens the rows missing from a short but complete zlib stream);
+anything unusual (interlaced, APNG, chunks after the pixel data, a bad CRC) falls back to the full decode, whose
+verdict counts. ``--verify header`` only parses the header and checksums (PIL ``verify()``).
 
-The checks run on the identity-loading threads (PIL and zlib release the GIL); a checked image travels as
-:class:`CheckedImage`, so that the shard writer does not check it twice.
+A transform that copies the source's bytes (passthrough) has them checked on the identity-loading threads (PIL and
+zlib release the GIL); a checked image travels as :class:`CheckedImage`, so that the shard writer does not check it
+twice. The writer checks any other encoded bytes it is handed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ IMAGE_FIELD_EXTENSIONS = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}
 # A decode allocates width x height x channels: refuse before allocating (a 5792x5792 RGBA image is 134 MB)
 MAX_PIXELS = 1 << 25
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
 EXIF_ORIENTATION = 0x0112
 

@@ -264,9 +264,10 @@ def test_undecodable_images_are_skipped_stop_strict_and_are_caught_by_publish(ho
         assert "every image was decoded once before it was written (`--verify full`)" in (out / "README.md").read_text()
         assert cli("publish", out, "--repo", "org/name", "--dry-run") == 0
 
-        # --strict stops at it, in one line
+        # --strict stops at the first bad one met (samples are read in the shuffled order), in one line
         code, _, stderr = run_cli(passthrough(src, tmp_path / f"strict-{column}", "--strict"), capsys)
-        assert code == 2 and "corrupt image" in stderr and "Traceback" not in stderr
+        assert code == 2 and "Traceback" not in stderr
+        assert any("bad sample " in line and reason in line for line in stderr.splitlines() for reason in skipped)
 
         # --verify header (today's cheap check) writes the broken image; publish's default check refuses it
         header = tmp_path / f"header-{column}"
@@ -397,3 +398,81 @@ def test_a_huge_declared_size_is_refused_before_anything_is_allocated():
     with pytest.raises(ImageError) as info:
         check_image(png_from_chunks([(b"IHDR", header)] + chunks[1:]), "full")
     assert info.value.reason == "image too large" and "8000x5000" in str(info.value)
+
+
+def test_identity_level_units_count_conversions_into_the_assembled_shards(tmp_path, capsys, monkeypatch):
+    """An identity-level transform writes units, checked and converted by the writer; the published shards are
+    assembled by copying samples, and their stats (hence the card) still count the conversions, modes and sizes."""
+    from facegen import registry
+    from facegen.api import Transform
+    from facegen.records import Face, IdentityResult
+
+    class CopyIdentities(Transform):  # identity-level: not per-image, does not ask for loading-thread checks
+        name = "copy-identities"
+        description = "whole identities, their images as given"
+
+        def __call__(self, batch):
+            for identity in batch:
+                yield IdentityResult(identity, [Face(image=i.data, ext=i.ext, ref=i.ref) for i in identity.images])
+
+    get_transform = registry.get_transform
+    monkeypatch.setattr(registry, "get_transform",
+                        lambda name: CopyIdentities if name == CopyIdentities.name else get_transform(name))
+    rgba = Image.new("RGBA", (64, 64), (200, 10, 10, 128))
+    files = {
+        "p0/a.jpg": exif_rotated_jpeg(draw_face(0, 1).resize((112, 90)), 6),
+        "p0/b.png": encode(draw_face(0, 2)),
+        "p1/a.png": png_bytes(rgba),
+        "p1/b.png": png_with_short_idat(encode(draw_face(1, 1))),  # checked by the unit's writer: a skip
+        "p2/a.png": encode(draw_face(2, 0)),
+        "p2/b.jpg": encode(draw_face(2, 1), "jpg"),
+    }
+    src = folder(tmp_path / "src", files)
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(["build", "--source", "folder", "--source-path", src, "--plugin", CopyIdentities.name,
+                               "--out", out, "--shard-size", "1", "--shard-samples", "2"], capsys)
+    assert code == 0 and "units of work 3" in stdout
+    units = [json.loads(p.read_text()) for p in sorted((out / ".facegen" / "units").glob("*.json"))]
+    shards = [json.loads(p.read_text()) for p in sorted((out / ".facegen" / "shards").glob("*.json"))]
+    assert len(shards) == 3 and all(s.get("assembled_from_units") == 3 for s in shards)
+
+    def total(stats, name):
+        counts = {}
+        for s in stats:
+            for k, v in s[name].items():
+                counts[k] = counts.get(k, 0) + v
+        return counts
+
+    for name in ("converted", "image_modes", "image_sizes"):
+        assert total(shards, name) == total(units, name), name
+    assert total(shards, "converted") == {"jpg -> png (lossless)": 2, "EXIF orientation applied": 1}
+    assert total(shards, "image_modes") == {"RGB": 4, "RGBA": 1}
+    assert total(shards, "image_sizes") == {"112x112": 3, "90x112": 1, "64x64": 1}
+    assert {s["verify"] for s in shards} == {"full"} and sum(s["images"] for s in shards) == 5
+    assert total(units, "skipped") == {"corrupt image": 1}
+    card = (out / "README.md").read_text()
+    assert "| images re-encoded or converted | 3 |" in card and "| jpg -> png (lossless) | 2 |" in card
+    assert "| image modes | RGB: 4, RGBA: 1 |" in card
+    assert "every image was decoded once before it was written (`--verify full`)" in card
+    assert every_image_decodes(out, "png") == 5
+
+
+def test_passthrough_checks_every_image_once_on_the_loading_threads(tmp_path, capsys, monkeypatch):
+    """Per-image path (shards read their samples from the source in the shuffled order): every source image is
+    decoded once, on a loading thread, never on the thread that writes the tar."""
+    import threading
+
+    import facegen.builders.images as images
+
+    real, calls = images.check_image, []
+
+    def spy(data, level="full"):
+        if not isinstance(data, CheckedImage):  # an actual check (a checked image passes straight through)
+            calls.append((threading.current_thread() is threading.main_thread(), level))
+        return real(data, level)
+
+    monkeypatch.setattr(images, "check_image", spy)
+    src = folder(tmp_path / "src", {f"{i}/{k}.png": encode(draw_face(i, k)) for i in range(3) for k in range(4)})
+    assert run_cli(passthrough(src, tmp_path / "out", "--shard-samples", "5"), capsys)[0] == 0
+    assert len(calls) == 12 and {level for _, level in calls} == {"full"}
+    assert not any(on_main for on_main, _ in calls)

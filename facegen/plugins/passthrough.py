@@ -19,6 +19,7 @@ class Passthrough(Transform):
                         "encoding differs from the dataset's; the statistics count every conversion).")
     batch_size = 16
     copies_source_images = True
+    per_image = True  # one image in, that image (or a skip) out
 
     def output_format(self, source):
         return source.image_format

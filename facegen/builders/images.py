@@ -7,9 +7,11 @@ byte checked (stricter than PIL, which silently blackens the rows missing from a
 anything unusual (interlaced, APNG, chunks after the pixel data, a bad CRC) falls back to the full decode, whose
 verdict counts. ``--verify header`` only parses the header and checksums (PIL ``verify()``).
 
-A transform that copies the source's bytes (passthrough) has them checked on the identity-loading threads (PIL and
-zlib release the GIL); a checked image travels as :class:`CheckedImage`, so that the shard writer does not check it
-twice. The writer checks any other encoded bytes it is handed.
+A transform that copies the source's bytes (passthrough) has them checked on the loading threads that read them
+ahead of the writer (a per-image shard's samples via ``Source.load_images``, a unit's identities via ``Source.load``;
+PIL and zlib release the GIL); a checked image travels as :class:`CheckedImage`, so that the shard writer does not
+check it twice. The writer checks any other encoded bytes it is handed; the assembly of published shards from units
+copies samples already checked.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ class BuildConfig:
 
 
 RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "command"}
-RECIPE_TYPES = {"shard_size": int, "shard_samples": int, "shards_multiple_of": int, "seed": int, "limit_identities": int, "strict": to_bool,
-                "source": str, "plugin": str, "source_path": str, "identities_file": str, "format": str}
+RECIPE_TYPES = {"shard_size": int, "shard_samples": int, "shards_multiple_of": int, "seed": int,
+                "limit_identities": int, "strict": to_bool, "source": str, "plugin": str, "source_path": str, "identities_file": str, "format": str}
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:

@@ -4,8 +4,9 @@ Per identity:
 
 1. ArcFace embeddings of its source images with Arc2Face's own recogniser (``arcface.onnx``); a source that
    hands embeddings over (``SourceImage.hints["embedding"]``, DisCo) is used directly. 112x112 images (DigiFace,
-   DisCo) are embedded as they are; ``hints["landmarks5"]`` (5x2, ArcFace order, e.g. SFHQ) are warped; other
-   images are detected and aligned first.
+   DisCo) are embedded as they are (``realign=true``: detected and aligned again first, as Arc2Face's demo does
+   with its inputs); ``hints["landmarks5"]`` (5x2, ArcFace order, e.g. SFHQ) are warped; other images are
+   detected and aligned first. Every image the source hands over counts (DigiFace's ``max_images`` limits them).
 2. Prototype = normalised mean of the unit embeddings; ``latents`` variations by SLERP from the prototype toward
    the source embeddings, t ~ Beta(alpha, alpha).
 3. Projection through Arc2Face's CLIP text encoder ("photo of a id person", "id" row = the embedding).
@@ -204,6 +205,9 @@ class Arc2FaceTransform(Transform):
                                   "(0 = auto: 2 on CUDA, 1 on CPU)", type=int),
         "dtype": Option("auto", "model precision (auto: float16 on CUDA, float32 on CPU)",
                         choices=("auto", "float16", "bfloat16", "float32")),
+        "realign": Option(False, "detect and 5-point align source images that are already 112x112 crops (DigiFace) "
+                                 "before embedding them, as Arc2Face's demo does with any input (off: embed them as "
+                                 "they are, as Digi2Real projects DigiFace's aligned crops)", type=to_bool),
         "source_embeddings": Option(True, "use embeddings a source hands over (DisCo) instead of recomputing "
                                           "them with arcface.onnx", type=to_bool),
         "align": Option(True, "detect and align outputs to 112x112 (off: keep the full generated image)",
@@ -261,7 +265,7 @@ class Arc2FaceTransform(Transform):
                       note="research only in practice (WebFace42M terms)",
                       source=self._sources.get("recogniser", "")),
         ]
-        if self.opts["align"]:
+        if self.opts["align"] or self.opts["realign"]:
             if self.opts["detector"] == "scrfd":
                 models.append(ModelInfo(
                     "insightface/antelopev2/scrfd_10g_bnkps.onnx", None,
@@ -305,7 +309,12 @@ class Arc2FaceTransform(Transform):
                                         "to the identity's prototype (null when align=off)",
         }}
         facts["recipe"] = {k: self.opts[k] for k in ("latents", "images_per_latent", "alpha", "shift_scale",
-                                                     "align", "detector", "det_size", "det_thresh")}
+                                                     "align", "realign", "detector", "det_size", "det_thresh")}
+        facts["prototype"] = (
+            "normalised mean of the unit ArcFace embeddings of every image the source hands over for the identity "
+            "(a source option such as max_images limits them; Digi2Real uses five per subject), which are also the "
+            "SLERP targets; 112x112 crops are " + ("detected and 5-point aligned again before embedding"
+                                                   if self.opts["realign"] else "embedded as they are"))
         if self.generator is not None:
             facts["sampling"] = describe(self.generator)
         if self.opts["shift"]:
@@ -345,13 +354,16 @@ class Arc2FaceTransform(Transform):
         providers = self._onnx_providers(device)
         self.embedder = ArcFaceEmbedder(recogniser, providers=providers)
         self.aligner = None
-        if self.opts["align"]:
+        if self.opts["align"] or self.opts["realign"]:
             size = self.opts["det_size"]
             self.aligner = FaceAligner(detector=self.opts["detector"],
                                        model_dir=self.opts["detector_dir"] or model_dir,
                                        det_size=(size, size), det_thresh=self.opts["det_thresh"],
                                        providers=providers)
             self._sources["detector"] = self.aligner.model_path
+        self.source_aligner = self.aligner  # source images; outputs are aligned only with align=on
+        if not self.opts["align"]:
+            self.aligner = None
         try:
             self.generator = a2f.Arc2FaceGenerator(pipeline, steps=self.opts["steps"],
                                                    guidance=self.opts["guidance"],
@@ -479,7 +491,8 @@ class Arc2FaceTransform(Transform):
                     plans[p].skipped.append(Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}"))
                     continue
                 try:
-                    crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.aligner)
+                    crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.source_aligner,
+                                                realign=self.opts["realign"])
                 except ValueError as exc:  # e.g. a large image while align=off: no aligner to crop it
                     plans[p].skipped.append(Skip(image.ref, "source image not embeddable", str(exc)))
                     continue

@@ -428,7 +428,8 @@ def exact_cosines(unit: np.ndarray, rows: np.ndarray, cols: np.ndarray, chunk: i
 
 def select_identities(ids: Sequence[str], embeddings: np.ndarray, count: int, method: str = "one-pass",
                       block: int = 2048) -> Selection:
-    """``method="one-pass"``: :func:`select_least_similar` (the paper's sorted list); ``"greedy"``: :func:`select_greedy`."""
+    """``method="one-pass"``: :func:`select_least_similar` (the paper's sorted list); ``"greedy"``:
+    :func:`select_greedy` (one member of each near-duplicate pair stays)."""
     if method == "one-pass":
         return select_least_similar(ids, embeddings, count, block=block)
     if method == "greedy":

@@ -42,6 +42,7 @@ from facegen.errors import UsageError
 from facegen.records import Face, IdentityResult, Skip
 
 SHIFT_KEY = "delta"  # tensor name in delta.safetensors (a file holding exactly one tensor is accepted too)
+SOURCE_THREADS = min(8, os.cpu_count() or 1)  # threads decoding (and detecting) source images while planning
 
 
 def positive_int(value: Any) -> int:
@@ -473,31 +474,28 @@ class Arc2FaceTransform(Transform):
 
     def plan_identities(self, batch) -> list[IdentityPlan]:
         """Unit source embeddings (one recogniser call for the whole batch), prototypes and variations."""
-        from facegen.generators.alignment import crop_for_recognition
         from facegen.generators.arc2face import normalize, prototype, sample_variations
 
         plans = [IdentityPlan(identity) for identity in batch]
         given: list[list] = [[] for _ in batch]  # per identity: (ref, embedding or None)
         crops, crop_slots = [], []
+        images = [image for identity in batch for image in identity.images]
+        handed = [image.hints.get("embedding") if self.opts["source_embeddings"] else None for image in images]
+        # decoding (and detecting) up to 8 x 72 DigiFace images is most of planning: threads (PIL and ONNX Runtime
+        # release the GIL), results in input order
+        to_decode = [image for image, embedding in zip(images, handed) if embedding is None]
+        with ThreadPoolExecutor(max(1, min(SOURCE_THREADS, len(to_decode))), thread_name_prefix="arc2face-src") as pool:
+            decoded = iter(list(pool.map(self._source_crop, to_decode)))
+        handed_iter = iter(handed)
         for p, identity in enumerate(batch):
             for image in identity.images:
-                embedding = image.hints.get("embedding") if self.opts["source_embeddings"] else None
+                embedding = next(handed_iter)
                 if embedding is not None:
                     given[p].append((image.ref, np.asarray(embedding, dtype=np.float32).reshape(-1)))
                     continue
-                try:
-                    rgb = decode_rgb(image.data)
-                except Exception as exc:  # PIL raises many types for broken files
-                    plans[p].skipped.append(Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}"))
-                    continue
-                try:
-                    crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.source_aligner,
-                                                realign=self.opts["realign"])
-                except ValueError as exc:  # e.g. a large image while align=off: no aligner to crop it
-                    plans[p].skipped.append(Skip(image.ref, "source image not embeddable", str(exc)))
-                    continue
-                if crop is None:
-                    plans[p].skipped.append(Skip(image.ref, "no face detected in source image"))
+                crop = next(decoded)
+                if isinstance(crop, Skip):
+                    plans[p].skipped.append(crop)
                     continue
                 given[p].append((image.ref, None))
                 crops.append(crop)
@@ -519,6 +517,23 @@ class Arc2FaceTransform(Transform):
             plan.variations = sample_variations(plan.prototype, sources, self.opts["latents"], self.opts["alpha"],
                                                 plan.identity.seed)
         return plans
+
+    def _source_crop(self, image):
+        """The crop of one source image to embed, or the Skip saying why there is none (runs on a worker thread)."""
+        from facegen.generators.alignment import crop_for_recognition
+
+        try:
+            rgb = decode_rgb(image.data)
+        except Exception as exc:  # PIL raises many types for broken files
+            return Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}")
+        try:
+            crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.source_aligner,
+                                        realign=self.opts["realign"])
+        except ValueError as exc:  # e.g. a large image while align=off: no aligner to crop it
+            return Skip(image.ref, "source image not embeddable", str(exc))
+        if crop is None:
+            return Skip(image.ref, "no face detected in source image")
+        return crop
 
     def postprocess(self, plans: list[IdentityPlan], chunk: list[ImageJob], images: np.ndarray) -> list:
         """(job, Face or Skip) per generated image: align, embed, cosine to the prototype, encode (worker thread)."""

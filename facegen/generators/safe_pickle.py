@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from typing import BinaryIO
 
 import numpy as np
@@ -114,6 +115,18 @@ class _ArrayDictUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise UnsafePickleError("refused to unpickle a persistent id: only numpy arrays in a dict are allowed")
+
+
+def describe_refusal(exc: Exception) -> str:
+    """One line out of the page of advice that ``torch.load(weights_only=True)`` raises when it refuses a pickle:
+    what was refused (``unsupported GLOBAL posix.system``), or what was broken."""
+    text = str(exc)
+    for pattern in (r"[Uu]nsupported (?:global|GLOBAL):? (?:GLOBAL )?[\w.]+", r"Unsupported operand[^\n]*"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def loads_array_dict(data: bytes) -> dict[str, np.ndarray]:

@@ -165,6 +165,25 @@ def test_sfhq_npz_bomb_and_huge_array_pickle_are_skipped_in_bounded_memory(tmp_p
     assert load_rows(out).num_rows == 2
 
 
+def test_sfhq_files_and_canvases_too_large_are_skipped_before_reading_or_decoding(tmp_path):
+    from PIL import Image
+
+    root = write_sfhq_source(tmp_path / "sfhq", images_per_part=3, size=96, feature_dims=SMALL_FEATURES,
+                             sample_folder=False)
+    canvas = Image.new("L", (5000, 5000))  # 25 M pixels in a few KB: decoded as RGB it would take 75 MB
+    canvas.save(next(root.rglob(f"{sfhq_name(1, 0)}.jpg")), format="JPEG")
+    canvas.save(next(root.rglob(f"{sfhq_name(1, 1)}.png")), format="PNG")
+    with open(next(root.rglob(f"{sfhq_name(1, 3)}.pickle")), "r+b") as f:
+        f.truncate(17 << 20)
+    source = SFHQSource(root, size="112", extras="segmentation,features")
+    [image] = source.load(sfhq_name(1, 0))
+    [seg] = source.load(sfhq_name(1, 1))
+    [features] = source.load(sfhq_name(1, 3))
+    assert (image.reason, seg.reason) == ("image too large", "image too large")
+    assert "5000x5000 pixels, over the" in image.detail and seg.detail.startswith(f"{sfhq_name(1, 1)}.png: 5000x5000")
+    assert features.reason == "unsafe pickle" and "over the 16777216 bytes limit" in features.detail
+
+
 def test_pickle_requesting_a_huge_array_is_refused_before_allocating(tmp_path):
     from facegen.generators.safe_pickle import UnsafePickleError, load_array_dict
 

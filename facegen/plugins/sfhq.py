@@ -67,7 +67,9 @@ EXTRAS = ("landmarks", "segmentation", "features")
 NUM_LANDMARKS = 110
 FEATURE_PROBES = 20  # pickles tried per part when looking for the feature models
 MAX_LANDMARKS_BYTES = 1 << 20  # 110 x 2 float64 is 1,760 bytes
-MAX_FILE_BYTES = 64 << 20  # a 1024x1024 SFHQ JPEG or segmentation PNG is well under 1 MB
+# Memory bounds: the run holds ~9 identities (images) read ahead, each checked before it is read or decoded
+MAX_FILE_BYTES = 16 << 20  # a 1024x1024 SFHQ JPEG or segmentation PNG is well under 1 MB
+MAX_PIXELS = 4096 * 4096  # decoded (resize, align, segmentation): 48 MB as RGB; SFHQ images are 1024x1024
 
 
 def parse_size(value: Any) -> int | str:
@@ -361,11 +363,15 @@ class SFHQSource(Source):
             data, matrix, image_size = self._transform_image(data, landmarks)
         except _BadLandmarks as exc:
             return [Skip(ref, "bad landmarks", f"{stem}.npz: {exc}")]
+        except _TooLarge as exc:
+            return [Skip(ref, "image too large", str(exc))]
         except Exception as exc:  # PIL raises many types for broken JPEGs
             return [Skip(ref, "corrupt image", f"{type(exc).__name__}: {exc}")]
         if seg_data is not None:
             try:
                 extras["seg.png"] = self._transform_segmentation(seg_data, matrix, image_size)
+            except _TooLarge as exc:
+                return [Skip(ref, "image too large", f"{stem}.png: {exc}")]
             except Exception as exc:
                 return [Skip(ref, "corrupt segmentation", f"{stem}.png: {type(exc).__name__}: {exc}")]
 
@@ -389,7 +395,7 @@ class SFHQSource(Source):
         if path is None:
             return "missing features", f"no {stem}.pickle next to the images"
         try:
-            arrays = load_array_dict(path)
+            arrays = load_array_dict(path, MAX_FILE_BYTES)
         except UnsafePickleError as exc:
             return "unsafe pickle", f"{stem}.pickle: {exc}"
         except (pickle.UnpicklingError, OSError) as exc:
@@ -411,6 +417,7 @@ class SFHQSource(Source):
             return data, None, None
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
+            _check_pixels(width, height)
             if self.align:
                 try:
                     five = five_points_from_sfhq(landmarks)
@@ -441,6 +448,7 @@ class SFHQSource(Source):
 
     def _transform_segmentation(self, seg_data: bytes, matrix: np.ndarray | None, image_size) -> bytes:
         with Image.open(io.BytesIO(seg_data)) as im:
+            _check_pixels(*im.size)
             if matrix is None and im.format == "PNG" and im.mode == "L":
                 return seg_data  # the stored file, untouched
             labels = np.asarray(im.convert("L"))
@@ -522,6 +530,16 @@ class SFHQSource(Source):
 
 class _BadLandmarks(ValueError):
     pass
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+def _check_pixels(width: int, height: int) -> None:
+    """Refuse to decode an image of more than MAX_PIXELS (a small file can declare a huge canvas)."""
+    if width * height > MAX_PIXELS:
+        raise _TooLarge(f"{width}x{height} pixels, over the {MAX_PIXELS} pixels limit")
 
 
 def _read_small(path: str) -> bytes:

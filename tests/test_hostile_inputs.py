@@ -212,6 +212,8 @@ def test_disco_huge_dataset_links_and_odd_minor_in_one_build(tmp_path):
         h5["00002/augmentation_1"] = h5py.SoftLink("/nowhere")
         del h5["00002/augmentation_2"]
         h5["00002/augmentation_2"] = h5py.ExternalLink("other.h5", "/00000/augmentation_2")
+        del h5["00003/augmentation_0/w_latent"]
+        h5["00003/augmentation_0/w_latent"] = h5py.SoftLink("/00003/augmentation_0/gone")
         h5["00004"] = h5py.SoftLink("/missing")
         h5["00005"] = h5py.ExternalLink("missing.h5", "/00000")
 
@@ -221,13 +223,15 @@ def test_disco_huge_dataset_links_and_odd_minor_in_one_build(tmp_path):
     assert code == 0, err
     assert "Traceback" not in err
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 1e9:.2f} GB"
-    assert skipped(out) == {"bad dataset": 1, "broken HDF5 link": 4}
+    assert skipped(out) == {"bad dataset": 1, "broken HDF5 link": 5}
     details = {f["ref"]: f["detail"] for f in shard_stats(out)[0]["failures"]}
     assert details["00001/augmentation_0"] == "/00001/augmentation_0/embedding is (1, 2147483648) float32, " \
                                               "expected (1, 512) floats"
     assert "soft link to /nowhere, which does not exist" in details["00002/augmentation_1"]
     assert "external link to other.h5:/00000/augmentation_2, not followed" in details["00002/augmentation_2"]
     assert "soft link to /missing" in details["00004"] and "external link" in details["00005"]
+    assert details["00003/augmentation_0"] == ("samples.h5 /00003/augmentation_0/w_latent: soft link to "
+                                               "/00003/augmentation_0/gone, which does not exist")
     assert "attribute 'minor' is 'zero', not an integer" in err
     assert "2 identity group(s) of samples.h5 are broken links" in err
     assert "/00002/augmentation_1 is skipped: soft link" in err
@@ -235,7 +239,7 @@ def test_disco_huge_dataset_links_and_odd_minor_in_one_build(tmp_path):
     provenance = run["source"]["provenance"]
     assert provenance["samples_h5"]["minor"] is None
     assert provenance["stats_h5"]["dist_min"]["iterations"] == 2**31
-    assert load_rows(out).num_rows == 4 * 4 - 3  # reference + 3 augmentations each
+    assert load_rows(out).num_rows == 4 * 4 - 4  # reference + 3 augmentations each
 
 
 # ---------------------------------------------------------------------------------------------------------------

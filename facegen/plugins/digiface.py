@@ -17,6 +17,10 @@ non-numeric names and other unexpected entries are ignored and reported: one war
 logged at construction (``facegen.digiface`` logger), kept in ``source.warnings`` and in the run's provenance.
 A member whose bytes fail their CRC becomes a ``Skip`` ("corrupt zip member"); a zip whose central directory
 cannot be read (truncated download) is a ``UsageError`` naming the file.
+
+Hostile zips cost bounded memory: symbolic-link entries and names that are not UTF-8 are unexpected entries (never
+read); members whose bytes overlap another member's (a zip bomb) are skipped unread, and sizes are checked against
+a per-member and a per-identity bound before anything is inflated.
 """
 
 from __future__ import annotations

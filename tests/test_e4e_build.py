@@ -68,12 +68,14 @@ def test_project_from_a_folder_source_follows_its_identities(tmp_path, checkpoin
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.num_rows == 3 * 2 - 1
     assert {img.size for img in ds["png"]} == {(112, 112)}
+    assert {(m["width"], m["height"]) for m in ds["json"]} == {(112, 112)}
     identities = [m["identity"] for m in ds["json"]]
     assert ds["cls"] == [int(i) for i in identities]
-    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "image_index", "mode", "seed",
-                                        "candidate", "psi", "phi", "perturbation", "noise"}
-    assert all(m["mode"] == "project" and m["psi"] is None for m in ds["json"])
-    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
+    # psi/phi do not apply in project mode: not declared, not in the json (a null would break default_collate)
+    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "width", "height", "image_index",
+                                        "mode", "seed", "candidate", "perturbation", "noise"}
+    assert all(m["mode"] == "project" and None not in m.values() for m in ds["json"])
+    stats = json.loads((out / ".facegen" / "units" / "000000.json").read_text())  # the unit of work
     assert stats["skipped"] == {"corrupt image": 1}
 
 

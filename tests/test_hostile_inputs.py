@@ -22,6 +22,7 @@ import pytest
 from facegen.builders.shards import ShardWriter, shard_stats_path, shard_tar_path
 from facegen.plugins.digiface import MAX_IDENTITY_BYTES, DigiFaceSource, overlapping_members, read_central_directory
 from facegen.plugins.disco import DiscoSource
+from facegen.plugins.folder import FolderSource
 from facegen.plugins.sfhq import SFHQSource
 from facegen.records import Face, Identity, IdentityResult, Skip, SourceImage
 from facegen.testing.digiface import face_png, write_digiface_part
@@ -72,6 +73,11 @@ def skipped(out):
     return total
 
 
+def failures(out):
+    """The failures listed by every published shard: shards are shuffled, so any of them may hold a skip."""
+    return [f for stats in shard_stats(out) for f in stats["failures"]]
+
+
 def load_rows(out):
     return datasets.load_dataset(str(out), split="train")
 
@@ -99,8 +105,9 @@ def test_digiface_overlapping_zip_bomb_and_symlink_entry_are_skipped_in_bounded_
     assert "Traceback" not in err
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 1e9:.2f} GB"
     assert skipped(out) == {"overlapping zip member": 144}
-    failure = shard_stats(out)[0]["failures"][0]
-    assert failure["identity"] == "0" and "overlap" in failure["detail"]
+    listed = failures(out)
+    assert {f["identity"] for f in listed} == {"0", "3"}
+    assert all(f["reason"] == "overlapping zip member" and "overlap" in f["detail"] for f in listed)
     # warned about: the overlapping members, and the symlink (never read as image bytes)
     assert "bomb0.zip: 72 member(s) share their bytes" in err
     assert "links.zip: ignored 1 entry (symbolic link), e.g. '4/2.png'" in err
@@ -140,6 +147,66 @@ def test_digiface_identity_bound_counts_every_byte_it_would_hold(tmp_path):
     assert [i.reason for i in items if isinstance(i, Skip)] == ["identity over the size limit"] * 6
 
 
+def kinds(items):
+    return [(type(i).__name__, i.ref, getattr(i, "reason", None)) for i in items]
+
+
+@pytest.mark.parametrize("form", ["zip", "folder"])
+def test_digiface_identity_bound_holds_for_images_read_one_at_a_time(tmp_path, form):
+    # per-image transforms read each image with its own load_images call: the bound is positional, so every call
+    # keeps or refuses an image exactly as load does (the first 4 of 7 MB fit in 32 MB, not the next 6)
+    member = bytes(7 << 20)
+    if form == "zip":
+        path = tmp_path / "big.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("0/0.png", bytes(9 << 20))  # over the per-member cap: takes nothing
+            for k in range(1, 11):
+                archive.writestr(f"0/{k}.png", member)
+    else:
+        path = tmp_path / "src"
+        (path / "0").mkdir(parents=True)
+        (path / "0" / "0.png").write_bytes(bytes(9 << 20))
+        for k in range(1, 11):
+            (path / "0" / f"{k}.png").write_bytes(member)
+    source = DigiFaceSource(path)
+    whole = source.load("0")
+    assert len(whole) == len(source.image_refs("0")) == 11
+    assert [isinstance(i, SourceImage) for i in whole] == [False] + [True] * 4 + [False] * 6
+    assert [i.reason for i in whole[5:]] == ["identity over the size limit"] * 6
+    singles = [item for k in range(11) for item in source.load_images("0", [k])]
+    assert kinds(singles) == kinds(whole)
+    assert [i.ref for i in whole] == list(source.image_refs("0"))
+    held = source.load_images("0", [9, 2, 7, 4, 1, 3])  # any subset holds at most the bound
+    assert sum(len(i.data) for i in held if isinstance(i, SourceImage)) <= MAX_IDENTITY_BYTES
+    assert kinds(held) == kinds([whole[k] for k in (9, 2, 7, 4, 1, 3)])
+
+
+def test_refs_and_single_image_loads_agree_with_load_on_hostile_names_and_links(tmp_path):
+    # what per-image transforms plan from (image_refs) and read (load_images, one position at a time)
+    src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
+    os.rename(src / "1", src / non_utf8_name("person_"))
+    (src / "2" / non_utf8_name("2", b"\xfe\xff.png")).write_bytes((src / "2" / "0.png").read_bytes())
+    folder = FolderSource(src)
+    root = write_disco_source(tmp_path / "disco", identities=3, augmentations=2, stats=False, command=False)
+    with h5py.File(root / "samples.h5", "a") as h5:
+        del h5["00001/augmentation_1"]
+        h5["00001/augmentation_1"] = h5py.SoftLink("/nowhere")
+        h5["00003"] = h5py.ExternalLink("missing.h5", "/00000")
+    disco = DiscoSource(root)
+    for source in (folder, disco):
+        for identity in source.identities():
+            refs = source.image_refs(identity)
+            whole = source.load(identity)
+            assert [i.ref for i in whole] == list(refs), identity
+            singles = [item for k in range(len(refs)) for item in source.load_images(identity, [k])]
+            assert kinds(singles) == kinds(whole), identity
+            json.dumps(list(refs)).encode("utf-8")  # printable: a listing can be recorded
+    assert kinds(folder.load("person_\\xff")) == [("Skip", "person_\\xff/", "name not UTF-8")]
+    assert ("Skip", "2/2\\xfe\\xff.png", "name not UTF-8") in kinds(folder.load("2"))
+    assert ("Skip", "00001/augmentation_1", "broken HDF5 link") in kinds(disco.load("00001"))
+    assert kinds(disco.load("00003")) == [("Skip", "00003", "broken HDF5 link")]
+
+
 def test_sfhq_npz_bomb_and_huge_array_pickle_are_skipped_in_bounded_memory(tmp_path):
     root = write_sfhq_source(tmp_path / "sfhq", images_per_part=4, size=96, feature_dims=SMALL_FEATURES,
                              sample_folder=False)
@@ -159,7 +226,7 @@ def test_sfhq_npz_bomb_and_huge_array_pickle_are_skipped_in_bounded_memory(tmp_p
     assert "Traceback" not in err
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 1e9:.2f} GB"
     assert skipped(out) == {"bad landmarks": 1, "unsafe pickle": 1}
-    details = {f["identity"]: f["detail"] for f in shard_stats(out)[0]["failures"]}
+    details = {f["identity"]: f["detail"] for f in failures(out)}
     assert "over the 1048576 bytes limit" in details[bomb_stem]
     assert "refused an array of shape (1099511627776,)" in details[pickle_stem]
     assert load_rows(out).num_rows == 2
@@ -224,7 +291,7 @@ def test_disco_huge_dataset_links_and_odd_minor_in_one_build(tmp_path):
     assert "Traceback" not in err
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 1e9:.2f} GB"
     assert skipped(out) == {"bad dataset": 1, "broken HDF5 link": 5}
-    details = {f["ref"]: f["detail"] for f in shard_stats(out)[0]["failures"]}
+    details = {f["ref"]: f["detail"] for f in failures(out)}
     assert details["00001/augmentation_0"] == "/00001/augmentation_0/embedding is (1, 2147483648) float32, " \
                                               "expected (1, 512) floats"
     assert "soft link to /nowhere, which does not exist" in details["00002/augmentation_1"]
@@ -259,8 +326,7 @@ def test_folder_names_that_are_not_utf8_are_counted_skips(tmp_path, capsys, capl
     assert "1 identity folder name(s) are not UTF-8" in caplog.text and "person_\\xff" in caplog.text
     assert "skipped 2/2\\xfe\\xff.png: the file name is not UTF-8" in caplog.text
     assert skipped(out) == {"name not UTF-8": 2}
-    failures = shard_stats(out)[0]["failures"]
-    assert {f["ref"] for f in failures} == {"person_\\xff/", "2/2\\xfe\\xff.png"}
+    assert {f["ref"] for f in failures(out)} == {"person_\\xff/", "2/2\\xfe\\xff.png"}
     rows = load_rows(out)
     assert rows.num_rows == 3 * 2
     assert sorted({r["identity"] for r in rows["json"]}) == ["0", "2", "3"]

@@ -17,7 +17,14 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
-from facegen.cards.stats import Statistics, load_run, load_shard_stats, size_category, summarise
+from facegen.cards.stats import (
+    Statistics,
+    load_run,
+    load_shard_stats,
+    load_unit_stats,
+    size_category,
+    summarise,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
 DATA_FILES = "data/train/*.tar"
@@ -136,7 +143,8 @@ def rebuild_command(run: dict, out: str = "OUT") -> str:
     args += ["--plugin", o.get("plugin", "?")]
     args += _option_args("--plugin-opt", o.get("plugin_opts"))
     for key, flag in (("limit_identities", "--limit-identities"), ("identities_file", "--identities-file"),
-                      ("shard_size", "--shard-size"), ("seed", "--seed"), ("format", "--format")):
+                      ("shard_size", "--shard-size"), ("shard_samples", "--shard-samples"),
+                      ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format")):
         if o.get(key) is not None:
             args += [flag, str(o[key])]
     if o.get("strict"):
@@ -230,13 +238,13 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
     out = Path(out_dir)
     run = load_run(out)
     shards = load_shard_stats(out)
-    statistics = summarise(shards)
+    statistics = summarise(shards, load_unit_stats(out), (run.get("plan") or {}).get("identities"))
     chain = licence_chain(run)
     data = card_data(run, statistics, chain)
     features = Features.from_dict(run["features"])
     repo = _repo_id(out, repo_id)
     tar_paths = [out / s["tar"] for s in shards if (out / s.get("tar", "")).is_file()]
-    preview = preview_grid(tar_paths, run.get("image_column", "png"))
+    preview = preview_grid(tar_paths, run.get("image_column", "png"), out=out)
     num_shards = len(shards)
     context = {
         "card_data": data.to_yaml(),
@@ -257,6 +265,8 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
         "repo_known": repo is not None,
         "data_files": DATA_FILES,
         "last_shard": f"{max(num_shards - 1, 0):06d}",
+        "layout_lengths": _lengths_text([s.get("images", 0) for s in shards]),
+        "layout_mode": (run.get("layout") or {}).get("mode"),
         "shards": shards[:SHARD_CHECKSUMS_SHOWN],
         "shards_hidden": max(0, num_shards - SHARD_CHECKSUMS_SHOWN),
         "has_preview": preview is not None,
@@ -276,6 +286,14 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
     license_text = env.get_template("LICENSE.j2").render(**context) if chain.hub_id == "other" else None
     return CardFiles(readme=readme, license=license_text, preview=preview, card_data=data, chain=chain,
                      statistics=statistics, run=run)
+
+
+def _lengths_text(lengths: list[int]) -> str:
+    """'1,000' or '999 to 1,000': how many samples the shards hold."""
+    if not lengths:
+        return "0"
+    low, high = min(lengths), max(lengths)
+    return f"{high:,}" if low == high else f"{low:,} to {high:,}"
 
 
 def _write(path: Path, data: bytes) -> None:

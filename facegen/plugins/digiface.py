@@ -128,8 +128,8 @@ DIRECTORY_ENTRY = struct.Struct("<4s6H3L5H2L")  # one central-directory header (
 DIRECTORY_ENTRY_SIGNATURE = b"PK\x01\x02"
 READ_SLACK = 512  # read the local header, its name/extra and the data in one pread when they fit
 # Memory bounds. A DigiFace PNG is ~25 KB and an identity ~2 MB: a member over MAX_IMAGE_BYTES is not read, and an
-# identity stops at MAX_IDENTITY_BYTES (sizes as declared, which inflating never exceeds). The run reads ahead
-# about 9 identities, so a hostile part costs at most ~300 MB.
+# identity stops at MAX_IDENTITY_BYTES (sizes as declared, which inflating never exceeds). Identity-level transforms
+# read ahead about 9 identities (~300 MB at most of a hostile part), per-image transforms 64 single images (512 MB).
 MAX_IMAGE_BYTES = 8 << 20
 MAX_IDENTITY_BYTES = 32 << 20
 S_IFLNK = 0o120000  # a symbolic link's file type in a zip entry's Unix mode (the external attributes' high half)
@@ -524,6 +524,7 @@ class DigiFaceSource(Source):
         self._fds: dict[int, int] = {}
         self._fd_pid = os.getpid()
         self._fd_lock = threading.Lock()
+        self._folder_budgets: dict[str, list[int] | None] = {}  # identity -> _budgets (folders only)
 
     # --- construction: find the parts, index them once ---
 
@@ -641,16 +642,38 @@ class DigiFaceSource(Source):
                 fd = self._fds[c_index] = os.open(self.containers[c_index].path, os.O_RDONLY)
             return fd
 
-    def load(self, identity_id):
+    def _rows(self, identity_id: str) -> tuple[int, int, int]:
+        """(container, first row, stop row) of the identity's images, after ``max_images``."""
         c_index, start, stop = self._where[identity_id]
-        container = self.containers[c_index]
         if self.opts["max_images"]:
             stop = min(stop, start + self.opts["max_images"])
+        return c_index, start, stop
+
+    def image_refs(self, identity_id):
+        c_index, start, stop = self._rows(identity_id)
+        container = self.containers[c_index]
+        return [container.ref(container.member_name(identity_id, row, int(container.rows[row]["image_index"])))
+                for row in range(start, stop)]
+
+    def load(self, identity_id):
+        _, start, stop = self._rows(identity_id)
+        return self.load_images(identity_id, range(stop - start))
+
+    def load_images(self, identity_id, indices):
+        """The items at ``indices`` of the identity's images. The per-identity byte bound is positional: the image
+        at position p is refused when the images before it that would be read, plus itself, exceed
+        MAX_IDENTITY_BYTES, so a single image read on its own (per-image transforms) is kept or refused exactly as
+        ``load`` keeps or refuses it, and no call holds more than MAX_IDENTITY_BYTES."""
+        c_index, start, _ = self._rows(identity_id)
+        container = self.containers[c_index]
         part = self.part_of(identity_id)
         fd = self._fd(c_index) if container.kind == "zip" else -1
+        budgets = self._budgets(identity_id)  # None: the whole identity fits
         items: list[SourceImage | Skip] = []
-        budget = MAX_IDENTITY_BYTES  # bytes this identity may still hold in memory
-        for row, record in enumerate(container.rows[start:stop].tolist(), start):
+        for position in indices:
+            row = start + position
+            record = container.rows[row].tolist()
+            budget = MAX_IDENTITY_BYTES if budgets is None else budgets[position]
             member = container.member_name(identity_id, row, record[0])
             ref = container.ref(member)
             try:
@@ -662,8 +685,9 @@ class DigiFaceSource(Source):
                         if size > MAX_IMAGE_BYTES:
                             raise MemberError("unsupported file", f"over the {MAX_IMAGE_BYTES} bytes limit")
                         _check_budget(size, budget)
-                        data = f.read(MAX_IMAGE_BYTES + 1)
-                budget -= len(data)
+                        data = f.read(min(MAX_IMAGE_BYTES, budget) + 1)
+                        if len(data) > min(MAX_IMAGE_BYTES, budget):  # it grew since fstat
+                            raise MemberError("unsupported file", "the file grew while it was read")
             except MemberError as exc:
                 items.append(Skip(ref, exc.reason, exc.detail))
                 continue
@@ -672,6 +696,46 @@ class DigiFaceSource(Source):
                 continue
             items.append(SourceImage(ref=ref, data=data, ext="png", meta={"part": part, "image_index": record[0]}))
         return items
+
+    def _budgets(self, identity_id: str) -> list[int] | None:
+        """The bytes the identity may still hold before each of its positions (the declared sizes of the earlier
+        images that pass the per-member checks and fit), or None when all of them fit (the usual case).
+
+        Zips: from the central directory, no I/O. Folders: one ``stat`` per image, once per identity (cached:
+        per-image transforms ask for every image of an identity separately)."""
+        c_index, start, stop = self._rows(identity_id)
+        container = self.containers[c_index]
+        if (stop - start) * MAX_IMAGE_BYTES <= MAX_IDENTITY_BYTES:
+            return None  # cannot exceed it, whatever the sizes
+        if container.kind == "zip":
+            rows = container.rows[start:stop]
+            sizes = rows["size"].astype(np.int64)
+            eligible = ((rows["overlap"] == 0) & ((rows["flags"] & 0x1) == 0)
+                        & np.isin(rows["method"], (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+                        & (rows["size"] <= MAX_IMAGE_BYTES) & (rows["csize"] <= MAX_IMAGE_BYTES))
+        else:
+            cached = self._folder_budgets.get(identity_id, False)
+            if cached is not False:
+                return cached
+            sizes = np.zeros(stop - start, np.int64)
+            for position in range(stop - start):
+                record = container.rows[start + position].tolist()
+                try:
+                    sizes[position] = os.stat(os.path.join(container.path, container.member_name(
+                        identity_id, start + position, record[0]))).st_size
+                except OSError:
+                    sizes[position] = MAX_IMAGE_BYTES + 1  # never read: it takes nothing
+            eligible = sizes <= MAX_IMAGE_BYTES
+        budgets = None
+        if int(sizes[eligible].sum()) > MAX_IDENTITY_BYTES:
+            budgets, remaining = [], MAX_IDENTITY_BYTES
+            for size, ok in zip(sizes.tolist(), eligible.tolist()):
+                budgets.append(remaining)
+                if ok and size <= remaining:
+                    remaining -= size
+        if container.kind != "zip":
+            self._folder_budgets[identity_id] = budgets
+        return budgets
 
     def json_features(self):
         return {"part": Value("string"), "image_index": Value("int32")}

@@ -208,6 +208,7 @@ class DiscoSource(Source):
         self._h5 = None
         self._h5_pid = None
         self._h5_lock = threading.Lock()
+        self._listing: dict[str, list[tuple[str, str]]] = {}  # identity -> its items (filled on first use)
 
     # --- construction helpers ---
 
@@ -305,24 +306,66 @@ class DiscoSource(Source):
         return {"embedding.npy": List(Value("float32"), length=EMBEDDING_DIM),
                 "w_latent.npy": List(Value("float32"), length=LATENT_DIM)}
 
-    def load(self, identity_id):
-        import h5py
+    def _entries(self, identity_id: str) -> list[tuple[str, str]]:
+        """The identity's items in order: ("sample", label) per h5 sample group (("broken", label) where that
+        group is a broken or external link: a counted skip), then ("orphan", file name) per image that has no h5
+        sample (counted as a skip, never written). An identity group that is itself a broken link is one item,
+        ("broken identity", id). Listed once per process."""
+        entries = self._listing.get(identity_id)
+        if entries is None:
+            import h5py
 
+            if identity_id in self.broken_links:  # never opened: an external link would open another file
+                entries = [("broken identity", identity_id)]
+                self._listing[identity_id] = entries
+                return entries
+            group = self._samples()[identity_id]
+            broken = {n for n in group.keys() if link_problem(group, n)}
+            labels = sorted([n for n in group.keys() if n in broken or group.get(n, getclass=True) is h5py.Group],
+                            key=label_key)
+            entries = [("broken" if label in broken else "sample", label) for label in labels
+                       if label != "reference" or self.include_reference]
+            folder = os.path.join(self.images_dir, identity_id)
+            known = set(labels)
+            if os.path.isdir(folder):
+                for file_name in sorted(os.listdir(folder), key=natural_key):
+                    stem, ext = os.path.splitext(file_name)
+                    if ext.lower() == ".png" and stem not in known:
+                        entries.append(("orphan", file_name))
+            self._listing[identity_id] = entries
+        return entries
+
+    def image_refs(self, identity_id):
+        refs = []
+        for kind, name in self._entries(identity_id):
+            if kind == "broken identity":
+                refs.append(identity_id)
+            else:
+                refs.append(f"{identity_id}/{os.path.splitext(name)[0] if kind == 'orphan' else name}")
+        return refs
+
+    def load(self, identity_id):
+        return self.load_images(identity_id, range(len(self._entries(identity_id))))
+
+    def load_images(self, identity_id, indices):
+        entries = self._entries(identity_id)
         if identity_id in self.broken_links:
             problem = self.broken_links[identity_id]
-            return [Skip(identity_id, "broken HDF5 link", f"samples.h5 /{identity_id}: {problem}")]
+            return [Skip(identity_id, "broken HDF5 link", f"samples.h5 /{identity_id}: {problem}") for _ in indices]
         group = self._samples()[identity_id]
-        broken = {n: p for n in group.keys() for p in [link_problem(group, n)] if p}
-        labels = sorted([n for n in group.keys() if n in broken or group.get(n, getclass=True) is h5py.Group],
-                        key=label_key)
         items: list[SourceImage | Skip] = []
-        for label in labels:
-            if label == "reference" and not self.include_reference:
+        for index in indices:
+            kind, label = entries[index]
+            if kind == "orphan":  # an image of this identity without h5 sample: no embedding, no latent
+                stem = os.path.splitext(label)[0]
+                items.append(Skip(f"{identity_id}/{stem}", "image without h5 sample",
+                                  f"{os.path.basename(self.images_dir)}/{identity_id}/{label}"))
                 continue
             ref = f"{identity_id}/{label}"
-            if label in broken:
-                log.warning(f"disco: samples.h5 /{ref} is skipped: {broken[label]}")
-                items.append(Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}: {broken[label]}"))
+            if kind == "broken":
+                problem = link_problem(group, label)
+                log.warning(f"disco: samples.h5 /{ref} is skipped: {problem}")
+                items.append(Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}: {problem}"))
                 continue
             sample = self._read_sample(group[label], ref)
             if isinstance(sample, Skip):
@@ -345,15 +388,6 @@ class DiscoSource(Source):
             items.append(SourceImage(ref=ref, data=data, ext="png", meta=meta,
                                      extras={"embedding.npy": embedding, "w_latent.npy": w_latent},
                                      hints={"embedding": embedding, "w_latent": w_latent}))
-        # images of this identity that have no h5 sample: counted, not written (no embedding, no latent)
-        folder = os.path.join(self.images_dir, identity_id)
-        known = set(labels)
-        if os.path.isdir(folder):
-            for file_name in sorted(os.listdir(folder), key=natural_key):
-                stem, ext = os.path.splitext(file_name)
-                if ext.lower() == ".png" and stem not in known:
-                    items.append(Skip(f"{identity_id}/{stem}", "image without h5 sample",
-                                      f"{os.path.basename(self.images_dir)}/{identity_id}/{file_name}"))
         return items
 
     def _read_sample(self, group, ref: str):

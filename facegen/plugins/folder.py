@@ -37,6 +37,7 @@ class FolderSource(Source):
         with os.scandir(self.path) as entries:
             names = [e.name for e in entries if e.is_dir() and not e.name.startswith((".", "__"))]
         self._ids = sorted(names, key=natural_key)
+        self._listing: dict[str, list[str]] = {}  # identity -> image file names (filled on first use)
         # the stored encoding, from the first identity's images: passthrough then copies bytes instead of converting
         self.image_format = "png"
         if self._ids:
@@ -63,17 +64,37 @@ class FolderSource(Source):
                         f"(e.g. {', '.join(bad[:3])})")
         return names
 
+    def _files(self, identity_id: str) -> list[str]:
+        """The identity's image files in natural order, listed once per process."""
+        files = self._listing.get(identity_id)
+        if files is None:
+            folder = os.path.join(self.path, identity_id)
+            files = self._listing[identity_id] = sorted(
+                (n for n in os.listdir(folder)
+                 if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS),
+                key=natural_key,
+            )
+        return files
+
+    def image_refs(self, identity_id):
+        if self._name_not_utf8(identity_id):
+            return [f"{identity_id}/"]
+        return [printable_name(f"{identity_id}/{name}") for name in self._files(identity_id)]
+
     def load(self, identity_id):
-        if self._folder_names.get(identity_id, identity_id) != identity_id:
-            return [Skip(f"{identity_id}/", "name not UTF-8", "identity folder name is not UTF-8")]
+        return self.load_images(identity_id, range(len(self.image_refs(identity_id))))
+
+    def _name_not_utf8(self, identity_id: str) -> bool:
+        return self._folder_names.get(identity_id, identity_id) != identity_id
+
+    def load_images(self, identity_id, indices):
+        if self._name_not_utf8(identity_id):  # one item: the folder is never listed
+            return [Skip(f"{identity_id}/", "name not UTF-8", "identity folder name is not UTF-8") for _ in indices]
         folder = os.path.join(self.path, identity_id)
-        files = sorted(
-            (n for n in os.listdir(folder)
-             if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS),
-            key=natural_key,
-        )
+        files = self._files(identity_id)
         items: list[SourceImage | Skip] = []
-        for index, file_name in enumerate(files):
+        for index in indices:
+            file_name = files[index]
             ref = f"{identity_id}/{file_name}"
             if printable_name(file_name) != file_name:
                 log.warning(f"folder: skipped {printable_name(ref)}: the file name is not UTF-8")

@@ -315,6 +315,13 @@ class SFHQSource(Source):
             features[column] = List(Value("float32"), length=dim)
         return features
 
+    def image_refs(self, identity_id):
+        # one image per identity; a name that is not UTF-8 as load's skip shows it
+        return [printable_name(os.path.relpath(self._file(identity_id, IMAGE), self.path))]
+
+    def load_images(self, identity_id, indices):
+        return self.load(identity_id) if list(indices) == [0] else []
+
     def load(self, identity_id):
         stem = identity_id
         image_path = self._file(stem, IMAGE)

@@ -22,6 +22,7 @@ class SourceImage:
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     hints: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)  # what the source did to the stored file ("resized to 256 px")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Face:
     ref: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)  # re-encodes already done to a source's image, for the card
 
 
 @dataclass

@@ -120,7 +120,6 @@ def test_two_processes_read_the_zips_and_write_the_same_bytes(digiface_dir, tmp_
 
     from conftest import BIN
 
-    # 26 listed images in shards of at most 7: 4 shards, 2 for each process
     args = ["build", "--recipe", "digiface", "--source-path", str(digiface_dir), "--shard-samples", "7"]
     one = tmp_path / "one"
     proc = run_facegen(*args, "--out", one)

@@ -232,19 +232,19 @@ def test_build_sfhq_recipe_end_to_end_with_typed_columns(tmp_path):
     root = write_sfhq_source(tmp_path / "sfhq", parts=(1, 4), images_per_part=4, size=160, missing_landmarks=1,
                              malicious_pickles=1, feature_dims=SMALL_FEATURES)
     out = tmp_path / "out"
-    build("--recipe", "sfhq", "--source-path", root, "--out", out, "--shard-size", 3)
+    build("--recipe", "sfhq", "--source-path", root, "--out", out, "--shard-samples", 3)
 
-    ds = datasets.load_dataset(str(out), split="train")
+    ds = datasets.load_dataset(str(out), split="train").sort("__key__")  # published shuffled; keys in plan order
     assert ds.num_rows == 8 - 4  # each part lost one sample to a missing .npz, one to a malicious pickle
     assert ds.column_names == ["jpg", "cls", "json", "landmarks.npy", "seg.png", "clip_resnet50x64.npy",
                                "clip_vitl_14_336.npy", "__key__", "__url__"]
     assert ds.features["landmarks.npy"] == datasets.Array2D((110, 2), "float32")
     assert ds.features["clip_vitl_14_336.npy"] == datasets.List(datasets.Value("float32"), length=768)
-    # shards are shuffled: the row is found by its identity
-    row = ds[[r["identity"] for r in ds["json"]].index("SFHQ_pt1_00000000")]
+    row = ds[0]
     assert row["json"] == {"identity": "SFHQ_pt1_00000000", "source": "sfhq", "part": 1, "index": 0,
+                           "width": 160, "height": 160,
                            "source_ref": "synthetic-faces-high-quality-sfhq-part-1/images/images/"
-                                         "SFHQ_pt1_00000000.jpg", "width": 160, "height": 160}
+                                         "SFHQ_pt1_00000000.jpg"}
     landmarks = np.asarray(row["landmarks.npy"], dtype=np.float32)
     assert landmarks.shape == (110, 2)
     stored = np.load(next(root.rglob("SFHQ_pt1_00000000.npz")))["landmarks"]
@@ -253,10 +253,10 @@ def test_build_sfhq_recipe_end_to_end_with_typed_columns(tmp_path):
     assert isinstance(row["jpg"], Image.Image) and row["jpg"].size == (160, 160)
     assert len(row["clip_vitl_14_336.npy"]) == 768 and isinstance(row["clip_vitl_14_336.npy"][0], float)
     assert len(row["clip_resnet50x64.npy"]) == 16
-    # one identity per image: labels 0..N-1 in plan order, part 1 before part 4 (rows in any order)
-    pairs = sorted(zip(ds["cls"], (r["identity"] for r in ds["json"])))
-    assert pairs == [(0, "SFHQ_pt1_00000000"), (1, "SFHQ_pt1_00000001"), (4, "SFHQ_pt4_00000000"),
-                     (5, "SFHQ_pt4_00000001")]
+    # one identity per image: labels 0..N-1 in plan order, part 1 before part 4
+    assert [r["identity"] for r in ds["json"]] == ["SFHQ_pt1_00000000", "SFHQ_pt1_00000001",
+                                                   "SFHQ_pt4_00000000", "SFHQ_pt4_00000001"]
+    assert ds["cls"] == [0, 1, 4, 5]
 
     stats = [json.loads(p.read_text()) for p in sorted((out / ".facegen" / "shards").glob("*.json"))]
     skipped = {}
@@ -273,12 +273,8 @@ def test_build_sfhq_recipe_end_to_end_with_typed_columns(tmp_path):
     assert "CC0" in (out / "LICENSE").read_text()
     assert not list(root.glob("PWNED*"))
     # the stored JPEG bytes went into the shard untouched
-    members = []
-    for path in sorted((out / "data" / "train").glob("*.tar")):  # shuffled: the sample may be in any shard
-        with tarfile.open(path) as tar:
-            if "000000_000.jpg" in tar.getnames():
-                members.append(tar.extractfile("000000_000.jpg").read())
-    [member] = members
+    with tarfile.open(out / "data" / "train" / "train-000000.tar") as tar:
+        member = tar.extractfile("000000_000.jpg").read()
     assert member == next(root.rglob("images/images/SFHQ_pt1_00000000.jpg")).read_bytes()
 
 

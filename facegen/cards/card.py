@@ -102,6 +102,8 @@ def _columns(run: dict, features) -> list[dict]:
         "json.identity": "the identity's id in the source dataset",
         "json.source": "the source plugin's name",
         "json.source_ref": "the source image (or seed) this sample was made from",
+        "json.width": "width of the stored image in pixels (as decoded, before any EXIF orientation)",
+        "json.height": "height of the stored image in pixels (as decoded, before any EXIF orientation)",
         "__key__": "sample key `{cls:06d}_{n:03d}` (identity label, image number)",
         "__url__": "the shard (tar file) the sample was read from",
     }
@@ -144,7 +146,8 @@ def rebuild_command(run: dict, out: str = "OUT") -> str:
     args += _option_args("--plugin-opt", o.get("plugin_opts"))
     for key, flag in (("limit_identities", "--limit-identities"), ("identities_file", "--identities-file"),
                       ("shard_size", "--shard-size"), ("shard_samples", "--shard-samples"),
-                      ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format")):
+                      ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format"),
+                      ("verify", "--verify")):
         if o.get(key) is not None:
             args += [flag, str(o[key])]
     if o.get("strict"):

@@ -129,7 +129,8 @@ DIRECTORY_ENTRY_SIGNATURE = b"PK\x01\x02"
 READ_SLACK = 512  # read the local header, its name/extra and the data in one pread when they fit
 # Memory bounds. A DigiFace PNG is ~25 KB and an identity ~2 MB: a member over MAX_IMAGE_BYTES is not read, and an
 # identity stops at MAX_IDENTITY_BYTES (sizes as declared, which inflating never exceeds). Identity-level transforms
-# read ahead about 9 identities (~300 MB at most of a hostile part), per-image transforms 64 single images (512 MB).
+# read ahead about 9 identities (~300 MB at most of a hostile part); per-image transforms about 8 chunks of 16 single
+# images (~1 GB at most, if every one of them were a member of 8 MB).
 MAX_IMAGE_BYTES = 8 << 20
 MAX_IDENTITY_BYTES = 32 << 20
 S_IFLNK = 0o120000  # a symbolic link's file type in a zip entry's Unix mode (the external attributes' high half)

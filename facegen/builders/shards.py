@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 
 from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
-from facegen.records import Face, IdentityResult, Skip
+from facegen.records import Face, IdentityResult, Skip, printable_name
 
 MAX_FAILURES_LISTED = 100
 MAX_SIZES_LISTED = 64  # distinct image sizes counted per shard; more are counted as "other"
@@ -278,13 +278,16 @@ class ShardWriter:
             self._count_quality(face)
             written += 1
         self.images += written
-        self.per_identity[ident.id] = self.per_identity.get(ident.id, 0) + written
+        # names that are not UTF-8 (surrogate escapes from a file listing) are written as \xNN: the stats file
+        # must always encode, or the shard would be renamed without its stats
+        name = printable_name(ident.id)
+        self.per_identity[name] = self.per_identity.get(name, 0) + written
         result.skipped = skipped
         for skip in skipped:
-            self.skipped[skip.reason] += 1
+            self.skipped[printable_name(skip.reason)] += 1
             if len(self.failures) < MAX_FAILURES_LISTED:
-                self.failures.append({"identity": ident.id, "ref": skip.ref, "reason": skip.reason,
-                                      "detail": skip.detail})
+                self.failures.append({"identity": printable_name(ident.id), "ref": printable_name(skip.ref),
+                                      "reason": printable_name(skip.reason), "detail": printable_name(skip.detail)})
 
     def copy(self, key: str, identity_id: str, cls: int, block: bytes, info: ImageInfo | None = None) -> None:
         """A sample copied as it lies in another tar of this build (its members' headers and padding included);
@@ -293,11 +296,12 @@ class ShardWriter:
         if info is not None:
             self._count_image(info)
         self.images += 1
-        self.per_identity[identity_id] = self.per_identity.get(identity_id, 0) + 1
+        name = printable_name(identity_id)
+        self.per_identity[name] = self.per_identity.get(name, 0) + 1
 
     def _add(self, key: str, identity_id: str, cls: int, where: tuple[int, int]) -> None:
         self.keys.append(key)
-        self.identity_ids.append(identity_id)
+        self.identity_ids.append(printable_name(identity_id))  # the index, too, must always encode
         self.labels.append(cls)
         self.offsets.append(where[0])
         self.lengths.append(where[1])

@@ -23,7 +23,8 @@ import yaml
 from facegen.errors import UsageError
 
 REBUILT_OPTIONS = ("source", "source_path", "source_opts", "plugin", "plugin_opts", "limit_identities",
-                   "identities_file", "shard_size", "shard_samples", "shards_multiple_of", "seed", "format", "strict")
+                   "identities_file", "shard_size", "shard_samples", "shards_multiple_of", "seed", "format", "strict",
+                   "verify")
 
 
 @dataclass

@@ -4,8 +4,9 @@ Per identity:
 
 1. ArcFace embeddings of its source images with Arc2Face's own recogniser (``arcface.onnx``); a source that
    hands embeddings over (``SourceImage.hints["embedding"]``, DisCo) is used directly. 112x112 images (DigiFace,
-   DisCo) are embedded as they are; ``hints["landmarks5"]`` (5x2, ArcFace order, e.g. SFHQ) are warped; other
-   images are detected and aligned first.
+   DisCo) are embedded as they are (``realign=true``: detected and aligned again first, as Arc2Face's demo does
+   with its inputs); ``hints["landmarks5"]`` (5x2, ArcFace order, e.g. SFHQ) are warped; other images are
+   detected and aligned first. Every image the source hands over counts (DigiFace's ``max_images`` limits them).
 2. Prototype = normalised mean of the unit embeddings; ``latents`` variations by SLERP from the prototype toward
    the source embeddings, t ~ Beta(alpha, alpha).
 3. Projection through Arc2Face's CLIP text encoder ("photo of a id person", "id" row = the embedding).
@@ -41,6 +42,7 @@ from facegen.errors import UsageError
 from facegen.records import Face, IdentityResult, Skip
 
 SHIFT_KEY = "delta"  # tensor name in delta.safetensors (a file holding exactly one tensor is accepted too)
+SOURCE_THREADS = min(8, os.cpu_count() or 1)  # threads decoding (and detecting) source images while planning
 
 
 def positive_int(value: Any) -> int:
@@ -205,6 +207,9 @@ class Arc2FaceTransform(Transform):
                                   "(0 = auto: 2 on CUDA, 1 on CPU)", type=int),
         "dtype": Option("auto", "model precision (auto: float16 on CUDA, float32 on CPU)",
                         choices=("auto", "float16", "bfloat16", "float32")),
+        "realign": Option(False, "detect and 5-point align source images that are already 112x112 crops (DigiFace) "
+                                 "before embedding them, as Arc2Face's demo does with any input (off: embed them as "
+                                 "they are, as Digi2Real projects DigiFace's aligned crops)", type=to_bool),
         "source_embeddings": Option(True, "use embeddings a source hands over (DisCo) instead of recomputing "
                                           "them with arcface.onnx", type=to_bool),
         "align": Option(True, "detect and align outputs to 112x112 (off: keep the full generated image)",
@@ -265,7 +270,7 @@ class Arc2FaceTransform(Transform):
                       note="research only in practice (WebFace42M terms)",
                       source=self._sources.get("recogniser", ""), loaded=self._loaded.get("recogniser", {})),
         ]
-        if self.opts["align"]:
+        if self.opts["align"] or self.opts["realign"]:
             if self.opts["detector"] == "scrfd":
                 models.append(ModelInfo(
                     "insightface/antelopev2/scrfd_10g_bnkps.onnx", None,
@@ -312,7 +317,12 @@ class Arc2FaceTransform(Transform):
                                         "to the identity's prototype (not in align=off builds)",
         }}
         facts["recipe"] = {k: self.opts[k] for k in ("latents", "images_per_latent", "alpha", "shift_scale",
-                                                     "align", "detector", "det_size", "det_thresh")}
+                                                     "align", "realign", "detector", "det_size", "det_thresh")}
+        facts["prototype"] = (
+            "normalised mean of the unit ArcFace embeddings of every image the source hands over for the identity "
+            "(a source option such as max_images limits them; Digi2Real uses five per subject), which are also the "
+            "SLERP targets; 112x112 crops are " + ("detected and 5-point aligned again before embedding"
+                                                   if self.opts["realign"] else "embedded as they are"))
         if self.generator is not None:
             facts["sampling"] = describe(self.generator)
         if self.opts["shift"]:
@@ -352,13 +362,16 @@ class Arc2FaceTransform(Transform):
         providers = self._onnx_providers(device)
         self.embedder = ArcFaceEmbedder(recogniser, providers=providers)
         self.aligner = None
-        if self.opts["align"]:
+        if self.opts["align"] or self.opts["realign"]:
             size = self.opts["det_size"]
             self.aligner = FaceAligner(detector=self.opts["detector"],
                                        model_dir=self.opts["detector_dir"] or model_dir,
                                        det_size=(size, size), det_thresh=self.opts["det_thresh"],
                                        providers=providers)
             self._sources["detector"] = self.aligner.model_path
+        self.source_aligner = self.aligner  # source images; outputs are aligned only with align=on
+        if not self.opts["align"]:
+            self.aligner = None
         try:
             self.generator = a2f.Arc2FaceGenerator(pipeline, steps=self.opts["steps"],
                                                    guidance=self.opts["guidance"],
@@ -479,30 +492,28 @@ class Arc2FaceTransform(Transform):
 
     def plan_identities(self, batch) -> list[IdentityPlan]:
         """Unit source embeddings (one recogniser call for the whole batch), prototypes and variations."""
-        from facegen.generators.alignment import crop_for_recognition
         from facegen.generators.arc2face import normalize, prototype, sample_variations
 
         plans = [IdentityPlan(identity) for identity in batch]
         given: list[list] = [[] for _ in batch]  # per identity: (ref, embedding or None)
         crops, crop_slots = [], []
+        images = [image for identity in batch for image in identity.images]
+        handed = [image.hints.get("embedding") if self.opts["source_embeddings"] else None for image in images]
+        # decoding (and detecting) up to 8 x 72 DigiFace images is most of planning: threads (PIL and ONNX Runtime
+        # release the GIL), results in input order
+        to_decode = [image for image, embedding in zip(images, handed) if embedding is None]
+        with ThreadPoolExecutor(max(1, min(SOURCE_THREADS, len(to_decode))), thread_name_prefix="arc2face-src") as pool:
+            decoded = iter(list(pool.map(self._source_crop, to_decode)))
+        handed_iter = iter(handed)
         for p, identity in enumerate(batch):
             for image in identity.images:
-                embedding = image.hints.get("embedding") if self.opts["source_embeddings"] else None
+                embedding = next(handed_iter)
                 if embedding is not None:
                     given[p].append((image.ref, np.asarray(embedding, dtype=np.float32).reshape(-1)))
                     continue
-                try:
-                    rgb = decode_rgb(image.data)
-                except Exception as exc:  # PIL raises many types for broken files
-                    plans[p].skipped.append(Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}"))
-                    continue
-                try:
-                    crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.aligner)
-                except ValueError as exc:  # e.g. a large image while align=off: no aligner to crop it
-                    plans[p].skipped.append(Skip(image.ref, "source image not embeddable", str(exc)))
-                    continue
-                if crop is None:
-                    plans[p].skipped.append(Skip(image.ref, "no face detected in source image"))
+                crop = next(decoded)
+                if isinstance(crop, Skip):
+                    plans[p].skipped.append(crop)
                     continue
                 given[p].append((image.ref, None))
                 crops.append(crop)
@@ -524,6 +535,23 @@ class Arc2FaceTransform(Transform):
             plan.variations = sample_variations(plan.prototype, sources, self.opts["latents"], self.opts["alpha"],
                                                 plan.identity.seed)
         return plans
+
+    def _source_crop(self, image):
+        """The crop of one source image to embed, or the Skip saying why there is none (runs on a worker thread)."""
+        from facegen.generators.alignment import crop_for_recognition
+
+        try:
+            rgb = decode_rgb(image.data)
+        except Exception as exc:  # PIL raises many types for broken files
+            return Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}")
+        try:
+            crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.source_aligner,
+                                        realign=self.opts["realign"])
+        except ValueError as exc:  # e.g. a large image while align=off: no aligner to crop it
+            return Skip(image.ref, "source image not embeddable", str(exc))
+        if crop is None:
+            return Skip(image.ref, "no face detected in source image")
+        return crop
 
     def postprocess(self, plans: list[IdentityPlan], chunk: list[ImageJob], images: np.ndarray) -> list:
         """(job, Face or Skip) per generated image: align, embed, cosine to the prototype, encode (worker thread)."""

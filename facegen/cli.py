@@ -5,7 +5,9 @@ A user's mistake gets one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager, nullcontext
 
 import click
 
@@ -83,8 +85,10 @@ def plugins_command():
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
+@click.option("--break-lock", is_flag=True,
+              help="Take --out's lock even if another build holds it (only when that build is known to be gone).")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
-                  identities_file, shard_size, seed, image_format, strict, overwrite):
+                  identities_file, shard_size, seed, image_format, strict, overwrite, break_lock):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
     from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
     from facegen.builders.run import build
@@ -97,14 +101,39 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     }
     values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}
-    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, command=["facegen", *sys.argv[1:]], **values)
+    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, break_lock=break_lock,
+                         command=["facegen", *sys.argv[1:]], **values)
     try:
-        summary = build(config)
+        with _terminate_as_interrupt():
+            summary = build(config)
     except SampleError as exc:
         raise UsageError(f"bad sample {exc.ref}: {exc.reason} (--strict stops at the first bad sample)") from None
+    except (KeyboardInterrupt, _Terminated) as exc:  # the shard being written is discarded, complete ones kept
+        click.echo(f"\nfacegen: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}: "
+                   "complete shards are kept; rerun the same command to resume", err=True)
+        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 143)
     if summary is not None:
         for line in summary.lines():
             click.echo(line)
+
+class _Terminated(BaseException):
+    """SIGTERM (a preempted SLURM job, `kill`): unwinds like Ctrl-C, so that the lock is released at once."""
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread (a library caller): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 # --- download (issue 3) ---
 
@@ -257,11 +286,16 @@ def card_command(out, repo_id):
     """Re-render README.md, LICENSE and preview.jpg from OUT/.facegen without rebuilding."""
     from pathlib import Path
 
+    from facegen.builders.lock import output_lock
+    from facegen.builders.outputs import resolve_out
     from facegen.cards import write_card
 
-    if not Path(out).is_dir():
+    folder = resolve_out(out)
+    if not folder.is_dir():
         raise UsageError(f"{out} is not a folder")
-    files = write_card(out, repo_id=repo_id)
+    # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
+    with output_lock(folder) if (folder / ".facegen").is_dir() else nullcontext():
+        files = write_card(out, repo_id=repo_id)
     planned = files.run.get("plan", {}).get("shards")
     if planned is not None and files.statistics.shards < planned:
         click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,8 +24,19 @@ from tqdm.auto import tqdm
 import facegen
 from facegen import registry
 from facegen.api import Source, Transform
+from facegen.builders.lock import output_lock
 from facegen.builders.options import BuildConfig
-from facegen.builders.plan import Plan, identity_seed, make_plan
+from facegen.builders.outputs import (
+    NO_SPACE,
+    create_output_folder,
+    discard_partial_files,
+    no_space_message,
+    prepare_output,
+    refuse_out_inside_source,
+    resolve_out,
+)
+from facegen.builders.plan import EmptyPlan, Plan, empty_plan_message, identity_seed, make_plan
+from facegen.builders.skipped import gather_skipped
 from facegen.builders.shards import (
     ShardWriter,
     dumps,
@@ -116,64 +126,8 @@ def dataset_features(source: Source, transform: Transform, image_format: str):
     return Features(columns)
 
 
-def _remove_facegen_outputs(out: Path) -> None:
-    """What --overwrite removes: only the files a build writes, never anything else in the folder."""
-    shutil.rmtree(out / ".facegen", ignore_errors=True)
-    train = out / "data" / "train"
-    if train.is_dir():
-        for path in train.iterdir():
-            if path.name.startswith(("train-", ".train-")) and ".tar" in path.name:
-                path.unlink()
-        for folder in (train, out / "data"):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-    for name in ("README.md", "preview.jpg"):
-        (out / name).unlink(missing_ok=True)
-    from facegen.cards.card import LICENSE_MARKER  # in every LICENSE the card writes
-
-    license_path = out / "LICENSE"
-    if license_path.is_file() and LICENSE_MARKER in license_path.read_text(encoding="utf-8", errors="replace"):
-        license_path.unlink()
-
-
-def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state) -> None:
-    """Refuse a folder that holds a different build or other files (unless --overwrite); record the signature."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    if overwrite:
-        if state.is_main_process:
-            _remove_facegen_outputs(out)
-        if state.num_processes > 1:
-            state.wait_for_everyone()
-        if (out / "LICENSE").exists():  # not ours (ours was removed): the card would have to write over it
-            raise UsageError(f"{out / 'LICENSE'} was not written by facegen and the dataset card writes its licence "
-                             "there: move it out of --out")
-    config_path = out / ".facegen" / "config.json"
-    if config_path.exists():
-        try:
-            existing = json.loads(config_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(f"{config_path} is damaged; pass --overwrite to start this build again") from None
-        if existing != signature:
-            changed = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
-            raise UsageError(
-                f"{out} holds a different build (differs in: {', '.join(changed)}); rerun the same command to "
-                "resume it, or pass --overwrite to replace it, or choose another --out"
-            )
-        return
-    others = sorted(p.name for p in out.iterdir() if p.name != ".facegen")
-    if others and not overwrite:
-        shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
-        raise UsageError(f"{out} is not empty ({shown}) and holds no facegen build: choose a new or empty --out, "
-                         "or pass --overwrite to write the build beside those files")
-    try:
-        write_atomic(config_path, json.dumps(signature, indent=1, sort_keys=True).encode())
-    except OSError as exc:
-        raise UsageError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -186,21 +140,42 @@ class Summary:
     images_written: int = 0
     seconds: float = 0.0
     out: str = ""
+    skipped_list: str | None = None  # where every skipped sample is listed
 
     @property
     def images_per_second(self) -> float:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
+    def reasons(self, top: int | None = None) -> str:
+        shown = self.skipped.most_common(top)
+        more = len(self.skipped) - len(shown)
+        return ", ".join(f"{reason}: {n}" for reason, n in shown) + (f", {more} other reasons" if more > 0 else "")
+
     def lines(self) -> list[str]:
         skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common()) or "none"
+        kept = self.shards - self.shards_written
+        where = f"; every skipped file is listed in {self.skipped_list}" if self.skipped_list else ""
+        if self.shards_written:
+            work = (f"  {self.images_written} images in {_count(self.shards_written, 'shard')} written now in "
+                    f"{self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
+                    + (f"; {self.images - self.images_written} images in {_count(kept, 'shard')} kept from an "
+                       "earlier run" if kept else ""))
+        else:
+            work = f"  nothing to do: all {self.shards} shards ({self.images} images) were already complete and kept"
         return [
             f"facegen build done: {self.out}",
             f"  identities {self.identities}, images {self.images}, shards {self.shards} "
-            f"({self.shards_written} written now, {self.shards - self.shards_written} already complete)",
-            f"  skipped {skipped} ({reasons})",
-            f"  {self.images_written} images in {self.seconds:.1f} s = {self.images_per_second:.1f} images/s",
+            f"({self.shards_written} written now, {kept} already complete)",
+            f"  skipped {skipped} ({self.reasons() or 'none'}){where}",
+            work,
         ]
+
+    def nothing_written(self) -> str:
+        """The one line of a build in which no image was written."""
+        if self.skipped:
+            return (f"no image was written to {self.out}: all {sum(self.skipped.values())} samples were skipped "
+                    f"({self.reasons(3)}); every skipped file is listed in {self.skipped_list}")
+        return f"no image was written to {self.out}: the {self.identities} identities of the plan hold no image"
 
 
 class Builder:
@@ -220,14 +195,20 @@ class Builder:
             raise UsageError(f"missing --source-path (source {config.source!r} reads files)")
         if not source_cls.needs_path:
             config.source_path = None  # not read, so not part of the build's identity
+        self.out = resolve_out(config.out)
+        refuse_out_inside_source(self.out, config.source_path)
         self.state = state or distributed_state()
         self.source: Source = source_cls(config.source_path, **config.source_opts)
         self.transform: Transform = transform_cls(**config.plugin_opts)
-        self.plan: Plan = make_plan(self.source.identities(), config.shard_size, config.identities_file,
-                                    config.limit_identities)
+        try:
+            self.plan: Plan = make_plan(self.source.identities(), config.shard_size, config.identities_file,
+                                        config.limit_identities)
+        except EmptyPlan:
+            raise UsageError(empty_plan_message(self.source.name, config.source_path, source_cls.description)) \
+                from None
         self.identities_file_sha256 = _file_sha256(config.identities_file)  # the file this plan was made from
         self.format = config.format or self.transform.output_format(self.source)
-        self.out = Path(config.out).resolve()
+        self.lock = None  # the output folder's lock, held by the main process while it runs
 
     def signature(self) -> dict[str, Any]:
         c = self.config
@@ -291,13 +272,28 @@ class Builder:
             writer.finish()
             return writer
         except BaseException:
+            self.partial = (writer._tar.size, writer.identities)  # what a full disk cut short: sizes the need
             writer.abort()
             raise
 
     def run(self) -> Summary | None:
+        """The build, holding the output folder's lock throughout; a full disk stops it in one line, data intact."""
+        create_output_folder(self.out)
+        with output_lock(self.out, self.state, self.config.break_lock) as self.lock:
+            try:
+                return self._run()
+            except OSError as exc:
+                if exc.errno not in NO_SPACE:
+                    raise
+                discard_partial_files(self.out)
+                raise UsageError(self._no_space_message(exc)) from None
+
+    def _run(self) -> Summary | None:
         state, plan = self.state, self.plan
         prepare_output(self.out, self.signature(), self.config.overwrite, state)
         complete_at_start = {i for i in range(plan.num_shards) if shard_is_complete(self.out, i)}
+        if self.config.strict:
+            refuse_kept_skips(self.out, sorted(complete_at_start))
         mine = [i for i in plan.shards_of(state.process_index, state.num_processes) if i not in complete_at_start]
         if mine:  # nothing to do (a finished build rerun) loads no model
             self.transform.setup(state.device)
@@ -312,8 +308,10 @@ class Builder:
                     writer = self.write_shard(index, pool, progress)
                     if committing is not None:
                         committing.result()
+                    if self.lock is not None:
+                        self.lock.check()  # another build took the folder over: commit nothing more
                     committing = committer.submit(writer.commit)
-                    progress.set_postfix(images=writer.images, shard=index)
+                    progress.set_postfix_str(f"shard {index}: {writer.images} images", refresh=False)
                 if committing is not None:
                     committing.result()
         finally:  # open files and HDF5 handles are released even when a bad sample stops the run
@@ -324,11 +322,32 @@ class Builder:
         self._wait_for_all_shards()
         seconds = time.perf_counter() - started
         summary = self._summarise(complete_at_start, seconds)
+        listed = gather_skipped(self.out, plan.num_shards)
+        summary.skipped_list = str(listed) if listed else None
         self._write_run_json(summary)
+        if summary.images == 0:  # nothing to publish: no card, and not "done"
+            raise UsageError(summary.nothing_written())
         from facegen.cards import write_card
 
         write_card(self.out)
         return summary
+
+    def _no_space_message(self, exc: OSError) -> str:
+        """The full-disk line, with the space the rest of the build needs (from the shards written so far)."""
+        sizes, identities, done = [], 0, set()
+        for i in range(self.plan.num_shards):
+            try:
+                stats = json.loads(shard_stats_path(self.out, i).read_text())
+            except (OSError, ValueError):
+                continue
+            sizes.append(int(stats.get("tar_bytes", 0)))
+            identities += int(stats.get("identities", 0))
+            done.add(i)
+        partial_bytes, partial_identities = getattr(self, "partial", (0, 0))
+        known = identities + partial_identities
+        per_identity = (sum(sizes) + partial_bytes) / known if known else None
+        left = sum(len(self.plan.shard(i)) for i in range(self.plan.num_shards) if i not in done)
+        return no_space_message(self.out, exc, per_identity, left, max(sizes + [partial_bytes]) or None)
 
     def _wait_for_all_shards(self) -> None:
         """The main process waits (on the files, not a collective) for shards of other processes."""
@@ -341,7 +360,12 @@ class Builder:
     def _summarise(self, complete_at_start: set[int], seconds: float) -> Summary:
         summary = Summary(shards=self.plan.num_shards, seconds=seconds, out=str(self.out))
         for i in range(self.plan.num_shards):
-            stats = json.loads(shard_stats_path(self.out, i).read_text())
+            path = shard_stats_path(self.out, i)
+            try:
+                stats = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise UsageError(f"{path} is damaged (not complete JSON): delete it and rerun the same command, which "
+                                 f"then writes shard {i} again") from None
             summary.identities += stats["identities"]
             summary.images += stats["images"]
             summary.skipped.update(stats["skipped"])
@@ -378,6 +402,21 @@ class Builder:
                        "skipped": dict(summary.skipped), "shards": summary.shards},
         }
         write_atomic(self.out / ".facegen" / "run.json", json.dumps(run, indent=1).encode())
+
+
+def refuse_kept_skips(out: Path, kept: list[int]) -> None:
+    """--strict on a folder whose complete shards skipped samples (an earlier run without --strict) stops at the
+    first of them, as if it had been met now: a strict build's card never counts a skipped sample."""
+    for i in kept:
+        try:
+            stats = json.loads(shard_stats_path(out, i).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # the summary reports a damaged stats file
+        if stats.get("skipped"):
+            first = (stats.get("failures") or [{}])[0]
+            raise SampleError(first.get("ref", f"shard {i}"),
+                              f"{first.get('reason', 'skipped')} (in shard {i}, kept from an earlier run without "
+                              "--strict; pass --overwrite to rebuild strictly)")
 
 
 def _abspath(path: str | None) -> str | None:

@@ -39,10 +39,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes under a hidden temporary name, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk leaves no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -174,6 +178,7 @@ class ShardWriter:
         self.per_identity: dict[str, int] = {}
         self.skipped: Counter = Counter()
         self.failures: list[dict] = []
+        self.all_failures: list[dict] = []  # the full list, written beside the stats (which keep the first few)
         self.quality: dict[str, dict] = {}
 
     def write(self, result: IdentityResult) -> None:
@@ -194,9 +199,10 @@ class ShardWriter:
         result.skipped = skipped
         for skip in skipped:
             self.skipped[skip.reason] += 1
+            failure = {"identity": ident.id, "ref": skip.ref, "reason": skip.reason, "detail": skip.detail}
+            self.all_failures.append(failure)
             if len(self.failures) < MAX_FAILURES_LISTED:
-                self.failures.append({"identity": ident.id, "ref": skip.ref, "reason": skip.reason,
-                                      "detail": skip.detail})
+                self.failures.append(failure)
 
     def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> dict:
         meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref, **face.meta}
@@ -245,6 +251,9 @@ class ShardWriter:
             "tar_bytes": size,
             "tar_xxh3_128": self._tar.digest.hexdigest(),
         }
+        from facegen.builders.skipped import write_shard_skipped
+
+        write_shard_skipped(self.out, self.index, self.all_failures)
         write_atomic(shard_stats_path(self.out, self.index), dumps(stats))
         return stats
 

@@ -6,6 +6,7 @@ exact example count), so ``load_dataset(OUT)`` never infers a schema from the fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
 from facegen.cards.stats import Statistics, load_run, load_shard_stats, size_category, summarise
+from facegen.errors import UsageError
 
 TEMPLATES = Path(__file__).parent / "templates"
 DATA_FILES = "data/train/*.tar"
@@ -285,24 +287,82 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
+CARD_FILES = ("README.md", "LICENSE", "preview.jpg")
+CARD_FILES_RECORD = "card_files.json"  # under .facegen: the sha256 of each card file facegen wrote
+
+
+def _card_files_record(out: Path) -> dict | None:
+    """name -> sha256 of the versions facegen wrote; None for a build made before the record existed."""
+    try:
+        record = json.loads((out / ".facegen" / CARD_FILES_RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def written_by_facegen(out, name: str) -> bool:
+    """Whether ``OUT/name`` (a card file) is exactly what facegen wrote, so that facegen may replace or remove it."""
+    out = Path(out)
+    path = out / name
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if name == "LICENSE" and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
+        return True
+    record = _card_files_record(out)
+    if record is None:  # a build from before the record: its README.md and preview.jpg were always the card's
+        return name in ("README.md", "preview.jpg") and (out / ".facegen" / "run.json").is_file()
+    return hashlib.sha256(data).hexdigest() in (record.get(name) or [])
+
+
+def foreign_card_files(out) -> list[str]:
+    """The card's file names in OUT that hold files facegen did not write (the user's own, or edited since)."""
+    out = Path(out)
+    return [name for name in CARD_FILES if (out / name).exists() and not written_by_facegen(out, name)]
+
+
+def _record_card_files(out: Path, files: dict[str, bytes]) -> None:
+    """Record the new versions before writing them (the previous one stays listed: a crash between the two
+    writes leaves either version recognised)."""
+    record = _card_files_record(out) or {}
+    for name, data in files.items():
+        previous = [h for h in (record.get(name) or []) if isinstance(h, str)][-1:]
+        record[name] = previous + [hashlib.sha256(data).hexdigest()]
+    path = out / ".facegen" / CARD_FILES_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+
+
 def write_card(out_dir, repo_id: str | None = None) -> CardFiles:
-    """Write OUT/README.md, OUT/LICENSE (when the licence is `other`) and OUT/preview.jpg from OUT/.facegen."""
+    """Write OUT/README.md, OUT/LICENSE (when the licence is `other`) and OUT/preview.jpg from OUT/.facegen.
+
+    A file under one of those names that facegen did not write is never replaced or removed: the card is refused
+    in one line naming it (UsageError), as is a folder facegen cannot write to.
+    """
     out = Path(out_dir)
     files = render_card(out, repo_id)
-    if repo_id:
-        remember_repo_id(out, repo_id)
-    _write(out / "README.md", files.readme.encode("utf-8"))
-    license_path = out / "LICENSE"
+    foreign = [name for name in foreign_card_files(out) if name != "LICENSE" or files.license is not None]
+    if foreign:
+        raise UsageError(f"{', '.join(str(out / n) for n in foreign)} {'was' if len(foreign) == 1 else 'were'} not "
+                         "written by facegen (or changed since): move "
+                         f"{'it' if len(foreign) == 1 else 'them'} out of the folder so that the dataset card can "
+                         "be written there")
+    new = {"README.md": files.readme.encode("utf-8")}
     if files.license is not None:
-        if license_path.is_file() and LICENSE_MARKER not in license_path.read_text(encoding="utf-8", errors="replace"):
-            raise FileExistsError(f"{license_path} was not written by facegen; move it away so the card can write "
-                                  "the dataset's licence there")
-        _write(license_path, files.license.encode("utf-8"))
-    elif license_path.is_file() and LICENSE_MARKER in license_path.read_text(encoding="utf-8", errors="replace"):
-        license_path.unlink()  # our own LICENSE from an earlier render whose licence was `other`
-    preview_path = out / "preview.jpg"
+        new["LICENSE"] = files.license.encode("utf-8")
     if files.preview is not None:
-        _write(preview_path, files.preview)
-    elif preview_path.is_file():
-        preview_path.unlink()
+        new["preview.jpg"] = files.preview
+    try:
+        if repo_id:
+            remember_repo_id(out, repo_id)
+        _record_card_files(out, new)
+        for name, data in new.items():
+            _write(out / name, data)
+        for name in ("LICENSE", "preview.jpg"):  # ours from an earlier render that has none now
+            if name not in new and written_by_facegen(out, name):
+                (out / name).unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write the dataset card in {out}: {exc.strerror or exc}") from None
     return files

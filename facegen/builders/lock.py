@@ -176,7 +176,14 @@ class OutputLock:
             os.close(fd)
 
     def _remove_if_unchanged(self, seen: tuple[bytes, int], check_mtime: bool) -> bool:
-        """Delete the lock file if it is still the one judged stale; False when someone else is doing it."""
+        """Delete the lock file if it is still the one judged stale; False (after a short pause) when it changed
+        or another process is taking it over right now."""
+        removed = self._remove_once(seen, check_mtime)
+        if not removed:
+            time.sleep(0.05)
+        return removed
+
+    def _remove_once(self, seen: tuple[bytes, int], check_mtime: bool) -> bool:
         breaker = self.folder / "lock.break"
         try:
             os.close(os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))

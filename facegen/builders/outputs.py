@@ -75,8 +75,8 @@ def foreign_files(out: Path, has_build: bool) -> list[str]:
     return found
 
 
-def _names(out: Path, names: list[str]) -> str:
-    shown = ", ".join(str(out / n) for n in names[:5]) + (" …" if len(names) > 5 else "")
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
     return shown + (" is" if len(names) == 1 else " are")
 
 
@@ -113,7 +113,8 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
     has_build = config_path.exists() or (out / ".facegen" / "run.json").exists()
     foreign = foreign_files(out, has_build)
     if foreign and (overwrite or has_build):
-        raise UsageError(f"{_names(out, foreign)} not facegen's, and a build writes there"
+        raise UsageError(f"{out} holds a file facegen did not write where a build writes: {_names(foreign)} not "
+                         "facegen's"
                          f"{' (--overwrite replaces only what facegen wrote)' if overwrite else ''}: move "
                          f"{'it' if len(foreign) == 1 else 'them'} out of --out, or choose another --out")
     if overwrite:
@@ -141,8 +142,8 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
     if others and not overwrite:
         shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
         if foreign:
-            raise UsageError(f"{out} holds no facegen build and {_names(out, foreign)} yours, where a build writes: "
-                             "choose a new or empty --out")
+            raise UsageError(f"{out} is not empty and holds no facegen build, and {_names(foreign)} yours where a "
+                             "build writes: choose a new or empty --out")
         raise UsageError(f"{out} is not empty ({shown}) and holds no facegen build: choose a new or empty --out, "
                          "or pass --overwrite to write the build beside those files (they are kept)")
     try:

@@ -306,11 +306,15 @@ class Builder:
                 committing = None
                 for index in mine:
                     writer = self.write_shard(index, pool, progress)
-                    if committing is not None:
-                        committing.result()
-                    if self.lock is not None:
-                        self.lock.check()  # another build took the folder over: commit nothing more
-                    committing = committer.submit(writer.commit)
+                    try:
+                        if committing is not None:
+                            committing.result()
+                        if self.lock is not None:
+                            self.lock.check()  # another build took the folder over: commit nothing more
+                        committing = committer.submit(writer.commit)
+                    except BaseException:  # Ctrl-C, a failed commit: the finished shard is not committed
+                        writer.abort()
+                        raise
                     progress.set_postfix_str(f"shard {index}: {writer.images} images", refresh=False)
                 if committing is not None:
                     committing.result()

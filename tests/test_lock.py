@@ -24,9 +24,9 @@ def build_args(src, out, *extra):
             "--shard-size", "2", *map(str, extra)]
 
 
-def start_build(src, out, *extra, env=None):
-    return subprocess.Popen([str(BIN / "facegen"), *build_args(src, out, *extra)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def start_build(src, out):
+    return subprocess.Popen([str(BIN / "facegen"), *build_args(src, out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def wait_for_lock(out, proc, timeout=120):
@@ -188,8 +188,8 @@ def test_distributed_ranks_refused_together_without_deadlock(src, tmp_path):
     holder = OutputLock(out)
     holder.acquire()
     try:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
-               str(BIN / "facegen"), *build_args(src, out)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "--no-python", str(BIN / "facegen"), *build_args(src, out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:

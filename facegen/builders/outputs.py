@@ -178,7 +178,9 @@ def no_space_message(out: Path, exc: OSError, bytes_per_identity: float | None, 
         return (f"{what} while writing {out}{need}; the partial shard was discarded: raise the limit and rerun the "
                 "same command to resume")
     need = ""
-    if bytes_per_identity:
+    if identities_left == 0:
+        need = "; every shard is complete, only the build's records and card were left to write"
+    elif bytes_per_identity:
         total = bytes_per_identity * identities_left
         try:
             free = shutil.disk_usage(out).free

@@ -71,7 +71,7 @@ def test_read_only_out_holding_a_finished_build(src, finished, tmp_path):
     for args in (build_args(src, finished), ["card", finished], build_args(src, finished, "--overwrite")):
         proc = run_read_only(finished, args, tmp_path)
         assert proc.returncode == 2 and one_line(proc.stderr), proc.stderr
-        assert "cannot write to --out" in proc.stderr
+        assert f"cannot write to {finished}" in proc.stderr
         assert "Read-only file system" in proc.stderr or "Permission denied" in proc.stderr
     assert snapshot(finished) == before
 
@@ -223,6 +223,7 @@ def test_overwrite_keeps_the_users_files_and_replaces_only_facegens(src, finishe
     (project / "notes.txt").write_text("x\n")
     code, _, err = run_cli(build_args(src, project), capsys)
     assert code == 2 and one_line(err) and "README.md is yours" in err, err
+    assert sorted(os.listdir(project)) == ["README.md", "notes.txt"]  # a refused build leaves no trace
     code, _, err = run_cli(build_args(src, project, "--overwrite"), capsys)
     assert code == 2 and one_line(err) and "README.md is not facegen's" in err, err
     assert (project / "README.md").read_text() == "# my project\n"

@@ -124,8 +124,8 @@ def _say(message: str) -> None:
 
 
 def _cannot_write(out: Path, exc: OSError) -> UsageError:
-    return UsageError(f"cannot write to --out {out}: {exc.strerror or exc} (facegen keeps its lock, records and card "
-                      "there; a finished build in it can be read as it is)")
+    return UsageError(f"cannot write to {out}: {exc.strerror or exc} (facegen keeps its lock, records and card in "
+                      "that folder; a finished build in it can be read as it is)")
 
 
 class OutputLock:
@@ -140,6 +140,7 @@ class OutputLock:
         self.lost: str | None = None  # set by the heartbeat when another process took the lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made_folder = False  # .facegen/ did not exist: a refused build leaves no trace of it
 
     # --- reading the file and the file system's clock ---
 
@@ -206,6 +207,7 @@ class OutputLock:
     def acquire(self, break_lock: bool = False) -> None:
         """Take the lock or raise a one-line UsageError naming the holder."""
         try:
+            self._made_folder = not self.folder.exists()
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _cannot_write(self.out, exc) from None
@@ -299,6 +301,8 @@ class OutputLock:
         if seen is not None and (h := Holder.parse(seen[0])) is not None and h.token == self.me.token:
             try:
                 self.path.unlink(missing_ok=True)
+                if self._made_folder:
+                    self.folder.rmdir()  # only when empty: a build that wrote nothing (refused) leaves none
             except OSError:
                 pass
 
@@ -309,11 +313,13 @@ def output_lock(out: Path, state=None, break_lock: bool = False):
     outcome (one broadcast) before anything is written, so no rank waits for a lock that was refused."""
     lock, refusal = None, None
     if state is None or state.is_main_process:
-        lock = OutputLock(out)
         try:
+            lock = OutputLock(out)
             lock.acquire(break_lock=break_lock)
         except UsageError as exc:
             lock, refusal = None, str(exc)
+        except OSError as exc:  # every rank must hear of it, or the others would wait for the main forever
+            lock, refusal = None, f"cannot take the lock of {out}: {exc.strerror or exc}"
     if state is not None and state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

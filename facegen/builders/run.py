@@ -36,7 +36,6 @@ from facegen.builders.outputs import (
     resolve_out,
 )
 from facegen.builders.plan import EmptyPlan, Plan, empty_plan_message, identity_seed, make_plan
-from facegen.builders.skipped import gather_skipped
 from facegen.builders.shards import (
     ShardWriter,
     dumps,
@@ -44,6 +43,7 @@ from facegen.builders.shards import (
     shard_stats_path,
     write_atomic,
 )
+from facegen.builders.skipped import gather_skipped
 from facegen.errors import SampleError, UsageError
 from facegen.records import Identity, SourceImage, Skip
 
@@ -209,6 +209,7 @@ class Builder:
         self.identities_file_sha256 = _file_sha256(config.identities_file)  # the file this plan was made from
         self.format = config.format or self.transform.output_format(self.source)
         self.lock = None  # the output folder's lock, held by the main process while it runs
+        self.partial = (0, 0)  # bytes and identities of a shard cut short (a full disk): sizes what is needed
 
     def signature(self) -> dict[str, Any]:
         c = self.config
@@ -272,7 +273,7 @@ class Builder:
             writer.finish()
             return writer
         except BaseException:
-            self.partial = (writer._tar.size, writer.identities)  # what a full disk cut short: sizes the need
+            self.partial = (writer._tar.size, writer.identities)
             writer.abort()
             raise
 
@@ -347,7 +348,7 @@ class Builder:
             sizes.append(int(stats.get("tar_bytes", 0)))
             identities += int(stats.get("identities", 0))
             done.add(i)
-        partial_bytes, partial_identities = getattr(self, "partial", (0, 0))
+        partial_bytes, partial_identities = self.partial
         known = identities + partial_identities
         per_identity = (sum(sizes) + partial_bytes) / known if known else None
         left = sum(len(self.plan.shard(i)) for i in range(self.plan.num_shards) if i not in done)

@@ -173,8 +173,11 @@ class OutputLock:
         try:
             os.write(fd, json.dumps(asdict(self.me), indent=1).encode() + b"\n")
             os.fsync(fd)
-        finally:
+        except BaseException:  # a full disk: leave no empty lock that others would have to wait out
             os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
 
     def _remove_if_unchanged(self, seen: tuple[bytes, int], check_mtime: bool) -> bool:
         """Delete the lock file if it is still the one judged stale; False (after a short pause) when it changed

@@ -116,6 +116,7 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
         for line in summary.lines():
             click.echo(line)
 
+
 class _Terminated(BaseException):
     """SIGTERM (a preempted SLURM job, `kill`): unwinds like Ctrl-C, so that the lock is released at once."""
 
@@ -126,14 +127,14 @@ def _terminate_as_interrupt():
         raise _Terminated()
 
     try:
-        previous = signal.signal(signal.SIGTERM, terminated)
+        previous, installed = signal.signal(signal.SIGTERM, terminated), True
     except ValueError:  # not the main thread (a library caller): leave signals alone
-        yield
-        return
+        previous, installed = None, False
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 # --- download (issue 3) ---
 

@@ -60,9 +60,10 @@ def raw_rate(src: Path, out: Path, identities: int, shard_size: int) -> float:
 
 
 def facegen_rate(src: Path, out: Path, identities: int, shard_size: int, processes: int) -> float:
+    """facegen writes shards of the same sample count, each read from the source in the shuffled order."""
     shutil.rmtree(out, ignore_errors=True)
     args = ["build", "--source", "folder", "--source-path", str(src), "--plugin", "passthrough", "--out", str(out),
-            "--shard-size", str(shard_size), "--limit-identities", str(identities)]
+            "--shard-samples", str(shard_size * IMAGES_PER_IDENTITY), "--limit-identities", str(identities)]
     if processes == 1:
         cmd = [str(BIN / "facegen"), *args]
     else:

@@ -145,6 +145,20 @@ class Source(Plugin):
     def load(self, identity_id: str) -> list[SourceImage | Skip]:
         raise NotImplementedError
 
+    def image_refs(self, identity_id: str) -> Sequence[str]:
+        """One entry per item ``load`` returns (image or skip), in the same order, without reading the images.
+
+        Per-image transforms (passthrough) plan the published shards from these counts and then read single
+        images in a shuffled order. The default loads the identity (correct, but it reads everything once more):
+        sources with an index or a file listing should override it, and ``load_images``.
+        """
+        return [item.ref for item in self.load(identity_id)]
+
+    def load_images(self, identity_id: str, indices: Sequence[int]) -> list[SourceImage | Skip]:
+        """The items at ``indices`` of ``load(identity_id)`` (positions in ``image_refs``), in that order."""
+        items = self.load(identity_id)
+        return [items[i] for i in indices]
+
     def json_features(self) -> dict[str, Any]:
         """``datasets`` features of the per-image ``meta`` fields this source adds to each sample's json."""
         return {}
@@ -163,6 +177,11 @@ class Transform(Plugin):
 
     kind = "transform"
     batch_size = 1  # identities per call
+    # True: each output face is made from one input image alone, at most one face per image, in the images'
+    # order. The run then hands the transform identities holding one image each, in the published (shuffled)
+    # order, and writes the published shards directly. False: whole identities, in units of --shard-size
+    # identities, assembled into the published shards afterwards.
+    per_image = False
 
     def models(self) -> list[ModelInfo]:
         return []

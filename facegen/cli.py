@@ -80,7 +80,11 @@ def plugins_command():
 @click.option("--recipe", help="Built-in recipe name or YAML file holding these options (the CLI overrides it).")
 @click.option("--limit-identities", type=int, help="Keep only the first N identities of the plan.")
 @click.option("--identities-file", type=click.Path(), help="File of identity ids to keep (one per line).")
-@click.option("--shard-size", type=int, help="Identities per shard (default 100).")
+@click.option("--shard-size", type=int, help="Identities per unit of work (default 100).")
+@click.option("--shard-samples", type=int,
+              help="Target samples per published shard (default 10000; recipes set their own).")
+@click.option("--shards-multiple-of", type=int,
+              help="Round the shard count up to a multiple of this, e.g. ranks x DataLoader workers (default 1).")
 @click.option("--seed", type=int, help="Run seed; per-identity seeds derive from it (default 0).")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")
@@ -88,7 +92,8 @@ def plugins_command():
 @click.option("--break-lock", is_flag=True,
               help="Take --out's lock even if another build holds it (only when that build is known to be gone).")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
-                  identities_file, shard_size, seed, image_format, strict, overwrite, break_lock):
+                  identities_file, shard_size, shard_samples, shards_multiple_of, seed, image_format, strict,
+                  overwrite, break_lock):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
     from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
     from facegen.builders.run import build
@@ -97,7 +102,8 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
         "source": source, "source_path": source_path, "source_opts": parse_pairs(source_opts, "--source-opt"),
         "plugin": plugin, "plugin_opts": parse_pairs(plugin_opts, "--plugin-opt"),
         "limit_identities": limit_identities, "identities_file": identities_file, "shard_size": shard_size,
-        "seed": seed, "format": image_format, "strict": strict,
+        "shard_samples": shard_samples, "shards_multiple_of": shards_multiple_of, "seed": seed,
+        "format": image_format, "strict": strict,
     }
     values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}

@@ -33,7 +33,7 @@ def built(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=7, images_per_identity=3, corrupt=1)
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-size", 3) == 0
+               "--shard-samples", 7) == 0
     return out
 
 

@@ -2,6 +2,7 @@
 
 import errno
 import hashlib
+import json
 import os
 import resource
 import shutil
@@ -16,8 +17,9 @@ from facegen.testing.folder import write_folder_source
 
 
 def build_args(src, out, *extra):
+    """Shards of 4 samples: the 12 samples of `src` make 3 shards."""
     return ["build", "--source", "folder", "--source-path", str(src), "--plugin", "passthrough", "--out", str(out),
-            "--shard-size", "2", *map(str, extra)]
+            "--shard-size", "2", "--shard-samples", "4", *map(str, extra)]
 
 
 def snapshot(folder):
@@ -92,7 +94,7 @@ def test_full_disk_discards_the_partial_shard_and_the_rerun_resumes(src, tmp_pat
     monkeypatch.setattr(shards.UstarWriter, "add_sample", fill_the_disk)
     code, stdout, err = run_cli(build_args(src, out), capsys)
     assert code == 2 and one_line(err), err
-    assert "no space left on the device" in err and "the 2 identities left need about" in err and "free)" in err
+    assert "no space left on the device" in err and "the 4 images left need about" in err and "free)" in err
     assert "partial shard was discarded" in err and "rerun the same command to resume" in err
     assert "done" not in stdout
     train = out / "data" / "train"
@@ -107,9 +109,9 @@ def test_full_disk_discards_the_partial_shard_and_the_rerun_resumes(src, tmp_pat
 
 def test_file_size_limit_in_a_real_process_then_resume(tmp_path, capsys):
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
-    write_folder_source(src, identities=2, images_per_identity=2, start=4, size=448)  # shard 2 is ~1.6 MB
+    write_folder_source(src, identities=2, images_per_identity=2, start=4, size=448)  # 4 samples of ~400 KB
     out = tmp_path / "out"
-    limit = 600_000
+    limit = 600_000  # the shuffled order puts two of the large samples in one shard at least
 
     def small_file_limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
@@ -118,9 +120,14 @@ def test_file_size_limit_in_a_real_process_then_resume(tmp_path, capsys):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=small_file_limit, timeout=300)
     assert proc.returncode == 2 and one_line(proc.stderr), proc.stderr
     assert "file too large" in proc.stderr and "rerun the same command to resume" in proc.stderr
-    assert sorted(os.listdir(out / "data" / "train")) == ["train-000000.tar", "train-000001.tar"]
+    # the shards written before the one that hit the limit are complete; nothing else is left (no temporary)
+    kept = sorted(os.listdir(out / "data" / "train"))
+    assert len(kept) < 3 and kept == [f"train-{j:06d}.tar" for j in range(len(kept))]
+    assert sorted(p.name for p in (out / ".facegen" / "shards").glob("*.json")) == [f"{j:06d}.json"
+                                                                                    for j in range(len(kept))]
+    assert all(os.path.getsize(out / "data" / "train" / name) <= limit for name in kept)
     code, stdout, err = run_cli(build_args(src, out), capsys)
-    assert code == 0 and "(1 written now, 2 already complete)" in stdout, err
+    assert code == 0 and f"({3 - len(kept)} written now, {len(kept)} already complete)" in stdout, err
     assert datasets.load_dataset(str(out), split="train").num_rows == 12
 
 
@@ -148,13 +155,13 @@ def test_recipe_and_identities_file_that_are_not_utf8(src, tmp_path, capsys):
 def test_truncated_stats_file_and_run_json(src, finished, capsys):
     stats = finished / ".facegen" / "shards" / "000001.json"
     stats.write_bytes(stats.read_bytes()[:20])
-    code, _, err = run_cli(build_args(src, finished), capsys)
-    assert code == 2 and one_line(err) and "000001.json is damaged" in err, err
     code, _, err = run_cli(["card", finished], capsys)
     assert code == 2 and one_line(err) and "000001.json is not valid JSON" in err, err
-    stats.unlink()  # as the message says: the rerun writes that shard again
+    # a damaged stats file fails the shard's check: the rerun writes that shard again, and says so
     code, stdout, err = run_cli(build_args(src, finished), capsys)
-    assert code == 0, err
+    assert code == 0 and "(1 written now, 2 already complete)" in stdout, err
+    assert "1 shard failed its check (size or XXH3-128 against its stats) and was redone" in stdout
+    assert json.loads(stats.read_text())["redone_because"] == "unreadable stats"
 
     run_json = finished / ".facegen" / "run.json"
     run_json.write_bytes(run_json.read_bytes()[:50])
@@ -231,3 +238,51 @@ def test_overwrite_keeps_the_users_files_and_replaces_only_facegens(src, finishe
     code, _, err = run_cli(build_args(src, project, "--overwrite"), capsys)  # beside notes.txt, which is kept
     assert code == 0, err
     assert (project / "notes.txt").read_text() == "x\n"
+
+
+@pytest.mark.parametrize("where", ["unit", "assembly"])
+def test_full_disk_in_units_or_assembly_discards_the_partial_file_and_the_rerun_resumes(src, tmp_path, capsys,
+                                                                                       monkeypatch, where):
+    """An identity-level transform (passthrough run as one): a full disk while writing a unit of work, or while
+    assembling the published shards from the units, is one line; the rerun resumes to the same shards."""
+    from facegen.plugins.passthrough import Passthrough
+
+    monkeypatch.setattr(Passthrough, "per_image", False)
+    reference = tmp_path / "reference"
+    assert run_cli(build_args(src, reference), capsys)[0] == 0  # 3 units of 2 identities, 3 shards of 4 samples
+    out = tmp_path / "out"
+    # a unit's samples are encoded and added; an assembled shard's are copied from the units
+    owner, name = (shards.UstarWriter, "add_sample") if where == "unit" else (shards.ShardWriter, "copy")
+    real = getattr(owner, name)
+    calls = []
+
+    def fill_the_disk(self, *args):  # unit: the 9th sample (unit 2); assembly: the 6th copied (shard 1)
+        calls.append(1)
+        if len(calls) == (9 if where == "unit" else 6):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args)
+
+    monkeypatch.setattr(owner, name, fill_the_disk)
+    code, stdout, err = run_cli(build_args(src, out), capsys)
+    assert code == 2 and one_line(err), err
+    assert "no space left on the device" in err and "free)" in err and "rerun the same command to resume" in err
+    if where == "unit":
+        assert "the 2 identities (and the assembly of the shards) left need about" in err
+        assert "the partial unit of work was discarded" in err
+        assert sorted(p.name for p in (out / ".facegen" / "units").glob("*.tar")) == ["000000.tar", "000001.tar"]
+        assert not (out / "data" / "train").exists() or not list((out / "data" / "train").iterdir())
+    else:
+        assert "the 8 images left need about" in err and "the partial shard was discarded" in err
+        assert sorted(os.listdir(out / "data" / "train")) == ["train-000000.tar"]
+    assert not [p for p in out.rglob(".*") if p != out / ".facegen"]  # no temporary left
+    assert not (out / ".facegen" / "lock").exists()
+
+    monkeypatch.setattr(owner, name, real)
+    code, stdout, err = run_cli(build_args(src, out), capsys)
+    assert code == 0, err
+    if where == "unit":
+        assert "units of work 3 (1 written now)" in stdout and "(3 written now, 0 already complete)" in stdout
+    else:
+        assert "units of work 3 (0 written now)" in stdout and "(2 written now, 1 already complete)" in stdout
+    assert snapshot(out / "data" / "train") == snapshot(reference / "data" / "train")
+

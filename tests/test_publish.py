@@ -132,7 +132,7 @@ def built(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=6, images_per_identity=3)
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-size", 2) == 0
+               "--shard-samples", 6) == 0
     (out / "data" / "train" / ".train-000009.tar.tmp-123").write_bytes(b"half a shard")  # a killed writer's file
     (out / ".DS_Store").write_bytes(b"finder")
     (out / "notes.txt").write_text("my notes, not part of the dataset\n")
@@ -140,7 +140,7 @@ def built(tmp_path):
 
 
 SHARDS = ["data/train/train-000000.tar", "data/train/train-000001.tar", "data/train/train-000002.tar"]
-PUBLISHED = sorted(["LICENSE", "README.md", "preview.jpg", *SHARDS])
+PUBLISHED = sorted(["LICENSE", "README.md", "_info.json", "preview.jpg", *SHARDS])
 
 
 def test_publish_commits_exactly_the_dataset_files(built, hub, capsys):
@@ -202,12 +202,12 @@ def test_rerun_after_an_interrupted_multi_commit_upload_skips_what_was_committed
     hub.fail_commits = {4}
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 1
     first = hub.committed_paths()
-    assert first == [["LICENSE"], ["README.md"], ["data/train/train-000000.tar"]]
+    assert first == [["LICENSE"], ["README.md"], ["_info.json"]]
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 0
     second = hub.committed_paths()[len(first):]
     # the rerun sends only the files not committed yet, and the repo ends complete and byte-exact
-    assert sorted(p for c in second for p in c) == ["data/train/train-000001.tar", "data/train/train-000002.tar",
-                                                    "preview.jpg"]
+    assert sorted(p for c in second for p in c) == ["data/train/train-000000.tar", "data/train/train-000001.tar",
+                                                    "data/train/train-000002.tar", "preview.jpg"]
     files = hub.repos["org/faces"]["branches"]["main"]
     assert sorted(files) == PUBLISHED and all(files[p] == (built / p).read_bytes() for p in PUBLISHED)
     assert TOKEN not in capsys.readouterr().err
@@ -386,7 +386,7 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
     out = tmp_path / "out"
     args = ["build", "--source", "folder", "--source-path", src, "--plugin", "arc2face", "--out", out,
-            "--shard-size", 2]
+            "--shard-size", 2, "--shard-samples", 3]
     for opt in (f"model_dir={tiny}", "steps=2", "latents=1", "images_per_latent=2", "batch_size=2"):
         args += ["--plugin-opt", opt]
     run_facegen(*args, env={"HF_HUB_OFFLINE": "1"}, check=True)

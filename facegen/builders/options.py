@@ -24,7 +24,9 @@ class BuildConfig:
     recipe: str | None = None
     limit_identities: int | None = None
     identities_file: str | None = None
-    shard_size: int = 100
+    shard_size: int = 100  # identities per unit of work
+    shard_samples: int | None = None  # target samples per published shard (None: DEFAULT_SHARD_SAMPLES)
+    shards_multiple_of: int = 1  # published shard count rounded up to a multiple of this (ranks x workers)
     seed: int = 0
     format: str | None = None
     strict: bool = False
@@ -37,7 +39,8 @@ class BuildConfig:
 
 
 RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "break_lock", "command"}
-RECIPE_TYPES = {"shard_size": int, "seed": int, "limit_identities": int, "strict": to_bool,
+RECIPE_TYPES = {"shard_size": int, "shard_samples": int, "shards_multiple_of": int, "seed": int,
+                "limit_identities": int, "strict": to_bool,
                 "source": str, "plugin": str, "source_path": str, "identities_file": str, "format": str}
 
 

@@ -1,7 +1,8 @@
 """The output folder: where a build may write, and what ``--overwrite`` may remove (only what facegen wrote).
 
 facegen writes, in ``--out``: ``data/train/train-NNNNNN.tar`` (and hidden temporaries beside them), ``.facegen/``
-and the card files README.md, LICENSE and preview.jpg. Anything else in the folder is the user's and is never
+(records, and the units of work of identity-level transforms), ``_info.json`` and the card files README.md, LICENSE
+and preview.jpg. Anything else in the folder is the user's and is never
 touched; a user's file under one of those names stops the build with one line naming it.
 """
 
@@ -63,9 +64,9 @@ def refuse_out_inside_source(out: Path, source_path: str | None) -> None:
 
 def foreign_files(out: Path, has_build: bool) -> list[str]:
     """Files in ``out`` under names facegen writes that facegen did not write (relative names)."""
-    from facegen.cards.card import foreign_card_files
+    from facegen.cards.card import OUTPUT_FILES, foreign_card_files
 
-    found = foreign_card_files(out)
+    found = foreign_card_files(out, OUTPUT_FILES)
     train = out / "data" / "train"
     if train.is_dir():
         for path in sorted(train.iterdir()):
@@ -82,9 +83,9 @@ def _names(names: list[str]) -> str:
 
 def remove_facegen_outputs(out: Path) -> None:
     """What --overwrite removes: only the files a build writes, never anything else in the folder."""
-    from facegen.cards.card import CARD_FILES, written_by_facegen
+    from facegen.cards.card import OUTPUT_FILES, written_by_facegen
 
-    for name in CARD_FILES:  # before .facegen/, which holds the record of what the card wrote
+    for name in OUTPUT_FILES:  # before .facegen/, which holds the record of what facegen wrote
         if written_by_facegen(out, name):
             (out / name).unlink()
     facegen_dir = out / ".facegen"
@@ -153,9 +154,11 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
 
 
 def discard_partial_files(out: Path) -> None:
-    """Remove this process's hidden temporaries (a shard or stats file cut short by a full disk)."""
+    """Remove this process's hidden temporaries (a shard, unit of work or record cut short by a full disk)."""
     suffix = f".tmp-{os.getpid()}"
-    for folder in (out / "data" / "train", out / ".facegen" / "shards", out / ".facegen" / "skipped", out / ".facegen"):
+    facegen = out / ".facegen"
+    for folder in (out / "data" / "train", facegen / "shards", facegen / "shards" / "index", facegen / "skipped",
+                   facegen / "units", facegen / "units" / "index", facegen / "units" / "skipped", facegen, out):
         if folder.is_dir():
             for path in folder.glob(f".*{suffix}"):
                 path.unlink(missing_ok=True)
@@ -169,25 +172,27 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def no_space_message(out: Path, exc: OSError, bytes_per_identity: float | None, identities_left: int,
-                     largest_shard: int | None) -> str:
-    """One line for a full disk (or quota, or file-size limit): what happened, how much is needed, what to do."""
-    what = NO_SPACE[exc.errno]
+def no_space_message(out: Path, exc: OSError, left: str | None, need_bytes: float | None, largest_file: int | None,
+                     what: str = "shard") -> str:
+    """One line for a full disk (or quota, or file-size limit): what happened, how much is needed, what to do.
+
+    ``left`` says what remains ("the 4 images left"; None when every file is complete), ``need_bytes`` about how
+    much space that takes, ``what`` the kind of file that was cut short ("shard", "unit of work")."""
+    message = NO_SPACE[exc.errno]
     if exc.errno == errno.EFBIG:
-        need = f"; shards here take up to {_size(largest_shard)} each" if largest_shard else ""
-        return (f"{what} while writing {out}{need}; the partial shard was discarded: raise the limit and rerun the "
-                "same command to resume")
+        need = f"; a {what} here takes up to {_size(largest_file)}" if largest_file else ""
+        return (f"{message} while writing {out}{need}; the partial {what} was discarded: raise the limit and rerun "
+                "the same command to resume")
     need = ""
-    if identities_left == 0:
+    if left is None:
         need = "; every shard is complete, only the build's records and card were left to write"
-    elif bytes_per_identity:
-        total = bytes_per_identity * identities_left
+    elif need_bytes:
         try:
             free = shutil.disk_usage(out).free
         except OSError:
             free = None
-        need = f"; the {identities_left} identities left need about {_size(total)}"
+        need = f"; {left} need about {_size(need_bytes)}"
         if free is not None:
             need += f" ({_size(free)} free)"
-    return (f"{what} while writing {out}{need}; the partial shard was discarded: free some space and rerun the same "
-            "command to resume")
+    return (f"{message} while writing {out}{need}; the partial {what} was discarded: free some space and rerun the "
+            "same command to resume")

@@ -31,7 +31,7 @@ import xxhash
 
 from facegen.errors import FacegenError, UsageError
 
-ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "data/**"]
+ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "_info.json", "data/**"]
 # Hidden names anywhere (temporary shard files, editor droppings) and the build's own records stay local.
 IGNORE_PATTERNS = [".facegen/**", ".*", "**/.*", "**/__pycache__/**"]
 SHARD_NAME = re.compile(r"^train-(\d{6})\.tar$")
@@ -146,7 +146,7 @@ def _check_card(out: Path, run: dict, problems: list[str]) -> None:
 
 
 def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
-    from facegen.cards.stats import load_shard_stats
+    from facegen.cards.stats import load_shard_stats, load_unit_stats, summarise
 
     image_column = run.get("image_column", "png")
     shards = load_shard_stats(out)
@@ -162,7 +162,6 @@ def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
         rel = stats.get("tar") or f"data/train/train-{stats.get('shard', 0):06d}.tar"
         listed.add(rel)
         totals["images"] += stats.get("images", 0)
-        totals["identities"] += stats.get("identities", 0)
         path = out / rel
         if not path.is_file():
             problems.append(f"{rel}: missing (its stats file exists)")
@@ -177,6 +176,8 @@ def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
             problems.append(f"{rel}: checksum (XXH3-128) differs from its stats (the file changed after the build)")
         if found["images"] != stats.get("images"):
             problems.append(f"{rel}: {found['images']} images but its stats say {stats.get('images')}")
+    # a shard holds samples of many identities: identities are counted across the shards (or the units of work)
+    totals["identities"] = summarise(shards, load_unit_stats(out), run.get("plan", {}).get("identities")).identities
     run_totals = run.get("totals", {})
     for name in ("images", "identities"):
         if name in run_totals and run_totals[name] != totals[name]:

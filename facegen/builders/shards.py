@@ -1,7 +1,13 @@
-"""The shard writer: one tar per work unit, written under a hidden name, renamed when complete, stats last.
+"""The tar writer: one tar per published shard or hidden unit of work, written under a hidden name, renamed when
+complete, then its sample index, then its stats last.
 
-A shard is complete when both ``data/train/train-{i:06d}.tar`` and ``.facegen/shards/{i:06d}.json`` exist; a kill
-at any moment leaves at most a hidden temporary file, which the next attempt at that shard removes.
+Published shards are ``data/train/train-{j:06d}.tar`` with ``.facegen/shards/{j:06d}.json`` (stats) and
+``.facegen/shards/index/{j:06d}.json`` (where each sample lies); units of work of identity-level transforms are
+``.facegen/units/{i:06d}.tar`` with the same two records under ``.facegen/units/``. Every sample a file skipped
+is listed in ``.facegen/skipped/{j:06d}.jsonl`` (shards) or ``.facegen/units/skipped/{i:06d}.jsonl`` (units),
+written before the stats. A file is complete when its
+stats exist and its size and XXH3-128 match them; a kill at any moment leaves at most a hidden temporary file,
+which the next attempt at that file removes.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,19 @@ from facegen.records import Face, IdentityResult, Skip
 MAX_FAILURES_LISTED = 100
 
 
+INDEX_FORMAT = "facegen-sample-index-1"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one tar and its records live."""
+
+    tar: Path
+    stats: Path
+    index: Path
+    skipped: Path  # every skipped sample of this file, one JSON line each (absent when none was skipped)
+
+
 def shard_tar_path(out: Path, index: int) -> Path:
     return out / "data" / "train" / f"train-{index:06d}.tar"
 
@@ -31,8 +51,62 @@ def shard_stats_path(out: Path, index: int) -> Path:
     return out / ".facegen" / "shards" / f"{index:06d}.json"
 
 
-def shard_is_complete(out: Path, index: int) -> bool:
-    return shard_tar_path(out, index).exists() and shard_stats_path(out, index).exists()
+def shard_index_path(out: Path, index: int) -> Path:
+    return out / ".facegen" / "shards" / "index" / f"{index:06d}.json"
+
+
+def shard_place(out: Path, index: int) -> Place:
+    return Place(shard_tar_path(out, index), shard_stats_path(out, index), shard_index_path(out, index),
+                 out / ".facegen" / "skipped" / f"{index:06d}.jsonl")
+
+
+def unit_place(out: Path, index: int) -> Place:
+    units = out / ".facegen" / "units"
+    return Place(units / f"{index:06d}.tar", units / f"{index:06d}.json", units / "index" / f"{index:06d}.json",
+                 units / "skipped" / f"{index:06d}.jsonl")
+
+
+def file_xxh3_128(path: Path, chunk: int = 8 << 20) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_stats(path: Path) -> dict | None:
+    """A stats file, or None when it is missing or damaged (a damaged one means: redo that file)."""
+    try:
+        stats = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+def check_place(place: Place, verify: bool = True) -> str | None:
+    """None when the tar is complete; otherwise why not ("missing", or what failed the check).
+
+    Complete = stats and index exist, and the tar's size (and, with ``verify``, its XXH3-128) match the stats.
+    """
+    stats = read_stats(place.stats)
+    if stats is None:
+        return "missing" if not place.stats.exists() else "unreadable stats"
+    try:
+        size = place.tar.stat().st_size
+    except OSError:
+        return "tar missing"
+    if size != stats.get("tar_bytes"):
+        return f"{size} bytes, its stats say {stats.get('tar_bytes')}"
+    if not place.index.exists():
+        return "index missing"
+    if verify and file_xxh3_128(place.tar) != stats.get("tar_xxh3_128"):
+        return "checksum (XXH3-128) differs from its stats"
+    return None
+
+
+def shard_is_complete(out: Path, index: int, verify: bool = True) -> bool:
+    """Whether published shard ``index`` is complete: size and (with ``verify``) checksum match its stats."""
+    return check_place(shard_place(out, index), verify) is None
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -60,6 +134,18 @@ def json_default(value: Any):
 
 def dumps(value: Any) -> bytes:
     return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of the stored pixels, from the header (before any EXIF orientation, as `datasets` decodes
+    them): a PNG's IHDR is read directly, anything else by PIL, which reads only the header."""
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
 
 
 PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
@@ -132,8 +218,10 @@ class UstarWriter:
         self._template = bytes(head)
         self._template_sum = sum(head)
 
-    def add_sample(self, key: str, fields: dict[str, bytes]) -> None:
-        """One sample's members, fields in sorted order (like webdataset's TarWriter), in a single write."""
+    def add_sample(self, key: str, fields: dict[str, bytes]) -> tuple[int, int]:
+        """One sample's members, fields in sorted order (like webdataset's TarWriter), in a single write.
+
+        Returns (offset, length) of the sample's members (headers included) in the tar."""
         chunks = []
         for field in sorted(fields):
             name, data = f"{key}.{field}".encode(), fields[field]
@@ -145,10 +233,15 @@ class UstarWriter:
             header[124:136] = size_field
             header[148:156] = b"%06o\0 " % (self._template_sum + sum(name) + sum(size_field))
             chunks += (header, data, b"\0" * (-len(data) % 512))
-        block = b"".join(chunks)
+        return self.add_raw(b"".join(chunks))
+
+    def add_raw(self, block: bytes) -> tuple[int, int]:
+        """Members already laid out as tar blocks (a sample copied from another tar of this writer)."""
+        offset = self.size
         self.f.write(block)
         self.digest.update(block)
         self.size += len(block)
+        return offset, len(block)
 
     def close(self) -> None:
         end = 1024 + (-(self.size + 1024) % self.RECORD)
@@ -158,44 +251,62 @@ class UstarWriter:
 
 
 class ShardWriter:
-    """Writes one shard: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then the stats file."""
+    """Writes one tar: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then its index, then its stats.
 
-    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1)):
+    ``unit=True`` writes a hidden unit of work (``.facegen/units/``) instead of published shard ``index``.
+    """
+
+    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1),
+                 unit: bool = False):
         self.out, self.index, self.fmt, self.source_name = out, index, fmt, source_name
         self.rank = rank
         self.quality_fields = tuple(quality_fields)
-        self.final = shard_tar_path(out, index)
+        self.unit = unit
+        self.place = unit_place(out, index) if unit else shard_place(out, index)
+        self.final = self.place.tar
         self.final.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):
-            stale.unlink(missing_ok=True)  # left by a killed attempt at this shard
+            stale.unlink(missing_ok=True)  # left by a killed attempt at this file
         self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
         self._file = open(self.tmp, "wb", buffering=1 << 20)
         self._tar = UstarWriter(self._file)  # deterministic bytes: the same samples give the same tar anywhere
         self.started = time.perf_counter()
         self.started_at = time.time()
-        self.identities = 0
         self.images = 0
         self.per_identity: dict[str, int] = {}
         self.skipped: Counter = Counter()
         self.failures: list[dict] = []
         self.all_failures: list[dict] = []  # the full list, written beside the stats (which keep the first few)
         self.quality: dict[str, dict] = {}
+        self.extra_stats: dict[str, Any] = {}  # what the caller adds to the stats (e.g. the units a shard came from)
+        # the sample index: where each sample lies in the tar (key, identity, label, offset, length)
+        self.keys: list[str] = []
+        self.identity_ids: list[str] = []
+        self.labels: list[int] = []
+        self.offsets: list[int] = []
+        self.lengths: list[int] = []
 
-    def write(self, result: IdentityResult) -> None:
+    @property
+    def identities(self) -> int:
+        return len(self.per_identity)
+
+    def write(self, result: IdentityResult, first: int = 0) -> None:
+        """An identity's faces, numbered ``first``, ``first + 1`` … in their keys (dense: a face that cannot be
+        encoded takes no number)."""
         ident = result.identity
-        self.identities += 1
         written = 0
         skipped = list(result.skipped)
         for face in result.faces:
             try:
-                sample = self._sample(ident.cls, written, ident.id, face)
-            except (OSError, ValueError, TypeError) as exc:  # an image PIL cannot decode/encode, a bad extra
+                key, sample = self._sample(ident.cls, first + written, ident.id, face)
+            except (OSError, ValueError, TypeError, SyntaxError) as exc:  # an image PIL cannot read, a bad extra
                 skipped.append(Skip(face.ref, "unencodable sample", f"{type(exc).__name__}: {exc}"))
                 continue
-            self._tar.add_sample(sample.pop("__key__"), sample)
+            self._add(key, ident.id, ident.cls, self._tar.add_sample(key, sample))
+            self._count_quality(face)
             written += 1
         self.images += written
-        self.per_identity[ident.id] = written
+        self.per_identity[ident.id] = self.per_identity.get(ident.id, 0) + written
         result.skipped = skipped
         for skip in skipped:
             self.skipped[skip.reason] += 1
@@ -204,24 +315,37 @@ class ShardWriter:
             if len(self.failures) < MAX_FAILURES_LISTED:
                 self.failures.append(failure)
 
-    def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> dict:
-        meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref, **face.meta}
-        sample = {
-            "__key__": f"{cls:06d}_{n:03d}",
-            self.fmt: encode_image(face.image, face.ext, self.fmt),
-            "cls": str(cls).encode(),
-            "json": dumps(meta),
-        }
+    def copy(self, key: str, identity_id: str, cls: int, block: bytes) -> None:
+        """A sample copied as it lies in another tar of this build (its members' headers and padding included)."""
+        self._add(key, identity_id, cls, self._tar.add_raw(block))
+        self.images += 1
+        self.per_identity[identity_id] = self.per_identity.get(identity_id, 0) + 1
+
+    def _add(self, key: str, identity_id: str, cls: int, where: tuple[int, int]) -> None:
+        self.keys.append(key)
+        self.identity_ids.append(identity_id)
+        self.labels.append(cls)
+        self.offsets.append(where[0])
+        self.lengths.append(where[1])
+
+    def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> tuple[str, dict]:
+        image = encode_image(face.image, face.ext, self.fmt)
+        width, height = image_size(image)
+        meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref,
+                "width": width, "height": height, **face.meta}
+        sample = {self.fmt: image, "cls": str(cls).encode(), "json": dumps(meta)}
         for field, value in face.extras.items():
             sample[field] = encode_extra(field, value)
-        for name in self.quality_fields:  # counted once the sample is sure to be written
+        return f"{cls:06d}_{n:03d}", sample
+
+    def _count_quality(self, face: Face) -> None:
+        for name in self.quality_fields:  # counted once the sample is written
             value = face.meta.get(name)
             if isinstance(value, (int, float, np.number)) and np.isfinite(value):
                 q = self.quality.setdefault(name, {"sum": 0.0, "count": 0, "min": float(value), "max": float(value)})
                 q["sum"] += float(value)
                 q["count"] += 1
                 q["min"], q["max"] = min(q["min"], float(value)), max(q["max"], float(value))
-        return sample
 
     def finish(self) -> None:
         """All samples are written: end the tar. ``commit`` (fsync, rename, stats) may then run in another thread."""
@@ -235,6 +359,11 @@ class ShardWriter:
         self._file.close()
         size = self._tar.size
         os.replace(self.tmp, self.final)
+        tar = self.final.relative_to(self.out).as_posix()
+        index = {"format": INDEX_FORMAT, "tar": tar, "tar_bytes": size, "keys": self.keys,
+                 "identities": self.identity_ids, "cls": self.labels, "offsets": self.offsets,
+                 "lengths": self.lengths}
+        write_atomic(self.place.index, dumps(index))
         stats = {
             "shard": self.index,
             "identities": self.identities,
@@ -247,14 +376,15 @@ class ShardWriter:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
-            "tar": self.final.relative_to(self.out).as_posix(),
+            "tar": tar,
             "tar_bytes": size,
             "tar_xxh3_128": self._tar.digest.hexdigest(),
+            **self.extra_stats,
         }
-        from facegen.builders.skipped import write_shard_skipped
+        from facegen.builders.skipped import write_skipped_list
 
-        write_shard_skipped(self.out, self.index, self.all_failures)
-        write_atomic(shard_stats_path(self.out, self.index), dumps(stats))
+        write_skipped_list(self.place.skipped, "unit" if self.unit else "shard", self.index, self.all_failures)
+        write_atomic(self.place.stats, dumps(stats))  # last: its existence (and agreement) means complete
         return stats
 
     def abort(self) -> None:

@@ -18,7 +18,14 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
-from facegen.cards.stats import Statistics, load_run, load_shard_stats, size_category, summarise
+from facegen.cards.stats import (
+    Statistics,
+    load_run,
+    load_shard_stats,
+    load_unit_stats,
+    size_category,
+    summarise,
+)
 from facegen.errors import UsageError
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -97,6 +104,8 @@ def _columns(run: dict, features) -> list[dict]:
         "json.identity": "the identity's id in the source dataset",
         "json.source": "the source plugin's name",
         "json.source_ref": "the source image (or seed) this sample was made from",
+        "json.width": "width of the stored image in pixels (as decoded, before any EXIF orientation)",
+        "json.height": "height of the stored image in pixels (as decoded, before any EXIF orientation)",
         "__key__": "sample key `{cls:06d}_{n:03d}` (identity label, image number)",
         "__url__": "the shard (tar file) the sample was read from",
     }
@@ -138,7 +147,8 @@ def rebuild_command(run: dict, out: str = "OUT") -> str:
     args += ["--plugin", o.get("plugin", "?")]
     args += _option_args("--plugin-opt", o.get("plugin_opts"))
     for key, flag in (("limit_identities", "--limit-identities"), ("identities_file", "--identities-file"),
-                      ("shard_size", "--shard-size"), ("seed", "--seed"), ("format", "--format")):
+                      ("shard_size", "--shard-size"), ("shard_samples", "--shard-samples"),
+                      ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format")):
         if o.get(key) is not None:
             args += [flag, str(o[key])]
     if o.get("strict"):
@@ -232,13 +242,13 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
     out = Path(out_dir)
     run = load_run(out)
     shards = load_shard_stats(out)
-    statistics = summarise(shards)
+    statistics = summarise(shards, load_unit_stats(out), (run.get("plan") or {}).get("identities"))
     chain = licence_chain(run)
     data = card_data(run, statistics, chain)
     features = Features.from_dict(run["features"])
     repo = _repo_id(out, repo_id)
     tar_paths = [out / s["tar"] for s in shards if (out / s.get("tar", "")).is_file()]
-    preview = preview_grid(tar_paths, run.get("image_column", "png"))
+    preview = preview_grid(tar_paths, run.get("image_column", "png"), out=out)
     num_shards = len(shards)
     context = {
         "card_data": data.to_yaml(),
@@ -259,6 +269,8 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
         "repo_known": repo is not None,
         "data_files": DATA_FILES,
         "last_shard": f"{max(num_shards - 1, 0):06d}",
+        "layout_lengths": _lengths_text([s.get("images", 0) for s in shards]),
+        "layout_mode": (run.get("layout") or {}).get("mode"),
         "shards": shards[:SHARD_CHECKSUMS_SHOWN],
         "shards_hidden": max(0, num_shards - SHARD_CHECKSUMS_SHOWN),
         "has_preview": preview is not None,
@@ -280,6 +292,14 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
                      statistics=statistics, run=run)
 
 
+def _lengths_text(lengths: list[int]) -> str:
+    """'1,000' or '999 to 1,000': how many samples the shards hold."""
+    if not lengths:
+        return "0"
+    low, high = min(lengths), max(lengths)
+    return f"{high:,}" if low == high else f"{low:,} to {high:,}"
+
+
 def _write(path: Path, data: bytes) -> None:
     """Write next to the target under a hidden name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -288,7 +308,9 @@ def _write(path: Path, data: bytes) -> None:
 
 
 CARD_FILES = ("README.md", "LICENSE", "preview.jpg")
-CARD_FILES_RECORD = "card_files.json"  # under .facegen: the sha256 of each card file facegen wrote
+INFO_FILE = "_info.json"  # written by the build (timm's split info), recorded like the card's files
+OUTPUT_FILES = (*CARD_FILES, INFO_FILE)  # every name facegen writes in OUT itself
+CARD_FILES_RECORD = "card_files.json"  # under .facegen: the sha256 of each of those files facegen wrote
 
 
 def _card_files_record(out: Path) -> dict | None:
@@ -312,15 +334,27 @@ def written_by_facegen(out, name: str) -> bool:
     if name == "LICENSE" and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
         return True
     record = _card_files_record(out)
-    if record is None:  # a build from before the record: its README.md and preview.jpg were always the card's
-        return name in ("README.md", "preview.jpg") and (out / ".facegen" / "run.json").is_file()
+    if record is None:  # a build from before the record: its README.md, preview.jpg and _info.json were its own
+        return name in ("README.md", "preview.jpg", INFO_FILE) and (out / ".facegen" / "run.json").is_file()
     return hashlib.sha256(data).hexdigest() in (record.get(name) or [])
 
 
-def foreign_card_files(out) -> list[str]:
-    """The card's file names in OUT that hold files facegen did not write (the user's own, or edited since)."""
+def foreign_card_files(out, names=CARD_FILES) -> list[str]:
+    """The card's file names (or ``names``) in OUT that hold files facegen did not write (the user's own, or edited
+    since)."""
     out = Path(out)
-    return [name for name in CARD_FILES if (out / name).exists() and not written_by_facegen(out, name)]
+    return [name for name in names if (out / name).exists() and not written_by_facegen(out, name)]
+
+
+def write_recorded(out, name: str, data: bytes) -> None:
+    """Write ``OUT/name`` (one of OUTPUT_FILES outside the card: ``_info.json``), recorded as facegen's; a file
+    there that facegen did not write is refused in one line, never replaced."""
+    out = Path(out)
+    if foreign_card_files(out, (name,)):
+        raise UsageError(f"{out / name} was not written by facegen (or changed since): move it out of the folder so "
+                         "that the build can write it there")
+    _record_card_files(out, {name: data})
+    _write(out / name, data)
 
 
 def _record_card_files(out: Path, files: dict[str, bytes]) -> None:

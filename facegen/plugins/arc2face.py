@@ -225,6 +225,8 @@ class Arc2FaceTransform(Transform):
                              "(make one with `facegen estimate-shift`, or pass shift=none)")
         if self.opts["resolution"] < 0:
             raise UsageError("transform 'arc2face': resolution must be >= 0")
+        if not self.opts["align"]:
+            self.quality_fields = ()  # no cosine is measured on an unaligned image
         self.generator = None
         self._sources: dict[str, str] = {}
 
@@ -283,13 +285,15 @@ class Arc2FaceTransform(Transform):
         return "png"
 
     def json_features(self, source) -> dict[str, Any]:
-        return {
+        features = {
             "latent_index": Value("int32"),  # which SLERP variation of the identity (0..latents-1)
             "t": Value("float32"),  # interpolation factor from the prototype toward the target source embedding
             "image_index": Value("int32"),  # which image of that latent (0..images_per_latent-1)
             "seed": Value("int64"),  # seed of this image's initial noise
-            "cosine_to_prototype": Value("float32"),  # ArcFace cosine of the aligned output to the prototype
         }
+        if self.opts["align"]:  # measured on the aligned crop only: without alignment the field does not exist
+            features["cosine_to_prototype"] = Value("float32")  # ArcFace cosine of the aligned output to the prototype
+        return features
 
     def provenance(self) -> dict[str, Any]:
         from facegen.generators.arc2face import PROMPT, describe
@@ -302,7 +306,7 @@ class Arc2FaceTransform(Transform):
             "json.image_index": "which image generated from that latent (0 … images_per_latent − 1)",
             "json.seed": "seed of the image's initial noise, derived from (identity seed, latent, image)",
             "json.cosine_to_prototype": "ArcFace (arcface.onnx) cosine similarity of the aligned 112x112 output "
-                                        "to the identity's prototype (null when align=off)",
+                                        "to the identity's prototype (not in align=off builds)",
         }}
         facts["recipe"] = {k: self.opts[k] for k in ("latents", "images_per_latent", "alpha", "shift_scale",
                                                      "align", "detector", "det_size", "det_thresh")}
@@ -527,7 +531,9 @@ class Arc2FaceTransform(Transform):
                 out.append((job, Skip(ref, "no face detected", f"seed {job.seed}")))
                 continue
             meta = {"latent_index": job.latent_index, "t": round(variation.t, 6), "image_index": job.image_index,
-                    "seed": job.seed, "cosine_to_prototype": round(cosines[i], 6) if i in cosines else None}
+                    "seed": job.seed}
+            if i in cosines:  # align=off measures no cosine: the field is not in that build (never null)
+                meta["cosine_to_prototype"] = round(cosines[i], 6)
             out.append((job, Face(image=encode_png(crops[i]), ext="png", ref=plan.source_refs[variation.target],
                                   meta=meta)))
         return out

@@ -584,15 +584,32 @@ class DigiFaceSource(Source):
                 fd = self._fds[c_index] = os.open(self.containers[c_index].path, os.O_RDONLY)
             return fd
 
-    def load(self, identity_id):
+    def _rows(self, identity_id: str) -> tuple[int, int, int]:
+        """(container, first row, stop row) of the identity's images, after ``max_images``."""
         c_index, start, stop = self._where[identity_id]
-        container = self.containers[c_index]
         if self.opts["max_images"]:
             stop = min(stop, start + self.opts["max_images"])
+        return c_index, start, stop
+
+    def image_refs(self, identity_id):
+        c_index, start, stop = self._rows(identity_id)
+        container = self.containers[c_index]
+        return [container.ref(container.member_name(identity_id, row, int(container.rows[row]["image_index"])))
+                for row in range(start, stop)]
+
+    def load(self, identity_id):
+        _, start, stop = self._rows(identity_id)
+        return self.load_images(identity_id, range(stop - start))
+
+    def load_images(self, identity_id, indices):
+        c_index, start, _ = self._rows(identity_id)
+        container = self.containers[c_index]
         part = self.part_of(identity_id)
         fd = self._fd(c_index) if container.kind == "zip" else -1
         items: list[SourceImage | Skip] = []
-        for row, record in enumerate(container.rows[start:stop].tolist(), start):
+        for position in indices:
+            row = start + position
+            record = container.rows[row].tolist()
             member = container.member_name(identity_id, row, record[0])
             ref = container.ref(member)
             try:

@@ -167,6 +167,7 @@ class DiscoSource(Source):
         self._h5 = None
         self._h5_pid = None
         self._h5_lock = threading.Lock()
+        self._listing: dict[str, list[tuple[str, str]]] = {}  # identity -> its items (filled on first use)
 
     # --- construction helpers ---
 
@@ -257,15 +258,45 @@ class DiscoSource(Source):
         return {"embedding.npy": List(Value("float32"), length=EMBEDDING_DIM),
                 "w_latent.npy": List(Value("float32"), length=LATENT_DIM)}
 
-    def load(self, identity_id):
-        import h5py
+    def _entries(self, identity_id: str) -> list[tuple[str, str]]:
+        """The identity's items in order: ("sample", label) per h5 sample group, then ("orphan", file name) per
+        image that has no h5 sample (counted as a skip, never written). Listed once per process."""
+        entries = self._listing.get(identity_id)
+        if entries is None:
+            import h5py
 
+            group = self._samples()[identity_id]
+            labels = sorted((name for name, cls in ((n, group.get(n, getclass=True)) for n in group.keys())
+                             if cls is h5py.Group), key=label_key)
+            entries = [("sample", label) for label in labels
+                       if label != "reference" or self.include_reference]
+            folder = os.path.join(self.images_dir, identity_id)
+            known = set(labels)
+            if os.path.isdir(folder):
+                for file_name in sorted(os.listdir(folder), key=natural_key):
+                    stem, ext = os.path.splitext(file_name)
+                    if ext.lower() == ".png" and stem not in known:
+                        entries.append(("orphan", file_name))
+            self._listing[identity_id] = entries
+        return entries
+
+    def image_refs(self, identity_id):
+        return [f"{identity_id}/{os.path.splitext(name)[0] if kind == 'orphan' else name}"
+                for kind, name in self._entries(identity_id)]
+
+    def load(self, identity_id):
+        return self.load_images(identity_id, range(len(self._entries(identity_id))))
+
+    def load_images(self, identity_id, indices):
+        entries = self._entries(identity_id)
         group = self._samples()[identity_id]
-        labels = sorted((name for name, cls in ((n, group.get(n, getclass=True)) for n in group.keys())
-                         if cls is h5py.Group), key=label_key)
         items: list[SourceImage | Skip] = []
-        for label in labels:
-            if label == "reference" and not self.include_reference:
+        for index in indices:
+            kind, label = entries[index]
+            if kind == "orphan":  # an image of this identity without h5 sample: no embedding, no latent
+                stem = os.path.splitext(label)[0]
+                items.append(Skip(f"{identity_id}/{stem}", "image without h5 sample",
+                                  f"{os.path.basename(self.images_dir)}/{identity_id}/{label}"))
                 continue
             ref = f"{identity_id}/{label}"
             sample = self._read_sample(group[label], ref)
@@ -286,15 +317,6 @@ class DiscoSource(Source):
             items.append(SourceImage(ref=ref, data=data, ext="png", meta=meta,
                                      extras={"embedding.npy": embedding, "w_latent.npy": w_latent},
                                      hints={"embedding": embedding, "w_latent": w_latent}))
-        # images of this identity that have no h5 sample: counted, not written (no embedding, no latent)
-        folder = os.path.join(self.images_dir, identity_id)
-        known = set(labels)
-        if os.path.isdir(folder):
-            for file_name in sorted(os.listdir(folder), key=natural_key):
-                stem, ext = os.path.splitext(file_name)
-                if ext.lower() == ".png" and stem not in known:
-                    items.append(Skip(f"{identity_id}/{stem}", "image without h5 sample",
-                                      f"{os.path.basename(self.images_dir)}/{identity_id}/{file_name}"))
         return items
 
     def _read_sample(self, group, ref: str):

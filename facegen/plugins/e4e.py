@@ -258,11 +258,10 @@ class E4ETransform(Transform):
             "mode": Value("string"),
             "seed": Value("int64"),
             "candidate": Value("int32"),
-            "psi": Value("float32"),
-            "phi": Value("float32"),
-            "perturbation": Value("float32"),
-            "noise": Value("string"),
         })
+        if self.opts["mode"] == "truncation":  # psi and phi exist only in truncation mode (never null)
+            features.update({"psi": Value("float32"), "phi": Value("float32")})
+        features.update({"perturbation": Value("float32"), "noise": Value("string")})
         return features
 
     def extra_features(self, source):
@@ -374,8 +373,7 @@ class E4ETransform(Transform):
                     continue
                 inputs.append(self.frame_input(pixels))
                 for candidate in range(self.opts["candidates"]):
-                    meta = {**image.meta, "mode": "project", "seed": identity.seed, "candidate": candidate,
-                            "psi": None, "phi": None}
+                    meta = {**image.meta, "mode": "project", "seed": identity.seed, "candidate": candidate}
                     jobs.append(Job(slot, image.ref, index, candidate, meta))
         codes = [self.encode(torch.stack(inputs[s:s + self.batch_size]).to(self.device))
                  for s in range(0, len(inputs), self.batch_size)]

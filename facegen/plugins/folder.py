@@ -33,6 +33,7 @@ class FolderSource(Source):
         with os.scandir(self.path) as entries:
             names = [e.name for e in entries if e.is_dir() and not e.name.startswith((".", "__"))]
         self._ids = sorted(names, key=natural_key)
+        self._listing: dict[str, list[str]] = {}  # identity -> image file names (filled on first use)
         # the stored encoding, from the first identity's images: passthrough then copies bytes instead of converting
         self.image_format = "png"
         if self._ids:
@@ -45,15 +46,30 @@ class FolderSource(Source):
     def identities(self):
         return self._ids
 
+    def _files(self, identity_id: str) -> list[str]:
+        """The identity's image files in natural order, listed once per process."""
+        files = self._listing.get(identity_id)
+        if files is None:
+            folder = os.path.join(self.path, identity_id)
+            files = self._listing[identity_id] = sorted(
+                (n for n in os.listdir(folder)
+                 if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS),
+                key=natural_key,
+            )
+        return files
+
+    def image_refs(self, identity_id):
+        return [f"{identity_id}/{name}" for name in self._files(identity_id)]
+
     def load(self, identity_id):
+        return self.load_images(identity_id, range(len(self._files(identity_id))))
+
+    def load_images(self, identity_id, indices):
         folder = os.path.join(self.path, identity_id)
-        files = sorted(
-            (n for n in os.listdir(folder)
-             if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS),
-            key=natural_key,
-        )
+        files = self._files(identity_id)
         items: list[SourceImage | Skip] = []
-        for index, file_name in enumerate(files):
+        for index in indices:
+            file_name = files[index]
             ref = f"{identity_id}/{file_name}"
             try:
                 with open(os.path.join(folder, file_name), "rb") as f:

@@ -35,6 +35,7 @@ class Passthrough(Transform):
     description = "Re-emit the source's images and extras unchanged (bytes copied after an integrity check)"
     card_description = "Images are the source's own files, copied byte for byte (re-encoded only to change format)."
     batch_size = 16
+    per_image = True  # one image in, that image (or a skip) out
 
     def output_format(self, source):
         return source.image_format

@@ -299,6 +299,12 @@ class SFHQSource(Source):
             features[column] = List(Value("float32"), length=dim)
         return features
 
+    def image_refs(self, identity_id):
+        return [os.path.relpath(self._file(identity_id, IMAGE), self.path)]  # one image per identity
+
+    def load_images(self, identity_id, indices):
+        return self.load(identity_id) if list(indices) == [0] else []
+
     def load(self, identity_id):
         stem = identity_id
         image_path = self._file(stem, IMAGE)

@@ -177,6 +177,9 @@ class Transform(Plugin):
 
     kind = "transform"
     batch_size = 1  # identities per call
+    # True when the source's encoded bytes are written as they are (passthrough): the run then checks every source
+    # image on its loading threads, beside the writer. Other transforms' images are checked when written.
+    copies_source_images = False
     # True: each output face is made from one input image alone, at most one face per image, in the images'
     # order. The run then hands the transform identities holding one image each, in the published (shuffled)
     # order, and writes the published shards directly. False: whole identities, in units of --shard-size

@@ -88,12 +88,14 @@ def plugins_command():
 @click.option("--seed", type=int, help="Run seed; per-identity seeds derive from it (default 0).")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")
+@click.option("--verify", type=click.Choice(["full", "header"]),
+              help="full (default): decode every image once before writing it; header: PIL's cheap check only.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
 @click.option("--break-lock", is_flag=True,
               help="Take --out's lock even if another build holds it (only when that build is known to be gone).")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
                   identities_file, shard_size, shard_samples, shards_multiple_of, seed, image_format, strict,
-                  overwrite, break_lock):
+                  verify, overwrite, break_lock):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
     from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
     from facegen.builders.run import build
@@ -103,7 +105,7 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
         "plugin": plugin, "plugin_opts": parse_pairs(plugin_opts, "--plugin-opt"),
         "limit_identities": limit_identities, "identities_file": identities_file, "shard_size": shard_size,
         "shard_samples": shard_samples, "shards_multiple_of": shards_multiple_of, "seed": seed,
-        "format": image_format, "strict": strict,
+        "format": image_format, "strict": strict, "verify": verify,
     }
     values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}
@@ -276,12 +278,15 @@ def demo_command(out, overwrite):
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to (created when missing; default main).")
 @click.option("--dry-run", is_flag=True, help="Check the folder and list what would be uploaded; contact nothing.")
 @click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN, then the saved `hf auth login`).")
-def publish_command(out, repo_id, private, revision, dry_run, token):
+@click.option("--verify", type=click.Choice(["full", "header"]), default="full", show_default=True,
+              help="full: decode every image before uploading; header: only check the tars and checksums.")
+def publish_command(out, repo_id, private, revision, dry_run, token, verify):
     """Check a finished build folder and upload it to a Hub dataset repo (rerun to resume an interrupted upload)."""
     from facegen.builders.publish import PublishError, publish
 
     try:
-        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, echo=click.echo)
+        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, verify=verify,
+                echo=click.echo)
     except PublishError as exc:
         raise click.ClickException(str(exc)) from None
 

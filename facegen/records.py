@@ -23,6 +23,7 @@ class SourceImage:
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     hints: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)  # what the source did to the stored file ("resized to 256 px")
 
 
 # "<_io.BytesIO object at 0x7f…>" and the like: what an exception's text holds when a library names the object it
@@ -74,6 +75,7 @@ class Face:
     ref: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)  # re-encodes already done to a source's image, for the card
 
 
 @dataclass

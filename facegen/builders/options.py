@@ -30,6 +30,7 @@ class BuildConfig:
     seed: int = 0
     format: str | None = None
     strict: bool = False
+    verify: str = "full"  # full: every image decoded once before it is written; header: PIL's cheap check only
     overwrite: bool = False
     break_lock: bool = False
     command: list[str] = field(default_factory=list)
@@ -40,8 +41,8 @@ class BuildConfig:
 
 RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "break_lock", "command"}
 RECIPE_TYPES = {"shard_size": int, "shard_samples": int, "shards_multiple_of": int, "seed": int,
-                "limit_identities": int, "strict": to_bool,
-                "source": str, "plugin": str, "source_path": str, "identities_file": str, "format": str}
+                "limit_identities": int, "strict": to_bool, "source": str, "plugin": str, "source_path": str,
+                "identities_file": str, "format": str, "verify": str}
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:

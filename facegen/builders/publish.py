@@ -79,10 +79,31 @@ class _HashingReader:
         return data
 
 
-def check_shard(path: Path, image_column: str) -> tuple[dict, str | None]:
-    """Walk a tar to its end. Returns ({"images", "xxh3_128", "bytes"}, problem or None)."""
+DECODE_THREADS = min(8, os.cpu_count() or 4)  # PIL and zlib release the GIL while decoding
+DECODES_IN_FLIGHT = 64  # images read ahead of their decode: bounded memory
+
+
+def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[dict, str | None]:
+    """Walk a tar to its end, decoding every image member when ``verify`` is full.
+
+    Returns ({"images", "xxh3_128", "bytes"}, problem or None).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, check_image
+
     images = 0
-    with open(path, "rb") as raw:
+    pending: list = []
+    broken: list[str] = []
+
+    def decoded(name: str, data: bytes) -> str | None:
+        try:
+            check_image(data, "full")
+        except ImageError as exc:
+            return f"{name} ({exc})"
+        return None
+
+    with open(path, "rb") as raw, ThreadPoolExecutor(DECODE_THREADS) as pool:
         reader = _HashingReader(raw)
         try:
             # stream mode reads every member's data in order: a truncated or corrupt tar fails here
@@ -91,12 +112,22 @@ def check_shard(path: Path, image_column: str) -> tuple[dict, str | None]:
                     name = member.name
                     if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
                         return {}, f"unexpected member {name!r}"
-                    if name.rpartition("/")[2].partition(".")[2] == image_column:
+                    field = name.rpartition("/")[2].partition(".")[2]
+                    if field == image_column:
                         images += 1
+                    if verify == "full" and field.rsplit(".", 1)[-1] in IMAGE_FIELD_EXTENSIONS:
+                        pending.append(pool.submit(decoded, name, tar.extractfile(member).read()))
+                        if len(pending) >= DECODES_IN_FLIGHT:
+                            broken += filter(None, (f.result() for f in pending))
+                            pending = []
         except (tarfile.TarError, EOFError, OSError) as exc:
             return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
+        broken += filter(None, (f.result() for f in pending))
         while reader.read(1 << 20):  # the end-of-archive padding, so that the checksum covers the whole file
             pass
+    if broken:
+        return {}, (f"{len(broken)} image(s) do not decode (`load_dataset` would fail on them), first: {broken[0]}; "
+                    "rebuild with the default --verify full, which skips them")
     return {"images": images, "xxh3_128": reader.xxh3_128.hexdigest(),
             "bytes": reader.bytes_read}, None
 
@@ -145,7 +176,7 @@ def _check_card(out: Path, run: dict, problems: list[str]) -> None:
                             f"{run.get('totals', {}).get('images')} (run `facegen card OUT`)")
 
 
-def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
+def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full") -> None:
     from facegen.cards.stats import load_shard_stats, load_unit_stats, summarise
 
     image_column = run.get("image_column", "png")
@@ -166,7 +197,7 @@ def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
         if not path.is_file():
             problems.append(f"{rel}: missing (its stats file exists)")
             continue
-        found, problem = check_shard(path, image_column)
+        found, problem = check_shard(path, image_column, verify)
         if problem:
             problems.append(f"{rel}: {problem}")
             continue
@@ -216,8 +247,12 @@ def _check_loads(out: Path, run: dict, problems: list[str]) -> None:
         problems.append(f"load_dataset yields {rows} rows, the run counts {run.get('totals', {}).get('images')}")
 
 
-def check_folder(out_dir) -> list[str]:
-    """Every problem that should stop a publish, as one line each (empty list = ready to publish)."""
+def check_folder(out_dir, verify: str = "full") -> list[str]:
+    """Every problem that should stop a publish, as one line each (empty list = ready to publish).
+
+    ``verify="full"`` decodes every image (so that a build made before images were checked, or with
+    ``--verify header``, is caught before upload); ``"header"`` only walks the tars.
+    """
     from facegen.cards.stats import load_run
 
     out = Path(out_dir)
@@ -229,7 +264,7 @@ def check_folder(out_dir) -> list[str]:
         return [str(exc)]
     problems: list[str] = []
     _check_card(out, run, problems)
-    _check_shards(out, run, problems)
+    _check_shards(out, run, problems, verify)
     if not problems:  # loading is slow and pointless when the files are already known to be wrong
         _check_loads(out, run, problems)
     return problems
@@ -295,7 +330,7 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run: bool = False,
-            token: str | None = None, endpoint: str | None = None,
+            token: str | None = None, endpoint: str | None = None, verify: str = "full",
             echo: Callable[[str], None] = print) -> PublishResult:
     """Check ``out_dir`` and upload it to the dataset repo ``repo_id`` (see the module docstring)."""
     from huggingface_hub import HfApi, constants
@@ -309,8 +344,8 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     branch = revision or constants.DEFAULT_REVISION
 
     # 1. local checks; refuse with every problem found
-    echo(f"checking {out} …")
-    problems = check_folder(out)
+    echo(f"checking {out} …" + (" (every image decoded)" if verify == "full" else " (images not decoded)"))
+    problems = check_folder(out, verify)
     if problems:
         shown = problems[:PROBLEMS_SHOWN]
         more = f"\n  … and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 import facegen
 from facegen import registry
 from facegen.api import Source, Transform
+from facegen.builders.images import VERIFY_LEVELS, check_source_images
 from facegen.builders.lock import output_lock
 from facegen.builders.options import BuildConfig
 from facegen.builders.outputs import (
@@ -66,7 +67,8 @@ from facegen.builders.skipped import gather_skipped
 from facegen.errors import SampleError, UsageError
 from facegen.records import Identity, SourceImage, Skip
 
-LOAD_THREADS = 4  # identities are read ahead by threads: file and zip reads release the GIL
+# identities are read ahead and their images checked by threads: file reads, zlib and PIL decodes release the GIL
+LOAD_THREADS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
 LOAD_CHUNK = 16  # single images (per-image transforms) are read ahead in chunks: a thread task costs ~20 µs
 
 
@@ -228,6 +230,7 @@ class SampleTable:
     offset: np.ndarray | None = None
     length: np.ndarray | None = None
     keys: list[str] | None = None
+    images: list | None = None  # identity-level: (mode, "WxH", changes) of each sample's image, as its unit says
 
     def __len__(self) -> int:
         return len(self.cls)
@@ -249,6 +252,8 @@ class Builder:
             raise UsageError(f"missing {', '.join(missing)} (give it on the command line or in a --recipe)")
         if config.format not in (None, "png", "jpg"):
             raise UsageError(f"--format must be png or jpg, got {config.format!r}")
+        if config.verify not in VERIFY_LEVELS:
+            raise UsageError(f"--verify must be full or header, got {config.verify!r}")
         if config.shard_samples is None:
             config.shard_samples = DEFAULT_SHARD_SAMPLES
         check_layout_options(config.shard_samples, config.shards_multiple_of)
@@ -284,6 +289,7 @@ class Builder:
             "plugin": c.plugin, "plugin_opts": self.transform.opts, "plan_sha256": self.plan.sha256(),
             "identities": len(self.plan.ids), "shard_size": c.shard_size, "shard_samples": c.shard_samples,
             "shards_multiple_of": c.shards_multiple_of, "seed": c.seed, "format": self.format,
+            "verify": c.verify,
         })
 
     def _setup(self) -> None:
@@ -294,7 +300,8 @@ class Builder:
     def _writer(self, index: int, unit: bool) -> ShardWriter:
         writer = ShardWriter(self.out, index, self.format, self.source.name,
                              getattr(self.transform, "quality_fields", ()),
-                             rank=(self.state.process_index, self.state.num_processes), unit=unit)
+                             rank=(self.state.process_index, self.state.num_processes), unit=unit,
+                             verify=self.config.verify, lossy_allowed=self.config.format == "jpg")
         reason = self._redo_reasons.get(("unit" if unit else "shard", index))
         if reason:  # said in the stats, so that the main process's summary can count it
             writer.extra_stats["redone_because"] = reason
@@ -321,7 +328,7 @@ class Builder:
         ids = self.plan.ids
 
         def load(pos: int) -> tuple[Identity, int]:
-            items = self.source.load(ids[pos])
+            items = self._checked(self.source.load(ids[pos]))
             return Identity(
                 id=ids[pos], cls=pos, seed=identity_seed(self.config.seed, ids[pos]),
                 images=[i for i in items if isinstance(i, SourceImage)],
@@ -339,7 +346,7 @@ class Builder:
             loaded = []
             for row in chunk:
                 pos, number = int(table.cls[row]), int(table.number[row])
-                items = self.source.load_images(ids[pos], [number])
+                items = self._checked(self.source.load_images(ids[pos], [number]))
                 loaded.append((Identity(
                     id=ids[pos], cls=pos, seed=identity_seed(self.config.seed, ids[pos]),
                     images=[i for i in items if isinstance(i, SourceImage)],
@@ -351,6 +358,13 @@ class Builder:
         chunks = [rows[k:k + LOAD_CHUNK] for k in range(0, len(rows), LOAD_CHUNK)]  # one thread task per chunk
         for loaded in _read_ahead(pool, load, chunks, max(2 * self.transform.batch_size // LOAD_CHUNK, 8)):
             yield from loaded
+
+    def _checked(self, items: list[SourceImage | Skip]) -> list[SourceImage | Skip]:
+        """A source's items, with every image checked here, on the loading thread (PIL and zlib release the GIL),
+        when the transform writes them as they are; a checked image is not checked again by the writer."""
+        if self.transform.copies_source_images:
+            items = check_source_images(items, self.config.verify)
+        return items
 
     def _write(self, writer: ShardWriter, identities: Iterator[tuple[Identity, int]], progress) -> ShardWriter:
         """Transform and write ``identities`` (with the number of their first sample); the caller commits."""
@@ -486,6 +500,7 @@ class Builder:
             offset=np.array([o for _, ix in parts for o in ix["offsets"]], dtype=np.int64),
             length=np.array([n for _, ix in parts for n in ix["lengths"]], dtype=np.int64),
             keys=[k for _, ix in parts for k in ix["keys"]],
+            images=[info for _, ix in parts for info in _images_info(ix)],
         )
         return table, digest.hexdigest()
 
@@ -518,7 +533,7 @@ class Builder:
                         for row in order[bounds[j][0]:bounds[j][1]].tolist():
                             block = os.pread(fds[int(table.unit[row])], int(table.length[row]), int(table.offset[row]))
                             cls = int(table.cls[row])
-                            writer.copy(table.keys[row], ids[cls], cls, block)
+                            writer.copy(table.keys[row], ids[cls], cls, block, table.images[row])
                             progress.update(1)
                         writer.finish()
                     except BaseException:
@@ -719,7 +734,7 @@ class Builder:
                 "limit_identities": c.limit_identities, "identities_file": c.identities_file,
                 "identities_file_sha256": self.identities_file_sha256, "shard_size": c.shard_size,
                 "shard_samples": c.shard_samples, "shards_multiple_of": c.shards_multiple_of,
-                "seed": c.seed, "format": self.format, "strict": c.strict,
+                "seed": c.seed, "format": self.format, "strict": c.strict, "verify": c.verify,
             },
             "plan": {"identities": len(self.plan.ids), "shards": len(self.layout),
                      "plan_sha256": self.plan.sha256()},
@@ -782,6 +797,14 @@ def _read_ahead(pool: ThreadPoolExecutor, load, items, window: int) -> Iterator:
         if nxt is not None:
             pending.append(pool.submit(load, nxt))
         yield future.result()
+
+
+def _images_info(index: dict) -> list:
+    """Each sample's (mode, "WxH", changes) from a unit's index; None for each of a unit written without them."""
+    modes, sizes, changes = index.get("image_modes"), index.get("image_sizes"), index.get("changes")
+    if modes is None or sizes is None or changes is None:
+        return [None] * len(index["keys"])
+    return list(zip(modes, sizes, changes))
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:

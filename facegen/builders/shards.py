@@ -23,11 +23,14 @@ from typing import Any
 
 import numpy as np
 import xxhash
-from PIL import Image
 
+from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
 from facegen.records import Face, IdentityResult, Skip
 
 MAX_FAILURES_LISTED = 100
+MAX_SIZES_LISTED = 64  # distinct image sizes counted per shard; more are counted as "other"
+
+ImageInfo = tuple[str, str, list[str]]  # a stored image's PIL mode, "WxH" and the changes made on its way in
 
 
 INDEX_FORMAT = "facegen-sample-index-1"
@@ -136,39 +139,6 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of the stored pixels, from the header (before any EXIF orientation, as `datasets` decodes
-    them): a PNG's IHDR is read directly, anything else by PIL, which reads only the header."""
-    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR":
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    with Image.open(io.BytesIO(data)) as im:
-        return im.size
-
-
-PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-
-
-def encode_image(image: Any, ext: str | None, fmt: str) -> bytes:
-    """Bytes already in ``fmt`` are copied; anything else is decoded (if needed) and encoded once."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        if ext == fmt:
-            return bytes(image)
-        image = Image.open(io.BytesIO(image))
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    if fmt == "jpg":
-        image.convert("RGB").save(buf, format="JPEG", quality=95)
-    else:
-        if image.mode not in PNG_MODES:  # CMYK, YCbCr, … (JPEG-only modes)
-            image = image.convert("RGB")
-        image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def encode_extra(field: str, value: Any) -> bytes:
     """Encode one extra tar member by its field's last extension (what `datasets` will decode it by)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -178,8 +148,8 @@ def encode_extra(field: str, value: Any) -> bytes:
         buf = io.BytesIO()
         np.save(buf, np.asarray(value), allow_pickle=False)
         return buf.getvalue()
-    if last in ("png", "jpg", "jpeg"):
-        return encode_image(value, None, "jpg" if last != "png" else "png")
+    if last in IMAGE_FIELD_EXTENSIONS:
+        return prepare_image(value, IMAGE_FIELD_EXTENSIONS[last]).data
     if last in ("json", "jsn"):
         return dumps(value)
     if isinstance(value, str):
@@ -253,15 +223,18 @@ class UstarWriter:
 class ShardWriter:
     """Writes one tar: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then its index, then its stats.
 
-    ``unit=True`` writes a hidden unit of work (``.facegen/units/``) instead of published shard ``index``.
+    ``unit=True`` writes a hidden unit of work (``.facegen/units/``) instead of published shard ``index``; its
+    sample index then also records each sample's image mode, size and conversions, so that the published shards
+    assembled from it count them in their stats without decoding anything again.
     """
 
     def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1),
-                 unit: bool = False):
+                 unit: bool = False, verify: str = "full", lossy_allowed: bool = False):
         self.out, self.index, self.fmt, self.source_name = out, index, fmt, source_name
+        self.verify = verify  # how images not checked on the loading threads are checked here
+        self.lossy_allowed = lossy_allowed  # --format jpg given: a PNG may become a JPEG
         self.rank = rank
         self.quality_fields = tuple(quality_fields)
-        self.unit = unit
         self.place = unit_place(out, index) if unit else shard_place(out, index)
         self.final = self.place.tar
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -278,6 +251,9 @@ class ShardWriter:
         self.failures: list[dict] = []
         self.all_failures: list[dict] = []  # the full list, written beside the stats (which keep the first few)
         self.quality: dict[str, dict] = {}
+        self.converted: Counter = Counter()  # re-encode reason -> images
+        self.modes: Counter = Counter()  # PIL mode of the stored images
+        self.sizes: Counter = Counter()  # "WxH" of the stored images
         self.extra_stats: dict[str, Any] = {}  # what the caller adds to the stats (e.g. the units a shard came from)
         # the sample index: where each sample lies in the tar (key, identity, label, offset, length)
         self.keys: list[str] = []
@@ -285,6 +261,8 @@ class ShardWriter:
         self.labels: list[int] = []
         self.offsets: list[int] = []
         self.lengths: list[int] = []
+        self.unit = unit
+        self.images_info: list[ImageInfo] = []  # units only: (mode, "WxH", changes) of each sample, for assembly
 
     @property
     def identities(self) -> int:
@@ -298,11 +276,15 @@ class ShardWriter:
         skipped = list(result.skipped)
         for face in result.faces:
             try:
-                key, sample = self._sample(ident.cls, first + written, ident.id, face)
-            except (OSError, ValueError, TypeError, SyntaxError) as exc:  # an image PIL cannot read, a bad extra
+                key, sample, info = self._sample(ident.cls, first + written, ident.id, face)
+            except ImageError as exc:  # an image that does not decode, or may not be converted
+                skipped.append(Skip(face.ref, exc.reason, str(exc)))
+                continue
+            except (OSError, ValueError, TypeError, SyntaxError) as exc:  # an image PIL cannot encode, a bad extra
                 skipped.append(Skip(face.ref, "unencodable sample", f"{type(exc).__name__}: {exc}"))
                 continue
             self._add(key, ident.id, ident.cls, self._tar.add_sample(key, sample))
+            self._count_image(info)  # counted once the sample is written
             self._count_quality(face)
             written += 1
         self.images += written
@@ -315,9 +297,12 @@ class ShardWriter:
             if len(self.failures) < MAX_FAILURES_LISTED:
                 self.failures.append(failure)
 
-    def copy(self, key: str, identity_id: str, cls: int, block: bytes) -> None:
-        """A sample copied as it lies in another tar of this build (its members' headers and padding included)."""
+    def copy(self, key: str, identity_id: str, cls: int, block: bytes, info: ImageInfo | None = None) -> None:
+        """A sample copied as it lies in another tar of this build (its members' headers and padding included);
+        ``info``: its image's (mode, "WxH", changes) as recorded where it was written, counted in these stats."""
         self._add(key, identity_id, cls, self._tar.add_raw(block))
+        if info is not None:
+            self._count_image(info)
         self.images += 1
         self.per_identity[identity_id] = self.per_identity.get(identity_id, 0) + 1
 
@@ -328,15 +313,30 @@ class ShardWriter:
         self.offsets.append(where[0])
         self.lengths.append(where[1])
 
-    def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> tuple[str, dict]:
-        image = encode_image(face.image, face.ext, self.fmt)
-        width, height = image_size(image)
+    def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> tuple[str, dict, ImageInfo]:
+        image = prepare_image(face.image, self.fmt, self.verify, self.lossy_allowed)
+        width, height = image.size  # of the stored pixels (before any EXIF orientation of a copied JPEG)
         meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref,
                 "width": width, "height": height, **face.meta}
-        sample = {self.fmt: image, "cls": str(cls).encode(), "json": dumps(meta)}
+        sample = {self.fmt: image.data, "cls": str(cls).encode(), "json": dumps(meta)}
+        changes = list(face.changes) + image.changes
         for field, value in face.extras.items():
-            sample[field] = encode_extra(field, value)
-        return f"{cls:06d}_{n:03d}", sample
+            kind = IMAGE_FIELD_EXTENSIONS.get(field.rsplit(".", 1)[-1])
+            if kind is None:
+                sample[field] = encode_extra(field, value)
+                continue
+            extra = prepare_image(value, kind, self.verify)  # an extra image is never made lossy
+            sample[field] = extra.data
+            changes += [f"{field}: {change}" for change in extra.changes]
+        return f"{cls:06d}_{n:03d}", sample, (image.mode, f"{width}x{height}", changes)
+
+    def _count_image(self, info: ImageInfo) -> None:
+        mode, size, changes = info
+        self.converted.update(changes)
+        self.modes[mode] += 1
+        self.sizes[size if size in self.sizes or len(self.sizes) < MAX_SIZES_LISTED else "other"] += 1
+        if self.unit:
+            self.images_info.append(info)
 
     def _count_quality(self, face: Face) -> None:
         for name in self.quality_fields:  # counted once the sample is written
@@ -363,6 +363,10 @@ class ShardWriter:
         index = {"format": INDEX_FORMAT, "tar": tar, "tar_bytes": size, "keys": self.keys,
                  "identities": self.identity_ids, "cls": self.labels, "offsets": self.offsets,
                  "lengths": self.lengths}
+        if self.unit:  # what the assembly counts in the published shards' stats, per sample
+            index["image_modes"] = [mode for mode, _, _ in self.images_info]
+            index["image_sizes"] = [size for _, size, _ in self.images_info]
+            index["changes"] = [changes for _, _, changes in self.images_info]
         write_atomic(self.place.index, dumps(index))
         stats = {
             "shard": self.index,
@@ -372,6 +376,10 @@ class ShardWriter:
             "skipped": dict(sorted(self.skipped.items())),
             "failures": self.failures,
             "quality": self.quality,
+            "verify": self.verify,
+            "converted": dict(sorted(self.converted.items())),
+            "image_modes": dict(sorted(self.modes.items())),
+            "image_sizes": dict(self.sizes.most_common()),
             "seconds": round(self.seconds, 3),
             "started_at": self.started_at,
             "finished_at": self.finished_at,

@@ -148,7 +148,8 @@ def rebuild_command(run: dict, out: str = "OUT") -> str:
     args += _option_args("--plugin-opt", o.get("plugin_opts"))
     for key, flag in (("limit_identities", "--limit-identities"), ("identities_file", "--identities-file"),
                       ("shard_size", "--shard-size"), ("shard_samples", "--shard-samples"),
-                      ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format")):
+                      ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format"),
+                      ("verify", "--verify")):
         if o.get(key) is not None:
             args += [flag, str(o[key])]
     if o.get("strict"):

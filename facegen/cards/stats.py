@@ -26,6 +26,14 @@ class Statistics:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count, most frequent first
     failures: list[dict] = field(default_factory=list)  # a few examples (ref, reason, detail)
     quality: dict[str, dict] = field(default_factory=dict)  # name -> {mean, min, max, count}
+    converted: dict[str, int] = field(default_factory=dict)  # re-encode reason -> images, most frequent first
+    image_modes: dict[str, int] = field(default_factory=dict)  # PIL mode -> images, most frequent first
+    image_sizes: dict[str, int] = field(default_factory=dict)  # "WxH" -> images, most frequent first
+    verify: list[str] = field(default_factory=list)  # the image checks the shards were written with
+
+    @property
+    def converted_total(self) -> int:
+        return sum(self.converted.values())
 
     @property
     def skipped_total(self) -> int:
@@ -66,14 +74,24 @@ def _load_stats(folder: Path, what: str) -> list[dict]:
 
 def summarise(shards: list[dict], units: list[dict] | None = None, planned_identities: int | None = None
               ) -> Statistics:
-    """Totals of a build. Images and bytes come from the published shards; identities, skips and quality from
+    """Totals of a build. Images, bytes, image checks, modes, sizes and conversions come from the published shards
+    (an assembled shard counts those of the samples it copied); identities, skips and quality from
     the units of work when there are some (identity-level transforms), else from the shards. A shard holds
     samples of many identities (shuffled), so per-identity counts are summed across files."""
     stats = Statistics(shards=len(shards))
     per_identity: Counter = Counter()
     skipped: Counter = Counter()
     quality: dict[str, dict] = {}
+    converted: Counter = Counter()
+    modes: Counter = Counter()
+    sizes: Counter = Counter()
+    verify: set[str] = set()
     for shard in shards:
+        # image checks, modes, sizes and conversions of the published images (assembled shards carry their units')
+        converted.update(shard.get("converted") or {})
+        modes.update(shard.get("image_modes") or {})
+        sizes.update(shard.get("image_sizes") or {})
+        verify.add(shard.get("verify") or "header")  # shards written before --verify existed had PIL's check
         stats.images += shard.get("images", 0)
         stats.tar_bytes += shard.get("tar_bytes", 0)
         stats.seconds += shard.get("seconds", 0.0)
@@ -104,6 +122,10 @@ def summarise(shards: list[dict], units: list[dict] | None = None, planned_ident
         stats.per_identity_mean = sum(counts) / len(counts)
         stats.identities_without_images = sum(1 for n in counts if n == 0)
     stats.skipped = dict(skipped.most_common())
+    stats.converted = dict(converted.most_common())
+    stats.image_modes = dict(modes.most_common())
+    stats.image_sizes = dict(sizes.most_common())
+    stats.verify = sorted(verify)
     stats.quality = {
         name: {"mean": q["sum"] / q["count"], "min": q["min"], "max": q["max"], "count": q["count"]}
         for name, q in sorted(quality.items()) if q["count"]

@@ -34,14 +34,28 @@ class FolderSource(Source):
             names = [e.name for e in entries if e.is_dir() and not e.name.startswith((".", "__"))]
         self._ids = sorted(names, key=natural_key)
         self._listing: dict[str, list[str]] = {}  # identity -> image file names (filled on first use)
-        # the stored encoding, from the first identity's images: passthrough then copies bytes instead of converting
-        self.image_format = "png"
-        if self._ids:
-            names = os.listdir(os.path.join(self.path, self._ids[0]))
-            first = next((n for n in sorted(names, key=natural_key)
-                          if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS), None)
-            if first:
-                self.image_format = IMAGE_EXTENSIONS[os.path.splitext(first)[1].lower()]
+        self._image_format: str | None = None
+
+    @property
+    def image_format(self) -> str:
+        """The dataset's encoding: PNG when any image file is PNG (lossless), JPEG only when every one is JPEG.
+
+        Decided from the file names of every identity folder (stopping at the first PNG), never from one file:
+        one JPEG among PNGs must not turn the PNGs into JPEGs. Images of the other encoding are converted
+        losslessly (or, for a PNG named .jpg in a JPEG dataset, skipped with the reason), and counted in the card.
+        """
+        if self._image_format is None:
+            found: set[str] = set()
+            for identity_id in self._ids:
+                try:
+                    files = self._files(identity_id)  # the listing the run uses anyway (cached)
+                except OSError:
+                    continue  # an unreadable folder: its images are skipped with the reason when loaded
+                found.update(IMAGE_EXTENSIONS[os.path.splitext(name)[1].lower()] for name in files)
+                if "png" in found:
+                    break
+            self._image_format = "jpg" if "jpg" in found and "png" not in found else "png"
+        return self._image_format
 
     def identities(self):
         return self._ids

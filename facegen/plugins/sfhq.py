@@ -368,8 +368,11 @@ class SFHQSource(Source):
                 pass
             if "landmarks" in self.extras:
                 extras["landmarks.npy"] = moved
+        changes = [] if matrix is None else [  # counted in the card: the JPEG was decoded and encoded again
+            f"aligned to a {self.crop_size}x{self.crop_size} ArcFace crop (JPEG re-encoded)" if self.align else
+            f"resized to {self.size} px wide (JPEG re-encoded)"]
         return [SourceImage(ref=ref, data=data, ext="jpg", meta={"part": part, "index": index},
-                            extras=extras, hints=hints)]
+                            extras=extras, hints=hints, changes=changes)]
 
     def _read_features(self, stem: str, extras: dict[str, Any]) -> tuple[str, str] | None:
         """Fill ``extras`` with one float32 vector per declared model, or return (reason, detail) of a skip."""

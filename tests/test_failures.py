@@ -286,3 +286,16 @@ def test_full_disk_in_units_or_assembly_discards_the_partial_file_and_the_rerun_
         assert "units of work 3 (0 written now)" in stdout and "(2 written now, 1 already complete)" in stdout
     assert snapshot(out / "data" / "train") == snapshot(reference / "data" / "train")
 
+
+
+def test_users_info_json_is_never_replaced(src, finished, capsys):
+    """`_info.json` (timm's split info) is written by the build and recorded like the card's files: facegen's own is
+    replaced by --overwrite, one the user edited stops the build in one line and is kept."""
+    info = finished / "_info.json"
+    code, _, err = run_cli(build_args(src, finished, "--overwrite", "--seed", 1), capsys)
+    assert code == 0 and json.loads(info.read_text())["splits"]["train"]["num_samples"] == 12, err
+    info.write_text('{"name": "mine"}\n')
+    for extra in ((), ("--overwrite",)):
+        code, _, err = run_cli(build_args(src, finished, "--seed", 1, *extra), capsys)
+        assert code == 2 and one_line(err) and "_info.json is not facegen's" in err, err
+    assert info.read_text() == '{"name": "mine"}\n'

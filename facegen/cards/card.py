@@ -304,7 +304,11 @@ def _lengths_text(lengths: list[int]) -> str:
 def _write(path: Path, data: bytes) -> None:
     """Write next to the target under a hidden name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except BaseException:  # a full disk leaves no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

@@ -5,7 +5,9 @@ A user's mistake gets one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager, nullcontext
 
 import click
 
@@ -92,9 +94,11 @@ def plugins_command():
 @click.option("--from-card", "from_card", metavar="PATH_OR_REPO",
               help="Rebuild a facegen dataset from its card (a build folder, its README.md, or a Hub ORG/NAME); "
                    "the options given here override the card's.")
+@click.option("--break-lock", is_flag=True,
+              help="Take --out's lock even if another build holds it (only when that build is known to be gone).")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
                   identities_file, shard_size, shard_samples, shards_multiple_of, seed, image_format, strict,
-                  verify, overwrite, from_card):
+                  verify, overwrite, from_card, break_lock):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
     from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
     from facegen.builders.run import build
@@ -117,11 +121,17 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     else:
         values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}
-    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, command=["facegen", *sys.argv[1:]], **values)
+    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, break_lock=break_lock,
+                         command=["facegen", *sys.argv[1:]], **values)
     try:
-        summary = build(config)
+        with _terminate_as_interrupt():
+            summary = build(config)
     except SampleError as exc:
         raise UsageError(f"bad sample {exc.ref}: {exc.reason} (--strict stops at the first bad sample)") from None
+    except (KeyboardInterrupt, _Terminated) as exc:  # the shard being written is discarded, complete ones kept
+        click.echo(f"\nfacegen: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}: "
+                   "complete shards are kept; rerun the same command to resume", err=True)
+        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 143)
     if summary is not None:
         for line in summary.lines():
             click.echo(line)
@@ -134,6 +144,26 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
             if not same:
                 raise click.ClickException(f"rebuild differs from {from_card}: {line}")
             click.echo(f"rebuild of {from_card}: {line}")
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a preempted SLURM job, `kill`): unwinds like Ctrl-C, so that the lock is released at once."""
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous, installed = signal.signal(signal.SIGTERM, terminated), True
+    except ValueError:  # not the main thread (a library caller): leave signals alone
+        previous, installed = None, False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 # --- download (issue 3) ---
 
@@ -308,11 +338,16 @@ def card_command(out, repo_id, gating):
     """Re-render README.md, LICENSE and preview.jpg from OUT/.facegen without rebuilding."""
     from pathlib import Path
 
+    from facegen.builders.lock import output_lock
+    from facegen.builders.outputs import resolve_out
     from facegen.cards import write_card
 
-    if not Path(out).is_dir():
+    folder = resolve_out(out)
+    if not folder.is_dir():
         raise UsageError(f"{out} is not a folder")
-    files = write_card(out, repo_id=repo_id, gating=gating)
+    # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
+    with output_lock(folder) if (folder / ".facegen").is_dir() else nullcontext():
+        files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.get("plan", {}).get("shards")
     if planned is not None and files.statistics.shards < planned:
         click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,17 @@ class SourceImage:
     changes: list[str] = field(default_factory=list)  # what the source did to the stored file ("resized to 256 px")
 
 
+# "<_io.BytesIO object at 0x7f…>" and the like: what an exception's text holds when a library names the object it
+# was given; a memory address means nothing to a reader of the card, and differs on every run
+OBJECT_REPR = re.compile(r"\s*'?<[\w.]+ object at 0x[0-9a-fA-F]+>'?")
+
+
+def readable(text: str) -> str:
+    """``text`` without object reprs (``cannot identify image file <_io.BytesIO object at 0x…>`` -> ``cannot
+    identify image file``)."""
+    return OBJECT_REPR.sub("", text).strip() if "object at 0x" in text else text
+
+
 @dataclass
 class Skip:
     """A sample that was not written, and why (counted in the shard stats and the card)."""
@@ -32,6 +44,10 @@ class Skip:
     ref: str
     reason: str  # a short category, counted in the stats ("corrupt image", "no face detected")
     detail: str = ""  # the specific error, kept in the stats' failure list
+
+    def __post_init__(self):
+        self.reason = readable(str(self.reason))
+        self.detail = readable(str(self.detail))
 
 
 @dataclass

@@ -251,11 +251,16 @@ def test_out_folder_of_the_user_is_protected(tmp_path, folder_source):
     proc = run_facegen(*args, "--out", project)
     assert proc.returncode == 2 and "is not empty" in proc.stderr and proc.stderr.count("\n") == 1
     assert (project / "README.md").read_text() == "# my project\n"
-    # a LICENSE that is not facegen's is never written over: the card needs that name
+    assert "README.md, LICENSE are yours" in proc.stderr
+    # a README.md or LICENSE that is not facegen's is never written over, even with --overwrite: the card needs
+    # those names
     proc = run_facegen(*args, "--out", project, "--overwrite")
-    assert proc.returncode == 2 and "LICENSE" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "README.md, LICENSE are not facegen's" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert (project / "LICENSE").read_text() == "MIT, my own\n"
+    assert (project / "README.md").read_text() == "# my project\n"
     (project / "LICENSE").unlink()
+    (project / "README.md").unlink()
     # --overwrite writes the build beside the user's files and removes only what facegen writes
     assert run_facegen(*args, "--out", project, "--overwrite").returncode == 0
     assert run_facegen(*args, "--out", project, "--overwrite", "--seed", "3").returncode == 0

@@ -82,7 +82,8 @@ def test_plugins_lists_builtin_and_third_party(tmp_path):
 def test_third_party_plugins_build_a_loadable_dataset(tmp_path):
     env = make_third_party(tmp_path)
     out = tmp_path / "out"
-    proc = run_facegen("build", "--source", "colours", "--source-path", tmp_path, "--source-opt", "count=4",
+    (tmp_path / "colours").mkdir()  # an --out inside --source-path is refused
+    proc = run_facegen("build", "--source", "colours", "--source-path", tmp_path / "colours", "--source-opt", "count=4",
                        "--plugin", "paint", "--out", out, env=env)
     assert proc.returncode == 0, proc.stderr
     ds = datasets.load_dataset(str(out), split="train").sort("__key__")  # published shuffled

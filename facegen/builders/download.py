@@ -208,9 +208,11 @@ def download_file(base_url: str, directory: Path, remote: RemoteFile, retries: i
         except Interrupted as exc:
             attempt += 1
             if attempt > retries:
-                have = partial.stat().st_size if partial.exists() else 0
-                raise DownloadError(f"{remote.name}: {exc}; {have} bytes kept in {partial}: rerun the same command "
-                                    "to resume") from None
+                if partial.exists():
+                    raise DownloadError(f"{remote.name}: {exc}; {partial.stat().st_size} bytes kept in {partial}: "
+                                        "rerun the same command to resume") from None
+                raise DownloadError(f"{remote.name}: {exc}; nothing was downloaded: rerun the same command when "
+                                    "the server can be reached") from None
             echo(f"{remote.name}: {exc}; resuming (retry {attempt} of {retries})")
             time.sleep(backoff * min(2 ** (attempt - 1), 30))
     try:

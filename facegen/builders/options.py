@@ -32,13 +32,14 @@ class BuildConfig:
     strict: bool = False
     verify: str = "full"  # full: every image decoded once before it is written; header: PIL's cheap check only
     overwrite: bool = False
+    break_lock: bool = False
     command: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "command"}
+RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "break_lock", "command"}
 RECIPE_TYPES = {"shard_size": int, "shard_samples": int, "shards_multiple_of": int, "seed": int,
                 "limit_identities": int, "strict": to_bool, "source": str, "plugin": str, "source_path": str,
                 "identities_file": str, "format": str, "verify": str}
@@ -63,8 +64,15 @@ def recipe_names() -> list[str]:
 def load_recipe(name_or_file: str) -> dict[str, Any]:
     """A recipe by built-in name (``digiface``) or by path to a YAML file."""
     if os.path.isfile(name_or_file):
-        text = open(name_or_file, encoding="utf-8").read()
         where = name_or_file
+        try:
+            with open(name_or_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UsageError(f"cannot read recipe {name_or_file}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"recipe {name_or_file} is not UTF-8 text (byte {exc.start}): save it as UTF-8") \
+                from None
     else:
         candidate = resources.files("facegen.builders") / "recipes" / f"{name_or_file}.yaml"
         if not candidate.is_file():

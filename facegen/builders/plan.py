@@ -27,6 +27,13 @@ def identity_seed(run_seed: int, identity_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class EmptyPlan(UsageError):
+    """The source lists no identity."""
+
+
 def read_identities_file(path: str) -> list[str]:
     """One identity id per line; blank lines and ``#`` comments ignored."""
     try:
@@ -34,7 +41,28 @@ def read_identities_file(path: str) -> list[str]:
             lines = [line.split("#", 1)[0].strip() for line in f]
     except OSError as exc:
         raise UsageError(f"cannot read identities file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"identities file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8, one "
+                         "identity id per line") from None
     return [line for line in lines if line]
+
+
+def _holds_images(folder: str) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES for e in entries)
+    except OSError:
+        return False
+
+
+def empty_plan_message(source_name: str, source_path: str | None, layout: str) -> str:
+    """Why a source gave no identity, and what it expects (its description states its layout)."""
+    where = f" in {source_path}" if source_path else ""
+    message = f"the plan is empty: source {source_name!r} found no identities{where} (it reads: {layout})"
+    if source_path and _holds_images(source_path):
+        message += (f"; {source_path} holds images itself, but one sub-folder per identity is expected "
+                    "(PATH/<identity>/<image>): pass the folder that holds the identity folders as --source-path")
+    return message
 
 
 @dataclass
@@ -86,7 +114,7 @@ def make_plan(
     if len(set(ids)) != len(ids):
         raise UsageError("the source lists some identity twice; identity ids must be unique")
     if not ids:
-        raise UsageError("the plan is empty: the source has no identities (after selection)")
+        raise EmptyPlan("the plan is empty: the source has no identities (after selection)")
     return Plan(ids, shard_size)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,11 +30,23 @@ import facegen
 from facegen import registry
 from facegen.api import Source, Transform
 from facegen.builders.images import VERIFY_LEVELS, check_source_images
+from facegen.builders.lock import output_lock
 from facegen.builders.options import BuildConfig
+from facegen.builders.outputs import (
+    NO_SPACE,
+    create_output_folder,
+    discard_partial_files,
+    no_space_message,
+    prepare_output,
+    refuse_out_inside_source,
+    resolve_out,
+)
 from facegen.builders.plan import (
     DEFAULT_SHARD_SAMPLES,
+    EmptyPlan,
     Plan,
     check_layout_options,
+    empty_plan_message,
     identity_seed,
     make_plan,
     sample_order,
@@ -52,6 +63,7 @@ from facegen.builders.shards import (
     unit_place,
     write_atomic,
 )
+from facegen.builders.skipped import gather_skipped
 from facegen.errors import SampleError, UsageError
 from facegen.records import Identity, SourceImage, Skip
 
@@ -138,64 +150,8 @@ def dataset_features(source: Source, transform: Transform, image_format: str):
     return Features(columns)
 
 
-def _remove_facegen_outputs(out: Path) -> None:
-    """What --overwrite removes: only the files a build writes, never anything else in the folder."""
-    shutil.rmtree(out / ".facegen", ignore_errors=True)
-    train = out / "data" / "train"
-    if train.is_dir():
-        for path in train.iterdir():
-            if path.name.startswith(("train-", ".train-")) and ".tar" in path.name:
-                path.unlink()
-        for folder in (train, out / "data"):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-    for name in ("README.md", "preview.jpg", "_info.json"):
-        (out / name).unlink(missing_ok=True)
-    from facegen.cards.card import LICENSE_MARKER  # in every LICENSE the card writes
-
-    license_path = out / "LICENSE"
-    if license_path.is_file() and LICENSE_MARKER in license_path.read_text(encoding="utf-8", errors="replace"):
-        license_path.unlink()
-
-
-def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state) -> None:
-    """Refuse a folder that holds a different build or other files (unless --overwrite); record the signature."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    if overwrite:
-        if state.is_main_process:
-            _remove_facegen_outputs(out)
-        if state.num_processes > 1:
-            state.wait_for_everyone()
-        if (out / "LICENSE").exists():  # not ours (ours was removed): the card would have to write over it
-            raise UsageError(f"{out / 'LICENSE'} was not written by facegen and the dataset card writes its licence "
-                             "there: move it out of --out")
-    config_path = out / ".facegen" / "config.json"
-    if config_path.exists():
-        try:
-            existing = json.loads(config_path.read_text())
-        except (OSError, ValueError):
-            raise UsageError(f"{config_path} is damaged; pass --overwrite to start this build again") from None
-        if existing != signature:
-            changed = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
-            raise UsageError(
-                f"{out} holds a different build (differs in: {', '.join(changed)}); rerun the same command to "
-                "resume it, or pass --overwrite to replace it, or choose another --out"
-            )
-        return
-    others = sorted(p.name for p in out.iterdir() if p.name != ".facegen")
-    if others and not overwrite:
-        shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
-        raise UsageError(f"{out} is not empty ({shown}) and holds no facegen build: choose a new or empty --out, "
-                         "or pass --overwrite to write the build beside those files")
-    try:
-        write_atomic(config_path, json.dumps(signature, indent=1, sort_keys=True).encode())
-    except OSError as exc:
-        raise UsageError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -212,18 +168,25 @@ class Summary:
     units_written: int = 0
     assembly_seconds: float = 0.0  # this process's time assembling shards from units
     redone: Counter = field(default_factory=Counter)  # "shard"/"unit" -> files that failed their check, redone
+    skipped_list: str | None = None  # where every skipped sample is listed
 
     @property
     def images_per_second(self) -> float:
         return self.images_written / self.seconds if self.seconds > 0 else 0.0
 
+    def reasons(self, top: int | None = None) -> str:
+        shown = self.skipped.most_common(top)
+        more = len(self.skipped) - len(shown)
+        return ", ".join(f"{reason}: {n}" for reason, n in shown) + (f", {more} other reasons" if more > 0 else "")
+
     def lines(self) -> list[str]:
         skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common()) or "none"
+        kept = self.shards - self.shards_written
+        where = f"; every skipped file is listed in {self.skipped_list}" if self.skipped_list else ""
         lines = [
             f"facegen build done: {self.out}",
             f"  identities {self.identities}, images {self.images}, shards {self.shards} "
-            f"({self.shards_written} written now, {self.shards - self.shards_written} already complete)",
+            f"({self.shards_written} written now, {kept} already complete)",
         ]
         if self.units:
             share = 100 * self.assembly_seconds / self.seconds if self.seconds > 0 else 0.0
@@ -232,11 +195,26 @@ class Summary:
         for kind, n in sorted(self.redone.items()):
             lines.append(f"  {n} {kind}{'s' if n != 1 else ''} failed {'their' if n != 1 else 'its'} check "
                          f"(size or XXH3-128 against its stats) and {'were' if n != 1 else 'was'} redone")
-        lines += [
-            f"  skipped {skipped} ({reasons})",
-            f"  {self.images_written} images in {self.seconds:.1f} s = {self.images_per_second:.1f} images/s",
-        ]
+        lines.append(f"  skipped {skipped} ({self.reasons() or 'none'}){where}")
+        if self.shards_written:
+            lines.append(f"  {self.images_written} images in {_count(self.shards_written, 'shard')} written now in "
+                         f"{self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
+                         + (f"; {self.images - self.images_written} images in {_count(kept, 'shard')} kept from an "
+                            "earlier run" if kept else ""))
+        elif self.units_written:  # units redone to the same bytes: the shards made from them stand
+            lines.append(f"  {_count(self.units_written, 'unit')} of work written again in {self.seconds:.1f} s; "
+                         f"all {self.shards} shards ({self.images} images) were already complete and kept")
+        else:
+            lines.append(f"  nothing to do: all {self.shards} shards ({self.images} images) were already complete "
+                         "and kept")
         return lines
+
+    def nothing_written(self) -> str:
+        """The one line of a build in which no image was written."""
+        if self.skipped:
+            return (f"no image was written to {self.out}: all {sum(self.skipped.values())} samples were skipped "
+                    f"({self.reasons(3)}); every skipped file is listed in {self.skipped_list}")
+        return f"no image was written to {self.out}: the {self.identities} identities of the plan hold no image"
 
 
 @dataclass
@@ -286,16 +264,24 @@ class Builder:
             raise UsageError(f"missing --source-path (source {config.source!r} reads files)")
         if not source_cls.needs_path:
             config.source_path = None  # not read, so not part of the build's identity
+        self.out = resolve_out(config.out)
+        refuse_out_inside_source(self.out, config.source_path)
         self.state = state or distributed_state()
         self.source: Source = source_cls(config.source_path, **config.source_opts)
         self.transform: Transform = transform_cls(**config.plugin_opts)
-        self.plan: Plan = make_plan(self.source.identities(), config.shard_size, config.identities_file,
-                                    config.limit_identities)
+        try:
+            self.plan: Plan = make_plan(self.source.identities(), config.shard_size, config.identities_file,
+                                        config.limit_identities)
+        except EmptyPlan:
+            raise UsageError(empty_plan_message(self.source.name, config.source_path, source_cls.description)) \
+                from None
         self.identities_file_sha256 = _file_sha256(config.identities_file)  # the file this plan was made from
         self.format = config.format or self.transform.output_format(self.source)
-        self.out = Path(config.out).resolve()
         self.per_image = bool(getattr(self.transform, "per_image", False))
         self._set_up = False
+        self.lock = None  # the output folder's lock, held by the main process while it runs
+        self.phase = "units"  # what is being written: "units", "assembly" or "shards" (sizes a full-disk message)
+        self.partial = (0, 0, 0)  # bytes, samples, identities of a file cut short (a full disk): sizes what is needed
 
     def signature(self) -> dict[str, Any]:
         c = self.config
@@ -400,6 +386,7 @@ class Builder:
             writer.finish()
             return writer
         except BaseException:
+            self.partial = (writer._tar.size, writer.images, writer.identities)
             writer.abort()
             raise
 
@@ -415,12 +402,24 @@ class Builder:
             committing = None
             for index, make in jobs:
                 writer = make(index, pool)
-                if committing is not None:
-                    committing.result()
-                committing = committer.submit(writer.commit)
-                progress.set_postfix(file=index, images_in_file=writer.images)
+                committing = self._commit(writer, committing, committer)
+                progress.set_postfix_str(f"{'unit' if writer.unit else 'shard'} {index}: {writer.images} images",
+                                         refresh=False)
             if committing is not None:
                 committing.result()
+
+    def _commit(self, writer: ShardWriter, committing, committer: ThreadPoolExecutor):
+        """Once the previous file's commit is done, submit ``writer``'s (a finished file) to the committer thread;
+        a failed earlier commit, a lost lock or Ctrl-C discards ``writer``'s file instead."""
+        try:
+            if committing is not None:
+                committing.result()
+            if self.lock is not None:
+                self.lock.check()  # another build took the folder over: commit nothing more
+            return committer.submit(writer.commit)
+        except BaseException:  # Ctrl-C, a failed commit: the finished file is not committed
+            writer.abort()
+            raise
 
     # --- the two ways to the published shards ---
 
@@ -447,9 +446,12 @@ class Builder:
         table = self.list_images()
         if not len(table):
             raise UsageError("the source lists no image for the identities of the plan")
+        self.phase = "shards"
         self.layout = self._layout(len(table))
         places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
         self.snapshot = _snapshot(places) if state.is_main_process else {}
+        if self.config.strict:
+            self._refuse_kept_skips(places, "shard", "listing_xxh3_128", self.listing_digest)
         mine = self._stale_removed(places, "listing_xxh3_128", self.listing_digest)
         mine = self._todo(places, mine, "shard")
         order = sample_order(len(table), self.config.seed)
@@ -473,6 +475,8 @@ class Builder:
         state, plan = self.state, self.plan
         units = {i: unit_place(self.out, i) for i in range(plan.num_units)}
         self.unit_snapshot = _snapshot(units) if state.is_main_process else {}
+        if self.config.strict:  # the units hold the skips (an assembled shard copies samples and skips none)
+            self._refuse_kept_skips(units, "unit of work")
         mine = self._todo(units, plan.units_of(state.process_index, state.num_processes), "unit")
         if mine:
             self._setup()  # before the progress bar: a model that fails to load says so in one line
@@ -480,7 +484,7 @@ class Builder:
         with progress:
             self._write_files([(i, lambda i, pool: self.write_shard(i, pool, progress)) for i in mine], progress)
         self.transform.close()  # the models are not needed for the assembly
-        _wait_for(units)
+        _wait_for(units, self.lock)
         self._assemble(units, progress_total)
 
     def read_units(self, units: dict) -> tuple[SampleTable, str]:
@@ -507,9 +511,10 @@ class Builder:
         state = self.state
         started = time.perf_counter()
         table, units_digest = self.read_units(units)
-        if not len(table):
-            raise UsageError("every sample was skipped: the build has no sample to publish "
-                             "(see the reasons in .facegen/units/*.json)")
+        self.phase = "assembly"
+        self.units_bytes = sum((read_stats(place.stats) or {}).get("tar_bytes", 0) for place in units.values())
+        self.units_samples = len(table)
+        # every sample skipped: no shard (those of an earlier build are removed); the run says so in one line
         self.layout = self._layout(len(table))
         places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
         self.snapshot = _snapshot(places) if state.is_main_process else {}
@@ -533,11 +538,11 @@ class Builder:
                             progress.update(1)
                         writer.finish()
                     except BaseException:
+                        self.partial = (writer._tar.size, writer.images, writer.identities)
                         writer.abort()
                         raise
-                    if committing is not None:
-                        committing.result()
-                    committing = committer.submit(writer.commit)
+                    committing = self._commit(writer, committing, committer)
+                    progress.set_postfix_str(f"shard {j}: {writer.images} images", refresh=False)
                 if committing is not None:
                     committing.result()
         finally:
@@ -555,7 +560,8 @@ class Builder:
                 j = path.name[len("train-"):-len(".tar")]
                 if j.isdigit() and int(j) >= len(places):
                     stale = shard_place(self.out, int(j))
-                    for file in (stale.stats, stale.index, stale.tar):  # stats first: never complete-looking
+                    # stats first: never complete-looking
+                    for file in (stale.stats, stale.index, stale.tar, stale.skipped):
                         file.unlink(missing_ok=True)
         mine = shards_of(len(places), self.state.process_index, self.state.num_processes)
         for j in mine:
@@ -563,12 +569,46 @@ class Builder:
                 places[j].stats.unlink(missing_ok=True)
         return mine
 
+    def _refuse_kept_skips(self, places: dict, kind: str, field: str | None = None, digest: str | None = None
+                           ) -> None:
+        """--strict on a folder whose complete files (kept, not redone) skipped samples (an earlier run without
+        --strict) stops at the first of them, as if it had been met now: a strict build's card never counts a
+        skipped sample. Every process judges every file before any process changes one (then a barrier), so all
+        stop alike."""
+        try:
+            for i, place in places.items():
+                stats = read_stats(place.stats)
+                if not stats or not stats.get("skipped") or check_place(place, verify=False) is not None:
+                    continue  # redone anyway (missing, damaged or cut short)
+                if field is not None and stats.get(field) != digest:
+                    continue  # planned from another listing: redone
+                first = (stats.get("failures") or [{}])[0]
+                raise SampleError(first.get("ref", f"{kind} {i}"),
+                                  f"{first.get('reason', 'skipped')} (in {kind} {i}, kept from an earlier run "
+                                  "without --strict; pass --overwrite to rebuild strictly)")
+        finally:
+            if self.state.num_processes > 1:
+                self.state.wait_for_everyone()
+
     def _layout(self, num_samples: int) -> list[int]:
         return shard_lengths(num_samples, self.config.shard_samples, self.config.shards_multiple_of)
 
     # --- the run ---
 
     def run(self) -> Summary | None:
+        """The build, holding the output folder's lock throughout (units, assembly, records, card); a full disk
+        stops it in one line, with every complete file intact and the partial one discarded."""
+        create_output_folder(self.out)
+        with output_lock(self.out, self.state, self.config.break_lock) as self.lock:
+            try:
+                return self._run()
+            except OSError as exc:
+                if exc.errno not in NO_SPACE:
+                    raise
+                discard_partial_files(self.out)
+                raise UsageError(self._no_space_message(exc)) from None
+
+    def _run(self) -> Summary | None:
         state = self.state
         prepare_output(self.out, self.signature(), self.config.overwrite, state)
         self._redo_reasons: dict[tuple[str, int], str] = {}
@@ -594,15 +634,60 @@ class Builder:
         if not state.is_main_process:
             return None
         places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
-        _wait_for(places)
+        _wait_for(places, self.lock)
         seconds = time.perf_counter() - started
         summary = self._summarise(places, seconds)
+        self.phase = "records"
+        if self.lock is not None:
+            self.lock.check()  # another build took the folder over: its records are its own
+        # the skips are listed by the files that met them: the shards (per-image) or the units of work
+        lists = places if self.per_image else {i: unit_place(self.out, i) for i in range(self.plan.num_units)}
+        listed = gather_skipped(self.out, [lists[i].skipped for i in sorted(lists)])
+        summary.skipped_list = str(listed) if listed else None
         self._write_run_json(summary)
+        if summary.images == 0:  # nothing to publish: no _info.json, no card, and not "done"
+            raise UsageError(summary.nothing_written())
         write_info_json(self.out, self._info_name())
         from facegen.cards import write_card
 
         write_card(self.out)
         return summary
+
+    def _no_space_message(self, exc: OSError) -> str:
+        """The full-disk line, with the space the rest of the build needs (measured on the files written so far)."""
+        plan, partial_bytes, partial_samples, partial_identities = self.plan, *self.partial
+        if self.phase == "units":
+            files = {i: unit_place(self.out, i) for i in range(plan.num_units)}
+            amount = {i: len(plan.unit(i)) for i in files}  # identities
+            what, counted, noun = "unit of work", "identities", "identities"
+            partial_amount = partial_identities
+        elif self.phase in ("shards", "assembly"):
+            files = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+            amount = dict(enumerate(self.layout))  # samples (skipped ones make a shard shorter: an upper bound)
+            what, counted, noun = "shard", "images", "images"
+            partial_amount = partial_samples
+        else:  # records and card: every file is complete
+            return no_space_message(self.out, exc, None, None, None)
+        sizes, measured, done = [], 0, set()
+        for i, place in files.items():
+            stats = read_stats(place.stats)
+            if stats is None or check_place(place, verify=False) is not None:
+                continue
+            sizes.append(int(stats.get("tar_bytes", 0)))
+            measured += int(stats.get(counted, 0))
+            done.add(i)
+        left = sum(n for i, n in amount.items() if i not in done)
+        largest = max(sizes + [partial_bytes]) or None
+        if self.phase == "assembly":  # every sample is in a unit: the shards take about as much again
+            per = self.units_bytes / self.units_samples if self.units_samples else None
+        else:
+            known = measured + partial_amount
+            per = (sum(sizes) + partial_bytes) / known if known else None
+        need = per * left if per else None
+        if need is not None and self.phase == "units":
+            need += per * len(plan.ids)  # the assembly then copies every sample into the published shards
+            noun = "identities (and the assembly of the shards)"
+        return no_space_message(self.out, exc, f"the {left} {noun} left", need, largest, what)
 
     def _summarise(self, places: dict, seconds: float) -> Summary:
         summary = Summary(shards=len(places), seconds=seconds, out=str(self.out),
@@ -707,7 +792,9 @@ def write_info_json(out: Path, name: str) -> dict:
             "shard_lengths": [s["images"] for s in shards],
         }},
     }
-    write_atomic(out / "_info.json", json.dumps(info, indent=1).encode())
+    from facegen.cards.card import INFO_FILE, write_recorded
+
+    write_recorded(out, INFO_FILE, json.dumps(info, indent=1).encode())  # a user's _info.json is refused, kept
     return info
 
 
@@ -746,13 +833,15 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _wait_for(places: dict) -> None:
+def _wait_for(places: dict, lock=None) -> None:
     """Wait (on the files, not a collective) until every file is complete (size against its stats): the ranks
-    each check their own files' checksums."""
+    each check their own files' checksums. A lock lost meanwhile (another build took the folder) stops the wait."""
     while True:
         missing = [i for i, place in places.items() if check_place(place, verify=False) is not None]
         if not missing:
             return
+        if lock is not None:
+            lock.check()
         time.sleep(0.5)
 
 

@@ -3,7 +3,9 @@ complete, then its sample index, then its stats last.
 
 Published shards are ``data/train/train-{j:06d}.tar`` with ``.facegen/shards/{j:06d}.json`` (stats) and
 ``.facegen/shards/index/{j:06d}.json`` (where each sample lies); units of work of identity-level transforms are
-``.facegen/units/{i:06d}.tar`` with the same two records under ``.facegen/units/``. A file is complete when its
+``.facegen/units/{i:06d}.tar`` with the same two records under ``.facegen/units/``. Every sample a file skipped
+is listed in ``.facegen/skipped/{j:06d}.jsonl`` (shards) or ``.facegen/units/skipped/{i:06d}.jsonl`` (units),
+written before the stats. A file is complete when its
 stats exist and its size and XXH3-128 match them; a kill at any moment leaves at most a hidden temporary file,
 which the next attempt at that file removes.
 """
@@ -41,6 +43,7 @@ class Place:
     tar: Path
     stats: Path
     index: Path
+    skipped: Path  # every skipped sample of this file, one JSON line each (absent when none was skipped)
 
 
 def shard_tar_path(out: Path, index: int) -> Path:
@@ -56,12 +59,14 @@ def shard_index_path(out: Path, index: int) -> Path:
 
 
 def shard_place(out: Path, index: int) -> Place:
-    return Place(shard_tar_path(out, index), shard_stats_path(out, index), shard_index_path(out, index))
+    return Place(shard_tar_path(out, index), shard_stats_path(out, index), shard_index_path(out, index),
+                 out / ".facegen" / "skipped" / f"{index:06d}.jsonl")
 
 
 def unit_place(out: Path, index: int) -> Place:
     units = out / ".facegen" / "units"
-    return Place(units / f"{index:06d}.tar", units / f"{index:06d}.json", units / "index" / f"{index:06d}.json")
+    return Place(units / f"{index:06d}.tar", units / f"{index:06d}.json", units / "index" / f"{index:06d}.json",
+                 units / "skipped" / f"{index:06d}.jsonl")
 
 
 def file_xxh3_128(path: Path, chunk: int = 8 << 20) -> str:
@@ -111,10 +116,14 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write bytes under a hidden temporary name, fsync, rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk leaves no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -261,6 +270,7 @@ class ShardWriter:
         self.per_identity: dict[str, int] = {}
         self.skipped: Counter = Counter()
         self.failures: list[dict] = []
+        self.all_failures: list[dict] = []  # the full list, written beside the stats (which keep the first few)
         self.quality: dict[str, dict] = {}
         self.converted: Counter = Counter()  # re-encode reason -> images
         self.modes: Counter = Counter()  # PIL mode of the stored images
@@ -305,10 +315,13 @@ class ShardWriter:
         self.per_identity[name] = self.per_identity.get(name, 0) + written
         result.skipped = skipped
         for skip in skipped:
-            self.skipped[printable_name(skip.reason)] += 1
+            reason = printable_name(skip.reason)
+            self.skipped[reason] += 1
+            failure = {"identity": printable_name(ident.id), "ref": printable_name(skip.ref), "reason": reason,
+                       "detail": printable_name(skip.detail)}
+            self.all_failures.append(failure)
             if len(self.failures) < MAX_FAILURES_LISTED:
-                self.failures.append({"identity": printable_name(ident.id), "ref": printable_name(skip.ref),
-                                      "reason": printable_name(skip.reason), "detail": printable_name(skip.detail)})
+                self.failures.append(failure)
 
     def copy(self, key: str, identity_id: str, cls: int, block: bytes, info: ImageInfo | None = None) -> None:
         """A sample copied as it lies in another tar of this build (its members' headers and padding included);
@@ -404,6 +417,9 @@ class ShardWriter:
             "sample_bytes": self._tar.payload,  # the members' data bytes (the card's num_bytes, no tar re-read)
             **self.extra_stats,
         }
+        from facegen.builders.skipped import write_skipped_list
+
+        write_skipped_list(self.place.skipped, "unit" if self.unit else "shard", self.index, self.all_failures)
         write_atomic(self.place.stats, dumps(stats))  # last: its existence (and agreement) means complete
         return stats
 

@@ -6,6 +6,7 @@ exact example count), so ``load_dataset(OUT)`` never infers a schema from the fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from facegen.cards.stats import (
     size_category,
     summarise,
 )
+from facegen.errors import UsageError
 
 TEMPLATES = Path(__file__).parent / "templates"
 DATA_FILES = "data/train/*.tar"
@@ -472,34 +474,110 @@ def _lengths_text(lengths: list[int]) -> str:
 def _write(path: Path, data: bytes) -> None:
     """Write next to the target under a hidden name, then rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except BaseException:  # a full disk leaves no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+CARD_FILES = ("README.md", "LICENSE", "preview.jpg")
+INFO_FILE = "_info.json"  # written by the build (timm's split info), recorded like the card's files
+OUTPUT_FILES = (*CARD_FILES, INFO_FILE)  # every name facegen writes in OUT itself
+CARD_FILES_RECORD = "card_files.json"  # under .facegen: the sha256 of each of those files facegen wrote
+
+
+def _card_files_record(out: Path) -> dict | None:
+    """name -> sha256 of the versions facegen wrote; None for a build made before the record existed."""
+    try:
+        record = json.loads((out / ".facegen" / CARD_FILES_RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def written_by_facegen(out, name: str) -> bool:
+    """Whether ``OUT/name`` (a card file) is exactly what facegen wrote, so that facegen may replace or remove it."""
+    out = Path(out)
+    path = out / name
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if name == "LICENSE" and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
+        return True
+    record = _card_files_record(out)
+    if record is None:  # a build from before the record: its README.md, preview.jpg and _info.json were its own
+        return name in ("README.md", "preview.jpg", INFO_FILE) and (out / ".facegen" / "run.json").is_file()
+    return hashlib.sha256(data).hexdigest() in (record.get(name) or [])
+
+
+def foreign_card_files(out, names=CARD_FILES) -> list[str]:
+    """The card's file names (or ``names``) in OUT that hold files facegen did not write (the user's own, or edited
+    since)."""
+    out = Path(out)
+    return [name for name in names if (out / name).exists() and not written_by_facegen(out, name)]
+
+
+def write_recorded(out, name: str, data: bytes) -> None:
+    """Write ``OUT/name`` (one of OUTPUT_FILES outside the card: ``_info.json``), recorded as facegen's; a file
+    there that facegen did not write is refused in one line, never replaced."""
+    out = Path(out)
+    if foreign_card_files(out, (name,)):
+        raise UsageError(f"{out / name} was not written by facegen (or changed since): move it out of the folder so "
+                         "that the build can write it there")
+    _record_card_files(out, {name: data})
+    _write(out / name, data)
+
+
+def _record_card_files(out: Path, files: dict[str, bytes]) -> None:
+    """Record the new versions before writing them (the previous one stays listed: a crash between the two
+    writes leaves either version recognised)."""
+    record = _card_files_record(out) or {}
+    for name, data in files.items():
+        previous = [h for h in (record.get(name) or []) if isinstance(h, str)][-1:]
+        record[name] = previous + [hashlib.sha256(data).hexdigest()]
+    path = out / ".facegen" / CARD_FILES_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:
     """Write OUT/README.md, OUT/LICENSE (when the licence is `other`), OUT/preview.jpg and OUT/provenance/ (the
-    small inputs needed to rebuild, and the shards' checksums) from OUT/.facegen."""
+    small inputs needed to rebuild, and the shards' checksums) from OUT/.facegen.
+
+    A file under one of the card's names that facegen did not write is never replaced or removed: the card is
+    refused in one line naming it (UsageError), as is a folder facegen cannot write to.
+    """
     out = Path(out_dir)
     run = load_run(out)
-    copy_provenance(out, run)
-    checksums = out / CHECKSUMS_FILE
-    checksums.parent.mkdir(parents=True, exist_ok=True)
-    _write(checksums, (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
     files = render_card(out, repo_id, gating)
-    if repo_id or gating is not None:
-        remember_card_settings(out, repo_id=repo_id, gating=gating)
-    _write(out / "README.md", files.readme.encode("utf-8"))
-    license_path = out / "LICENSE"
+    foreign = [name for name in foreign_card_files(out) if name != "LICENSE" or files.license is not None]
+    if foreign:
+        raise UsageError(f"{', '.join(str(out / n) for n in foreign)} {'was' if len(foreign) == 1 else 'were'} not "
+                         "written by facegen (or changed since): move "
+                         f"{'it' if len(foreign) == 1 else 'them'} out of the folder so that the dataset card can "
+                         "be written there")
+    new = {"README.md": files.readme.encode("utf-8")}
     if files.license is not None:
-        if license_path.is_file() and LICENSE_MARKER not in license_path.read_text(encoding="utf-8", errors="replace"):
-            raise FileExistsError(f"{license_path} was not written by facegen; move it away so the card can write "
-                                  "the dataset's licence there")
-        _write(license_path, files.license.encode("utf-8"))
-    elif license_path.is_file() and LICENSE_MARKER in license_path.read_text(encoding="utf-8", errors="replace"):
-        license_path.unlink()  # our own LICENSE from an earlier render whose licence was `other`
-    preview_path = out / "preview.jpg"
+        new["LICENSE"] = files.license.encode("utf-8")
     if files.preview is not None:
-        _write(preview_path, files.preview)
-    elif preview_path.is_file():
-        preview_path.unlink()
+        new["preview.jpg"] = files.preview
+    try:
+        copy_provenance(out, run)
+        checksums = out / CHECKSUMS_FILE
+        checksums.parent.mkdir(parents=True, exist_ok=True)
+        _write(checksums, (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
+        if repo_id or gating is not None:
+            remember_card_settings(out, repo_id=repo_id, gating=gating)
+        _record_card_files(out, new)
+        for name, data in new.items():
+            _write(out / name, data)
+        for name in ("LICENSE", "preview.jpg"):  # ours from an earlier render that has none now
+            if name not in new and written_by_facegen(out, name):
+                (out / name).unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write the dataset card in {out}: {exc.strerror or exc}") from None
     return files

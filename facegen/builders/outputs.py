@@ -1,0 +1,205 @@
+"""The output folder: where a build may write, and what ``--overwrite`` may remove (only what facegen wrote).
+
+facegen writes, in ``--out``: ``data/train/train-NNNNNN.tar`` (and hidden temporaries beside them), ``.facegen/``
+(records, and the units of work of identity-level transforms), ``_info.json`` and the card files README.md, LICENSE
+and preview.jpg. Anything else in the folder is the user's and is never
+touched; a user's file under one of those names stops the build with one line naming it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from facegen.builders.shards import write_atomic
+from facegen.errors import UsageError
+
+SHARD_FILE = re.compile(r"\.?train-\d{6}\.tar(\.tmp-\d+)?")  # a published shard or its hidden temporary
+LOCK_FILES = ("lock", "lock.break")  # kept by --overwrite: the running build holds them
+NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file too large for a file-size limit (ulimit -f)"}
+
+
+def resolve_out(out_arg: str | os.PathLike) -> Path:
+    """The absolute --out; a symbolic-link loop is a user's mistake, not a traceback."""
+    try:
+        return Path(out_arg).resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13 raises RuntimeError for a loop, later ones OSError
+        loop = isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP
+        raise UsageError(f"--out {out_arg} " + ("is a symbolic link loop" if loop else
+                                                f"cannot be resolved: {exc.strerror or exc}")) from None
+
+
+def create_output_folder(out: Path) -> None:
+    """``out`` exists as a folder, and its ``data/train`` is a folder or absent."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    for folder in (out / "data", out / "data" / "train"):
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{folder} is a file where facegen needs a folder (the shards go in data/train/): "
+                             "move it out of --out, or choose another --out")
+
+
+def refuse_out_inside_source(out: Path, source_path: str | None) -> None:
+    """An --out inside the source folder would be read back as source data (an identity) by the next run."""
+    if not source_path:
+        return
+    try:
+        source = Path(source_path).resolve()
+    except (RuntimeError, OSError):
+        return  # the source reports its own path problems
+    if out == source or source in out.parents:
+        raise UsageError(f"--out {out} is inside --source-path {source}: the next run would read the output as "
+                         "source data; choose an --out outside the source folder")
+
+
+def foreign_files(out: Path, has_build: bool) -> list[str]:
+    """Files in ``out`` under names facegen writes that facegen did not write (relative names)."""
+    from facegen.cards.card import OUTPUT_FILES, foreign_card_files
+
+    found = foreign_card_files(out, OUTPUT_FILES)
+    train = out / "data" / "train"
+    if train.is_dir():
+        for path in sorted(train.iterdir()):
+            ours = has_build and SHARD_FILE.fullmatch(path.name)
+            if not ours and (path.suffix == ".tar" or SHARD_FILE.fullmatch(path.name)):
+                found.append(path.relative_to(out).as_posix())  # `datasets` would load it as part of the dataset
+    return found
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+    return shown + (" is" if len(names) == 1 else " are")
+
+
+def remove_facegen_outputs(out: Path) -> None:
+    """What --overwrite removes: only the files a build writes, never anything else in the folder."""
+    from facegen.cards.card import OUTPUT_FILES, written_by_facegen
+
+    for name in OUTPUT_FILES:  # before .facegen/, which holds the record of what facegen wrote
+        if written_by_facegen(out, name):
+            (out / name).unlink()
+    from facegen.cards.card import CHECKSUMS_FILE
+    from facegen.cards.public import IDENTITIES_FILE, PROVENANCE_DIR, SHIFT_FILE
+
+    for rel in (CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE):  # the rebuild inputs the card copies (only those)
+        (out / rel).unlink(missing_ok=True)
+    if (out / PROVENANCE_DIR).is_dir() and not any((out / PROVENANCE_DIR).iterdir()):
+        (out / PROVENANCE_DIR).rmdir()
+    facegen_dir = out / ".facegen"
+    if facegen_dir.is_dir():
+        for path in facegen_dir.iterdir():
+            if path.name in LOCK_FILES:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    train = out / "data" / "train"
+    if train.is_dir():
+        for path in train.iterdir():
+            if SHARD_FILE.fullmatch(path.name):
+                path.unlink()
+        for folder in (train, out / "data"):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state) -> None:
+    """Refuse a folder that holds a different build or the user's files (unless --overwrite, which still never
+    removes a file facegen did not write); record the build's signature."""
+    config_path = out / ".facegen" / "config.json"
+    has_build = config_path.exists() or (out / ".facegen" / "run.json").exists()
+    foreign = foreign_files(out, has_build)
+    if foreign and (overwrite or has_build):
+        raise UsageError(f"{out} holds a file facegen did not write where a build writes: {_names(foreign)} not "
+                         "facegen's"
+                         f"{' (--overwrite replaces only what facegen wrote)' if overwrite else ''}: move "
+                         f"{'it' if len(foreign) == 1 else 'them'} out of --out, or choose another --out")
+    if overwrite:
+        if state.is_main_process:
+            try:
+                remove_facegen_outputs(out)
+            except OSError as exc:
+                raise UsageError(f"--overwrite cannot remove the earlier build in {out}: {exc.strerror or exc}") \
+                    from None
+        if state.num_processes > 1:
+            state.wait_for_everyone()
+    if config_path.exists():
+        try:
+            existing = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise UsageError(f"{config_path} is damaged; pass --overwrite to start this build again") from None
+        if existing != signature:
+            changed = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
+            raise UsageError(
+                f"{out} holds a different build (differs in: {', '.join(changed)}); rerun the same command to "
+                "resume it, or pass --overwrite to replace it, or choose another --out"
+            )
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name != ".facegen")
+    if others and not overwrite:
+        shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
+        if foreign:
+            raise UsageError(f"{out} is not empty and holds no facegen build, and {_names(foreign)} yours where a "
+                             "build writes: choose a new or empty --out")
+        raise UsageError(f"{out} is not empty ({shown}) and holds no facegen build: choose a new or empty --out, "
+                         "or pass --overwrite to write the build beside those files (they are kept)")
+    try:
+        write_atomic(config_path, json.dumps(signature, indent=1, sort_keys=True).encode())
+    except OSError as exc:
+        raise UsageError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+
+
+def discard_partial_files(out: Path) -> None:
+    """Remove this process's hidden temporaries (a shard, unit of work or record cut short by a full disk)."""
+    suffix = f".tmp-{os.getpid()}"
+    facegen = out / ".facegen"
+    for folder in (out / "data" / "train", facegen / "shards", facegen / "shards" / "index", facegen / "skipped",
+                   facegen / "units", facegen / "units" / "index", facegen / "units" / "skipped", facegen, out):
+        if folder.is_dir():
+            for path in folder.glob(f".*{suffix}"):
+                path.unlink(missing_ok=True)
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def no_space_message(out: Path, exc: OSError, left: str | None, need_bytes: float | None, largest_file: int | None,
+                     what: str = "shard") -> str:
+    """One line for a full disk (or quota, or file-size limit): what happened, how much is needed, what to do.
+
+    ``left`` says what remains ("the 4 images left"; None when every file is complete), ``need_bytes`` about how
+    much space that takes, ``what`` the kind of file that was cut short ("shard", "unit of work")."""
+    message = NO_SPACE[exc.errno]
+    if exc.errno == errno.EFBIG:
+        need = f"; a {what} here takes up to {_size(largest_file)}" if largest_file else ""
+        return (f"{message} while writing {out}{need}; the partial {what} was discarded: raise the limit and rerun "
+                "the same command to resume")
+    need = ""
+    if left is None:
+        need = "; every shard is complete, only the build's records and card were left to write"
+    elif need_bytes:
+        try:
+            free = shutil.disk_usage(out).free
+        except OSError:
+            free = None
+        need = f"; {left} need about {_size(need_bytes)}"
+        if free is not None:
+            need += f" ({_size(free)} free)"
+    return (f"{message} while writing {out}{need}; the partial {what} was discarded: free some space and rerun the "
+            "same command to resume")

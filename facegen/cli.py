@@ -340,6 +340,10 @@ def card_command(out, repo_id, gating):
 
     from facegen.builders.lock import output_lock
     from facegen.builders.outputs import resolve_out
+    from facegen.builders.publish import check_repo_id
+
+    if repo_id is not None:
+        check_repo_id(repo_id)  # it is written into the card's code examples
     from facegen.cards import write_card
 
     folder = resolve_out(out)

@@ -434,3 +434,15 @@ def test_random_weight_models_are_announced_at_the_top(tmp_path):
     snapshot = tmp_path / "hub" / "models--org--unet" / "snapshots" / ("f" * 40) / "unet"
     snapshot.mkdir(parents=True)
     assert describe_loaded(snapshot) == {"hub": "org/unet", "commit": "f" * 40}
+
+
+def test_card_of_a_single_shard_says_ranks_read_all_of_it(tmp_path):
+    from conftest import cli
+    from facegen.testing.folder import write_folder_source
+
+    src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
+    out = tmp_path / "one"
+    assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out) == 0
+    card = (out / "README.md").read_text()
+    assert "this dataset is a single shard, so every rank reads all of it" in card
+    assert "the 1 shards" not in card and "shards are split between the ranks" not in card

@@ -422,3 +422,30 @@ def write_card_again(out):
     from facegen.cards import write_card
 
     write_card(out)
+
+
+def test_dry_run_turns_the_gate_on_before_any_upload_command(built, hub, capsys):
+    assert cli("publish", built, "--repo", "org/faces", "--dry-run") == 0
+    lines = capsys.readouterr().out.splitlines()
+    gate = next(i for i, line in enumerate(lines) if line.startswith("first create the repo and turn its gate on"))
+    upload = next(i for i, line in enumerate(lines) if line.startswith("same upload with the hf CLI"))
+    assert gate < upload and 'gated="auto"' in lines[gate]
+
+
+def test_publish_refuses_symlinks_and_foreign_provenance_files(built, hub, tmp_path, capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the dataset\n")
+    (built / "LICENSE-extra").symlink_to(secret)
+    (built / "provenance" / "notes.json").write_text("{}\n")
+    assert cli("publish", built, "--repo", "org/faces", "--dry-run") != 0
+    err = capsys.readouterr().err
+    assert "LICENSE-extra is a symbolic link" in err
+    assert "provenance/notes.json was not written by facegen" in err
+    assert hub.requests == []
+
+
+def test_card_refuses_a_repo_id_that_is_not_one(built, capsys):
+    readme = (built / "README.md").read_bytes()
+    assert cli("card", built, "--repo", "bad repo`; rm -rf ~") == 2
+    assert "--repo" in capsys.readouterr().err
+    assert (built / "README.md").read_bytes() == readme

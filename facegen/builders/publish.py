@@ -339,9 +339,30 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
     _check_links(out, problems)
     _check_shards(out, run, problems, verify, counted)
     _check_info(out, counted, problems)
+    _check_upload_files(out, problems)
     if not problems:  # loading is slow and pointless when the files are already known to be wrong
         _check_loads(out, run, problems)
     return problems
+
+
+def _check_upload_files(out: Path, problems: list[str]) -> None:
+    """Publish sends regular files of the build only: no symbolic link (it could point anywhere on this machine),
+    and under provenance/ only the rebuild inputs the card writes there."""
+    from facegen.cards.card import CHECKSUMS_FILE
+    from facegen.cards.public import IDENTITIES_FILE, PROVENANCE_DIR, SHIFT_FILE
+
+    known = {CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE}
+    for f in files_to_upload(out):
+        path = out / f.path
+        parts = Path(f.path).parts
+        if any((out.joinpath(*parts[:k])).is_symlink() for k in range(1, len(parts) + 1)):
+            problems.append(f"{f.path} is a symbolic link: publish uploads only the build's own files (replace it "
+                            "with the file, or move it out of the folder)")
+        elif parts[0] == PROVENANCE_DIR and f.path not in known:
+            problems.append(f"{f.path} was not written by facegen: provenance/ holds only "
+                            f"{', '.join(sorted(known))}; move it out of the folder")
+        elif not path.is_file():
+            problems.append(f"{f.path} is not a regular file")
 
 
 # --------------------------------------------------------------------------------------------- upload
@@ -425,7 +446,7 @@ def hf_upload_command(repo_id: str, out_dir, private: bool = False, revision: st
     return " && ".join(hf_upload_commands(repo_id, out_dir, private, revision))
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not repo_id or repo_id.count("/") != 1:
@@ -449,7 +470,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     from facegen.cards.card import PLACEHOLDER_REPO, card_settings, write_card
 
     out = Path(out_dir).expanduser().resolve()
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     if not out.is_dir():
         raise UsageError(f"{out_dir} is not a folder")
     branch = revision or constants.DEFAULT_REVISION
@@ -492,12 +513,14 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     for f in upload:
         echo(f"  {f.path}  ({f.size:,} bytes)")
     if dry_run:
-        echo("same upload with the hf CLI (huggingface_hub >= 1.0): "
+        if gated:  # before any upload, or the research-only files are public until the gate goes on
+            echo("first create the repo and turn its gate on: python -c 'from huggingface_hub import HfApi; "
+                 f"api = HfApi(); api.create_repo(\"{repo_id}\", repo_type=\"dataset\", exist_ok=True"
+                 f"{', private=True' if private else ''}); "
+                 f"api.update_repo_settings(\"{repo_id}\", gated=\"auto\", repo_type=\"dataset\")'")
+        echo("same upload with the hf CLI (huggingface_hub >= 1.0)" + (", after that" if gated else "") + ": "
              + hf_upload_command(repo_id, out_dir, private, revision))
         echo("with huggingface_hub 0.x: " + " && ".join(legacy_upload_commands(repo_id, out_dir, private, revision)))
-        if gated:
-            echo(f"then turn the gate on: HfApi().update_repo_settings(\"{repo_id}\", gated=\"auto\", "
-                 "repo_type=\"dataset\")")
         echo("dry run: nothing was uploaded")
         return result
 

@@ -426,5 +426,7 @@ class ShardWriter:
     def abort(self) -> None:
         try:
             self._file.close()
+        except OSError:  # the buffered rest cannot be flushed (a full disk): the file is discarded anyway
+            pass
         finally:
             self.tmp.unlink(missing_ok=True)

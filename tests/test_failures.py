@@ -299,3 +299,20 @@ def test_users_info_json_is_never_replaced(src, finished, capsys):
         code, _, err = run_cli(build_args(src, finished, "--seed", 1, *extra), capsys)
         assert code == 2 and one_line(err) and "_info.json is not facegen's" in err, err
     assert info.read_text() == '{"name": "mine"}\n'
+
+
+def test_a_really_full_disk_is_one_line(tmp_path):
+    """A real file system that fills up (a 1 MiB tmpfs in a private mount namespace): the buffered rest of the
+    partial shard cannot be flushed either, and that second error must not replace the first with a traceback."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None or \
+            subprocess.run(["unshare", "--mount", "true"]).returncode != 0:
+        pytest.skip("needs root and mount namespaces to mount a small tmpfs")
+    src = write_folder_source(tmp_path / "big", identities=40, images_per_identity=5)
+    out = tmp_path / "full"
+    out.mkdir()
+    cmd = [str(BIN / "facegen"), *map(str, build_args(src, out))]
+    script = 'mount -t tmpfs -o size=1m tmpfs "$1" && shift && exec "$@"'
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(out), *cmd], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 2 and one_line(proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr and "space" in proc.stderr

@@ -553,6 +553,13 @@ def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) 
     """
     out = Path(out_dir)
     run = load_run(out)
+    try:  # first: the card lists the provenance files present
+        copy_provenance(out, run)
+        checksums = out / CHECKSUMS_FILE
+        checksums.parent.mkdir(parents=True, exist_ok=True)
+        _write(checksums, (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        raise UsageError(f"cannot write the dataset card in {out}: {exc.strerror or exc}") from None
     files = render_card(out, repo_id, gating)
     foreign = [name for name in foreign_card_files(out) if name != "LICENSE" or files.license is not None]
     if foreign:
@@ -566,10 +573,6 @@ def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) 
     if files.preview is not None:
         new["preview.jpg"] = files.preview
     try:
-        copy_provenance(out, run)
-        checksums = out / CHECKSUMS_FILE
-        checksums.parent.mkdir(parents=True, exist_ok=True)
-        _write(checksums, (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
         if repo_id or gating is not None:
             remember_card_settings(out, repo_id=repo_id, gating=gating)
         _record_card_files(out, new)

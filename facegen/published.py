@@ -80,6 +80,15 @@ def resolve_dataset(path_or_repo: str | os.PathLike) -> tuple[Path, str | None]:
     return download_dataset(repo_id, revision), repo_id
 
 
+def shards_fingerprint(root: str | os.PathLike) -> str:
+    """Changes when any shard is added, removed or rewritten (names, sizes, modification times)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).glob(DATA_GLOB)):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class Sample:
     """One sample of a published dataset: where its members are, and the fields every reader needs."""
@@ -191,12 +200,7 @@ class PublishedDataset:
         return [n for n in self.features if n != self.image_column and n not in COLUMNS_OF_EVERY_SAMPLE]
 
     def fingerprint(self) -> str:
-        """Changes when any shard is rewritten (names, sizes, modification times)."""
-        digest = hashlib.sha256()
-        for path in self.shards:
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
+        return shards_fingerprint(self.root)
 
     # ------------------------------------------------------------------ shards
 

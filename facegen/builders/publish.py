@@ -31,7 +31,7 @@ import xxhash
 
 from facegen.errors import FacegenError, UsageError
 
-ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "data/**"]
+ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "data/**", "report/*.png"]  # report/: `facegen report`
 # Hidden names anywhere (temporary shard files, editor droppings) and the build's own records stay local.
 IGNORE_PATTERNS = [".facegen/**", ".*", "**/.*", "**/__pycache__/**"]
 SHARD_NAME = re.compile(r"^train-(\d{6})\.tar$")

@@ -17,6 +17,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
+from facegen.cards.quality import curation_context, quality_context
 from facegen.cards.stats import Statistics, load_run, load_shard_stats, size_category, summarise
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -269,6 +270,8 @@ def render_card(out_dir, repo_id: str | None = None) -> CardFiles:
                                                 sort_keys=True),
         "citations": _citations(run),
         "license_marker": LICENSE_MARKER,
+        "quality": quality_context(out),  # `facegen report`
+        "curation": curation_context(run),  # `facegen curate`
     }
     env = _environment()
     readme = env.get_template("README.md.j2").render(**context)

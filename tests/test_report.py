@@ -1,0 +1,174 @@
+"""`facegen report` and `facegen curate` on real faces with real models, and their plumbing with tiny ones.
+
+The real-face tests use photos shipped in PyPI packages (insightface's t1.jpg and Tom_Hanks_54745.png,
+scikit-image's astronaut), aligned by dlib's real detector and landmarks, augmented into identities with one
+planted near-duplicate identity and one planted outlier image, and dlib's real recogniser (weights from PyPI).
+"""
+
+import json
+import re
+import tarfile
+
+import numpy as np
+import pytest
+from datasets import load_dataset
+from PIL import Image
+
+from facegen.builders.curate import decide, near_duplicate_groups
+from facegen.published import PublishedDataset
+from facegen.testing.output import write_output_folder
+from tests.conftest import build, run_cli
+
+IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """(dataset folder, planted flaws, source folder): 9 real identities + 1 planted duplicate, 3 per shard."""
+    from facegen.testing.real_faces import write_real_identities
+
+    root = tmp_path_factory.mktemp("real")
+    planted = write_real_identities(root / "src", images_per_identity=IMAGES)
+    build("--source", "folder", "--source-path", root / "src", "--plugin", "passthrough", "--out", root / "out",
+          "--shard-size", 3)
+    return root / "out", planted, root / "src"
+
+
+def tar_members(folder):
+    found = {}
+    for path in sorted((folder / "data" / "train").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            found.update({m.name: tar.extractfile(m).read() for m in tar if m.isfile()})
+    return found
+
+
+@pytest.mark.slow
+def test_report_finds_exactly_the_planted_duplicate_and_outlier(real, capsys):
+    out, planted, _ = real
+    code, stdout, err = run_cli(["report", out], capsys)
+    assert code == 0, err
+    assert "sample/s]" in err  # the progress bar shows the rate
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    total = len(planted.identities) * IMAGES - 1 + 1  # the duplicate has one image fewer, t1-2 one more
+    assert report["dataset"]["samples"] == report["dataset"]["embedded"] == total
+    assert [sorted(p[:2]) for p in report["near_duplicate_identities"]] == [sorted(planted.duplicate)]
+    assert report["near_duplicate_identities"][0][2] >= 0.95
+    assert [(o["identity"], o["source_ref"]) for o in report["outliers"]] == [
+        (planted.outlier_identity, f"{planted.outlier_identity}/{planted.outlier_file}")]
+    assert report["image_modes"] == {"RGB": total} and report["image_sizes"] == {"112x112": total}
+    rows = {r["identity"]: r for r in report["identities"]}
+    assert rows[planted.duplicate[1]]["nearest"] == planted.duplicate[0]
+    # the plots are PNG files, and the card embeds exactly those with relative links
+    assert report["plots"] == ["report/consistency.png", "report/separability.png", "report/worst-identities.png"]
+    readme = (out / "README.md").read_text()
+    quality = readme.split("## Quality", 1)[1].split("\n## ", 1)[0]
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", quality)
+    assert linked == report["plots"]
+    for path in linked:
+        with Image.open(out / path) as image:
+            assert image.format == "PNG" and image.width > 200
+    assert f"`{planted.outlier_identity}/{planted.outlier_file}`" in quality
+    # `facegen card` keeps the section; publish uploads the plots
+    assert run_cli(["card", out], capsys)[0] == 0
+    assert "## Quality" in (out / "README.md").read_text()
+    from facegen.builders.publish import files_to_upload
+
+    uploaded = {f.path for f in files_to_upload(out)}
+    assert set(report["plots"]) <= uploaded
+    assert not any(p.startswith(".facegen") for p in uploaded)
+
+
+@pytest.mark.slow
+def test_curate_removes_exactly_the_planted_flaws(real, tmp_path, capsys):
+    out, planted, _ = real
+    new = tmp_path / "curated"
+    code, stdout, err = run_cli(["curate", out, "--out", new], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert report["embedding"]["reused"] is True  # the first report's embeddings, thresholds applied again
+    original, duplicate = planted.duplicate  # the duplicate has fewer images: the original is kept
+    rows = list(load_dataset(str(new), split="train", streaming=True))
+    kept = [i for i in planted.identities if i != duplicate]
+    assert sorted({r["json"]["identity"] for r in rows}) == sorted(kept)
+    assert len(rows) == len(kept) * IMAGES
+    assert sorted({r["cls"] for r in rows}) == list(range(len(kept)))
+    assert not any(r["json"]["parent_source_ref"].endswith(planted.outlier_file) and
+                   r["json"]["identity"] == planted.outlier_identity for r in rows)
+    parent, child = tar_members(out), tar_members(new)
+    for r in rows:  # bytes as they were
+        assert child[f"{r['__key__']}.png"] == parent[r["json"]["source_ref"].rpartition("#")[2] + ".png"]
+    curation = json.loads((new / ".facegen" / "curation.json").read_text())
+    assert [(x["identity"], x["reason"]) for x in curation["removed_identities"]] == [(duplicate, "near-duplicate")]
+    assert [(x["identity"], x["reason"]) for x in curation["removed_samples"]] == [
+        (planted.outlier_identity, "outlier")]
+    readme = (new / "README.md").read_text()
+    section = readme.split("## Curation", 1)[1].split("\n## ", 1)[0]
+    assert f"`{duplicate}`" in section and "near-duplicate" in section and "outlier" in section
+    assert "@misc{out," in readme  # cites OUT
+    # rerunning the same command resumes (nothing to do); other decisions in the same folder are refused
+    assert run_cli(["curate", out, "--out", new], capsys)[0] == 0
+    code, _, err = run_cli(["curate", out, "--out", new, "--min-similarity", "0.5"], capsys)
+    assert code == 2 and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_against_lists_the_identities_another_dataset_holds(real, tmp_path, capsys):
+    out, planted, src = real
+    ids = tmp_path / "ids.txt"
+    ids.write_text("t1-0\nt1-4\n")
+    evaluation = tmp_path / "evaluation"
+    build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough",
+          "--out", evaluation)
+    code, _, err = run_cli(["report", out, "--against", evaluation], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert sorted(m[0] for m in report["against"]["matches"]) == ["t1-0", "t1-4"]
+    assert all(m[0] == m[1] for m in report["against"]["matches"])
+    assert "identity leakage" in (out / "README.md").read_text()
+
+
+def test_arcface_recognizer_plumbing_with_tiny_random_weights(tmp_path, capsys):
+    """Random weights: only the path is checked (112x112 crops embedded as they are, a corrupt image counted)."""
+    from facegen.testing.arcface import write_tiny_face_models
+
+    models = write_tiny_face_models(tmp_path / "models")
+    out = write_output_folder(tmp_path / "out", identities=4, images_per_identity=3, shard_size=2)
+    with tarfile.open(out / "data" / "train" / "train-000001.tar", "a") as tar:  # a sample that does not decode
+        for name, data in (("000003_009.png", b"\x89PNG broken"), ("000003_009.cls", b"3"),
+                           ("000003_009.json", b'{"identity": "id0003"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, __import__("io").BytesIO(data))
+    code, _, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert report["settings"]["dedup"] == 0.6 and report["settings"]["min_similarity"] == 0.3
+    assert report["dataset"]["samples"] == 13 and report["dataset"]["embedded"] == 12
+    assert list(report["skipped"]) == ["corrupt image (UnidentifiedImageError)"]
+    assert np.isfinite([r["consistency_mean"] for r in report["identities"]]).all()
+    code, _, err = run_cli(["report", out, "--dedup", "2"], capsys)
+    assert code == 2 and "between -1 and 1" in err and err.count("\n") == 1
+
+
+def test_curation_decisions_follow_the_rules(tmp_path):
+    """Groups are connected components; a group keeps the identity with most images, ties to the first."""
+    out = write_output_folder(tmp_path / "out", identities=6, images_per_identity=3, shard_size=3)
+    dataset = PublishedDataset(out)
+    a, b, c, d, e, f = dataset.identities
+    pairs = [[b, c, 0.97], [a, b, 0.96], [d, e, 0.99]]  # a-b-c is one group through b
+    assert near_duplicate_groups(pairs, {x: i for i, x in enumerate(dataset.identities)}) == [[a, b, c], [d, e]]
+    by_id = dataset.by_identity
+    report = {"settings": {"recognizer": "dlib", "dedup": 0.95, "min_similarity": 0.9},
+              "near_duplicate_identities": pairs,
+              "outliers": [{"identity": f, "key": by_id[f][0].key, "cosine": 0.5},
+                           {"identity": b, "key": by_id[b][0].key, "cosine": 0.4},  # b goes anyway
+                           {"identity": a, "key": by_id[a][1].key, "cosine": 0.3}]}
+    curation = decide(dataset, report, min_images=3)
+    removed = {r["identity"]: r["reason"] for r in curation["removed_identities"]}
+    # ties (3 images each): a and d, the first of their groups, stay; but a lost an outlier and has 2 left
+    assert removed == {b: "near-duplicate", c: "near-duplicate", e: "near-duplicate", a: "too few images",
+                       f: "too few images"}
+    assert curation["removed_samples"] == []
+    curation = decide(dataset, report, min_images=1)
+    assert {r["identity"] for r in curation["removed_identities"]} == {b, c, e}
+    assert [s["key"] for s in curation["removed_samples"]] == [by_id[f][0].key, by_id[a][1].key]

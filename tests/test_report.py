@@ -5,6 +5,7 @@ scikit-image's astronaut), aligned by dlib's real detector and landmarks, augmen
 planted near-duplicate identity and one planted outlier image, and dlib's real recogniser (weights from PyPI).
 """
 
+import io
 import json
 import re
 import tarfile
@@ -138,7 +139,7 @@ def test_arcface_recognizer_plumbing_with_tiny_random_weights(tmp_path, capsys):
                            ("000003_009.json", b'{"identity": "id0003"}')):
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            tar.addfile(info, __import__("io").BytesIO(data))
+            tar.addfile(info, io.BytesIO(data))
     code, _, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
     assert code == 0, err
     report = json.loads((out / ".facegen" / "report.json").read_text())

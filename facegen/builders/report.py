@@ -46,7 +46,7 @@ import numpy as np
 
 import facegen
 from facegen.errors import UsageError
-from facegen.published import PublishedDataset, Sample
+from facegen.published import PublishedDataset
 
 DEFAULTS = {
     "dlib": {"dedup": 0.95, "min_similarity": 0.925},

@@ -535,7 +535,8 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     echo = echo or (lambda line: None)
     out_path = Path(out)
     if not out_path.is_dir():
-        raise UsageError(f"{out} is not a folder (the report is written into the dataset's folder)")
+        raise UsageError(f"{out} is not a folder: the report is written into the dataset's folder (for a Hub "
+                         "dataset, download it first: hf download ORG/NAME --repo-type dataset --local-dir DIR)")
     dedup, min_similarity = thresholds(recognizer, dedup, min_similarity)
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")

@@ -133,3 +133,24 @@ def test_hub_ids_are_recognised_and_an_unreachable_hub_is_one_line(tmp_path, mon
         resolve_dataset("someone/not-cached-anywhere")
     folder, repo = resolve_dataset(tmp_path)
     assert folder == tmp_path.resolve() and repo is None
+
+
+def test_member_listing_matches_tarfile_for_ustar_pax_and_gnu_tars(tmp_path):
+    from facegen.published import list_members
+
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, data in (("000000_000.png", b"a" * 700), (f"{'d' * 120}/000000_000.json", b"{}"),
+                               ("é/000001_000.cls", b"1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(path) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        assert list_members(path) == (expected, None)
+    data = bytearray(path.read_bytes())
+    data[148] ^= 1  # a damaged header checksum is an error, never a misread member
+    path.write_bytes(bytes(data))
+    members, error = list_members(path)
+    assert members == [] and error is not None

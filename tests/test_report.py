@@ -173,3 +173,17 @@ def test_curation_decisions_follow_the_rules(tmp_path):
     curation = decide(dataset, report, min_images=1)
     assert {r["identity"] for r in curation["removed_identities"]} == {b, c, e}
     assert [s["key"] for s in curation["removed_samples"]] == [by_id[f][0].key, by_id[a][1].key]
+
+
+def test_dlib_recognizer_detects_faces_in_large_images_and_finds_none_in_a_flat_one():
+    """Non-tight images go through dlib's real HOG detector (large ones on a downscaled copy)."""
+    from skimage import data
+
+    from facegen.generators.dlib_recognizer import DlibRecognizer
+
+    astronaut = data.astronaut()  # 512 px, not a tight crop
+    large = np.asarray(Image.fromarray(astronaut).resize((1024, 1024), Image.BICUBIC))
+    flat = np.full((300, 300, 3), 128, np.uint8)
+    small, big, none = DlibRecognizer().embed([astronaut, large, flat])
+    assert none is None
+    assert float(small @ big / np.linalg.norm(small) / np.linalg.norm(big)) > 0.99

@@ -10,7 +10,8 @@ API summary
   DigiFace, DisCo).
 
 How a face is found: dlib's HOG detector misses faces that fill the frame, so a tight crop uses the whole image as
-the face box of the 5-point landmark model; any other image is detected first (largest face). The landmarks give
+the face box of the 5-point landmark model; any other image is detected first (largest face; images larger than
+512 px are detected on a downscaled copy). The landmarks give
 dlib's own aligned 150x150 chip (``get_face_chip``, padding 0.25), which the network embeds.
 
 Descriptors are not centred: the cosine of two different people's descriptors is typically 0.80-0.92, so
@@ -33,6 +34,7 @@ CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 RECOGNITION_MODEL = "dlib_face_recognition_resnet_model_v1.dat"
 LANDMARK_MODEL = "shape_predictor_5_face_landmarks.dat"
+DETECT_SIDE = 512  # larger images are detected on a downscaled copy
 
 
 def is_tight_crop(image: np.ndarray, max_side: int = 160) -> bool:
@@ -69,10 +71,20 @@ class DlibRecognizer:
         height, width = image_rgb.shape[:2]
         if is_tight_crop(image_rgb, self.tight_crop_max_side):
             return dlib.rectangle(0, 0, width - 1, height - 1)
-        rects = self._detector(image_rgb, self.upsample)
+        # HOG detection costs grow with the pixel count: large images (SFHQ's 1024 px) are detected on a copy at
+        # most DETECT_SIDE px wide, and the box is scaled back for the landmarks on the full image
+        scale = min(1.0, DETECT_SIDE / max(height, width))
+        small = image_rgb
+        if scale < 1.0:
+            import cv2
+
+            small = cv2.resize(image_rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+        rects = self._detector(np.ascontiguousarray(small), self.upsample)
         if len(rects) == 0:
             return None
-        return max(rects, key=lambda r: r.width() * r.height())
+        best = max(rects, key=lambda r: r.width() * r.height())
+        return dlib.rectangle(round(best.left() / scale), round(best.top() / scale), round(best.right() / scale),
+                              round(best.bottom() / scale))
 
     def chip(self, image_rgb: np.ndarray) -> np.ndarray | None:
         """dlib's aligned 150x150 face chip of an image, or None when no face is found."""

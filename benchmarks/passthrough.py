@@ -1,14 +1,16 @@
 """Passthrough build rate against the practical limit: copying the same encoded bytes into tars.
 
-    python benchmarks/passthrough.py [--images 20000] [--work DIR]
+    python benchmarks/passthrough.py [--images 20000] [--rounds 3] [--processes 1,2] [--work DIR]
 
-Makes (once, cached in --work) a folder source of 112x112 PNG faces of ~20-25 KB each (DigiFace-like), then in
-one run measures:
+Makes (once, cached in --work) a folder source of 112x112 PNG faces of ~20-25 KB each (DigiFace-like), then
+alternates, round after round (so that a slow spell of a shared machine hits every measurement alike):
   raw      webdataset.TarWriter writing the same file bytes (read from disk) into tars, in-process
-  facegen  `facegen build --plugin passthrough` with 1 process and with 2 processes (torchrun), timed inside:
+  facegen  `facegen build --plugin passthrough` with --verify full (every image decoded once) and --verify header,
+           each with 1 process and with 2 processes (torch.distributed.run), timed inside:
            images / (last shard finished - first shard started), from the shard stats, so process start-up,
            imports and the process-group rendezvous are excluded
-and prints images/s and the ratios (targets: 1 process >= 0.8x raw, 2 processes >= 1.6x 1 process).
+and prints, per configuration, the median over rounds of images/s and of the ratio to that round's raw copy
+(targets: --verify header >= 0.8x raw and --verify full >= 0.35x raw with 1 process; 2 processes >= 1.6x 1).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -59,41 +62,70 @@ def raw_rate(src: Path, out: Path, identities: int, shard_size: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def facegen_rate(src: Path, out: Path, identities: int, shard_size: int, processes: int) -> float:
+def facegen_rate(src: Path, out: Path, identities: int, shard_size: int, processes: int, verify: str) -> float:
+    """facegen writes shards of the same sample count, each read from the source in the shuffled order."""
     shutil.rmtree(out, ignore_errors=True)
     args = ["build", "--source", "folder", "--source-path", str(src), "--plugin", "passthrough", "--out", str(out),
-            "--shard-size", str(shard_size), "--limit-identities", str(identities)]
+            "--shard-samples", str(shard_size * IMAGES_PER_IDENTITY), "--limit-identities", str(identities),
+            "--verify", verify]
     if processes == 1:
         cmd = [str(BIN / "facegen"), *args]
     else:
-        cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(processes), "--no-python", str(BIN / "facegen"), *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--no-python",
+               str(BIN / "facegen"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     subprocess.run(cmd, check=True, capture_output=True, env=env)
     stats = [json.loads(p.read_text()) for p in (out / ".facegen" / "shards").glob("*.json")]
     assert {s["written_by"]["processes"] for s in stats} == {processes}
+    assert {s["verify"] for s in stats} == {verify}
     span = max(s["finished_at"] for s in stats) - min(s["started_at"] for s in stats)
     return sum(s["images"] for s in stats) / span
+
+
+CONFIGS = [("full", 1), ("header", 1), ("full", 2), ("header", 2)]
+TARGETS = {("full", 1): "target >= 0.35x raw", ("header", 1): "target >= 0.8x raw"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20_000)
     parser.add_argument("--work", default="/tmp/facegen-bench")
-    parser.add_argument("--shard-size", type=int, default=50, help="identities per shard (50 x 40 = 2000 images)")
-    parser.add_argument("--repeat", type=int, default=3, help="best of N for each measurement")
+    parser.add_argument("--shard-size", type=int, default=50,
+                        help="identities per raw tar; facegen's shards hold as many samples (50 x 40 = 2000)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of raw and every configuration, alternated")
+    parser.add_argument("--processes", default="1,2", help="process counts to measure (1 alone on a small machine)")
     args = parser.parse_args()
+    counts = {int(n) for n in args.processes.split(",")}
+    configs = [(verify, processes) for verify, processes in CONFIGS if processes in counts]
     work = Path(args.work)
     src = make_source(work, args.images)
     identities = args.images // IMAGES_PER_IDENTITY
     sizes = [os.path.getsize(src / "0" / name) for name in os.listdir(src / "0")]
-    print(f"source: {identities} identities x {IMAGES_PER_IDENTITY} PNG 112x112, mean {sum(sizes) / len(sizes) / 1024:.1f} KB")
+    print(f"source: {identities} identities x {IMAGES_PER_IDENTITY} PNG 112x112, "
+          f"mean {sum(sizes) / len(sizes) / 1024:.1f} KB; {os.cpu_count()} CPUs; {args.rounds} rounds")
 
-    raw = max(raw_rate(src, work / "raw", identities, args.shard_size) for _ in range(args.repeat))
-    one = max(facegen_rate(src, work / "fg1", identities, args.shard_size, 1) for _ in range(args.repeat))
-    two = max(facegen_rate(src, work / "fg2", identities, args.shard_size, 2) for _ in range(args.repeat))
-    print(f"raw TarWriter copy      {raw:9.0f} images/s")
-    print(f"facegen, 1 process      {one:9.0f} images/s   {one / raw:.2f}x raw   (target >= 0.8x)")
-    print(f"facegen, 2 processes    {two:9.0f} images/s   {two / one:.2f}x 1 process   (target >= 1.6x)")
+    raw: list[float] = []
+    rates: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    for round_ in range(args.rounds):
+        raw.append(raw_rate(src, work / "raw", identities, args.shard_size))
+        line = [f"round {round_ + 1}: raw {raw[-1]:.0f}"]
+        for verify, processes in configs:
+            rate = facegen_rate(src, work / f"fg-{verify}-{processes}", identities, args.shard_size, processes,
+                                verify)
+            rates[verify, processes].append(rate)
+            line.append(f"{verify}/{processes}p {rate:.0f} ({rate / raw[-1]:.2f}x)")
+        print(", ".join(line), flush=True)
+
+    print(f"raw TarWriter copy                 {statistics.median(raw):9.0f} images/s (median)")
+    for verify, processes in configs:
+        ratios = [rate / base for rate, base in zip(rates[verify, processes], raw)]
+        target = TARGETS.get((verify, processes), "")
+        if processes == 2 and (verify, 1) in rates:
+            scaling = statistics.median(r2 / r1 for r2, r1 in zip(rates[verify, 2], rates[verify, 1]))
+            target = f"{scaling:.2f}x 1 process (target >= 1.6x)"
+        print(f"facegen --verify {verify:<6} {processes} proc  {statistics.median(rates[verify, processes]):9.0f} "
+              f"images/s   median {statistics.median(ratios):.2f}x raw (rounds: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})   {target}")
 
 
 if __name__ == "__main__":

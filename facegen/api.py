@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from facegen.errors import UsageError
@@ -80,8 +80,11 @@ class ModelInfo:
     license_link: str = ""
     citation: str = ""  # BibTeX
     note: str = ""  # e.g. "non-commercial research only"
-    source: str = ""  # where it was actually loaded from in this run (path or hub id@revision)
+    source: str = ""  # where it was actually loaded from in this run (path or hub id@revision); run.json only
     commercial_use: bool | None = None  # None: the card classifies the licence name and note
+    # what setup() read (facegen.generators.weights.describe_loaded): {"hub", "commit"} or {"folder", "sha256"},
+    # plus "test_model" for facegen's random test weights; empty when nothing was loaded in this run
+    loaded: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Source(Plugin):
 
     kind = "source"
     image_format = "png"  # encoding of the images as stored
+    synthetic: bool | None = None  # True: the images are generated (the card may call them synthetic); None: unknown
     needs_path = True  # False for sources that read no files (e.g. `seeds`): --source-path is then optional
 
     def __init__(self, path: str | os.PathLike | None = None, **options: Any):
@@ -144,6 +148,20 @@ class Source(Plugin):
 
     def load(self, identity_id: str) -> list[SourceImage | Skip]:
         raise NotImplementedError
+
+    def image_refs(self, identity_id: str) -> Sequence[str]:
+        """One entry per item ``load`` returns (image or skip), in the same order, without reading the images.
+
+        Per-image transforms (passthrough) plan the published shards from these counts and then read single
+        images in a shuffled order. The default loads the identity (correct, but it reads everything once more):
+        sources with an index or a file listing should override it, and ``load_images``.
+        """
+        return [item.ref for item in self.load(identity_id)]
+
+    def load_images(self, identity_id: str, indices: Sequence[int]) -> list[SourceImage | Skip]:
+        """The items at ``indices`` of ``load(identity_id)`` (positions in ``image_refs``), in that order."""
+        items = self.load(identity_id)
+        return [items[i] for i in indices]
 
     def json_features(self) -> dict[str, Any]:
         """``datasets`` features of the per-image ``meta`` fields this source adds to each sample's json."""
@@ -163,6 +181,15 @@ class Transform(Plugin):
 
     kind = "transform"
     batch_size = 1  # identities per call
+    synthetic = False  # True: the transform generates the output images (they are synthetic whatever the source)
+    # True when the source's encoded bytes are written as they are (passthrough): the run then checks every source
+    # image on its loading threads, beside the writer. Other transforms' images are checked when written.
+    copies_source_images = False
+    # True: each output face is made from one input image alone, at most one face per image, in the images'
+    # order. The run then hands the transform identities holding one image each, in the published (shuffled)
+    # order, and writes the published shards directly. False: whole identities, in units of --shard-size
+    # identities, assembled into the published shards afterwards.
+    per_image = False
 
     def models(self) -> list[ModelInfo]:
         return []

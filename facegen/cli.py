@@ -78,13 +78,23 @@ def plugins_command():
 @click.option("--recipe", help="Built-in recipe name or YAML file holding these options (the CLI overrides it).")
 @click.option("--limit-identities", type=int, help="Keep only the first N identities of the plan.")
 @click.option("--identities-file", type=click.Path(), help="File of identity ids to keep (one per line).")
-@click.option("--shard-size", type=int, help="Identities per shard (default 100).")
+@click.option("--shard-size", type=int, help="Identities per unit of work (default 100).")
+@click.option("--shard-samples", type=int,
+              help="Target samples per published shard (default 10000; recipes set their own).")
+@click.option("--shards-multiple-of", type=int,
+              help="Round the shard count up to a multiple of this, e.g. ranks x DataLoader workers (default 1).")
 @click.option("--seed", type=int, help="Run seed; per-identity seeds derive from it (default 0).")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")
+@click.option("--verify", type=click.Choice(["full", "header"]),
+              help="full (default): decode every image once before writing it; header: PIL's cheap check only.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
+@click.option("--from-card", "from_card", metavar="PATH_OR_REPO",
+              help="Rebuild a facegen dataset from its card (a build folder, its README.md, or a Hub ORG/NAME); "
+                   "the options given here override the card's.")
 def build_command(source, source_path, source_opts, plugin, plugin_opts, out, recipe, limit_identities,
-                  identities_file, shard_size, seed, image_format, strict, overwrite):
+                  identities_file, shard_size, shard_samples, shards_multiple_of, seed, image_format, strict,
+                  verify, overwrite, from_card):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
     from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
     from facegen.builders.run import build
@@ -93,9 +103,19 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
         "source": source, "source_path": source_path, "source_opts": parse_pairs(source_opts, "--source-opt"),
         "plugin": plugin, "plugin_opts": parse_pairs(plugin_opts, "--plugin-opt"),
         "limit_identities": limit_identities, "identities_file": identities_file, "shard_size": shard_size,
-        "seed": seed, "format": image_format, "strict": strict,
+        "shard_samples": shard_samples, "shards_multiple_of": shards_multiple_of, "seed": seed,
+        "format": image_format, "strict": strict, "verify": verify,
     }
-    values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
+    record = None
+    if from_card:
+        from facegen.builders.from_card import build_values, read_card
+
+        if recipe:
+            raise UsageError("--from-card and --recipe both give every option: use one")
+        record = read_card(from_card)
+        values = build_values(record, cli_values)
+    else:
+        values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}
     config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, command=["facegen", *sys.argv[1:]], **values)
     try:
@@ -105,6 +125,15 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     if summary is not None:
         for line in summary.lines():
             click.echo(line)
+        if record is not None:
+            from pathlib import Path
+
+            from facegen.builders.from_card import compare
+
+            same, line = compare(record, Path(out))
+            if not same:
+                raise click.ClickException(f"rebuild differs from {from_card}: {line}")
+            click.echo(f"rebuild of {from_card}: {line}")
 
 # --- download (issue 3) ---
 
@@ -145,14 +174,17 @@ def download_command(source, directory, parts, base_url, accept_license, retries
               help="Face detector for images that are not 112x112 crops.")
 @click.option("--det-size", type=int, default=640, show_default=True, help="SCRFD input size (square).")
 @click.option("--limit-identities", type=int, help="Embed only the first N identities.")
+@click.option("--realign", is_flag=True,
+              help="Detect and align 112x112 crops (DigiFace) again before embedding, as Arc2Face's demo does with "
+                   "any input (default: embed them as they are, as Digi2Real does).")
 @click.option("--out", required=True, type=click.Path(), help="Output prototypes.npz.")
-def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, out):
+def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, realign, out):
     """Identity prototypes (normalised mean unit ArcFace embedding) -> prototypes.npz (ids, embeddings)."""
     from facegen.builders.identities import FaceEmbedder, embed_source, open_source
     from facegen.builders.options import parse_pairs
 
     src = open_source(source, source_path, parse_pairs(source_opts, "--source-opt"))
-    embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size)
+    embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, realign=realign)
     prototypes = embed_source(src, embedder, limit=limit_identities)
     src.close()
     if not prototypes.ids:
@@ -172,21 +204,30 @@ def embed_command(source, source_path, source_opts, model_dir, detector, det_siz
 @click.option("--prototypes", required=True, type=click.Path(), help="prototypes.npz from `facegen embed`.")
 @click.option("--count", required=True, type=int, help="How many identities to keep.")
 @click.option("--block", type=int, default=2048, show_default=True, help="Rows/columns per similarity tile.")
+@click.option("--method", type=click.Choice(["one-pass", "greedy"]), default="one-pass", show_default=True,
+              help="one-pass: rank by highest similarity to any other identity, keep the first COUNT (the paper's "
+                   "sorted list; drops both members of a near-duplicate pair). greedy: drop the identity most "
+                   "similar to another remaining one, one at a time, until COUNT remain (keeps one of each pair).")
 @click.option("--out", required=True, type=click.Path(), help="Output ids.txt (for --identities-file).")
-def select_identities_command(prototypes, count, block, out):
-    """Keep the COUNT identities least similar to any other (lowest highest-cosine), for --identities-file."""
-    from facegen.builders.identities import load_prototypes, select_least_similar, write_ids
+def select_identities_command(prototypes, count, block, method, out):
+    """Keep the COUNT most distinct identities (see --method), for --identities-file."""
+    from facegen.builders.identities import load_prototypes, select_identities, write_ids
 
     if block < 1:
         raise UsageError("--block must be at least 1")
     ids, embeddings = load_prototypes(prototypes)
-    selection = select_least_similar(ids, embeddings, count, block=block)
+    selection = select_identities(ids, embeddings, count, method=method, block=block)
+    kept = (f"kept: highest cosine similarity to any other identity <= {selection.threshold:.6f}"
+            if method == "one-pass" else
+            f"kept (greedy: the most similar remaining identity dropped one at a time): highest cosine similarity "
+            f"to another kept identity <= {selection.threshold:.6f}")
     write_ids(out, selection, [
         f"facegen select-identities: {len(selection.ids)} of {selection.total} identities of {prototypes}",
-        f"kept: highest cosine similarity to any other identity <= {selection.threshold:.6f}",
+        kept,
         "order: most distinct first (facegen build keeps the source's order)",
     ])
-    click.echo(f"kept {len(selection.ids)} of {selection.total} identities (highest similarity to another "
+    other = "another" if method == "one-pass" else "another kept one"
+    click.echo(f"kept {len(selection.ids)} of {selection.total} identities ({method}; highest similarity to {other} "
                f"<= {selection.threshold:.4f}) in {selection.seconds:.1f} s -> {out}")
 
 
@@ -202,8 +243,11 @@ def select_identities_command(prototypes, count, block, out):
 @click.option("--detector", type=click.Choice(["scrfd", "dlib"]), default="scrfd", show_default=True,
               help="Face detector for images that are not 112x112 crops.")
 @click.option("--det-size", type=int, default=640, show_default=True, help="SCRFD input size (square).")
+@click.option("--realign", is_flag=True,
+              help="Detect and align 112x112 crops (DigiFace) again before embedding, as Arc2Face's demo does with "
+                   "any input (default: embed them as they are, as Digi2Real does).")
 @click.option("--out", required=True, type=click.Path(), help="Output delta.safetensors (key 'delta').")
-def estimate_shift_command(real, synthetic, model_dir, max_images, seed, device, detector, det_size, out):
+def estimate_shift_command(real, synthetic, model_dir, max_images, seed, device, detector, det_size, realign, out):
     """Domain-gap shift: mean projected Arc2Face encoder output over real minus over synthetic images."""
     import os
 
@@ -214,7 +258,7 @@ def estimate_shift_command(real, synthetic, model_dir, max_images, seed, device,
     if model_dir is not None and not os.path.isdir(model_dir):
         raise UsageError(f"model directory {model_dir} does not exist")
     estimate = estimate_shift(real_specs, synthetic_specs, model_dir=model_dir, max_images=max_images, seed=seed,
-                              device=device, detector=detector, det_size=det_size)
+                              device=device, detector=detector, det_size=det_size, realign=realign)
     estimate.save(out)
     for line in estimate.lines():
         click.echo(line)
@@ -240,12 +284,17 @@ def demo_command(out, overwrite):
 @click.option("--revision", metavar="BRANCH", help="Branch to commit to (created when missing; default main).")
 @click.option("--dry-run", is_flag=True, help="Check the folder and list what would be uploaded; contact nothing.")
 @click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN, then the saved `hf auth login`).")
-def publish_command(out, repo_id, private, revision, dry_run, token):
+@click.option("--no-gating", is_flag=True,
+              help="Do not gate research-only data (no access form in the card, the repo's gate left as it is).")
+@click.option("--verify", type=click.Choice(["full", "header"]), default="full", show_default=True,
+              help="full: decode every image before uploading; header: only check the tars and checksums.")
+def publish_command(out, repo_id, private, revision, dry_run, token, no_gating, verify):
     """Check a finished build folder and upload it to a Hub dataset repo (rerun to resume an interrupted upload)."""
     from facegen.builders.publish import PublishError, publish
 
     try:
-        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, echo=click.echo)
+        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
+                gating=not no_gating, verify=verify, echo=click.echo)
     except PublishError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -253,7 +302,9 @@ def publish_command(out, repo_id, private, revision, dry_run, token):
 @main.command("card")
 @click.argument("out", type=click.Path())
 @click.option("--repo", "repo_id", metavar="ORG/NAME", help="Name this Hub repo in the card's loading examples.")
-def card_command(out, repo_id):
+@click.option("--gating/--no-gating", default=None,
+              help="Add (default) or leave out the Hub access form for research-only data (remembered).")
+def card_command(out, repo_id, gating):
     """Re-render README.md, LICENSE and preview.jpg from OUT/.facegen without rebuilding."""
     from pathlib import Path
 
@@ -261,7 +312,7 @@ def card_command(out, repo_id):
 
     if not Path(out).is_dir():
         raise UsageError(f"{out} is not a folder")
-    files = write_card(out, repo_id=repo_id)
+    files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.get("plan", {}).get("shards")
     if planned is not None and files.statistics.shards < planned:
         click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "

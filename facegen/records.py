@@ -22,6 +22,7 @@ class SourceImage:
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     hints: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)  # what the source did to the stored file ("resized to 256 px")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Face:
     ref: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)  # re-encodes already done to a source's image, for the card
 
 
 @dataclass
@@ -67,3 +69,17 @@ class IdentityResult:
     identity: Identity
     faces: list[Face] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
+
+
+def printable_name(name: str) -> str:
+    """A file name as text that can be written anywhere: bytes that are not UTF-8 (which ``os.listdir`` returns
+    as surrogate escapes, and which no UTF-8 json can hold) are shown as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name gave
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")

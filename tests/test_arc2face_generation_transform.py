@@ -149,7 +149,8 @@ def test_align_off_keeps_the_generated_image(tiny_dir, source):
     assert transform.aligner is None
     face = next(iter(transform(identities(source)[:1]))).faces[0]
     assert pixels(face).shape == (128, 128, 3)  # tiny UNet sample size 16 x VAE factor 8
-    assert face.meta["cosine_to_prototype"] is None
+    assert "cosine_to_prototype" not in face.meta  # not measured without alignment: absent, never null
+    assert "cosine_to_prototype" not in transform.json_features(source) and transform.quality_fields == ()
     transform.close()
 
 
@@ -245,15 +246,17 @@ def test_build_end_to_end_loads_with_datasets(tiny_dir, tmp_path):
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.num_rows == 5 * 2 * 3
     assert ds.column_names == ["png", "cls", "json", "__key__", "__url__"]
-    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "latent_index", "t", "image_index",
-                                        "seed", "cosine_to_prototype"}
+    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "width", "height", "latent_index", "t",
+                                        "image_index", "seed", "cosine_to_prototype"}
     assert ds.features["json"]["seed"] == datasets.Value("int64")
-    first = ds[0]
+    rows = sorted(ds, key=lambda r: r["__key__"])  # the published order is shuffled
+    first = rows[0]
     assert first["__key__"] == "000000_000" and first["cls"] == 0 and first["png"].size == (112, 112)
     assert first["json"]["identity"] == "0" and first["json"]["source"] == "folder"
-    assert [row["json"]["latent_index"] for row in ds.select(range(6))] == [0, 0, 0, 1, 1, 1]
+    assert (first["json"]["width"], first["json"]["height"]) == (112, 112)
+    assert [row["json"]["latent_index"] for row in rows[:6]] == [0, 0, 0, 1, 1, 1]
 
-    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
+    stats = json.loads((out / ".facegen" / "units" / "000000.json").read_text())  # unit 0: identities 0-2
     assert stats["images"] == 3 * 6 and stats["quality"]["cosine_to_prototype"]["count"] == 18
     card = (out / "README.md").read_text()
     assert "FoivosPar/Arc2Face" in card and "stable-diffusion-v1-5" in card

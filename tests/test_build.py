@@ -22,10 +22,11 @@ def tar_members(path):
 def test_passthrough_output_loads_with_declared_columns(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=7, images_per_identity=3, corrupt=1)
     out = tmp_path / "out"
-    build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out, "--shard-size", 3)
+    build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out, "--shard-samples", 7)
+    # 21 listed images, at most 7 per shard: 3 shards of 7 (one is 6: the corrupt image is skipped)
     assert sorted(p.name for p in (out / "data" / "train").iterdir()) == [
         "train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert sorted(p.name for p in (out / ".facegen" / "shards").iterdir()) == [
+    assert sorted(p.name for p in (out / ".facegen" / "shards").glob("*.json")) == [
         "000000.json", "000001.json", "000002.json"]
     expected_columns = ["png", "cls", "json", "__key__", "__url__"]
 
@@ -33,26 +34,36 @@ def test_passthrough_output_loads_with_declared_columns(tmp_path):
     assert ds.num_rows == 7 * 3 - 1  # one corrupt image skipped
     assert ds.column_names == expected_columns
     assert ds.features["cls"] == datasets.Value("int64")
-    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "image_index"}
-    first = ds[0]
-    assert first["__key__"] == "000000_000" and first["cls"] == 0
-    assert first["json"] == {"identity": "0", "source": "folder", "source_ref": "0/0.png", "image_index": 0}
+    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "width", "height", "image_index"}
+    rows = {row["__key__"]: row for row in ds}
+    first = rows["000000_000"]
+    assert first["cls"] == 0
+    assert first["json"] == {"identity": "0", "source": "folder", "source_ref": "0/0.png", "width": 112,
+                             "height": 112, "image_index": 0}
     assert isinstance(first["png"], Image.Image) and first["png"].size == (112, 112)
+    # shuffled across the whole dataset: the first shard is not the first identities
+    assert [int(k[:6]) for k in ds["__key__"][:7]] != sorted(int(k[:6]) for k in ds["__key__"][:7])
+    info = json.loads((out / "_info.json").read_text())["splits"]["train"]
+    assert sorted(info["shard_lengths"]) == [6, 7, 7] and info["num_samples"] == 20
 
     streamed = list(datasets.load_dataset(str(out), split="train", streaming=True))
     assert len(streamed) == ds.num_rows
     assert list(streamed[0]) == expected_columns
 
-    # the image bytes in the shard are the source file's bytes, untouched
-    members = dict(tar_members(out / "data" / "train" / "train-000001.tar"))
+    # the image bytes in the shards are the source file's bytes, untouched
+    members = {}
+    for tar in sorted((out / "data" / "train").iterdir()):
+        members.update(tar_members(tar))
     assert members["000004_002.png"] == (src / "4" / "2.png").read_bytes()
     assert members["000004_002.cls"] == b"4"
+    assert "000000_002.png" not in members  # the corrupt one
 
-    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
-    assert stats["skipped"] == {"corrupt image": 1}
-    assert stats["failures"][0]["ref"] == "0/2.png"
+    skips = [json.loads(p.read_text()) for p in (out / ".facegen" / "shards").glob("*.json")]
+    assert sum(s["skipped"].get("corrupt image", 0) for s in skips) == 1
+    assert [f["ref"] for s in skips for f in s["failures"]] == ["0/2.png"]
     run = json.loads((out / ".facegen" / "run.json").read_text())
     assert run["totals"]["images"] == 20 and run["totals"]["skipped"] == {"corrupt image": 1}
+    assert run["totals"]["identities"] == 7
 
 
 def test_natural_order_and_labels(tmp_path):
@@ -63,10 +74,11 @@ def test_natural_order_and_labels(tmp_path):
             Image.new("RGB", (8, 8), (int(ident), k, 0)).save(src / ident / f"img{k}.png")
     out = tmp_path / "out"
     build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out)
-    ds = datasets.load_dataset(str(out), split="train")
-    assert [r["identity"] for r in ds["json"]] == ["1"] * 3 + ["2"] * 3 + ["10"] * 3
-    assert [r["source_ref"] for r in ds["json"]][:3] == ["1/img1.png", "1/img2.png", "1/img10.png"]
-    assert ds["cls"] == [0] * 3 + [1] * 3 + [2] * 3
+    rows = sorted(datasets.load_dataset(str(out), split="train"), key=lambda r: r["__key__"])
+    assert [r["json"]["identity"] for r in rows] == ["1"] * 3 + ["2"] * 3 + ["10"] * 3
+    assert [r["json"]["source_ref"] for r in rows][:3] == ["1/img1.png", "1/img2.png", "1/img10.png"]
+    assert [r["cls"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3
+    assert {(r["json"]["width"], r["json"]["height"]) for r in rows} == {(8, 8)}
 
 
 def test_format_conversion_to_jpg(tmp_path, folder_source):
@@ -96,8 +108,8 @@ def test_recipe_file_with_cli_override(tmp_path, folder_source):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("source: folder\nplugin: passthrough\nshard_size: 2\nformat: jpg\nlimit_identities: 5\n")
     out = tmp_path / "out"
-    build("--recipe", recipe, "--source-path", folder_source, "--out", out, "--format", "png")
-    assert len(list((out / "data" / "train").glob("*.tar"))) == 3
+    build("--recipe", recipe, "--source-path", folder_source, "--out", out, "--format", "png", "--shard-samples", 5)
+    assert len(list((out / "data" / "train").glob("*.tar"))) == 3  # 15 samples, at most 5 per shard
     assert datasets.load_dataset(str(out), split="train").column_names[0] == "png"
     run = json.loads((out / ".facegen" / "run.json").read_text())
     assert run["options"]["shard_size"] == 2 and run["options"]["format"] == "png"
@@ -106,7 +118,7 @@ def test_recipe_file_with_cli_override(tmp_path, folder_source):
 def test_rerun_resumes_and_other_command_is_refused(tmp_path, folder_source):
     out = tmp_path / "out"
     args = ["build", "--source", "folder", "--source-path", folder_source, "--plugin", "passthrough", "--out", out,
-            "--shard-size", "5"]
+            "--shard-samples", "12", "--shard-size", "5"]
     assert run_facegen(*args).returncode == 0
     before = {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train").iterdir()}
     again = run_facegen(*args)
@@ -118,7 +130,7 @@ def test_rerun_resumes_and_other_command_is_refused(tmp_path, folder_source):
     assert "different build" in other.stderr and "shard_size" in other.stderr
     replaced = run_facegen(*args[:-1], "4", "--overwrite")
     assert replaced.returncode == 0
-    assert len(list((out / "data" / "train").glob("*.tar"))) == 3  # 12 identities / 4
+    assert len(list((out / "data" / "train").glob("*.tar"))) == 3  # 36 samples, 12 per shard
     assert datasets.load_dataset(str(out), split="train").num_rows == 36
 
 
@@ -166,15 +178,20 @@ def test_strict_stops_at_a_corrupt_image_and_keeps_complete_shards(tmp_path):
     victim.write_bytes(victim.read_bytes()[:100])
     out = tmp_path / "out"
     proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-                       "--shard-size", "2", "--strict")
+                       "--shard-samples", "2", "--strict")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "4/1.png" in proc.stderr and "corrupt image" in proc.stderr
-    # the shards before the bad one are complete and intact; no temporary file is visible
-    assert sorted(p.name for p in (out / "data" / "train").iterdir()) == ["train-000000.tar", "train-000001.tar"]
+    # the shards before the bad one are complete and intact, the bad one is not there; nothing hidden is left
+    names = sorted(p.name for p in (out / "data" / "train").iterdir())
+    assert names == [f"train-{j:06d}.tar" for j in range(len(names))] and len(names) < 6
+    for name in names:
+        assert all(n.split("_")[0] != "000004" or not n.startswith("000004_001")
+                   for n, _ in tar_members(out / "data" / "train" / name))
     # without --strict the same folder is a different command only in strictness: it resumes and skips
     proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-                       "--shard-size", "2")
+                       "--shard-samples", "2")
     assert proc.returncode == 0 and "corrupt image: 1" in proc.stdout
+    assert f"{len(names)} already complete" in proc.stdout
     assert datasets.load_dataset(str(out), split="train").num_rows == 11
 
 
@@ -185,7 +202,7 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path):
     proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 (unreadable file: 1)" in proc.stdout
-    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
+    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())  # 7 samples: one shard
     assert stats["failures"][0]["ref"] == "1/7.png" and stats["failures"][0]["reason"] == "unreadable file"
     assert datasets.load_dataset(str(out), split="train").num_rows == 6
 
@@ -264,8 +281,10 @@ def test_recipe_values_are_typed_like_the_cli(tmp_path, folder_source):
     victim = folder_source / "1" / "0.png"
     victim.write_bytes(victim.read_bytes()[:50])
     out = tmp_path / "out"
-    build("--recipe", recipe, "--source-path", folder_source, "--out", out)  # "no" is not strict: skips
-    assert len(list((out / "data" / "train").glob("*.tar"))) == 2
+    build("--recipe", recipe, "--source-path", folder_source, "--out", out,  # "no" is not strict: skips
+          "--shard-samples", 9)
+    assert len(list((out / "data" / "train").glob("*.tar"))) == 2  # 18 samples, at most 9 per shard
+    assert json.loads((out / ".facegen" / "run.json").read_text())["options"]["shard_size"] == 5
     bad = tmp_path / "bad.yaml"
     bad.write_text("source: folder\nplugin: passthrough\nshard_size: ten\n")
     proc = run_facegen("build", "--recipe", bad, "--source-path", folder_source, "--out", tmp_path / "o2")

@@ -1,6 +1,8 @@
 """Dataset cards: YAML that `datasets` and `huggingface_hub` accept, statistics, preview, licence chain, re-render."""
 
 import json
+import os
+import tarfile
 from pathlib import Path
 
 import datasets
@@ -33,7 +35,7 @@ def built(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=7, images_per_identity=3, corrupt=1)
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-size", 3) == 0
+               "--shard-samples", 7) == 0
     return out
 
 
@@ -44,11 +46,21 @@ def test_card_of_a_real_build_declares_what_load_dataset_returns(built):
     card = DatasetCard.load(built / "README.md")
     assert card.data.pretty_name == meta["pretty_name"] == "folder faces (facegen)"
     assert meta["task_categories"] == ["image-classification", "image-feature-extraction"]
-    assert {"synthetic", "faces", "face-recognition", "webdataset", "passthrough"} <= set(meta["tags"])
+    # a folder may hold photos of real people: nothing calls them synthetic unless the source says so
+    assert {"faces", "face-recognition", "webdataset", "passthrough"} <= set(meta["tags"])
+    assert "synthetic" not in meta["tags"] and "The images are synthetic" not in (built / "README.md").read_text()
+    assert "they may show real people" in (built / "README.md").read_text()
     assert meta["size_categories"] == ["n<1K"]
     assert meta["configs"] == [{"config_name": "default",
                                 "data_files": [{"split": "train", "path": "data/train/*.tar"}]}]
-    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": 0, "num_examples": 20}]
+    # num_bytes: the samples' bytes, i.e. every tar member's payload
+    payload = sum(m.size for tar in sorted((built / "data" / "train").glob("*.tar"))
+                  for m in tarfile.open(tar) if m.isfile())
+    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": payload, "num_examples": 20}]
+    assert meta["dataset_info"]["dataset_size"] == payload and "source_datasets" not in meta
+    # taken from the shards' stats (written with each shard), not by re-reading the tars
+    stats = [json.loads(p.read_text()) for p in sorted((built / ".facegen" / "shards").glob("[0-9]*.json"))]
+    assert sum(st["sample_bytes"] for st in stats) == payload
     infos = datasets.info.DatasetInfosDict.from_dataset_card_data(card.data)
     assert infos["default"].features == datasets.Features.from_dict(run["features"])
     # the folder source declares no licence: `other`, named "undeclared", with a LICENSE saying so
@@ -65,7 +77,7 @@ def test_card_of_a_real_build_declares_what_load_dataset_returns(built):
     assert "| images per identity (min / mean / max) | 2 / 2.86 / 3 |" in text
     assert "| corrupt image | 1 |" in text
     assert "| `json.image_index` | int32 |" in text
-    assert "--source-path " + str(run["options"]["source_path"]) in text
+    assert "--source-path '<folder source folder>'" in text and str(run["options"]["source_path"]) not in text
     stats0 = json.loads((built / ".facegen" / "shards" / "000000.json").read_text())
     assert stats0["tar_xxh3_128"] in text  # a real build records each shard's checksum, and the card shows it
     # the preview: one column per identity (first 7), label row + up to 4 rows of tiles
@@ -129,9 +141,10 @@ def test_card_with_extras_quality_and_models(tmp_path):
     models = [
         {"id": "org/arc2face", "revision": "a" * 40, "role": "UNet", "license": "CC BY-NC 4.0",
          "license_link": "https://example.org/l", "citation": "@inproceedings{arc,\n  title={Arc}\n}", "note": "",
-         "source": "org/arc2face@" + "a" * 40},
+         "source": "org/arc2face@" + "a" * 40, "loaded": {"hub": "org/arc2face", "commit": "c" * 40}},
         {"id": "org/sd15", "revision": "b" * 40, "role": "VAE", "license": "CreativeML OpenRAIL-M",
-         "license_link": "", "citation": "", "note": "", "source": ""},
+         "license_link": "", "citation": "", "note": "", "source": str(tmp_path / "models" / "sd15"),
+         "loaded": {"folder": "sd15", "sha256": {"vae/diffusion_pytorch_model.safetensors": "d" * 64}}},
     ]
     out = write_output_folder(tmp_path / "out", identities=5, images_per_identity=2, shard_size=2, models=models)
     meta = front_matter(out / "README.md")
@@ -143,7 +156,13 @@ def test_card_with_extras_quality_and_models(tmp_path):
         assert name in licence_file
     assert "Non-commercial use only" in licence_file and "Non-commercial use only" in text
     assert "| `embedding.npy` | list<float32>[8] |" in text
-    assert "`" + "a" * 40 + "`" in text  # model revision pinned in provenance
+    # what was loaded: the Hub commit, or the local folder's name and each weight file's sha256 (never its path)
+    assert "| `org/arc2face` | Hub `org/arc2face@" + "c" * 40 + "` | UNet |" in text
+    assert "| `org/sd15` | local folder `sd15` (sha256 of its weights below) | VAE |" in text
+    assert "| `sd15` | `vae/diffusion_pytorch_model.safetensors` | `" + "d" * 64 + "` |" in text
+    assert "lfs.sha256" in text and str(tmp_path) not in text
+    assert meta["facegen"]["models"][1]["loaded"]["sha256"] == models[1]["loaded"]["sha256"]
+    assert "Test models" not in text  # no random-weights marker recorded
     assert "@inproceedings{arc," in text and "@misc{fixture2026," in text  # model + source citations
     assert "--plugin-opt steps=25 --plugin-opt guidance=3.0 --plugin-opt fp16=true" in text
     assert "--source-opt parts=a,b" in text and "--seed 7" in text
@@ -179,7 +198,7 @@ def test_licence_chain_most_restrictive_input_governs():
     assert (chain.hub_id, chain.commercial_use, chain.name) == ("other", False, "insightface-model-licence")
     # a research-only source (custom licence) + an NC model: `other`, composite name, both governing
     chain = licence_chain(_run(RESEARCH_ONLY, [_model("cc-by-nc-4.0")]))
-    assert chain.hub_id == "other" and chain.name == "facegen-src-t-terms" and not chain.commercial_use
+    assert chain.hub_id == "other" and chain.name == "src-t-terms" and not chain.commercial_use
     assert [i.name for i in chain.governing] == ["src", "m-cc-by-nc-4.0-"]
     # a licence nobody can classify is not a grant of commercial use
     chain = licence_chain(_run(MIT, [_model("Some Custom Licence")]))
@@ -194,7 +213,7 @@ def test_licence_chain_most_restrictive_input_governs():
     assert "non-commercial" not in chain.summary
     # ... and what is known still binds: a non-commercial model makes it non-commercial at the very least
     chain = licence_chain(_run(None, [_model("cc-by-nc-4.0")]))
-    assert "not declared" in chain.summary and "non-commercial use only (m-cc-by-nc-4.0- (cc-by-nc-4.0))" in chain.summary
+    assert "not declared" in chain.summary and "non-commercial use only: m-cc-by-nc-4.0-: cc-by-nc-4.0." in chain.summary
     # a transform that declares its own licence is an input too
     chain = licence_chain(_run(MIT, transform_license={**MIT, "id": "cc-by-nc-sa-4.0", "name": "CC BY-NC-SA 4.0",
                                                        "commercial_use": False}))
@@ -284,3 +303,134 @@ def test_card_renders_for_each_recipe(recipe, tmp_path):
         assert model["id"] in text
     if card.data.license == "other":
         assert card.data.license_name and (tmp_path / "LICENSE").read_text().strip()
+
+
+def test_sample_bytes_of_written_and_assembled_shards(tmp_path):
+    """A shard's `sample_bytes` (the card's num_bytes) is its members' payload, also when its samples are copied
+    from units of work (identity-level transforms); the card reads it from the stats, not from the tars."""
+    import io
+
+    from facegen.builders.shards import UstarWriter
+    from facegen.cards.card import sample_bytes
+
+    unit, shard = io.BytesIO(), io.BytesIO()
+    written, copied = UstarWriter(unit), UstarWriter(shard)
+    samples = [{"png": b"x" * n, "cls": b"7", "json": b"{}" * (n // 3)} for n in (1, 511, 512, 513, 4000)]
+    blocks = [written.add_sample(f"{i:06d}_000", sample) for i, sample in enumerate(samples)]
+    written.close()
+    for offset, length in reversed(blocks):  # the assembly copies whole samples, in another order
+        copied.add_raw(unit.getvalue()[offset:offset + length])
+    copied.close()
+    for writer, data in ((written, unit), (copied, shard)):
+        with tarfile.open(fileobj=io.BytesIO(data.getvalue())) as tar:
+            assert writer.payload == sum(m.size for m in tar if m.isfile()) == sum(
+                len(v) for sample in samples for v in sample.values())
+    assert sample_bytes(tmp_path, [{"tar": "data/train/gone.tar", "sample_bytes": 123}]) == 123
+
+
+def publishable_files(out: Path) -> list[Path]:
+    from facegen.builders.publish import files_to_upload
+
+    return [out / f.path for f in files_to_upload(out)]
+
+
+def test_nothing_publishable_names_a_local_path(tmp_path, monkeypatch):
+    """A real build whose inputs all lie under the test's folder (and a fake home inside it): no publishable file
+    (README.md, LICENSE, provenance/, preview) names that folder or the home folder."""
+    home = tmp_path / "home" / "someone"
+    monkeypatch.setenv("HOME", str(home))
+    src = write_folder_source(home / "data" / "faces", identities=4, images_per_identity=2, size=48, corrupt=1)
+    ids = home / "lists" / "ids.txt"
+    ids.parent.mkdir(parents=True)
+    ids.write_text("0\n1\n3\n")
+    out = tmp_path / "out"
+    assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--identities-file",
+               ids, "--shard-size", 2, "--out", out) == 0
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    assert run["options"]["source_path"] == str(src)  # the private record keeps the real paths
+    files = publishable_files(out)
+    assert {p.relative_to(out).as_posix() for p in files} >= {"README.md", "LICENSE", "preview.jpg",
+                                                              "provenance/identities.txt"}
+    for path in files:
+        data = path.read_bytes()
+        for private in (str(tmp_path), str(home), "/home/", os.path.expanduser("~")):
+            assert private.encode() not in data, (path.name, private)
+    text = (out / "README.md").read_text()
+    assert "--source-path '<folder source folder>'" in text and "--identities-file provenance/identities.txt" in text
+
+
+def test_model_paths_in_records_are_scrubbed(tmp_path):
+    """Older records (or third-party plugins) may name models by local path: the card shows file names only."""
+    models = [{"id": str(tmp_path / "ckpt" / "e4e_ffhq_encode.pt"), "revision": None, "role": "encoder",
+               "license": "MIT", "source": str(tmp_path / "ckpt" / "e4e_ffhq_encode.pt"),
+               "loaded": {"folder": "ckpt", "sha256": {"e4e_ffhq_encode.pt": "e" * 64}}}]
+    out = write_output_folder(tmp_path / "out", identities=2, models=models, card=False)
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    run["transform"]["provenance"] = {"e4e_source": str(tmp_path / "ckpt" / "e4e_ffhq_encode.pt"),
+                                      "warnings": [f"cannot read {tmp_path}/src/x.png"]}
+    (out / ".facegen" / "run.json").write_text(json.dumps(run))
+    write_card(out)
+    for path in publishable_files(out):
+        assert str(tmp_path).encode() not in path.read_bytes(), path.name
+    text = (out / "README.md").read_text()
+    assert "`<e4e_ffhq_encode.pt>`" in text and "cannot read <x.png>" in text
+
+
+def test_yaml_is_hub_grade_and_the_summary_reads_plainly(tmp_path, capsys):
+    models = [{"id": "org/gen", "revision": "a" * 40, "role": "generator",
+               "license": "research-only (model terms of A (weights) / B)", "note": "non-commercial",
+               "loaded": {"hub": "org/gen", "commit": "a" * 40}}]
+    out = write_output_folder(tmp_path / "out", identities=1, images_per_identity=3, shard_size=1,
+                              source_license=RESEARCH_ONLY, models=models)
+    meta = front_matter(out / "README.md")
+    text = (out / "README.md").read_text()
+    # a short license_name id; no invalid source_datasets; gating fields for non-commercial data
+    assert meta["license"] == "other" and meta["license_name"] == "fixture-fixture-transform-terms"
+    assert "source_datasets" not in meta
+    assert meta["extra_gated_fields"] == {
+        "Name": "text", "Affiliation": "text", "Country": "country",
+        "I will use this dataset for non-commercial research only": "checkbox",
+        "I accept the licence of every input listed in the dataset card": "checkbox"}
+    assert meta["extra_gated_prompt"].startswith("Non-commercial use only.")
+    assert "Access is gated" in text
+    # the summary names each licence without its parenthetical remarks: no nested brackets
+    summary = licence_chain(json.loads((out / ".facegen" / "run.json").read_text())).summary
+    assert "fixture: Research Use of Data Agreement v1.0; org/gen: research-only." in summary
+    assert "((" not in summary and "))" not in summary
+    # plurals
+    assert "1 identity, 3 face images in 1 WebDataset shard, built" in text
+    assert "| plan | 1 identity in 1 shard," in text
+    # --no-gating leaves the fields out, and is remembered by the next render
+    assert cli("card", out, "--no-gating") == 0
+    assert "extra_gated_fields" not in front_matter(out / "README.md")
+    write_card(out)
+    assert "extra_gated_fields" not in front_matter(out / "README.md")
+    assert cli("card", out, "--gating") == 0 and "extra_gated_fields" in front_matter(out / "README.md")
+    # data free to use is never gated
+    free = write_output_folder(tmp_path / "free", identities=1)
+    assert "extra_gated_fields" not in front_matter(free / "README.md")
+
+
+def test_random_weight_models_are_announced_at_the_top(tmp_path):
+    from facegen.generators.weights import describe_loaded, write_test_model_marker
+
+    folder = tmp_path / "tiny" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    write_test_model_marker(tmp_path / "tiny", "tiny UNet")
+    loaded = describe_loaded(folder)
+    assert set(loaded) == {"folder", "sha256", "test_model"} and "random-weight" in loaded["test_model"]
+    import hashlib
+
+    assert loaded["sha256"] == {"model.safetensors": hashlib.sha256(b"weights").hexdigest()}
+    models = [{"id": "org/unet", "revision": None, "role": "UNet", "license": "MIT", "loaded": loaded}]
+    out = write_output_folder(tmp_path / "out", identities=2, models=models)
+    text = (out / "README.md").read_text()
+    body = text.split("---\n", 2)[2]
+    assert body.lstrip().startswith("# fixture faces through fixture-transform (facegen)\n\n> **Test models: "
+                                    "these images are noise.**")
+    assert "| `org/unet` | local folder `unet` (sha256 of its weights below) — **random test weights** |" in text
+    # a Hub snapshot path is recorded as repo@commit
+    snapshot = tmp_path / "hub" / "models--org--unet" / "snapshots" / ("f" * 40) / "unet"
+    snapshot.mkdir(parents=True)
+    assert describe_loaded(snapshot) == {"hub": "org/unet", "commit": "f" * 40}

@@ -1,6 +1,7 @@
 """`facegen build --recipe digiface` end to end on fixture zips: loadable dataset, bytes copied, card, bad input."""
 
 import json
+from collections import Counter
 import tarfile
 import zipfile
 
@@ -37,37 +38,42 @@ def digiface_dir(tmp_path):
 
 def test_recipe_republishes_digiface_as_a_loadable_dataset(digiface_dir, tmp_path):
     out = tmp_path / "out"
-    build("--recipe", "digiface", "--source-path", digiface_dir, "--out", out, "--shard-size", 3)
+    build("--recipe", "digiface", "--source-path", digiface_dir, "--out", out, "--shard-samples", 10)
 
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.column_names == ["png", "cls", "json", "__key__", "__url__"]
     assert ds.features["json"] == {"identity": datasets.Value("string"), "source": datasets.Value("string"),
-                                   "source_ref": datasets.Value("string"), "part": datasets.Value("string"),
+                                   "source_ref": datasets.Value("string"), "width": datasets.Value("int32"),
+                                   "height": datasets.Value("int32"), "part": datasets.Value("string"),
                                    "image_index": datasets.Value("int32")}
     assert ds.num_rows == 3 * 4 + 2 * 4 + 3 * 2 - 2  # one CRC failure, one truncated PNG
+    assert len(list((out / "data" / "train").glob("*.tar"))) == 3  # 26 listed images, at most 10 per shard
     ids = ["0", "1", "2", "2000", "2001", "100000", "100001", "100002"]
     assert sorted({(r["cls"], r["json"]["identity"]) for r in ds}) == list(enumerate(ids))
-    row = ds[0]
-    assert row["__key__"] == "000000_000"
+    rows = sorted(ds, key=lambda r: r["__key__"])  # published in a shuffled order
+    row = rows[0]
+    assert row["__key__"] == "000000_001"  # the image's position in its identity: 0/0.png was skipped
     assert row["json"] == {"identity": "0", "source": "digiface", "source_ref": f"{P72_A}.zip:0/1.png",
-                           "part": P72_A, "image_index": 1}
+                           "width": 112, "height": 112, "part": P72_A, "image_index": 1}
     assert isinstance(row["png"], Image.Image) and row["png"].size == (112, 112)
-    wrapped = [r["json"] for r in ds if r["json"]["identity"] == "2001"]
+    wrapped = [r["json"] for r in rows if r["json"]["identity"] == "2001"]
     assert [j["source_ref"] for j in wrapped] == [f"{P72_B}.zip:{P72_B}/2001/{k}.png" for k in range(4)]
     assert all(j["part"] == P72_B for j in wrapped)
-    assert [r["json"]["part"] for r in ds if r["cls"] == 7] == [P5_A, P5_A]
+    assert [r["json"]["part"] for r in rows if r["cls"] == 7] == [P5_A, P5_A]
 
     # image bytes are the zip members' bytes, copied
-    with tarfile.open(out / "data" / "train" / "train-000001.tar") as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    members = {}
+    for path in (out / "data" / "train").glob("*.tar"):
+        with tarfile.open(path) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
     with zipfile.ZipFile(digiface_dir / f"{P72_B}.zip") as archive:
         assert members["000004_003.png"] == archive.read(f"{P72_B}/2001/3.png")
     assert members["000004_003.cls"] == b"4"
     assert json.loads(members["000004_003.json"])["image_index"] == 3
 
-    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
-    assert stats["skipped"] == {"corrupt zip member": 1, "corrupt image": 1}
-    assert {f["ref"] for f in stats["failures"]} == {f"{P72_A}.zip:0/0.png", f"{P72_A}.zip:0/3.png"}
+    stats = [json.loads(p.read_text()) for p in (out / ".facegen" / "shards").glob("*.json")]
+    assert sum((Counter(s["skipped"]) for s in stats), Counter()) == {"corrupt zip member": 1, "corrupt image": 1}
+    assert {f["ref"] for s in stats for f in s["failures"]} == {f"{P72_A}.zip:0/0.png", f"{P72_A}.zip:0/3.png"}
 
     # the card carries the licence, the citation and the description; unsafe members are in the provenance
     meta = front_matter(out / "README.md")
@@ -114,7 +120,7 @@ def test_two_processes_read_the_zips_and_write_the_same_bytes(digiface_dir, tmp_
 
     from conftest import BIN
 
-    args = ["build", "--recipe", "digiface", "--source-path", str(digiface_dir), "--shard-size", "2"]
+    args = ["build", "--recipe", "digiface", "--source-path", str(digiface_dir), "--shard-samples", "7"]
     one = tmp_path / "one"
     proc = run_facegen(*args, "--out", one)
     assert proc.returncode == 0, proc.stderr
@@ -134,5 +140,5 @@ def test_two_processes_read_the_zips_and_write_the_same_bytes(digiface_dir, tmp_
     assert shards == sorted(p.name for p in (two / "data" / "train").iterdir()) and len(shards) == 4
     for name in shards:
         assert (one / "data" / "train" / name).read_bytes() == (two / "data" / "train" / name).read_bytes()
-    writers = {json.loads(p.read_text())["written_by"]["process"] for p in (two / ".facegen" / "shards").iterdir()}
+    writers = {json.loads(p.read_text())["written_by"]["process"] for p in (two / ".facegen" / "shards").glob("*.json")}
     assert writers == {0, 1}

@@ -271,8 +271,8 @@ def test_oversized_member_is_skipped_without_inflating_it(tmp_path):
 
 def zipfile_members(path):
     with zipfile.ZipFile(path) as archive:
-        return [(i.filename, i.header_offset, i.compress_size, i.file_size, i.compress_type, i.flag_bits, i.CRC)
-                for i in archive.infolist()]
+        return [(i.filename, i.header_offset, i.compress_size, i.file_size, i.compress_type, i.flag_bits, i.CRC,
+                 i.external_attr) for i in archive.infolist()]
 
 
 def test_central_directory_reader_agrees_with_zipfile(tmp_path):

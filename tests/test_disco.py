@@ -199,9 +199,9 @@ def test_build_disco_recipe_end_to_end(tmp_path):
     root = write_disco_source(tmp_path / "disco", identities=3, augmentations=11, reference_images=False,
                               nan_embedding=1, missing_embedding=1, sample_without_image=1, image_without_sample=1)
     out = tmp_path / "out"
-    build("--recipe", "disco", "--source-path", root, "--out", out, "--shard-size", 2)
+    build("--recipe", "disco", "--source-path", root, "--out", out, "--shard-samples", 10)
 
-    ds = datasets.load_dataset(str(out), split="train")
+    ds = datasets.load_dataset(str(out), split="train").sort("__key__")  # published shuffled; keys in plan order
     assert ds.column_names == ["png", "cls", "json", "embedding.npy", "w_latent.npy", "__key__", "__url__"]
     assert ds.features["embedding.npy"] == datasets.List(datasets.Value("float32"), length=512)
     assert ds.num_rows == 3 * 11 - 3
@@ -210,8 +210,8 @@ def test_build_disco_recipe_end_to_end(tmp_path):
     assert ds["cls"][:11] == [0] * 11
     row = ds[3]
     assert row["json"]["identity"] == "00000" and row["json"]["label"] == "augmentation_3"
-    assert set(row["json"]) == {"identity", "source", "source_ref", "label", "network_type", "embedding_type",
-                                "embedding_norm"}
+    assert set(row["json"]) == {"identity", "source", "source_ref", "width", "height", "label", "network_type",
+                                "embedding_type", "embedding_norm"}
     embedding = np.asarray(row["embedding.npy"], dtype=np.float32)
     with h5py.File(root / "samples.h5") as f:
         np.testing.assert_array_equal(embedding, f["00000/augmentation_3/embedding"][0])
@@ -221,7 +221,7 @@ def test_build_disco_recipe_end_to_end(tmp_path):
     assert isinstance(row["png"], Image.Image) and row["png"].size == (112, 112)
 
     skipped = {}
-    for path in sorted((out / ".facegen" / "shards").iterdir()):
+    for path in sorted((out / ".facegen" / "shards").glob("*.json")):
         for reason, n in json.loads(path.read_text())["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
     assert skipped == {"non-finite embedding": 1, "missing dataset": 1, "missing image": 1,

@@ -32,15 +32,14 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     src = write_folder_source(root / "src", identities=23, images_per_identity=3, corrupt=1)
     out = root / "one"
-    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-                       "--shard-size", "4")
+    proc = run_facegen(*common_args(src, out))
     assert proc.returncode == 0, proc.stderr
     return src, out
 
 
 def common_args(src, out):
     return ["build", "--source", "folder", "--source-path", str(src), "--plugin", "passthrough", "--out", str(out),
-            "--shard-size", "4"]
+            "--shard-samples", "10"]  # 69 listed images: 7 shards
 
 
 @pytest.mark.slow
@@ -92,3 +91,29 @@ def test_world_size_seen_as_one_process_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="accelerate sees one process"):
         run.distributed_state()
+
+
+@pytest.mark.slow
+def test_units_and_assembly_under_torchrun_byte_identical(tmp_path):
+    """Identity-level transform (e4e, tiny checkpoint): units of work and the assembly of the published shards
+    are both spread over two processes; the shards equal one process's, byte for byte."""
+    from facegen.testing.stylegan import write_checkpoints
+
+    e4e_path, _ = write_checkpoints(tmp_path / "ckpt", size=32)
+
+    def args(out):
+        return ["build", "--source", "seeds", "--source-opt", "count=10", "--plugin", "e4e", "--plugin-opt",
+                f"checkpoint={e4e_path}", "--plugin-opt", "batch_size=3", "--shard-size", "3",
+                "--shard-samples", "4", "--out", str(out)]
+
+    one = tmp_path / "one"
+    assert run_facegen(*args(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    two = tmp_path / "two"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
+           str(BIN / "facegen"), *args(two)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert writers(two) == {(0, 2), (1, 2)}  # the assembly too is shared
+    units = [json.loads(p.read_text()) for p in (two / ".facegen" / "units").glob("*.json")]
+    assert {(u["written_by"]["process"], u["written_by"]["processes"]) for u in units} == {(0, 2), (1, 2)}
+    assert shard_bytes(two) == shard_bytes(one) and len(shard_bytes(one)) == 3  # 10 samples, at most 4 per shard

@@ -183,7 +183,7 @@ def test_project_mode_encodes_each_source_image(checkpoints):
     assert [len(r.faces) for r in results] == [4, 2, 0]
     assert [f.ref for f in results[0].faces] == ["0/0.png", "0/0.png", "0/2.png", "0/2.png"]
     assert results[0].faces[2].meta == {"image_index": 2, "mode": "project", "seed": 7, "candidate": 0,
-                                        "psi": None, "phi": None, "perturbation": 0.0, "noise": "const"}
+                                        "perturbation": 0.0, "noise": "const"}  # no psi/phi: never null
     # the source's extras describe the source image, not the re-rendered face: not carried over
     assert results[0].faces[0].extras == {} and transform.extra_features(None) == {}
     assert [(s.ref, s.reason) for s in results[0].skipped] == [("0/1.png", "corrupt image")]

@@ -26,7 +26,7 @@ def test_truncation_from_seeds_loads_and_does_not_depend_on_batch_size(tmp_path,
               "--plugin-opt", f"checkpoint={e4e_path}", "--plugin-opt", "mode=truncation",
               "--plugin-opt", "candidates=2", "--shard-size", "2"]
     build(*common, "--plugin-opt", "batch_size=4", "--out", tmp_path / "a")
-    ds = datasets.load_dataset(str(tmp_path / "a"), split="train")
+    ds = datasets.load_dataset(str(tmp_path / "a"), split="train").sort("__key__")  # published shuffled
     assert ds.num_rows == 10
     assert ds.column_names == ["png", "cls", "json", "__key__", "__url__"]
     assert ds["cls"] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
@@ -52,7 +52,7 @@ def test_truncation_from_seeds_loads_and_does_not_depend_on_batch_size(tmp_path,
     # the same dataset
     build(*common, "--plugin-opt", "batch_size=1", "--plugin-opt", f"generator_checkpoint={g_path}",
           "--out", tmp_path / "b")
-    other = datasets.load_dataset(str(tmp_path / "b"), split="train")
+    other = datasets.load_dataset(str(tmp_path / "b"), split="train").sort("__key__")
     assert other["json"] == ds["json"]
     for a, b in zip(ds["png"], other["png"]):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
@@ -68,12 +68,14 @@ def test_project_from_a_folder_source_follows_its_identities(tmp_path, checkpoin
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.num_rows == 3 * 2 - 1
     assert {img.size for img in ds["png"]} == {(112, 112)}
+    assert {(m["width"], m["height"]) for m in ds["json"]} == {(112, 112)}
     identities = [m["identity"] for m in ds["json"]]
     assert ds["cls"] == [int(i) for i in identities]
-    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "image_index", "mode", "seed",
-                                        "candidate", "psi", "phi", "perturbation", "noise"}
-    assert all(m["mode"] == "project" and m["psi"] is None for m in ds["json"])
-    stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())
+    # psi/phi do not apply in project mode: not declared, not in the json (a null would break default_collate)
+    assert set(ds.features["json"]) == {"identity", "source", "source_ref", "width", "height", "image_index",
+                                        "mode", "seed", "candidate", "perturbation", "noise"}
+    assert all(m["mode"] == "project" and None not in m.values() for m in ds["json"])
+    stats = json.loads((out / ".facegen" / "units" / "000000.json").read_text())  # the unit of work
     assert stats["skipped"] == {"corrupt image": 1}
 
 

@@ -1,129 +1,47 @@
-"""`facegen publish` against an in-process stand-in for the Hub (huggingface_hub.set_client_factory + MockTransport).
+"""`facegen publish` against the Hub stand-in (tests/hub_standin.py): real HTTP on 127.0.0.1, the real
+huggingface_hub client (`constants.ENDPOINT` points at the stand-in for the test).
 
-The stand-in keeps state like the Hub: repositories, branches, the files of each branch and the commits; its
-preupload answer carries each known file's git oid, which is how huggingface_hub 2.x skips files already committed
-when an interrupted upload is rerun.
+The stand-in keeps state like the Hub: repositories, branches, commits and each file's git oid, which is how
+huggingface_hub 2.x skips files already committed when an interrupted upload is rerun.
 """
 
-import base64
-import hashlib
 import json
-import re
 import tarfile
 from pathlib import Path
 
-import httpx2
 import huggingface_hub
 import pytest
 import xxhash
 import yaml
 from huggingface_hub import constants
-from huggingface_hub.utils._http import default_client_factory
 
 from conftest import cli
 from facegen.builders import publish as publish_module
 from facegen.builders.publish import IGNORE_PATTERNS, check_folder, files_to_upload
 from facegen.testing.folder import write_folder_source
 from facegen.testing.output import RESEARCH_ONLY, write_output_folder
+from hub_standin import HubStandIn
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdef"
-
-
-def git_oid(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-class FakeHub:
-    """Answers create-repo, branch, validate-yaml, preupload, commit and revision-info like the Hub does."""
-
-    def __init__(self):
-        self.repos = {}  # repo id -> {"private": bool, "branches": {name: {path: bytes}}}
-        self.commits = []  # {"repo", "branch", "files": {path: bytes}, "message"}
-        self.requests = []  # (method, path, authorization header)
-        self.fail_commits = set()  # commit attempt numbers (1-based) answered with an error
-        self.commit_attempts = 0
-        self.error_body = None  # when set, every request is refused with this body (status 401)
-
-    def handler(self, request: httpx2.Request) -> httpx2.Response:
-        path = request.url.path
-        self.requests.append((request.method, path, request.headers.get("authorization")))
-        if self.error_body is not None:
-            return httpx2.Response(401, json={"error": self.error_body})
-        if path == "/api/repos/create":
-            body = json.loads(request.content)
-            repo = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
-            assert body["type"] == "dataset"
-            if repo in self.repos:
-                return httpx2.Response(409, json={"error": "You already created this dataset repo",
-                                                  "url": f"{request.url.scheme}://{request.url.host}/datasets/{repo}"})
-            private = body.get("visibility") == "private" or bool(body.get("private"))
-            self.repos[repo] = {"private": private, "branches": {"main": {}}}
-            return httpx2.Response(200, json={"url": f"{request.url.scheme}://{request.url.host}/datasets/{repo}"})
-        if path == "/api/validate-yaml":
-            body = json.loads(request.content)
-            try:  # the Hub parses the front matter; do the same
-                yaml.safe_load(body["content"].split("---\n", 2)[1])
-            except Exception as exc:
-                return httpx2.Response(200, json={"errors": [{"message": str(exc)}], "warnings": []})
-            return httpx2.Response(200, json={"errors": [], "warnings": []})
-        match = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)/(branch|preupload|commit|revision)/(.+)", path)
-        if not match or match.group(1) not in self.repos:
-            return httpx2.Response(404, json={"error": "Repository not found"})
-        repo, action, branch = match.group(1), match.group(2), match.group(3).replace("%2F", "/")
-        branches = self.repos[repo]["branches"]
-        if action == "branch":
-            if branch in branches:
-                return httpx2.Response(409, json={"error": "Branch already exists"})
-            branches[branch] = dict(branches["main"])
-            return httpx2.Response(200, json={})
-        if branch not in branches:
-            return httpx2.Response(404, json={"error": f"Revision not found: {branch}"})
-        files = branches[branch]
-        if action == "preupload":
-            body = json.loads(request.content)
-            return httpx2.Response(200, json={"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                 "oid": git_oid(files[f["path"]]) if f["path"] in files else None}
-                for f in body["files"]]})
-        if action == "revision":
-            return httpx2.Response(200, json={"id": repo, "sha": self._head(repo, branch), "private": False})
-        # commit: NDJSON, a header line then one line per file with base64 content
-        self.commit_attempts += 1
-        if self.commit_attempts in self.fail_commits:
-            return httpx2.Response(400, json={"error": "simulated interruption"})
-        lines = [json.loads(line) for line in request.content.decode().splitlines() if line.strip()]
-        header = next(line["value"] for line in lines if line["key"] == "header")
-        added = {line["value"]["path"]: base64.b64decode(line["value"]["content"])
-                 for line in lines if line["key"] == "file"}
-        files.update(added)
-        self.commits.append({"repo": repo, "branch": branch, "files": added, "message": header["summary"]})
-        oid = self._head(repo, branch)
-        return httpx2.Response(200, json={"commitUrl": f"{request.url.scheme}://{request.url.host}/datasets/{repo}/"
-                                                       f"commit/{oid}", "commitOid": oid})
-
-    def _head(self, repo, branch):
-        n = sum(1 for c in self.commits if c["repo"] == repo and c["branch"] == branch)
-        return hashlib.sha1(f"{repo}@{branch}#{n}".encode()).hexdigest()
-
-    def committed_paths(self):
-        return [sorted(c["files"]) for c in self.commits]
+SAVED = "hf_SavedLoginToken987654321"
 
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
-    """The stand-in Hub for this test; the real client factory is restored afterwards, and no real login leaks in."""
-    fake = FakeHub()
-    huggingface_hub.set_client_factory(
-        lambda: httpx2.Client(transport=httpx2.MockTransport(fake.handler), follow_redirects=True))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login" / "token"))
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
-    yield fake
-    huggingface_hub.set_client_factory(default_client_factory)
+    """The stand-in Hub for this test; no real login leaks in, and nothing reaches the real Hub."""
+    with HubStandIn(tokens=(TOKEN, SAVED)) as standin:
+        monkeypatch.setattr(constants, "ENDPOINT", standin.url)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login" / "token"))
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+        yield standin
 
 
+def api_calls(hub):
+    """Requests other than huggingface_hub's anonymous `GET /api/agent-harnesses` probe."""
+    return [r for r in hub.requests if r[1] != "/api/agent-harnesses"]
 
 
 @pytest.fixture
@@ -132,7 +50,7 @@ def built(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=6, images_per_identity=3)
     out = tmp_path / "out"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-size", 2) == 0
+               "--shard-samples", 6) == 0
     (out / "data" / "train" / ".train-000009.tar.tmp-123").write_bytes(b"half a shard")  # a killed writer's file
     (out / ".DS_Store").write_bytes(b"finder")
     (out / "notes.txt").write_text("my notes, not part of the dataset\n")
@@ -140,49 +58,78 @@ def built(tmp_path):
 
 
 SHARDS = ["data/train/train-000000.tar", "data/train/train-000001.tar", "data/train/train-000002.tar"]
-PUBLISHED = sorted(["LICENSE", "README.md", "preview.jpg", *SHARDS])
+PUBLISHED = sorted(["LICENSE", "README.md", "_info.json", "preview.jpg", "provenance/checksums.json", *SHARDS])
+LAST = ["README.md", "_info.json"]  # the card and timm's shard list are committed after everything else
+FIRST = sorted(p for p in PUBLISHED if p not in LAST)
 
 
 def test_publish_commits_exactly_the_dataset_files(built, hub, capsys):
     assert cli("publish", built, "--repo", "org/faces", "--private", "--token", TOKEN) == 0
-    assert hub.repos["org/faces"]["private"] is True
-    files = hub.repos["org/faces"]["branches"]["main"]
+    repo = hub.repos["org/faces"]
+    assert repo.private is True
+    files = hub.files("org/faces")
     assert sorted(files) == PUBLISHED  # no .facegen/, no hidden temp shard, no .DS_Store, no notes.txt
     for path in PUBLISHED:
         assert files[path] == (built / path).read_bytes()
     assert 'load_dataset("org/faces", split="train")' in files["README.md"].decode()  # the card names the repo
+    # the shards first, the card last; the folder source declares no licence, so the repo is gated first
+    assert [c["added"] for c in hub.commits("org/faces")[1:]] == [FIRST, LAST]
+    assert repo.gated == "auto"
+    paths = [path for _, path, _ in api_calls(hub)]
+    assert paths[:2] == ["/api/repos/create", "/api/datasets/org/faces/settings"]
+    assert paths.index("/api/datasets/org/faces/settings") < paths.index("/api/datasets/org/faces/commit/main")
     # every request was authenticated with the token, and the token was never printed
-    # (huggingface_hub's own anonymous `GET /api/agent-harnesses` probe carries no credentials at all)
-    api_calls = [r for r in hub.requests if r[1] != "/api/agent-harnesses"]
-    assert [path for _, path, _ in api_calls] == ["/api/repos/create", "/api/validate-yaml",
-                                                  "/api/datasets/org/faces/preupload/main",
-                                                  "/api/datasets/org/faces/commit/main"]
-    assert all(auth == f"Bearer {TOKEN}" for _, _, auth in api_calls)
+    assert all(auth == f"Bearer {TOKEN}" for _, _, auth in api_calls(hub))
     assert all(auth is None for _, path, auth in hub.requests if path == "/api/agent-harnesses")
     captured = capsys.readouterr()
     assert TOKEN not in captured.out + captured.err
     assert "token: --token" in captured.out and "published:" in captured.out
 
     # publishing the unchanged folder again commits nothing new (every file's oid matches)
+    commits = len(hub.commits("org/faces"))
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 0
-    assert len(hub.commits) == 1
+    assert len(hub.commits("org/faces")) == commits
+
+
+def test_no_gating_leaves_the_access_form_and_the_gate_out(built, hub):
+    assert cli("publish", built, "--repo", "org/open", "--no-gating", "--token", TOKEN) == 0
+    meta = yaml.safe_load(hub.files("org/open")["README.md"].decode().split("---\n", 2)[1])
+    assert "extra_gated_fields" not in meta and "extra_gated_prompt" not in meta
+    assert hub.repos["org/open"].gated is False
+    assert not any(path.endswith("/settings") for _, path, _ in hub.requests)
+    # the next publish without the flag gates it again
+    assert cli("publish", built, "--repo", "org/open", "--token", TOKEN) == 0
+    meta = yaml.safe_load(hub.files("org/open")["README.md"].decode().split("---\n", 2)[1])
+    assert meta["extra_gated_fields"]["Country"] == "country" and hub.repos["org/open"].gated == "auto"
 
 
 def test_dry_run_lists_files_and_target_and_contacts_nothing(built, hub, capsys):
     readme = (built / "README.md").read_bytes()
+    (built / ".hidden").write_text("a hidden file at the top level\n")
     assert cli("publish", built, "--repo", "org/faces", "--dry-run") == 0
     out = capsys.readouterr().out
-    assert hub.requests == [] and hub.commits == []
-    assert "target: https://huggingface.co/datasets/org/faces (branch main" in out
+    assert hub.requests == [] and hub.repos == {}
+    assert f"target: {hub.url}/datasets/org/faces (branch main" in out
     listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
-    assert listed == PUBLISHED
+    assert listed == FIRST + LAST  # in upload order; no .hidden
     assert "token: none" in out and "dry run: nothing was uploaded" in out
-    assert f"same upload with the hf CLI: hf upload org/faces {built} . --repo-type dataset --include README.md" in out
+    hf = next(line for line in out.splitlines() if line.startswith("same upload with the hf CLI"))
+    assert f"hf upload org/faces {built} . --repo-type dataset --include 'LICENSE*' --include preview.jpg" in hf
+    assert "--delete 'data/**'" in hf and hf.index("--include README.md") > hf.index("&&")
+    legacy = next(line for line in out.splitlines() if line.startswith("with huggingface_hub 0.x"))
+    first, second = legacy.split(": ", 1)[1].split(" && ")
+    # argparse nargs="*": each flag once, with all its patterns, after the positionals
+    for command in (first, second):
+        assert command.startswith(f"huggingface-cli upload org/faces {built} . --repo-type dataset")
+        assert command.count("--include") == 1 and command.count("--exclude") == 1
+    assert "--include 'LICENSE*' preview.jpg 'data/**' 'provenance/**' 'report/**' --exclude" in first
+    assert "--exclude '.facegen/**' '.*' '**/.*'" in first and "--include README.md _info.json" in second
     assert (built / "README.md").read_bytes() == readme  # a dry run changes nothing locally either
 
 
 def test_files_to_upload_uses_the_same_matcher_as_upload_folder(built):
-    assert [f.path for f in files_to_upload(built)] == PUBLISHED
+    (built / ".hidden").write_text("x")
+    assert [f.path for f in files_to_upload(built)] == FIRST + LAST
     assert ".facegen/**" in IGNORE_PATTERNS
 
 
@@ -191,9 +138,9 @@ def test_rerun_after_a_failed_first_commit_completes(built, hub, capsys):
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 1
     err = capsys.readouterr().err
     assert "rerun the same command to resume" in err and TOKEN not in err and err.count("\n") == 1
-    assert hub.repos["org/faces"]["branches"]["main"] == {}
+    assert hub.files("org/faces") == {}
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 0
-    assert sorted(hub.repos["org/faces"]["branches"]["main"]) == PUBLISHED
+    assert sorted(hub.files("org/faces")) == PUBLISHED
 
 
 def test_rerun_after_an_interrupted_multi_commit_upload_skips_what_was_committed(built, hub, monkeypatch, capsys):
@@ -201,14 +148,17 @@ def test_rerun_after_an_interrupted_multi_commit_upload_skips_what_was_committed
     monkeypatch.setattr(huggingface_hub._upload_pipeline, "REGULAR_CONTENT_BYTES_BUDGET", 1)
     hub.fail_commits = {4}
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 1
-    first = hub.committed_paths()
-    assert first == [["LICENSE"], ["README.md"], ["data/train/train-000000.tar"]]
+    first = [c["added"] for c in hub.commits("org/faces")[1:]]
+    assert first == [["LICENSE"], ["data/train/train-000000.tar"], ["data/train/train-000001.tar"]]
+    # an interrupted upload never looks complete: neither the card nor timm's shard list is there yet
+    assert not set(LAST) & set(hub.files("org/faces"))
     assert cli("publish", built, "--repo", "org/faces", "--token", TOKEN) == 0
-    second = hub.committed_paths()[len(first):]
+    second = [c["added"] for c in hub.commits("org/faces")[1 + len(first):]]
     # the rerun sends only the files not committed yet, and the repo ends complete and byte-exact
-    assert sorted(p for c in second for p in c) == ["data/train/train-000001.tar", "data/train/train-000002.tar",
-                                                    "preview.jpg"]
-    files = hub.repos["org/faces"]["branches"]["main"]
+    assert sorted(p for c in second for p in c) == ["README.md", "_info.json", "data/train/train-000002.tar",
+                                                    "preview.jpg", "provenance/checksums.json"]
+    assert sorted(p for c in second[-2:] for p in c) == LAST  # the card and _info.json last
+    files = hub.files("org/faces")
     assert sorted(files) == PUBLISHED and all(files[p] == (built / p).read_bytes() for p in PUBLISHED)
     assert TOKEN not in capsys.readouterr().err
 
@@ -223,22 +173,21 @@ def test_token_from_env_or_saved_login_and_refusal_without_one(built, hub, monke
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert cli("publish", built, "--repo", "org/a") == 0
     assert "token: HF_TOKEN" in capsys.readouterr().out
-    assert all(auth == f"Bearer {TOKEN}" for _, path, auth in hub.requests if path != "/api/agent-harnesses")
+    assert all(auth == f"Bearer {TOKEN}" for _, path, auth in api_calls(hub))
 
     monkeypatch.delenv("HF_TOKEN")
     saved = tmp_path / "hf-home" / "token"
     saved.parent.mkdir()
-    saved.write_text("hf_SavedLoginToken987654321\n")
+    saved.write_text(SAVED + "\n")
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(saved))
     hub.requests.clear()
     assert cli("publish", built, "--repo", "org/b") == 0
     out = capsys.readouterr().out
-    assert "token: saved login" in out and "hf_SavedLoginToken987654321" not in out
-    assert all(auth == "Bearer hf_SavedLoginToken987654321" for _, path, auth in hub.requests
-               if path != "/api/agent-harnesses")
+    assert "token: saved login" in out and SAVED not in out
+    assert all(auth == f"Bearer {SAVED}" for _, path, auth in api_calls(hub))
     # each repo's card names that repo in its loading examples
-    assert 'load_dataset("org/a", split="train")' in hub.repos["org/a"]["branches"]["main"]["README.md"].decode()
-    assert 'load_dataset("org/b", split="train")' in hub.repos["org/b"]["branches"]["main"]["README.md"].decode()
+    assert 'load_dataset("org/a", split="train")' in hub.files("org/a")["README.md"].decode()
+    assert 'load_dataset("org/b", split="train")' in hub.files("org/b")["README.md"].decode()
 
 
 def test_hub_error_is_one_masked_line(built, hub, capsys):
@@ -251,8 +200,7 @@ def test_hub_error_is_one_masked_line(built, hub, capsys):
 
 def test_revision_commits_to_a_new_branch(built, hub):
     assert cli("publish", built, "--repo", "org/faces", "--revision", "v1", "--token", TOKEN) == 0
-    branches = hub.repos["org/faces"]["branches"]
-    assert branches["main"] == {} and sorted(branches["v1"]) == PUBLISHED
+    assert hub.files("org/faces", "main") == {} and sorted(hub.files("org/faces", "v1")) == PUBLISHED
     assert ("POST", "/api/datasets/org/faces/branch/v1", f"Bearer {TOKEN}") in hub.requests
 
 
@@ -371,8 +319,8 @@ def test_a_real_build_of_each_recipe_passes_the_publish_checks(recipe, tmp_path,
     assert cli("build", "--recipe", recipe.stem, "--source-path", src, "--out", out) == 0
     assert check_folder(out) == []  # card, licence, tars, counts, and load_dataset(streaming) with every extra
     assert cli("publish", out, "--repo", f"org/{recipe.stem}", "--token", TOKEN) == 0
-    committed = sorted(hub.repos[f"org/{recipe.stem}"]["branches"]["main"])
-    assert committed == [f.path for f in files_to_upload(out)]
+    committed = sorted(hub.files(f"org/{recipe.stem}"))
+    assert committed == sorted(f.path for f in files_to_upload(out))
     assert "README.md" in committed and any(p.startswith("data/train/") for p in committed)
 
 
@@ -386,7 +334,7 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
     out = tmp_path / "out"
     args = ["build", "--source", "folder", "--source-path", src, "--plugin", "arc2face", "--out", out,
-            "--shard-size", 2]
+            "--shard-size", 2, "--shard-samples", 3]
     for opt in (f"model_dir={tiny}", "steps=2", "latents=1", "images_per_latent=2", "batch_size=2"):
         args += ["--plugin-opt", opt]
     run_facegen(*args, env={"HF_HUB_OFFLINE": "1"}, check=True)
@@ -398,6 +346,18 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
     licence = (out / "LICENSE").read_text()
     assert "FoivosPar/Arc2Face" in licence and "insightface" in licence and "Commercial use: no" in licence
     assert "| `cosine_to_prototype` |" in text  # the transform's quality figure is summarised
+    # what was loaded, not a hard-coded default: the tiny folders by name with their weights' sha256, and the
+    # random-weights marker at the top of the card; no local path anywhere publishable
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    loaded = {m["id"]: m["loaded"] for m in run["transform"]["models"]}
+    assert loaded["FoivosPar/Arc2Face"]["folder"] == "arc2face" and "test_model" in loaded["FoivosPar/Arc2Face"]
+    assert set(loaded["FoivosPar/Arc2Face"]["sha256"]) == {"arc2face/diffusion_pytorch_model.safetensors",
+                                                           "encoder/pytorch_model.bin"}
+    assert "| `FoivosPar/Arc2Face` | local folder `arc2face` (sha256 of its weights below) — **random test weights**" \
+        in text
+    assert "> **Test models: these images are noise.**" in text and "@451f4fe" not in text
+    for f in files_to_upload(out):
+        assert str(tmp_path).encode() not in (out / f.path).read_bytes(), f.path
     proc = run_facegen("publish", out, "--repo", "org/digi2real-test", "--dry-run", check=True)
     assert "data/train/train-000001.tar" in proc.stdout and "dry run: nothing was uploaded" in proc.stdout
 
@@ -417,3 +377,48 @@ def test_a_shard_changed_after_a_real_build_is_refused(tmp_path):
     tar_path.write_bytes(bytes(data))
     problems = check_folder(out)
     assert any("checksum (XXH3-128) differs" in p for p in problems), problems
+
+
+def test_publish_refuses_a_licence_the_inputs_do_not_imply(tmp_path, hub, capsys):
+    out = write_output_folder(tmp_path / "out", identities=4, shard_size=2, source_license=RESEARCH_ONLY)
+    assert check_folder(out) == []
+    readme = out / "README.md"
+    original = readme.read_text()
+    readme.write_text(original.replace("license: other\n", "license: mit\n", 1))
+    problems = check_folder(out)
+    assert "README.md: `license: mit` but the build's inputs imply `other` (run `facegen card OUT` to write the " \
+           "licence they imply)" in problems
+    readme.write_text(original)
+    (out / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge…\n")
+    assert cli("publish", out, "--repo", "org/x", "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert "LICENSE: its text is not the one the build's inputs imply" in err and hub.requests == []
+
+
+def test_publish_checks_every_linked_file_and_the_info_file(tmp_path):
+    out = write_output_folder(tmp_path / "out", identities=6, shard_size=2)
+    (out / "preview.jpg").unlink()
+    assert check_folder(out) == ["README.md links to preview.jpg, which is missing"]
+    write_card_again(out)
+    shards = [f"data/train/train-{i:06d}.tar" for i in range(3)]
+    info = {"name": "x", "splits": {"train": {"name": "train", "num_samples": 18, "filenames": shards,
+                                              "shard_lengths": [6, 6, 6]}}}
+    (out / "_info.json").write_text(json.dumps(info))
+    assert check_folder(out) == []
+    assert "_info.json" in [f.path for f in files_to_upload(out)][-2:]  # uploaded with the card, last
+    info["splits"]["train"].update(filenames=shards[:2] + ["data/train/train-000009.tar"],
+                                   shard_lengths=[6, 5, 6], num_samples=17)
+    (out / "_info.json").write_text(json.dumps(info))
+    assert check_folder(out) == [
+        "_info.json lists data/train/train-000009.tar, which is not a shard of this build",
+        "_info.json does not list the shard data/train/train-000002.tar",
+        "_info.json gives data/train/train-000001.tar 5 samples; it holds 6",
+        "_info.json: num_samples 17, the shards hold 18"]
+    (out / "_info.json").write_text("{}")
+    assert check_folder(out)[0].startswith("_info.json: not timm's format")
+
+
+def write_card_again(out):
+    from facegen.cards import write_card
+
+    write_card(out)

@@ -17,7 +17,7 @@ from facegen.testing.folder import write_folder_source
 
 def build_cmd(src, out):
     return [str(BIN / "facegen"), "build", "--source", "folder", "--source-path", str(src), "--plugin", "passthrough",
-            "--out", str(out), "--shard-size", "8", "--format", "jpg"]  # re-encoding: the work, not start-up, dominates
+            "--out", str(out), "--shard-samples", "64", "--format", "jpg"]  # re-encoding: the work dominates
 
 
 @pytest.mark.slow

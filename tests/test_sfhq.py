@@ -232,9 +232,9 @@ def test_build_sfhq_recipe_end_to_end_with_typed_columns(tmp_path):
     root = write_sfhq_source(tmp_path / "sfhq", parts=(1, 4), images_per_part=4, size=160, missing_landmarks=1,
                              malicious_pickles=1, feature_dims=SMALL_FEATURES)
     out = tmp_path / "out"
-    build("--recipe", "sfhq", "--source-path", root, "--out", out, "--shard-size", 3)
+    build("--recipe", "sfhq", "--source-path", root, "--out", out, "--shard-samples", 3)
 
-    ds = datasets.load_dataset(str(out), split="train")
+    ds = datasets.load_dataset(str(out), split="train").sort("__key__")  # published shuffled; keys in plan order
     assert ds.num_rows == 8 - 4  # each part lost one sample to a missing .npz, one to a malicious pickle
     assert ds.column_names == ["jpg", "cls", "json", "landmarks.npy", "seg.png", "clip_resnet50x64.npy",
                                "clip_vitl_14_336.npy", "__key__", "__url__"]
@@ -242,6 +242,7 @@ def test_build_sfhq_recipe_end_to_end_with_typed_columns(tmp_path):
     assert ds.features["clip_vitl_14_336.npy"] == datasets.List(datasets.Value("float32"), length=768)
     row = ds[0]
     assert row["json"] == {"identity": "SFHQ_pt1_00000000", "source": "sfhq", "part": 1, "index": 0,
+                           "width": 160, "height": 160,
                            "source_ref": "synthetic-faces-high-quality-sfhq-part-1/images/images/"
                                          "SFHQ_pt1_00000000.jpg"}
     landmarks = np.asarray(row["landmarks.npy"], dtype=np.float32)
@@ -257,7 +258,7 @@ def test_build_sfhq_recipe_end_to_end_with_typed_columns(tmp_path):
                                                    "SFHQ_pt4_00000000", "SFHQ_pt4_00000001"]
     assert ds["cls"] == [0, 1, 4, 5]
 
-    stats = [json.loads(p.read_text()) for p in sorted((out / ".facegen" / "shards").iterdir())]
+    stats = [json.loads(p.read_text()) for p in sorted((out / ".facegen" / "shards").glob("*.json"))]
     skipped = {}
     for s in stats:
         for reason, n in s["skipped"].items():

@@ -24,10 +24,13 @@ class BuildConfig:
     recipe: str | None = None
     limit_identities: int | None = None
     identities_file: str | None = None
-    shard_size: int = 100
+    shard_size: int = 100  # identities per unit of work
+    shard_samples: int | None = None  # target samples per published shard (None: DEFAULT_SHARD_SAMPLES)
+    shards_multiple_of: int = 1  # published shard count rounded up to a multiple of this (ranks x workers)
     seed: int = 0
     format: str | None = None
     strict: bool = False
+    verify: str = "full"  # full: every image decoded once before it is written; header: PIL's cheap check only
     overwrite: bool = False
     command: list[str] = field(default_factory=list)
 
@@ -36,8 +39,9 @@ class BuildConfig:
 
 
 RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "command"}
-RECIPE_TYPES = {"shard_size": int, "seed": int, "limit_identities": int, "strict": to_bool,
-                "source": str, "plugin": str, "source_path": str, "identities_file": str, "format": str}
+RECIPE_TYPES = {"shard_size": int, "shard_samples": int, "shards_multiple_of": int, "seed": int,
+                "limit_identities": int, "strict": to_bool, "source": str, "plugin": str, "source_path": str,
+                "identities_file": str, "format": str, "verify": str}
 
 
 def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]:

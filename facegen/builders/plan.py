@@ -1,7 +1,9 @@
-"""The deterministic plan: which identities, in which order, in which shard, with which seed.
+"""The deterministic plan: which identities, in which order, in which unit of work, with which seed; and the
+published layout: how many samples in which shard, in which order.
 
-Nothing here depends on the number of processes: shard ``i`` holds plan positions ``[i*S, (i+1)*S)`` and the seed
-of an identity derives from (run seed, identity id) only.
+Nothing here depends on the number of processes: unit ``i`` holds plan positions ``[i*S, (i+1)*S)``
+(``S = --shard-size``), the seed of an identity derives from (run seed, identity id) only, and the published order
+of the samples is one permutation seeded by the run seed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from facegen.errors import UsageError
+
+DEFAULT_SHARD_SAMPLES = 10_000  # img2dataset's default; recipes set their own so that shards weigh ~200 MB-1 GB
 
 
 def identity_seed(run_seed: int, identity_id: str) -> int:
@@ -33,19 +39,21 @@ def read_identities_file(path: str) -> list[str]:
 
 @dataclass
 class Plan:
+    """The ordered identities (label ``cls`` = position) and their grouping into units of work."""
+
     ids: list[str]
-    shard_size: int
+    shard_size: int  # identities per unit of work (--shard-size)
 
     @property
-    def num_shards(self) -> int:
+    def num_units(self) -> int:
         return math.ceil(len(self.ids) / self.shard_size)
 
-    def shard(self, index: int) -> range:
-        """Plan positions (= labels) of shard ``index``."""
+    def unit(self, index: int) -> range:
+        """Plan positions (= labels) of unit ``index``."""
         return range(index * self.shard_size, min((index + 1) * self.shard_size, len(self.ids)))
 
-    def shards_of(self, rank: int, world: int) -> list[int]:
-        return [i for i in range(self.num_shards) if i % world == rank]
+    def units_of(self, rank: int, world: int) -> list[int]:
+        return [i for i in range(self.num_units) if i % world == rank]
 
     def sha256(self) -> str:
         return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()
@@ -80,3 +88,48 @@ def make_plan(
     if not ids:
         raise UsageError("the plan is empty: the source has no identities (after selection)")
     return Plan(ids, shard_size)
+
+
+# --- the published layout ---
+
+
+def check_layout_options(shard_samples: int, multiple_of: int) -> None:
+    if shard_samples < 1:
+        raise UsageError("--shard-samples must be at least 1")
+    if multiple_of < 1:
+        raise UsageError("--shards-multiple-of must be at least 1")
+
+
+def shard_lengths(num_samples: int, shard_samples: int, multiple_of: int = 1) -> list[int]:
+    """Samples per published shard: the fewest shards of at most ``shard_samples``, their count rounded up to a
+    multiple of ``multiple_of``, sizes differing by at most one (the longer ones first)."""
+    check_layout_options(shard_samples, multiple_of)
+    if num_samples < 1:
+        return []
+    count = math.ceil(num_samples / shard_samples)
+    count = math.ceil(count / multiple_of) * multiple_of
+    if count > num_samples:
+        raise UsageError(f"--shards-multiple-of {multiple_of} needs at least {count} samples (one per shard), and "
+                         f"this build has {num_samples}: choose a smaller multiple")
+    base, extra = divmod(num_samples, count)
+    return [base + 1 if j < extra else base for j in range(count)]
+
+
+def shard_bounds(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each shard in the shuffled order."""
+    bounds, start = [], 0
+    for n in lengths:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def sample_order(num_samples: int, run_seed: int) -> np.ndarray:
+    """The published order: one permutation of all samples, seeded by the run seed only."""
+    digest = hashlib.sha256(f"facegen-order:{run_seed}".encode()).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+    return rng.permutation(num_samples)
+
+
+def shards_of(num_shards: int, rank: int, world: int) -> list[int]:
+    return [j for j in range(num_shards) if j % world == rank]

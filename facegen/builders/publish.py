@@ -18,6 +18,7 @@ text that could contain it is masked.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -31,9 +32,16 @@ import xxhash
 
 from facegen.errors import FacegenError, UsageError
 
-ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "data/**", "report/*.png"]  # report/: `facegen report`
-# Hidden names anywhere (temporary shard files, editor droppings) and the build's own records stay local.
+# report/: the plots of `facegen report` (report.json itself stays in .facegen/)
+ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "_info.json", "data/**", "provenance/**", "report/**"]
+# Hidden names anywhere (temporary shard files, editor droppings) and the build's own records stay local:
+# `.*` matches a hidden name at the top level (fnmatch's `*` also crosses `/`), `**/.*` one in a folder.
 IGNORE_PATTERNS = [".facegen/**", ".*", "**/.*", "**/__pycache__/**"]
+# Uploaded last, in a second commit series: until they land, an interrupted upload never looks complete on the Hub.
+LAST_FILES = ["README.md", "_info.json"]
+# Remote files under these folders that the build no longer has are deleted in the same run (a rebuilt dataset
+# must not load old and new samples together).
+SYNCED_FOLDERS = ["data/**", "provenance/**"]
 SHARD_NAME = re.compile(r"^train-(\d{6})\.tar$")
 PROBLEMS_SHOWN = 30
 
@@ -79,10 +87,31 @@ class _HashingReader:
         return data
 
 
-def check_shard(path: Path, image_column: str) -> tuple[dict, str | None]:
-    """Walk a tar to its end. Returns ({"images", "xxh3_128", "bytes"}, problem or None)."""
+DECODE_THREADS = min(8, os.cpu_count() or 4)  # PIL and zlib release the GIL while decoding
+DECODES_IN_FLIGHT = 64  # images read ahead of their decode: bounded memory
+
+
+def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[dict, str | None]:
+    """Walk a tar to its end, decoding every image member when ``verify`` is full.
+
+    Returns ({"images", "xxh3_128", "bytes"}, problem or None).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, check_image
+
     images = 0
-    with open(path, "rb") as raw:
+    pending: list = []
+    broken: list[str] = []
+
+    def decoded(name: str, data: bytes) -> str | None:
+        try:
+            check_image(data, "full")
+        except ImageError as exc:
+            return f"{name} ({exc})"
+        return None
+
+    with open(path, "rb") as raw, ThreadPoolExecutor(DECODE_THREADS) as pool:
         reader = _HashingReader(raw)
         try:
             # stream mode reads every member's data in order: a truncated or corrupt tar fails here
@@ -91,12 +120,22 @@ def check_shard(path: Path, image_column: str) -> tuple[dict, str | None]:
                     name = member.name
                     if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
                         return {}, f"unexpected member {name!r}"
-                    if name.rpartition("/")[2].partition(".")[2] == image_column:
+                    field = name.rpartition("/")[2].partition(".")[2]
+                    if field == image_column:
                         images += 1
+                    if verify == "full" and field.rsplit(".", 1)[-1] in IMAGE_FIELD_EXTENSIONS:
+                        pending.append(pool.submit(decoded, name, tar.extractfile(member).read()))
+                        if len(pending) >= DECODES_IN_FLIGHT:
+                            broken += filter(None, (f.result() for f in pending))
+                            pending = []
         except (tarfile.TarError, EOFError, OSError) as exc:
             return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
+        broken += filter(None, (f.result() for f in pending))
         while reader.read(1 << 20):  # the end-of-archive padding, so that the checksum covers the whole file
             pass
+    if broken:
+        return {}, (f"{len(broken)} image(s) do not decode (`load_dataset` would fail on them), first: {broken[0]}; "
+                    "rebuild with the default --verify full, which skips them")
     return {"images": images, "xxh3_128": reader.xxh3_128.hexdigest(),
             "bytes": reader.bytes_read}, None
 
@@ -145,8 +184,9 @@ def _check_card(out: Path, run: dict, problems: list[str]) -> None:
                             f"{run.get('totals', {}).get('images')} (run `facegen card OUT`)")
 
 
-def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
-    from facegen.cards.stats import load_shard_stats
+def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full",
+                  counted: dict[str, int] | None = None) -> None:
+    from facegen.cards.stats import load_shard_stats, load_unit_stats, summarise
 
     image_column = run.get("image_column", "png")
     shards = load_shard_stats(out)
@@ -162,12 +202,11 @@ def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
         rel = stats.get("tar") or f"data/train/train-{stats.get('shard', 0):06d}.tar"
         listed.add(rel)
         totals["images"] += stats.get("images", 0)
-        totals["identities"] += stats.get("identities", 0)
         path = out / rel
         if not path.is_file():
             problems.append(f"{rel}: missing (its stats file exists)")
             continue
-        found, problem = check_shard(path, image_column)
+        found, problem = check_shard(path, image_column, verify)
         if problem:
             problems.append(f"{rel}: {problem}")
             continue
@@ -175,8 +214,12 @@ def _check_shards(out: Path, run: dict, problems: list[str]) -> None:
             problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats['tar_bytes']}")
         if stats.get("tar_xxh3_128") and found["xxh3_128"] != stats["tar_xxh3_128"]:
             problems.append(f"{rel}: checksum (XXH3-128) differs from its stats (the file changed after the build)")
+        if counted is not None:
+            counted[rel] = found["images"]
         if found["images"] != stats.get("images"):
             problems.append(f"{rel}: {found['images']} images but its stats say {stats.get('images')}")
+    # a shard holds samples of many identities: identities are counted across the shards (or the units of work)
+    totals["identities"] = summarise(shards, load_unit_stats(out), run.get("plan", {}).get("identities")).identities
     run_totals = run.get("totals", {})
     for name in ("images", "identities"):
         if name in run_totals and run_totals[name] != totals[name]:
@@ -215,8 +258,71 @@ def _check_loads(out: Path, run: dict, problems: list[str]) -> None:
         problems.append(f"load_dataset yields {rows} rows, the run counts {run.get('totals', {}).get('images')}")
 
 
-def check_folder(out_dir) -> list[str]:
-    """Every problem that should stop a publish, as one line each (empty list = ready to publish)."""
+def _check_licence(out: Path, problems: list[str]) -> None:
+    """README.md's licence fields and LICENSE must be the ones the build's inputs imply (a hand-edited
+    `license: mit` or a replaced LICENSE text is refused)."""
+    from huggingface_hub import DatasetCard
+
+    from facegen.cards.card import expected_licence
+
+    try:
+        chain, licence_text = expected_licence(out)
+        data = DatasetCard.load(out / "README.md").data.to_dict()
+    except Exception:  # the card checks above already report an unreadable card or run
+        return
+    for key, want in (("license", chain.hub_id), ("license_name", chain.name), ("license_link", chain.link)):
+        if data.get(key) != want:
+            problems.append(f"README.md: `{key}: {data.get(key)}` but the build's inputs imply `{want}` "
+                            "(run `facegen card OUT` to write the licence they imply)")
+    licence_file = out / "LICENSE"
+    if licence_text is not None and licence_file.is_file():
+        if licence_file.read_text(encoding="utf-8", errors="replace") != licence_text:
+            problems.append("LICENSE: its text is not the one the build's inputs imply (run `facegen card OUT`, "
+                            "after moving your own text elsewhere)")
+
+
+def _check_links(out: Path, problems: list[str]) -> None:
+    """Every file the card links to (preview, LICENSE, provenance, report plots) exists."""
+    readme = out / "README.md"
+    if not readme.is_file():
+        return
+    for target in sorted(set(re.findall(r"\]\(([^)\s]+)\)", readme.read_text(encoding="utf-8")))):
+        if re.match(r"^(?:[a-z][a-z0-9+.-]*:|#)", target):  # a URL, mailto: or an anchor in the card
+            continue
+        path = target.split("#", 1)[0]
+        if path and not (out / path).is_file():
+            problems.append(f"README.md links to {path}, which is missing")
+
+
+def _check_info(out: Path, counted: dict[str, int], problems: list[str]) -> None:
+    """`_info.json` (timm's shard list), when present, names exactly the shards with their sample counts."""
+    path = out / "_info.json"
+    if not path.is_file():
+        return
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))["splits"]["train"]
+        listed = dict(zip(split["filenames"], split["shard_lengths"], strict=True))
+        num_samples = split["num_samples"]
+    except (ValueError, KeyError, TypeError) as exc:
+        problems.append(f"_info.json: not timm's format ({type(exc).__name__}: {exc})".splitlines()[0])
+        return
+    for name in sorted(set(listed) - set(counted)):
+        problems.append(f"_info.json lists {name}, which is not a shard of this build")
+    for name in sorted(set(counted) - set(listed)):
+        problems.append(f"_info.json does not list the shard {name}")
+    for name in sorted(set(listed) & set(counted)):
+        if listed[name] != counted[name]:
+            problems.append(f"_info.json gives {name} {listed[name]} samples; it holds {counted[name]}")
+    if num_samples != sum(counted.values()):
+        problems.append(f"_info.json: num_samples {num_samples}, the shards hold {sum(counted.values())}")
+
+
+def check_folder(out_dir, verify: str = "full") -> list[str]:
+    """Every problem that should stop a publish, as one line each (empty list = ready to publish).
+
+    ``verify="full"`` decodes every image (so that a build made before images were checked, or with
+    ``--verify header``, is caught before upload); ``"header"`` only walks the tars.
+    """
     from facegen.cards.stats import load_run
 
     out = Path(out_dir)
@@ -227,8 +333,13 @@ def check_folder(out_dir) -> list[str]:
     except UsageError as exc:
         return [str(exc)]
     problems: list[str] = []
+    counted: dict[str, int] = {}
     _check_card(out, run, problems)
-    _check_shards(out, run, problems)
+    if not problems:
+        _check_licence(out, problems)
+    _check_links(out, problems)
+    _check_shards(out, run, problems, verify, counted)
+    _check_info(out, counted, problems)
     if not problems:  # loading is slow and pointless when the files are already known to be wrong
         _check_loads(out, run, problems)
     return problems
@@ -237,13 +348,16 @@ def check_folder(out_dir) -> list[str]:
 # --------------------------------------------------------------------------------------------- upload
 
 
-def files_to_upload(out_dir) -> list[FileToUpload]:
-    """Exactly the files `upload_folder` will send with facegen's patterns (same matcher as huggingface_hub)."""
+def files_to_upload(out_dir, allow_patterns: list[str] | None = None) -> list[FileToUpload]:
+    """Exactly the files `upload_folder` will send with facegen's patterns (same matcher as huggingface_hub), in
+    upload order: the card and `_info.json` last."""
     from huggingface_hub.utils import filter_repo_objects
 
     out = Path(out_dir)
     rel_paths = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    chosen = filter_repo_objects(rel_paths, allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+    chosen = filter_repo_objects(rel_paths, allow_patterns=allow_patterns or ALLOW_PATTERNS,
+                                 ignore_patterns=IGNORE_PATTERNS)
+    chosen = sorted(chosen, key=lambda p: (p in LAST_FILES, p))
     return [FileToUpload(path=p, size=(out / p).stat().st_size) for p in chosen]
 
 
@@ -268,18 +382,48 @@ def mask(text: str, token: str | None) -> str:
     return re.sub(r"\bhf_[A-Za-z0-9]{8,}\b", "hf_***", text)
 
 
+def _first_patterns() -> list[str]:
+    return [p for p in ALLOW_PATTERNS if p not in LAST_FILES]
+
+
+def hf_upload_commands(repo_id: str, out_dir, private: bool = False, revision: str | None = None) -> list[str]:
+    """The same upload with the `hf` CLI (huggingface_hub >= 1.0), in facegen's order: everything but the card,
+    deleting remote shards the build no longer has, then the card and `_info.json`. `hf upload` keeps every
+    repeated `--include`/`--exclude`/`--delete` flag."""
+    commands = []
+    for includes, deletes in ((_first_patterns(), SYNCED_FOLDERS), (LAST_FILES, [])):
+        args = ["hf", "upload", repo_id, str(out_dir), ".", "--repo-type", "dataset"]
+        if private:
+            args.append("--private")
+        if revision:
+            args += ["--revision", revision]
+        for flag, patterns in (("--include", includes), ("--exclude", IGNORE_PATTERNS), ("--delete", deletes)):
+            for pattern in patterns:
+                args += [flag, pattern]
+        commands.append(shlex.join(args))
+    return commands
+
+
+def legacy_upload_commands(repo_id: str, out_dir, private: bool = False, revision: str | None = None) -> list[str]:
+    """The same with huggingface_hub 0.x's `huggingface-cli upload` (argparse, `nargs="*"`): a repeated flag
+    replaces the earlier one there, so each flag is given once with all its patterns, after the positionals."""
+    commands = []
+    for includes, deletes in ((_first_patterns(), SYNCED_FOLDERS), (LAST_FILES, [])):
+        args = ["huggingface-cli", "upload", repo_id, str(out_dir), ".", "--repo-type", "dataset"]
+        if private:
+            args.append("--private")
+        if revision:
+            args += ["--revision", revision]
+        for flag, patterns in (("--include", includes), ("--exclude", IGNORE_PATTERNS), ("--delete", deletes)):
+            if patterns:
+                args += [flag, *patterns]
+        commands.append(shlex.join(args))
+    return commands
+
+
 def hf_upload_command(repo_id: str, out_dir, private: bool = False, revision: str | None = None) -> str:
-    """The equivalent `hf upload` command line (huggingface_hub >= 1.0; older versions: `huggingface-cli upload`)."""
-    args = ["hf", "upload", repo_id, str(out_dir), ".", "--repo-type", "dataset"]
-    if private:
-        args.append("--private")
-    if revision:
-        args += ["--revision", revision]
-    for pattern in ALLOW_PATTERNS:
-        args += ["--include", pattern]
-    for pattern in IGNORE_PATTERNS:
-        args += ["--exclude", pattern]
-    return shlex.join(args)
+    """Both `hf upload` commands joined with `&&` (the order matters: the card goes last)."""
+    return " && ".join(hf_upload_commands(repo_id, out_dir, private, revision))
 
 
 def _check_repo_id(repo_id: str) -> None:
@@ -294,12 +438,16 @@ def _check_repo_id(repo_id: str) -> None:
 
 
 def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run: bool = False,
-            token: str | None = None, endpoint: str | None = None,
+            token: str | None = None, endpoint: str | None = None, gating: bool = True, verify: str = "full",
             echo: Callable[[str], None] = print) -> PublishResult:
-    """Check ``out_dir`` and upload it to the dataset repo ``repo_id`` (see the module docstring)."""
+    """Check ``out_dir`` and upload it to the dataset repo ``repo_id`` (see the module docstring).
+
+    ``gating``: for data that is not free to use (non-commercial, research-only, undeclared), the card carries the
+    Hub's access form and the repo's gate is switched on (``gated="auto"``); False (``--no-gating``) leaves both out.
+    """
     from huggingface_hub import HfApi, constants
 
-    from facegen.cards.card import PLACEHOLDER_REPO, remembered_repo_id, write_card
+    from facegen.cards.card import PLACEHOLDER_REPO, card_settings, write_card
 
     out = Path(out_dir).expanduser().resolve()
     _check_repo_id(repo_id)
@@ -308,8 +456,8 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     branch = revision or constants.DEFAULT_REVISION
 
     # 1. local checks; refuse with every problem found
-    echo(f"checking {out} …")
-    problems = check_folder(out)
+    echo(f"checking {out} …" + (" (every image decoded)" if verify == "full" else " (images not decoded)"))
+    problems = check_folder(out, verify)
     if problems:
         shown = problems[:PROBLEMS_SHOWN]
         more = f"\n  … and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
@@ -320,39 +468,59 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     if token_value is None and not dry_run:
         raise UsageError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
 
-    # 2. the card's loading examples name this repo (re-rendered from the same records; never on a dry run)
+    # 2. the card names this repo and carries (or not) the access form (re-rendered from the same records; never
+    #    on a dry run)
     readme = out / "README.md"
-    named = PLACEHOLDER_REPO not in readme.read_text(encoding="utf-8") and remembered_repo_id(out) == repo_id
-    if not dry_run and not named:
-        write_card(out, repo_id=repo_id)
-        echo(f"README.md: loading examples now name {repo_id}")
+    settings = card_settings(out)
+    named = PLACEHOLDER_REPO not in readme.read_text(encoding="utf-8") and settings.get("repo_id") == repo_id
+    if not dry_run and (not named or settings.get("gating", True) != gating):
+        write_card(out, repo_id=repo_id, gating=gating)
+        echo(f"README.md: loading examples name {repo_id}" + ("" if gating else "; no access form (--no-gating)"))
+    from facegen.cards.card import expected_licence, needs_gating
+
+    # what the card carries after this publish (a dry run leaves it as it is, so ask the inputs)
+    gated = gating and needs_gating(expected_licence(out)[0])
 
     # 3. what goes where
-    files = files_to_upload(out)
-    result = PublishResult(repo_id=repo_id, revision=branch, files=files, dry_run=dry_run)
+    upload = files_to_upload(out)
+    result = PublishResult(repo_id=repo_id, revision=branch, files=upload, dry_run=dry_run)
     hub = (endpoint or constants.ENDPOINT).rstrip("/")
     visibility = "private" if private else "public, unless the repo exists or its owner defaults to private"
-    echo(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility})")
+    echo(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility}"
+         + (", gated: users accept the terms first)" if gated else ")"))
     echo(f"token: {token_source}")
-    echo(f"{len(files)} files, {result.total_bytes:,} bytes:")
-    for f in files:
+    echo(f"{len(upload)} files, {result.total_bytes:,} bytes (README.md and _info.json last):")
+    for f in upload:
         echo(f"  {f.path}  ({f.size:,} bytes)")
     if dry_run:
-        echo("same upload with the hf CLI: " + hf_upload_command(repo_id, out_dir, private, revision))
+        echo("same upload with the hf CLI (huggingface_hub >= 1.0): "
+             + hf_upload_command(repo_id, out_dir, private, revision))
+        echo("with huggingface_hub 0.x: " + " && ".join(legacy_upload_commands(repo_id, out_dir, private, revision)))
+        if gated:
+            echo(f"then turn the gate on: HfApi().update_repo_settings(\"{repo_id}\", gated=\"auto\", "
+                 "repo_type=\"dataset\")")
         echo("dry run: nothing was uploaded")
         return result
 
-    # 4. repository (and branch), then the resumable folder upload
+    # 4. repository (and branch) and its gate, then the resumable uploads: data first, the card last
     api = HfApi(endpoint=endpoint, token=token_value)
     try:
         api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private or None)
+        if gated:  # before any data lands, so that nothing is downloadable without accepting the terms
+            api.update_repo_settings(repo_id, gated="auto", repo_type="dataset")
         if branch != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id, repo_type="dataset", folder_path=str(out), revision=branch,
-            allow_patterns=ALLOW_PATTERNS, ignore_patterns=list(IGNORE_PATTERNS),
-            commit_message=f"Upload dataset built with facegen ({len(files)} files)",
-        )
+        info = None
+        for step, (allow, deletes) in enumerate(((_first_patterns(), SYNCED_FOLDERS), (LAST_FILES, [])), 1):
+            count = len(files_to_upload(out, allow))
+            if not count and not deletes:
+                continue
+            # huggingface_hub >= 1.20 with hf_xet: a streamed pipeline of several commits, resumed by a rerun
+            info = api.upload_folder(
+                repo_id=repo_id, repo_type="dataset", folder_path=str(out), revision=branch,
+                allow_patterns=allow, ignore_patterns=list(IGNORE_PATTERNS), delete_patterns=deletes or None,
+                commit_message=(f"facegen: dataset files ({count})" if step == 1 else "facegen: dataset card"),
+            ) or info
     except KeyboardInterrupt:
         echo("interrupted: rerun the same command to resume the upload (files already committed are skipped)")
         raise
@@ -363,4 +531,3 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     result.commit_url = getattr(info, "commit_url", None)
     echo(f"published: {hub}/datasets/{repo_id}" + (f" (commit {result.commit_url})" if result.commit_url else ""))
     return result
-

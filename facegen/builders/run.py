@@ -1,6 +1,9 @@
-"""The run loop: plan, distribute whole shards over processes, transform, write, resume; then provenance and card.
+"""The run loop: plan, distribute the work over processes, transform, write, resume; then provenance and card.
 
-Works alone, under ``accelerate launch`` and under ``torchrun``. Process ``r`` of ``W`` takes the shards
+Works alone, under ``accelerate launch`` and under ``torchrun``. Per-image transforms (passthrough) write the
+published shards directly, each reading its samples from the source in the shuffled order. Identity-level
+transforms (arc2face, e4e) write units of ``--shard-size`` identities under ``.facegen/units/``; once all are
+complete, the published shards are assembled from them. Process ``r`` of ``W`` takes the units and shards
 ``i ≡ r (mod W)`` that are not complete yet; the output does not depend on ``W``, the batch size or interruptions.
 """
 
@@ -20,24 +23,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import xxhash
 from tqdm.auto import tqdm
 
 import facegen
 from facegen import registry
 from facegen.api import Source, Transform
+from facegen.builders.images import VERIFY_LEVELS, check_source_images
 from facegen.builders.options import BuildConfig
-from facegen.builders.plan import Plan, identity_seed, make_plan
+from facegen.builders.plan import (
+    DEFAULT_SHARD_SAMPLES,
+    Plan,
+    check_layout_options,
+    identity_seed,
+    make_plan,
+    sample_order,
+    shard_bounds,
+    shard_lengths,
+    shards_of,
+)
 from facegen.builders.shards import (
     ShardWriter,
+    check_place,
     dumps,
-    shard_is_complete,
-    shard_stats_path,
+    read_stats,
+    shard_place,
+    unit_place,
     write_atomic,
 )
 from facegen.errors import SampleError, UsageError
 from facegen.records import Identity, SourceImage, Skip
 
-LOAD_THREADS = 4  # identities are read ahead by threads: file and zip reads release the GIL
+# identities are read ahead and their images checked by threads: file reads, zlib and PIL decodes release the GIL
+LOAD_THREADS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
+LOAD_CHUNK = 16  # single images (per-image transforms) are read ahead in chunks: a thread task costs ~20 µs
 
 
 def distributed_state():
@@ -85,6 +105,7 @@ def _plugin_record(plugin: Source | Transform, kind: str) -> dict[str, Any]:
         "options": _json_safe(plugin.opts),
         "columns": dict(plugin.columns),
         "provenance": _json_safe(plugin.provenance()),
+        "synthetic": getattr(plugin, "synthetic", None),  # the card calls images synthetic only when stated
     }
     if isinstance(plugin, Transform):
         record["models"] = [_json_safe(vars(m)) for m in plugin.models()]
@@ -107,7 +128,8 @@ def dataset_features(source: Source, transform: Transform, image_format: str):
     """Every column of the published dataset, so `datasets` never infers a schema from the first shard."""
     from datasets import Features, Image, Value
 
-    json_fields = {"identity": Value("string"), "source": Value("string"), "source_ref": Value("string")}
+    json_fields = {"identity": Value("string"), "source": Value("string"), "source_ref": Value("string"),
+                   "width": Value("int32"), "height": Value("int32")}  # of the stored pixels
     json_fields.update(transform.json_features(source))
     columns: dict[str, Any] = {image_format: Image(), "cls": Value("int64"), "json": json_fields}
     columns.update(transform.extra_features(source))
@@ -127,7 +149,7 @@ def _remove_facegen_outputs(out: Path) -> None:
         for folder in (train, out / "data"):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-    for name in ("README.md", "preview.jpg"):
+    for name in ("README.md", "preview.jpg", "_info.json"):
         (out / name).unlink(missing_ok=True)
     from facegen.cards.card import LICENSE_MARKER  # in every LICENSE the card writes
 
@@ -186,6 +208,10 @@ class Summary:
     images_written: int = 0
     seconds: float = 0.0
     out: str = ""
+    units: int = 0  # identity-level transforms: hidden units of work, assembled into the shards
+    units_written: int = 0
+    assembly_seconds: float = 0.0  # this process's time assembling shards from units
+    redone: Counter = field(default_factory=Counter)  # "shard"/"unit" -> files that failed their check, redone
 
     @property
     def images_per_second(self) -> float:
@@ -194,13 +220,48 @@ class Summary:
     def lines(self) -> list[str]:
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common()) or "none"
-        return [
+        lines = [
             f"facegen build done: {self.out}",
             f"  identities {self.identities}, images {self.images}, shards {self.shards} "
             f"({self.shards_written} written now, {self.shards - self.shards_written} already complete)",
+        ]
+        if self.units:
+            share = 100 * self.assembly_seconds / self.seconds if self.seconds > 0 else 0.0
+            lines.append(f"  units of work {self.units} ({self.units_written} written now); assembling the shards "
+                         f"took {self.assembly_seconds:.1f} s = {share:.0f}% of the run")
+        for kind, n in sorted(self.redone.items()):
+            lines.append(f"  {n} {kind}{'s' if n != 1 else ''} failed {'their' if n != 1 else 'its'} check "
+                         f"(size or XXH3-128 against its stats) and {'were' if n != 1 else 'was'} redone")
+        lines += [
             f"  skipped {skipped} ({reasons})",
             f"  {self.images_written} images in {self.seconds:.1f} s = {self.images_per_second:.1f} images/s",
         ]
+        return lines
+
+
+@dataclass
+class SampleTable:
+    """Every sample of the published dataset, in plan order, with what it takes to fetch it.
+
+    Per-image transforms: one row per source image (label, image number within its identity). Identity-level
+    transforms: one row per sample written to a unit (unit, offset and length of its members there, key).
+    """
+
+    cls: np.ndarray  # label of each sample
+    number: np.ndarray  # per-image: position of the image in the source's list of the identity
+    unit: np.ndarray | None = None
+    offset: np.ndarray | None = None
+    length: np.ndarray | None = None
+    keys: list[str] | None = None
+    images: list | None = None  # identity-level: (mode, "WxH", changes) of each sample's image, as its unit says
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+
+def _snapshot(places) -> dict:
+    """What each file's stats said before this run (to tell at the end what this run wrote)."""
+    return {key: (read_stats(place.stats) or {}).get("started_at") for key, place in places.items()}
 
 
 class Builder:
@@ -214,6 +275,11 @@ class Builder:
             raise UsageError(f"missing {', '.join(missing)} (give it on the command line or in a --recipe)")
         if config.format not in (None, "png", "jpg"):
             raise UsageError(f"--format must be png or jpg, got {config.format!r}")
+        if config.verify not in VERIFY_LEVELS:
+            raise UsageError(f"--verify must be full or header, got {config.verify!r}")
+        if config.shard_samples is None:
+            config.shard_samples = DEFAULT_SHARD_SAMPLES
+        check_layout_options(config.shard_samples, config.shards_multiple_of)
         source_cls = registry.get_source(config.source)
         transform_cls = registry.get_transform(config.plugin)
         if source_cls.needs_path and not config.source_path:
@@ -228,63 +294,106 @@ class Builder:
         self.identities_file_sha256 = _file_sha256(config.identities_file)  # the file this plan was made from
         self.format = config.format or self.transform.output_format(self.source)
         self.out = Path(config.out).resolve()
+        self.per_image = bool(getattr(self.transform, "per_image", False))
+        self._set_up = False
 
     def signature(self) -> dict[str, Any]:
         c = self.config
         return _json_safe({
             "source": c.source, "source_path": _abspath(c.source_path), "source_opts": self.source.opts,
             "plugin": c.plugin, "plugin_opts": self.transform.opts, "plan_sha256": self.plan.sha256(),
-            "identities": len(self.plan.ids), "shard_size": c.shard_size, "seed": c.seed, "format": self.format,
+            "identities": len(self.plan.ids), "shard_size": c.shard_size, "shard_samples": c.shard_samples,
+            "shards_multiple_of": c.shards_multiple_of, "seed": c.seed, "format": self.format,
+            "verify": c.verify,
         })
 
-    def _identities(self, positions: range, pool: ThreadPoolExecutor) -> Iterator[Identity]:
-        """The shard's identities in plan order, loaded ahead by a few threads."""
+    def _setup(self) -> None:
+        if not self._set_up:  # a process with nothing to generate loads no model
+            self.transform.setup(self.state.device)
+            self._set_up = True
+
+    def _writer(self, index: int, unit: bool) -> ShardWriter:
+        writer = ShardWriter(self.out, index, self.format, self.source.name,
+                             getattr(self.transform, "quality_fields", ()),
+                             rank=(self.state.process_index, self.state.num_processes), unit=unit,
+                             verify=self.config.verify, lossy_allowed=self.config.format == "jpg")
+        reason = self._redo_reasons.get(("unit" if unit else "shard", index))
+        if reason:  # said in the stats, so that the main process's summary can count it
+            writer.extra_stats["redone_because"] = reason
+        return writer
+
+    def _todo(self, places: dict[int, Any], mine: list[int], kind: str) -> list[int]:
+        """This process's files that are not complete (size and checksum against their stats); a file that fails
+        its check loses its stats first, so that nobody takes it for complete while it is redone."""
+        todo = []
+        for i in mine:
+            problem = check_place(places[i])
+            if problem is None:
+                continue
+            if problem != "missing":
+                self._redo_reasons[(kind, i)] = problem
+                places[i].stats.unlink(missing_ok=True)
+            todo.append(i)
+        return todo
+
+    # --- writing samples: the transform on batches, with read-ahead ---
+
+    def _identities(self, positions: range, pool: ThreadPoolExecutor) -> Iterator[tuple[Identity, int]]:
+        """A unit's identities in plan order, loaded ahead by a few threads."""
         ids = self.plan.ids
-        window = max(2 * self.transform.batch_size, 8)
-        pending: deque = deque()
-        todo = iter(positions)
-        for pos in todo:
-            pending.append((pos, pool.submit(self.source.load, ids[pos])))
-            if len(pending) >= window:
-                break
-        while pending:
-            pos, future = pending.popleft()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(self.source.load, ids[nxt])))
-            items = future.result()
-            yield Identity(
+
+        def load(pos: int) -> tuple[Identity, int]:
+            items = self._checked(self.source.load(ids[pos]))
+            return Identity(
                 id=ids[pos], cls=pos, seed=identity_seed(self.config.seed, ids[pos]),
                 images=[i for i in items if isinstance(i, SourceImage)],
                 skipped=[i for i in items if isinstance(i, Skip)],
-            )
+            ), 0
 
-    def _batches(self, identities: Iterator[Identity]) -> Iterator[list[Identity]]:
-        batch: list[Identity] = []
-        for identity in identities:
-            batch.append(identity)
-            if len(batch) >= self.transform.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return _read_ahead(pool, load, positions, max(2 * self.transform.batch_size, 8))
 
-    def write_shard(self, index: int, pool: ThreadPoolExecutor, progress) -> ShardWriter:
-        """Write shard ``index`` under its temporary name; the caller commits the returned, finished writer."""
-        writer = ShardWriter(self.out, index, self.format, self.source.name,
-                             getattr(self.transform, "quality_fields", ()),
-                             rank=(self.state.process_index, self.state.num_processes))
+    def _single_images(self, table: SampleTable, rows: np.ndarray,
+                       pool: ThreadPoolExecutor) -> Iterator[tuple[Identity, int]]:
+        """One identity holding one image per sample of ``rows``, in that (the published) order."""
+        ids = self.plan.ids
+
+        def load(chunk: list[int]) -> list[tuple[Identity, int]]:
+            loaded = []
+            for row in chunk:
+                pos, number = int(table.cls[row]), int(table.number[row])
+                items = self._checked(self.source.load_images(ids[pos], [number]))
+                loaded.append((Identity(
+                    id=ids[pos], cls=pos, seed=identity_seed(self.config.seed, ids[pos]),
+                    images=[i for i in items if isinstance(i, SourceImage)],
+                    skipped=[i for i in items if isinstance(i, Skip)],
+                ), number))
+            return loaded
+
+        rows = rows.tolist()
+        chunks = [rows[k:k + LOAD_CHUNK] for k in range(0, len(rows), LOAD_CHUNK)]  # one thread task per chunk
+        for loaded in _read_ahead(pool, load, chunks, max(2 * self.transform.batch_size // LOAD_CHUNK, 8)):
+            yield from loaded
+
+    def _checked(self, items: list[SourceImage | Skip]) -> list[SourceImage | Skip]:
+        """A source's items, with every image checked here, on the loading thread (PIL and zlib release the GIL),
+        when the transform writes them as they are; a checked image is not checked again by the writer."""
+        if self.transform.copies_source_images:
+            items = check_source_images(items, self.config.verify)
+        return items
+
+    def _write(self, writer: ShardWriter, identities: Iterator[tuple[Identity, int]], progress) -> ShardWriter:
+        """Transform and write ``identities`` (with the number of their first sample); the caller commits."""
         try:
-            for batch in self._batches(self._identities(self.plan.shard(index), pool)):
-                results = iter(self.transform(batch))
-                for identity in batch:
+            for batch in _batches(identities, self.transform.batch_size):
+                results = iter(self.transform([identity for identity, _ in batch]))
+                for identity, first in batch:
                     result = next(results, None)
                     if result is None or result.identity.id != identity.id:
                         raise RuntimeError(f"transform {self.transform.name!r} did not return identity "
                                            f"{identity.id} in order")
                     result.skipped = identity.skipped + result.skipped
-                    writer.write(result)  # adds a skip for a sample it cannot encode
-                    if self.config.strict and result.skipped:  # the shard is aborted: nothing of it remains
+                    writer.write(result, first)  # adds a skip for a sample it cannot encode
+                    if self.config.strict and result.skipped:  # the file is aborted: nothing of it remains
                         bad = result.skipped[0]
                         raise SampleError(bad.ref, f"{bad.reason}{': ' + bad.detail if bad.detail else ''}")
                     progress.update(1)
@@ -294,61 +403,236 @@ class Builder:
             writer.abort()
             raise
 
-    def run(self) -> Summary | None:
+    def write_shard(self, index: int, pool: ThreadPoolExecutor, progress) -> ShardWriter:
+        """Write unit of work ``index`` (identities ``[i·S, (i+1)·S)``) under its temporary name."""
+        self._setup()
+        return self._write(self._writer(index, unit=True), self._identities(self.plan.unit(index), pool), progress)
+
+    def _write_files(self, jobs: list, progress) -> None:
+        """Run ``(index, make_writer)`` jobs; a file's fsync + rename + stats run in a committer thread while the
+        next one is written."""
+        with ThreadPoolExecutor(LOAD_THREADS) as pool, ThreadPoolExecutor(1) as committer:
+            committing = None
+            for index, make in jobs:
+                writer = make(index, pool)
+                if committing is not None:
+                    committing.result()
+                committing = committer.submit(writer.commit)
+                progress.set_postfix(file=index, images_in_file=writer.images)
+            if committing is not None:
+                committing.result()
+
+    # --- the two ways to the published shards ---
+
+    def list_images(self) -> SampleTable:
+        """Per-image transforms: every source image of the plan, from the source's listing (no image is read)."""
+        digest = xxhash.xxh3_128()  # of every listed ref: a shard planned from another listing is not reused
+
+        def count(identity_id: str) -> int:
+            refs = self.source.image_refs(identity_id)
+            digest.update("\0".join([identity_id, *refs]).encode("utf-8", "surrogateescape") + b"\n")
+            return len(refs)
+
+        counts = np.fromiter((count(i) for i in self.plan.ids), dtype=np.int64, count=len(self.plan.ids))
+        self.listing_digest = digest.hexdigest()
+        cls = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        starts = np.cumsum(counts) - counts
+        number = np.arange(len(cls), dtype=np.int64) - np.repeat(starts, counts)
+        self.identities_without_images = [self.plan.ids[i] for i in np.flatnonzero(counts == 0)]
+        return SampleTable(cls=cls, number=number)
+
+    def _run_per_image(self, progress_total) -> None:
+        """The published shards are the units of work: each reads its samples from the source, shuffled."""
+        state = self.state
+        table = self.list_images()
+        if not len(table):
+            raise UsageError("the source lists no image for the identities of the plan")
+        self.layout = self._layout(len(table))
+        places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+        self.snapshot = _snapshot(places) if state.is_main_process else {}
+        mine = self._stale_removed(places, "listing_xxh3_128", self.listing_digest)
+        mine = self._todo(places, mine, "shard")
+        order = sample_order(len(table), self.config.seed)
+        bounds = shard_bounds(self.layout)
+
+        def make(j, pool):
+            self._setup()
+            rows = order[bounds[j][0]:bounds[j][1]]
+            writer = self._writer(j, unit=False)
+            writer.extra_stats["listing_xxh3_128"] = self.listing_digest
+            return self._write(writer, self._single_images(table, rows, pool), progress)
+
+        if mine:
+            self._setup()  # before the progress bar: a model that fails to load says so in one line
+        progress = progress_total(sum(self.layout[j] for j in mine), "img")
+        with progress:
+            self._write_files([(j, make) for j in mine], progress)
+
+    def _run_units(self, progress_total) -> None:
+        """Identity-level transforms: units of --shard-size identities under .facegen/units, then assembly."""
         state, plan = self.state, self.plan
-        prepare_output(self.out, self.signature(), self.config.overwrite, state)
-        complete_at_start = {i for i in range(plan.num_shards) if shard_is_complete(self.out, i)}
-        mine = [i for i in plan.shards_of(state.process_index, state.num_processes) if i not in complete_at_start]
-        if mine:  # nothing to do (a finished build rerun) loads no model
-            self.transform.setup(state.device)
+        units = {i: unit_place(self.out, i) for i in range(plan.num_units)}
+        self.unit_snapshot = _snapshot(units) if state.is_main_process else {}
+        mine = self._todo(units, plan.units_of(state.process_index, state.num_processes), "unit")
+        if mine:
+            self._setup()  # before the progress bar: a model that fails to load says so in one line
+        progress = progress_total(sum(len(plan.unit(i)) for i in mine), "id")
+        with progress:
+            self._write_files([(i, lambda i, pool: self.write_shard(i, pool, progress)) for i in mine], progress)
+        self.transform.close()  # the models are not needed for the assembly
+        _wait_for(units)
+        self._assemble(units, progress_total)
+
+    def read_units(self, units: dict) -> tuple[SampleTable, str]:
+        """Every sample of every unit, in unit order, and a digest of the units' checksums."""
+        parts, digest = [], xxhash.xxh3_128()
+        for i in sorted(units):
+            index = json.loads(units[i].index.read_bytes())
+            digest.update((read_stats(units[i].stats) or {}).get("tar_xxh3_128", "").encode())
+            parts.append((i, index))
+        cls = np.array([c for _, ix in parts for c in ix["cls"]], dtype=np.int64)
+        table = SampleTable(
+            cls=cls, number=np.zeros(len(cls), dtype=np.int64),
+            unit=np.array([i for i, ix in parts for _ in ix["keys"]], dtype=np.int64),
+            offset=np.array([o for _, ix in parts for o in ix["offsets"]], dtype=np.int64),
+            length=np.array([n for _, ix in parts for n in ix["lengths"]], dtype=np.int64),
+            keys=[k for _, ix in parts for k in ix["keys"]],
+            images=[info for _, ix in parts for info in _images_info(ix)],
+        )
+        return table, digest.hexdigest()
+
+    def _assemble(self, units: dict, progress_total) -> None:
+        """The published shards from the units: process r of W assembles shards j ≡ r (mod W), each a series of
+        preads of whole samples (headers included: keys do not change) in the shuffled order."""
+        state = self.state
         started = time.perf_counter()
-        progress = tqdm(total=sum(len(plan.shard(i)) for i in mine), unit="id", dynamic_ncols=True,
-                        desc=f"facegen {self.config.plugin}", disable=not state.is_main_process)
+        table, units_digest = self.read_units(units)
+        if not len(table):
+            raise UsageError("every sample was skipped: the build has no sample to publish "
+                             "(see the reasons in .facegen/units/*.json)")
+        self.layout = self._layout(len(table))
+        places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+        self.snapshot = _snapshot(places) if state.is_main_process else {}
+        mine = self._todo(places, self._stale_removed(places, "units_xxh3_128", units_digest), "shard")
+        order = sample_order(len(table), self.config.seed)
+        bounds = shard_bounds(self.layout)
+        ids = self.plan.ids
+        fds = {i: os.open(units[i].tar, os.O_RDONLY) for i in units}
+        progress = progress_total(sum(self.layout[j] for j in mine), "img")
         try:
-            # a shard's fsync + rename + stats run in a committer thread while the next shard is written
-            with progress, ThreadPoolExecutor(LOAD_THREADS) as pool, ThreadPoolExecutor(1) as committer:
+            with progress, ThreadPoolExecutor(1) as committer:
                 committing = None
-                for index in mine:
-                    writer = self.write_shard(index, pool, progress)
+                for j in mine:
+                    writer = self._writer(j, unit=False)
+                    writer.extra_stats.update(assembled_from_units=len(units), units_xxh3_128=units_digest)
+                    try:
+                        for row in order[bounds[j][0]:bounds[j][1]].tolist():
+                            block = os.pread(fds[int(table.unit[row])], int(table.length[row]), int(table.offset[row]))
+                            cls = int(table.cls[row])
+                            writer.copy(table.keys[row], ids[cls], cls, block, table.images[row])
+                            progress.update(1)
+                        writer.finish()
+                    except BaseException:
+                        writer.abort()
+                        raise
                     if committing is not None:
                         committing.result()
                     committing = committer.submit(writer.commit)
-                    progress.set_postfix(images=writer.images, shard=index)
                 if committing is not None:
                     committing.result()
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        self.assembly_seconds = time.perf_counter() - started
+        self.units_digest = units_digest
+
+    def _stale_removed(self, places: dict, field: str, digest: str) -> list[int]:
+        """This process's shards, after removing the stats of those made from other inputs (a source listing or
+        units that changed since): they are then missing, and redone. The main process also removes shards past
+        the new count (`datasets` would load them)."""
+        if self.state.is_main_process:
+            for path in (self.out / "data" / "train").glob("train-*.tar"):
+                j = path.name[len("train-"):-len(".tar")]
+                if j.isdigit() and int(j) >= len(places):
+                    stale = shard_place(self.out, int(j))
+                    for file in (stale.stats, stale.index, stale.tar):  # stats first: never complete-looking
+                        file.unlink(missing_ok=True)
+        mine = shards_of(len(places), self.state.process_index, self.state.num_processes)
+        for j in mine:
+            if (read_stats(places[j].stats) or {}).get(field, digest) != digest:
+                places[j].stats.unlink(missing_ok=True)
+        return mine
+
+    def _layout(self, num_samples: int) -> list[int]:
+        return shard_lengths(num_samples, self.config.shard_samples, self.config.shards_multiple_of)
+
+    # --- the run ---
+
+    def run(self) -> Summary | None:
+        state = self.state
+        prepare_output(self.out, self.signature(), self.config.overwrite, state)
+        self._redo_reasons: dict[tuple[str, int], str] = {}
+        self.assembly_seconds = 0.0
+        self.units_digest = None
+        self.listing_digest = None
+        self.identities_without_images: list[str] = []
+        self.unit_snapshot: dict = {}
+        started = time.perf_counter()
+
+        def progress_total(total: int, unit: str):
+            return tqdm(total=total, unit=unit, dynamic_ncols=True, desc=f"facegen {self.config.plugin}",
+                        disable=not state.is_main_process)
+
+        try:
+            if self.per_image:
+                self._run_per_image(progress_total)
+            else:
+                self._run_units(progress_total)
         finally:  # open files and HDF5 handles are released even when a bad sample stops the run
             self.transform.close()
             self.source.close()
         if not state.is_main_process:
             return None
-        self._wait_for_all_shards()
+        places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+        _wait_for(places)
         seconds = time.perf_counter() - started
-        summary = self._summarise(complete_at_start, seconds)
+        summary = self._summarise(places, seconds)
         self._write_run_json(summary)
+        write_info_json(self.out, self._info_name())
         from facegen.cards import write_card
 
         write_card(self.out)
         return summary
 
-    def _wait_for_all_shards(self) -> None:
-        """The main process waits (on the files, not a collective) for shards of other processes."""
-        while True:
-            missing = [i for i in range(self.plan.num_shards) if not shard_is_complete(self.out, i)]
-            if not missing:
-                return
-            time.sleep(0.5)
-
-    def _summarise(self, complete_at_start: set[int], seconds: float) -> Summary:
-        summary = Summary(shards=self.plan.num_shards, seconds=seconds, out=str(self.out))
-        for i in range(self.plan.num_shards):
-            stats = json.loads(shard_stats_path(self.out, i).read_text())
-            summary.identities += stats["identities"]
-            summary.images += stats["images"]
-            summary.skipped.update(stats["skipped"])
-            if i not in complete_at_start:
+    def _summarise(self, places: dict, seconds: float) -> Summary:
+        summary = Summary(shards=len(places), seconds=seconds, out=str(self.out),
+                          assembly_seconds=self.assembly_seconds)
+        per_identity: Counter = Counter({i: 0 for i in self.identities_without_images})
+        work = places
+        if not self.per_image:
+            work = {i: unit_place(self.out, i) for i in range(self.plan.num_units)}
+            summary.units = len(work)
+        for j, place in places.items():
+            stats = read_stats(place.stats) or {}
+            summary.images += stats.get("images", 0)
+            if stats.get("started_at") != self.snapshot.get(j):
                 summary.shards_written += 1
-                summary.images_written += stats["images"]
+                summary.images_written += stats.get("images", 0)
+                if stats.get("redone_because"):
+                    summary.redone["shard"] += 1
+        for i, place in work.items():
+            stats = read_stats(place.stats) or {}
+            per_identity.update(stats.get("images_per_identity", {}))
+            summary.skipped.update(stats.get("skipped", {}))
+            if not self.per_image and stats.get("started_at") != self.unit_snapshot.get(i):
+                summary.units_written += 1
+                if stats.get("redone_because"):
+                    summary.redone["unit"] += 1
+        summary.identities = len(per_identity)
         return summary
+
+    def _info_name(self) -> str:
+        return f"{self.source.name}-{self.transform.name}"
 
     def _write_run_json(self, summary: Summary) -> None:
         c = self.config
@@ -365,10 +649,20 @@ class Builder:
                 "plugin_opts": _json_safe(self.transform.opts), "recipe": c.recipe,
                 "limit_identities": c.limit_identities, "identities_file": c.identities_file,
                 "identities_file_sha256": self.identities_file_sha256, "shard_size": c.shard_size,
-                "seed": c.seed, "format": self.format, "strict": c.strict,
+                "shard_samples": c.shard_samples, "shards_multiple_of": c.shards_multiple_of,
+                "seed": c.seed, "format": self.format, "strict": c.strict, "verify": c.verify,
             },
-            "plan": {"identities": len(self.plan.ids), "shards": self.plan.num_shards,
+            "plan": {"identities": len(self.plan.ids), "shards": len(self.layout),
                      "plan_sha256": self.plan.sha256()},
+            "layout": {
+                "mode": "per-image" if self.per_image else "units",
+                "units": None if self.per_image else self.plan.num_units,
+                "identities_per_unit": None if self.per_image else self.plan.shard_size,
+                "planned_shard_lengths": self.layout,
+                "order": "one permutation of all samples, seeded by --seed (facegen.builders.plan.sample_order)",
+                "units_xxh3_128": self.units_digest,
+                "identities_without_images": self.identities_without_images[:100],
+            },
             "source": _plugin_record(self.source, "source"),
             "transform": _plugin_record(self.transform, "transform"),
             "features": features.to_dict(),
@@ -377,7 +671,89 @@ class Builder:
             "totals": {"identities": summary.identities, "images": summary.images,
                        "skipped": dict(summary.skipped), "shards": summary.shards},
         }
+        if not self._set_up:  # this process loaded no model (a rerun with nothing to generate)
+            _keep_loaded_models(self.out, run)
         write_atomic(self.out / ".facegen" / "run.json", json.dumps(run, indent=1).encode())
+
+
+def _keep_loaded_models(out: Path, run: dict) -> None:
+    """A rerun that loaded no model keeps what the run that made the shards recorded as loaded."""
+    try:
+        before = json.loads((out / ".facegen" / "run.json").read_text())
+    except (OSError, ValueError):
+        return
+    loaded = {(m.get("id"), m.get("role")): m.get("loaded") for m in (before.get("transform") or {}).get("models", [])}
+    for model in run["transform"].get("models") or []:
+        if not model.get("loaded") and loaded.get((model.get("id"), model.get("role"))):
+            model["loaded"] = loaded[(model.get("id"), model.get("role"))]
+
+
+def write_info_json(out: Path, name: str) -> dict:
+    """``OUT/_info.json`` in the format of timm's WebDataset reader (``timm/data/readers/reader_wds.py``):
+    ``splits.train.{name, num_samples, filenames, shard_lengths}``, file names relative to ``OUT`` (where timm's
+    ``--data-dir`` points) and lengths as written (skipped samples make a shard shorter)."""
+    shards = []
+    for stats_path in sorted((out / ".facegen" / "shards").glob("[0-9]*.json")):
+        stats = read_stats(stats_path)
+        if stats is not None:
+            shards.append(stats)
+    shards.sort(key=lambda s: s["shard"])
+    info = {
+        "name": name,
+        "splits": {"train": {
+            "name": "train",
+            "num_samples": sum(s["images"] for s in shards),
+            "filenames": [s["tar"] for s in shards],
+            "shard_lengths": [s["images"] for s in shards],
+        }},
+    }
+    write_atomic(out / "_info.json", json.dumps(info, indent=1).encode())
+    return info
+
+
+def _read_ahead(pool: ThreadPoolExecutor, load, items, window: int) -> Iterator:
+    """``load(item)`` for each item, in order, with up to ``window`` loads running ahead in ``pool``."""
+    pending: deque = deque()
+    todo = iter(items)
+    for item in todo:
+        pending.append(pool.submit(load, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        future = pending.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.submit(load, nxt))
+        yield future.result()
+
+
+def _images_info(index: dict) -> list:
+    """Each sample's (mode, "WxH", changes) from a unit's index; None for each of a unit written without them."""
+    modes, sizes, changes = index.get("image_modes"), index.get("image_sizes"), index.get("changes")
+    if modes is None or sizes is None or changes is None:
+        return [None] * len(index["keys"])
+    return list(zip(modes, sizes, changes))
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _wait_for(places: dict) -> None:
+    """Wait (on the files, not a collective) until every file is complete (size against its stats): the ranks
+    each check their own files' checksums."""
+    while True:
+        missing = [i for i, place in places.items() if check_place(place, verify=False) is not None]
+        if not missing:
+            return
+        time.sleep(0.5)
 
 
 def _abspath(path: str | None) -> str | None:

@@ -1,7 +1,11 @@
-"""The shard writer: one tar per work unit, written under a hidden name, renamed when complete, stats last.
+"""The tar writer: one tar per published shard or hidden unit of work, written under a hidden name, renamed when
+complete, then its sample index, then its stats last.
 
-A shard is complete when both ``data/train/train-{i:06d}.tar`` and ``.facegen/shards/{i:06d}.json`` exist; a kill
-at any moment leaves at most a hidden temporary file, which the next attempt at that shard removes.
+Published shards are ``data/train/train-{j:06d}.tar`` with ``.facegen/shards/{j:06d}.json`` (stats) and
+``.facegen/shards/index/{j:06d}.json`` (where each sample lies); units of work of identity-level transforms are
+``.facegen/units/{i:06d}.tar`` with the same two records under ``.facegen/units/``. A file is complete when its
+stats exist and its size and XXH3-128 match them; a kill at any moment leaves at most a hidden temporary file,
+which the next attempt at that file removes.
 """
 
 from __future__ import annotations
@@ -11,16 +15,32 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
-from PIL import Image
 
-from facegen.records import Face, IdentityResult, Skip
+from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
+from facegen.records import Face, IdentityResult, Skip, printable_name
 
 MAX_FAILURES_LISTED = 100
+MAX_SIZES_LISTED = 64  # distinct image sizes counted per shard; more are counted as "other"
+
+ImageInfo = tuple[str, str, list[str]]  # a stored image's PIL mode, "WxH" and the changes made on its way in
+
+
+INDEX_FORMAT = "facegen-sample-index-1"
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one tar and its records live."""
+
+    tar: Path
+    stats: Path
+    index: Path
 
 
 def shard_tar_path(out: Path, index: int) -> Path:
@@ -31,8 +51,60 @@ def shard_stats_path(out: Path, index: int) -> Path:
     return out / ".facegen" / "shards" / f"{index:06d}.json"
 
 
-def shard_is_complete(out: Path, index: int) -> bool:
-    return shard_tar_path(out, index).exists() and shard_stats_path(out, index).exists()
+def shard_index_path(out: Path, index: int) -> Path:
+    return out / ".facegen" / "shards" / "index" / f"{index:06d}.json"
+
+
+def shard_place(out: Path, index: int) -> Place:
+    return Place(shard_tar_path(out, index), shard_stats_path(out, index), shard_index_path(out, index))
+
+
+def unit_place(out: Path, index: int) -> Place:
+    units = out / ".facegen" / "units"
+    return Place(units / f"{index:06d}.tar", units / f"{index:06d}.json", units / "index" / f"{index:06d}.json")
+
+
+def file_xxh3_128(path: Path, chunk: int = 8 << 20) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_stats(path: Path) -> dict | None:
+    """A stats file, or None when it is missing or damaged (a damaged one means: redo that file)."""
+    try:
+        stats = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+def check_place(place: Place, verify: bool = True) -> str | None:
+    """None when the tar is complete; otherwise why not ("missing", or what failed the check).
+
+    Complete = stats and index exist, and the tar's size (and, with ``verify``, its XXH3-128) match the stats.
+    """
+    stats = read_stats(place.stats)
+    if stats is None:
+        return "missing" if not place.stats.exists() else "unreadable stats"
+    try:
+        size = place.tar.stat().st_size
+    except OSError:
+        return "tar missing"
+    if size != stats.get("tar_bytes"):
+        return f"{size} bytes, its stats say {stats.get('tar_bytes')}"
+    if not place.index.exists():
+        return "index missing"
+    if verify and file_xxh3_128(place.tar) != stats.get("tar_xxh3_128"):
+        return "checksum (XXH3-128) differs from its stats"
+    return None
+
+
+def shard_is_complete(out: Path, index: int, verify: bool = True) -> bool:
+    """Whether published shard ``index`` is complete: size and (with ``verify``) checksum match its stats."""
+    return check_place(shard_place(out, index), verify) is None
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -58,27 +130,6 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-PNG_MODES = {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}
-
-
-def encode_image(image: Any, ext: str | None, fmt: str) -> bytes:
-    """Bytes already in ``fmt`` are copied; anything else is decoded (if needed) and encoded once."""
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        if ext == fmt:
-            return bytes(image)
-        image = Image.open(io.BytesIO(image))
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    buf = io.BytesIO()
-    if fmt == "jpg":
-        image.convert("RGB").save(buf, format="JPEG", quality=95)
-    else:
-        if image.mode not in PNG_MODES:  # CMYK, YCbCr, … (JPEG-only modes)
-            image = image.convert("RGB")
-        image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def encode_extra(field: str, value: Any) -> bytes:
     """Encode one extra tar member by its field's last extension (what `datasets` will decode it by)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -88,8 +139,8 @@ def encode_extra(field: str, value: Any) -> bytes:
         buf = io.BytesIO()
         np.save(buf, np.asarray(value), allow_pickle=False)
         return buf.getvalue()
-    if last in ("png", "jpg", "jpeg"):
-        return encode_image(value, None, "jpg" if last != "png" else "png")
+    if last in IMAGE_FIELD_EXTENSIONS:
+        return prepare_image(value, IMAGE_FIELD_EXTENSIONS[last]).data
     if last in ("json", "jsn"):
         return dumps(value)
     if isinstance(value, str):
@@ -97,6 +148,21 @@ def encode_extra(field: str, value: Any) -> bytes:
     if isinstance(value, (int, np.integer)):
         return str(int(value)).encode()
     raise TypeError(f"cannot encode extra field {field!r} of type {type(value).__name__}")
+
+
+def payload_bytes(block: bytes) -> int:
+    """The data bytes of the members laid out in ``block`` (USTAR headers as :class:`UstarWriter` writes them),
+    read from the headers' size fields alone."""
+    total, pos = 0, 0
+    view = memoryview(block)
+    while pos + 512 <= len(block):
+        field = bytes(view[pos + 124:pos + 136]).rstrip(b"\0 ")
+        if not field:  # an end-of-archive block
+            break
+        size = int(field, 8)
+        total += size
+        pos += 512 + size + (-size % 512)
+    return total
 
 
 class UstarWriter:
@@ -113,6 +179,7 @@ class UstarWriter:
     def __init__(self, fileobj):
         self.f = fileobj
         self.size = 0
+        self.payload = 0  # the members' data bytes (no headers, no padding): the card's num_bytes
         # XXH3-128 of the bytes as written (~2 µs per sample); sha256 cost 15% of the passthrough rate
         self.digest = xxhash.xxh3_128()
         head = bytearray(512)
@@ -128,8 +195,10 @@ class UstarWriter:
         self._template = bytes(head)
         self._template_sum = sum(head)
 
-    def add_sample(self, key: str, fields: dict[str, bytes]) -> None:
-        """One sample's members, fields in sorted order (like webdataset's TarWriter), in a single write."""
+    def add_sample(self, key: str, fields: dict[str, bytes]) -> tuple[int, int]:
+        """One sample's members, fields in sorted order (like webdataset's TarWriter), in a single write.
+
+        Returns (offset, length) of the sample's members (headers included) in the tar."""
         chunks = []
         for field in sorted(fields):
             name, data = f"{key}.{field}".encode(), fields[field]
@@ -141,10 +210,20 @@ class UstarWriter:
             header[124:136] = size_field
             header[148:156] = b"%06o\0 " % (self._template_sum + sum(name) + sum(size_field))
             chunks += (header, data, b"\0" * (-len(data) % 512))
-        block = b"".join(chunks)
+            self.payload += len(data)
+        return self._append(b"".join(chunks))
+
+    def add_raw(self, block: bytes) -> tuple[int, int]:
+        """Members already laid out as tar blocks (a sample copied from another tar of this writer)."""
+        self.payload += payload_bytes(block)
+        return self._append(block)
+
+    def _append(self, block: bytes) -> tuple[int, int]:
+        offset = self.size
         self.f.write(block)
         self.digest.update(block)
         self.size += len(block)
+        return offset, len(block)
 
     def close(self) -> None:
         end = 1024 + (-(self.size + 1024) % self.RECORD)
@@ -154,68 +233,133 @@ class UstarWriter:
 
 
 class ShardWriter:
-    """Writes one shard: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then the stats file."""
+    """Writes one tar: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then its index, then its stats.
 
-    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1)):
+    ``unit=True`` writes a hidden unit of work (``.facegen/units/``) instead of published shard ``index``; its
+    sample index then also records each sample's image mode, size and conversions, so that the published shards
+    assembled from it count them in their stats without decoding anything again.
+    """
+
+    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1),
+                 unit: bool = False, verify: str = "full", lossy_allowed: bool = False):
         self.out, self.index, self.fmt, self.source_name = out, index, fmt, source_name
+        self.verify = verify  # how images not checked on the loading threads are checked here
+        self.lossy_allowed = lossy_allowed  # --format jpg given: a PNG may become a JPEG
         self.rank = rank
         self.quality_fields = tuple(quality_fields)
-        self.final = shard_tar_path(out, index)
+        self.place = unit_place(out, index) if unit else shard_place(out, index)
+        self.final = self.place.tar
         self.final.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):
-            stale.unlink(missing_ok=True)  # left by a killed attempt at this shard
+            stale.unlink(missing_ok=True)  # left by a killed attempt at this file
         self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
         self._file = open(self.tmp, "wb", buffering=1 << 20)
         self._tar = UstarWriter(self._file)  # deterministic bytes: the same samples give the same tar anywhere
         self.started = time.perf_counter()
         self.started_at = time.time()
-        self.identities = 0
         self.images = 0
         self.per_identity: dict[str, int] = {}
         self.skipped: Counter = Counter()
         self.failures: list[dict] = []
         self.quality: dict[str, dict] = {}
+        self.converted: Counter = Counter()  # re-encode reason -> images
+        self.modes: Counter = Counter()  # PIL mode of the stored images
+        self.sizes: Counter = Counter()  # "WxH" of the stored images
+        self.extra_stats: dict[str, Any] = {}  # what the caller adds to the stats (e.g. the units a shard came from)
+        # the sample index: where each sample lies in the tar (key, identity, label, offset, length)
+        self.keys: list[str] = []
+        self.identity_ids: list[str] = []
+        self.labels: list[int] = []
+        self.offsets: list[int] = []
+        self.lengths: list[int] = []
+        self.unit = unit
+        self.images_info: list[ImageInfo] = []  # units only: (mode, "WxH", changes) of each sample, for assembly
 
-    def write(self, result: IdentityResult) -> None:
+    @property
+    def identities(self) -> int:
+        return len(self.per_identity)
+
+    def write(self, result: IdentityResult, first: int = 0) -> None:
+        """An identity's faces, numbered ``first``, ``first + 1`` … in their keys (dense: a face that cannot be
+        encoded takes no number)."""
         ident = result.identity
-        self.identities += 1
         written = 0
         skipped = list(result.skipped)
         for face in result.faces:
             try:
-                sample = self._sample(ident.cls, written, ident.id, face)
-            except (OSError, ValueError, TypeError) as exc:  # an image PIL cannot decode/encode, a bad extra
+                key, sample, info = self._sample(ident.cls, first + written, ident.id, face)
+            except ImageError as exc:  # an image that does not decode, or may not be converted
+                skipped.append(Skip(face.ref, exc.reason, str(exc)))
+                continue
+            except (OSError, ValueError, TypeError, SyntaxError) as exc:  # an image PIL cannot encode, a bad extra
                 skipped.append(Skip(face.ref, "unencodable sample", f"{type(exc).__name__}: {exc}"))
                 continue
-            self._tar.add_sample(sample.pop("__key__"), sample)
+            self._add(key, ident.id, ident.cls, self._tar.add_sample(key, sample))
+            self._count_image(info)  # counted once the sample is written
+            self._count_quality(face)
             written += 1
         self.images += written
-        self.per_identity[ident.id] = written
+        # names that are not UTF-8 (surrogate escapes from a file listing) are written as \xNN: the stats file
+        # must always encode, or the shard would be renamed without its stats
+        name = printable_name(ident.id)
+        self.per_identity[name] = self.per_identity.get(name, 0) + written
         result.skipped = skipped
         for skip in skipped:
-            self.skipped[skip.reason] += 1
+            self.skipped[printable_name(skip.reason)] += 1
             if len(self.failures) < MAX_FAILURES_LISTED:
-                self.failures.append({"identity": ident.id, "ref": skip.ref, "reason": skip.reason,
-                                      "detail": skip.detail})
+                self.failures.append({"identity": printable_name(ident.id), "ref": printable_name(skip.ref),
+                                      "reason": printable_name(skip.reason), "detail": printable_name(skip.detail)})
 
-    def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> dict:
-        meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref, **face.meta}
-        sample = {
-            "__key__": f"{cls:06d}_{n:03d}",
-            self.fmt: encode_image(face.image, face.ext, self.fmt),
-            "cls": str(cls).encode(),
-            "json": dumps(meta),
-        }
+    def copy(self, key: str, identity_id: str, cls: int, block: bytes, info: ImageInfo | None = None) -> None:
+        """A sample copied as it lies in another tar of this build (its members' headers and padding included);
+        ``info``: its image's (mode, "WxH", changes) as recorded where it was written, counted in these stats."""
+        self._add(key, identity_id, cls, self._tar.add_raw(block))
+        if info is not None:
+            self._count_image(info)
+        self.images += 1
+        name = printable_name(identity_id)
+        self.per_identity[name] = self.per_identity.get(name, 0) + 1
+
+    def _add(self, key: str, identity_id: str, cls: int, where: tuple[int, int]) -> None:
+        self.keys.append(key)
+        self.identity_ids.append(printable_name(identity_id))  # the index, too, must always encode
+        self.labels.append(cls)
+        self.offsets.append(where[0])
+        self.lengths.append(where[1])
+
+    def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> tuple[str, dict, ImageInfo]:
+        image = prepare_image(face.image, self.fmt, self.verify, self.lossy_allowed)
+        width, height = image.size  # of the stored pixels (before any EXIF orientation of a copied JPEG)
+        meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref,
+                "width": width, "height": height, **face.meta}
+        sample = {self.fmt: image.data, "cls": str(cls).encode(), "json": dumps(meta)}
+        changes = list(face.changes) + image.changes
         for field, value in face.extras.items():
-            sample[field] = encode_extra(field, value)
-        for name in self.quality_fields:  # counted once the sample is sure to be written
+            kind = IMAGE_FIELD_EXTENSIONS.get(field.rsplit(".", 1)[-1])
+            if kind is None:
+                sample[field] = encode_extra(field, value)
+                continue
+            extra = prepare_image(value, kind, self.verify)  # an extra image is never made lossy
+            sample[field] = extra.data
+            changes += [f"{field}: {change}" for change in extra.changes]
+        return f"{cls:06d}_{n:03d}", sample, (image.mode, f"{width}x{height}", changes)
+
+    def _count_image(self, info: ImageInfo) -> None:
+        mode, size, changes = info
+        self.converted.update(changes)
+        self.modes[mode] += 1
+        self.sizes[size if size in self.sizes or len(self.sizes) < MAX_SIZES_LISTED else "other"] += 1
+        if self.unit:
+            self.images_info.append(info)
+
+    def _count_quality(self, face: Face) -> None:
+        for name in self.quality_fields:  # counted once the sample is written
             value = face.meta.get(name)
             if isinstance(value, (int, float, np.number)) and np.isfinite(value):
                 q = self.quality.setdefault(name, {"sum": 0.0, "count": 0, "min": float(value), "max": float(value)})
                 q["sum"] += float(value)
                 q["count"] += 1
                 q["min"], q["max"] = min(q["min"], float(value)), max(q["max"], float(value))
-        return sample
 
     def finish(self) -> None:
         """All samples are written: end the tar. ``commit`` (fsync, rename, stats) may then run in another thread."""
@@ -229,6 +373,15 @@ class ShardWriter:
         self._file.close()
         size = self._tar.size
         os.replace(self.tmp, self.final)
+        tar = self.final.relative_to(self.out).as_posix()
+        index = {"format": INDEX_FORMAT, "tar": tar, "tar_bytes": size, "keys": self.keys,
+                 "identities": self.identity_ids, "cls": self.labels, "offsets": self.offsets,
+                 "lengths": self.lengths}
+        if self.unit:  # what the assembly counts in the published shards' stats, per sample
+            index["image_modes"] = [mode for mode, _, _ in self.images_info]
+            index["image_sizes"] = [size for _, size, _ in self.images_info]
+            index["changes"] = [changes for _, _, changes in self.images_info]
+        write_atomic(self.place.index, dumps(index))
         stats = {
             "shard": self.index,
             "identities": self.identities,
@@ -237,15 +390,21 @@ class ShardWriter:
             "skipped": dict(sorted(self.skipped.items())),
             "failures": self.failures,
             "quality": self.quality,
+            "verify": self.verify,
+            "converted": dict(sorted(self.converted.items())),
+            "image_modes": dict(sorted(self.modes.items())),
+            "image_sizes": dict(self.sizes.most_common()),
             "seconds": round(self.seconds, 3),
             "started_at": self.started_at,
             "finished_at": self.finished_at,
             "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
-            "tar": self.final.relative_to(self.out).as_posix(),
+            "tar": tar,
             "tar_bytes": size,
             "tar_xxh3_128": self._tar.digest.hexdigest(),
+            "sample_bytes": self._tar.payload,  # the members' data bytes (the card's num_bytes, no tar re-read)
+            **self.extra_stats,
         }
-        write_atomic(shard_stats_path(self.out, self.index), dumps(stats))
+        write_atomic(self.place.stats, dumps(stats))  # last: its existence (and agreement) means complete
         return stats
 
     def abort(self) -> None:

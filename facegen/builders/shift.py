@@ -3,7 +3,7 @@
 What Δ is, exactly
 ------------------
 For every sampled image of a set: its unit ArcFace embedding (Arc2Face's ``arcface.onnx``; 112x112 crops as they
-are, other images detected and aligned first) is projected with
+are, or detected and aligned again with ``realign``; other images detected and aligned first) is projected with
 ``facegen.generators.arc2face.project_embeddings`` — the prompt "photo of a id person" with the "id" token
 embedding replaced by the zero-padded unit vector, through Arc2Face's fine-tuned CLIP text encoder. The tensor
 averaged is that encoder's ``last_hidden_state`` (after the final layer norm): shape (77, 768) per image, **all 77
@@ -248,7 +248,7 @@ class ShiftEstimate:
 def estimate_shift(real: list[SourceSpec], synthetic: list[SourceSpec], model_dir: str | None = None,
                    max_images: int = 1000, seed: int = 0, device: str | None = None, detector: str = "scrfd",
                    det_size: int = 640, base_revision: str | None = None, arc2face_revision: str | None = None,
-                   progress: bool = True) -> ShiftEstimate:
+                   progress: bool = True, realign: bool = False) -> ShiftEstimate:
     import torch
 
     from facegen.builders.identities import FaceEmbedder
@@ -261,7 +261,7 @@ def estimate_shift(real: list[SourceSpec], synthetic: list[SourceSpec], model_di
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer, text_encoder, models = load_text_encoder(model_dir, base_revision, arc2face_revision, device)
     embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size,
-                            arc2face_revision=models["arc2face_revision"])
+                            arc2face_revision=models["arc2face_revision"], realign=realign)
     models["recogniser"] = embedder.recogniser_path
 
     real_units, real_counts, real_skips = sample_unit_embeddings(real, embedder, max_images, seed, progress)
@@ -271,6 +271,8 @@ def estimate_shift(real: list[SourceSpec], synthetic: list[SourceSpec], model_di
     ids = prompt_input_ids(tokenizer)[0].tolist()
     id_position = ids.index(id_token_id(tokenizer))
     settings = {"max_images": str(max_images), "seed": str(seed), "detector": detector, "det_size": str(det_size)}
+    if realign:  # absent: 112x112 crops were embedded as they are (files made before the option read the same)
+        settings["realign"] = "true"
     return ShiftEstimate(
         delta=(mean_real - mean_synth).astype(np.float32),
         mean_real=mean_real.astype(np.float32),

@@ -80,26 +80,50 @@ class LicenceChain:
 
     @property
     def summary(self) -> str:
-        """One sentence on the resulting terms."""
+        """A few plain sentences on the resulting terms (no nested brackets: licences are named without their
+        parenthetical remarks, which the Licence table keeps)."""
         restrictions = ""
         if self.use_restricted:
-            restrictions = " Use is also subject to the use restrictions of " + ", ".join(self.use_restricted) + "."
+            restrictions = " Use is also subject to the use restrictions of " + "; ".join(self.use_restricted) + "."
         if self.copyleft:
-            restrictions += (" The share-alike/copyleft or redistribution terms of " + ", ".join(self.copyleft)
+            restrictions += (" The share-alike/copyleft or redistribution terms of " + "; ".join(self.copyleft)
                              + " apply to the dataset and what is derived from it.")
-        non_commercial = ", ".join(f"{i.name} ({i.licence})" for i in self.inputs if i.commercial_use is False)
+        non_commercial = "; ".join(_named(i) for i in self.inputs if i.commercial_use is False)
         if self.undeclared:
-            known = (f" At the very least it is for non-commercial use only ({non_commercial})."
+            known = (f" At the very least it is for non-commercial use only: {non_commercial}."
                      if non_commercial else "")
             return ("The licence of " + ", ".join(self.undeclared) + " is not declared, so the terms of this dataset "
                     "are unknown: do not use or share it beyond what its owner allows." + known + restrictions)
         if not self.commercial_use:
-            names = ", ".join(f"{i.name} ({i.licence})" for i in self.governing if i.commercial_use is not True)
-            return ("Non-commercial use only: at least one input does not allow commercial use "
-                    f"({names}); the most restrictive input governs the dataset." + restrictions)
+            names = "; ".join(_named(i) for i in self.governing if i.commercial_use is not True)
+            return ("Non-commercial use only. The most restrictive inputs govern the dataset; these do not allow "
+                    f"commercial use: {names}." + restrictions)
         if self.use_restricted or self.copyleft:
             return "Every input allows commercial use." + restrictions
         return "Every input allows commercial use; keep the attribution each licence asks for."
+
+
+def plain(text: str) -> str:
+    """A licence name without its parenthetical remarks: "A (b (c)) d" -> "A d"."""
+    previous = None
+    while previous != text:
+        previous, text = text, re.sub(r"\s*\([^()]*\)", "", text)
+    return re.sub(r"\s+", " ", text).strip(" ;,") or previous
+
+
+def _named(i: "LicenceInput") -> str:
+    return f"{i.name}: {plain(i.licence) or 'not declared'}"
+
+
+def short_id(text: str, words: int = 5, length: int = 40) -> str:
+    """A short Hub `license_name` id: lowercase, hyphens, at most a few words ("my-license-1.0")."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9.-]{0,63}", text):  # already an id, as its owner spells it
+        return text
+    head = re.split(r"[;,:]", plain(text), maxsplit=1)[0]
+    parts = [p for p in _slug(head).split("-") if p][:words]
+    while len("-".join(parts)) > length and len(parts) > 1:
+        parts.pop()
+    return "-".join(parts) or "unknown"
 
 
 def _slug(text: str) -> str:
@@ -157,7 +181,9 @@ def _model_input(model: dict) -> LicenceInput:
     if commercial is None:
         commercial = classify(stated, model.get("note", ""), hub_id)
     role = f"model: {model['role']}" if model.get("role") else "model"
-    return LicenceInput(role=role, name=model.get("id") or "?", licence=stated, hub_id=hub_id,
+    from facegen.cards.public import scrub
+
+    return LicenceInput(role=role, name=scrub(model.get("id") or "?"), licence=stated, hub_id=hub_id,
                         link=model.get("license_link", ""), note=model.get("note", ""), commercial_use=commercial)
 
 
@@ -178,9 +204,9 @@ def licence_chain(run: dict) -> LicenceChain:
         chain.inputs.append(_model_input(model))
 
     chain.undeclared = [i.name for i in chain.inputs if not i.licence]
-    chain.use_restricted = [f"{i.name} ({i.licence})" for i in chain.inputs
+    chain.use_restricted = [_named(i) for i in chain.inputs
                             if (i.hub_id or "").lower() in USE_RESTRICTED or "openrail" in i.licence.lower()]
-    chain.copyleft = [f"{i.name} ({i.licence})" for i in chain.inputs if (i.hub_id or "").lower() in COPYLEFT]
+    chain.copyleft = [_named(i) for i in chain.inputs if (i.hub_id or "").lower() in COPYLEFT]
     chain.commercial_use = all(i.commercial_use is True for i in chain.inputs)
     # Governing = every input whose terms say more than "attribute me": non-commercial, unknown, custom (`other`)
     # or use-restricted licences. The dataset is bound by all of them at once.
@@ -204,9 +230,8 @@ def licence_chain(run: dict) -> LicenceChain:
         if chain.undeclared:
             chain.name = "undeclared"
         elif len(chain.governing) == 1:
-            chain.name = _slug(chain.governing[0].licence)
+            chain.name = short_id(chain.governing[0].licence)
         else:
-            chain.name = "facegen-" + _slug(f"{source.get('name', 'source')}-{transform.get('name', 'transform')}"
-                                            ) + "-terms"
+            chain.name = short_id(f"{source.get('name', 'source')}-{transform.get('name', 'transform')}-terms")
         chain.link = "LICENSE"
     return chain

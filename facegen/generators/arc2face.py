@@ -22,8 +22,9 @@ the Hub repositories (see ``MODEL_DIR_LAYOUT``).
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +85,30 @@ Fill it with:
 
 class ModelsNotFoundError(FileNotFoundError):
     """Weights are missing locally and could not be downloaded. The message is one line saying what and how."""
+
+
+class ModelFileError(ModelsNotFoundError):
+    """A weights file is there but cannot be loaded (corrupt, or a pickle that ``weights_only`` refuses). One line
+    naming the file; a ModelsNotFoundError, so that every caller that reports those reports this too."""
+
+
+WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+                "diffusion_pytorch_model.bin")
+
+
+def load_component(what: str, folder: str, load: Callable[[], Any]) -> Any:
+    """``load()`` (a ``from_pretrained``), with any failure turned into a one-line ModelFileError naming the file."""
+    try:
+        return load()
+    except Exception as exc:
+        from facegen.generators.safe_pickle import describe_refusal
+
+        present = [n for n in WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))]
+        if isinstance(exc, pickle.UnpicklingError):  # only a .bin is a pickle
+            present = [n for n in present if n.endswith(".bin")] or present
+        where = os.path.join(folder, present[0]) if present else folder
+        refused = "refused to unpickle anything but tensors: " if isinstance(exc, pickle.UnpicklingError) else ""
+        raise ModelFileError(f"cannot load the {what} from {where}: {refused}{describe_refusal(exc)}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,13 +380,17 @@ def load_arc2face_pipeline(model_dir: str | None = None, base_id: str = BASE_ID,
     dtype = dtype or default_dtype(device)
     base, arc = model_paths(model_dir, base_id, base_revision, arc2face_id, arc2face_revision)
 
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    vae = load_component("VAE", os.path.join(base, "vae"),
+                         lambda: AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype))
+    tokenizer = load_component("tokenizer", os.path.join(base, "tokenizer"),
+                               lambda: CLIPTokenizer.from_pretrained(base, subfolder="tokenizer"))
     # SD1.5 ships a PNDM config; upstream Arc2Face swaps the class to DPM-Solver++ keeping the betas
     scheduler = DPMSolverMultistepScheduler.from_pretrained(base, subfolder="scheduler")
-    unet = UNet2DConditionModel.from_pretrained(arc, subfolder="arc2face", torch_dtype=dtype)
+    unet = load_component("UNet", os.path.join(arc, "arc2face"),
+                          lambda: UNet2DConditionModel.from_pretrained(arc, subfolder="arc2face", torch_dtype=dtype))
     # encoder/pytorch_model.bin is a pickle: transformers reads it with torch.load(weights_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(arc, subfolder="encoder").to(dtype=dtype)
+    text_encoder = load_component("text encoder", os.path.join(arc, "encoder"),
+                                  lambda: CLIPTextModel.from_pretrained(arc, subfolder="encoder")).to(dtype=dtype)
     for module in (vae, unet, text_encoder):
         module.to(device).eval().requires_grad_(False)
     return Arc2FaceModels(vae, unet, text_encoder, tokenizer, scheduler, {"base": base, "arc2face": arc})

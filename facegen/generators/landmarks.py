@@ -24,6 +24,9 @@ and warps the image with it.
 
 from __future__ import annotations
 
+import io
+import zipfile
+
 import cv2
 import numpy as np
 
@@ -38,6 +41,49 @@ SFHQ_RIGHT_EYE = tuple(range(42, 48))  # image-right eye contour
 SFHQ_NOSE_TIP = 30
 SFHQ_MOUTH_LEFT = 48
 SFHQ_MOUTH_RIGHT = 54
+
+
+def load_npz_array(path, key: str, max_bytes: int) -> np.ndarray:
+    """One array of an ``.npz`` file, its sizes checked before anything is inflated or allocated.
+
+    ``np.load`` trusts the member's header: a 3 MB ``.npz`` of zeros can declare and inflate gigabytes. Here the
+    member's inflated size (which ``zipfile`` enforces while reading) and the shape in its header must both fit in
+    ``max_bytes``. Raises ValueError (missing key, too large, not a plain numeric array, broken file).
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            try:
+                info = archive.getinfo(f"{key}.npy")
+            except KeyError:
+                keys = ", ".join(n[:-4] for n in archive.namelist() if n.endswith(".npy"))
+                raise ValueError(f"no {key!r} array (keys: {keys or 'none'})") from None
+            if info.file_size > max_bytes:
+                raise ValueError(f"{key!r} inflates to {info.file_size} bytes, over the {max_bytes} bytes limit")
+            with archive.open(info) as member:
+                data = member.read(max_bytes + 1)
+    except ValueError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, NotImplementedError … of a broken file
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    except ValueError as exc:
+        raise ValueError(f"{key!r} is not an .npy array: {exc}") from None
+    if dtype.hasobject or dtype.kind not in "biufc":
+        raise ValueError(f"{key!r} has dtype {dtype}, expected numbers")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count * dtype.itemsize != len(data) - stream.tell():
+        raise ValueError(f"{key!r} declares shape {shape} {dtype} ({count * dtype.itemsize} bytes) but holds "
+                         f"{len(data) - stream.tell()} bytes")
+    array = np.frombuffer(data, dtype, count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran else "C").copy()
 
 
 def five_points_from_sfhq(landmarks: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from facegen.generators.e4e import Encoder4Editing, encoder_config
+from facegen.generators.safe_pickle import describe_refusal
 from facegen.generators.stylegan2 import Generator, generator_config
 
 HUB_FILE = re.compile(r"^(?:hf://)?(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>[^@]+?)(?:@(?P<revision>[\w./-]+))?$")
@@ -86,15 +87,12 @@ def read_checkpoint(path: str) -> dict[str, Any]:
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as exc:
         # torch's message is a page of advice; keep the part that names what was refused
-        refused = re.search(r"Unsupported global: [^\n]*? was not an allowed global", str(exc))
-        if refused:
-            what = refused.group(0).removesuffix(" was not an allowed global")
+        what = describe_refusal(exc)
+        if "nsupported global" in what.lower():
             raise ValueError(f"{path}: refused to unpickle anything but tensors and plain values ({what})") \
                 from None
-        garbage = re.search(r"Unsupported operand[^\n]*", str(exc))
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint "
-                         f"({garbage.group(0) if garbage else 'unpickling failed'})") from None
-    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({what})") from None
+    except Exception as exc:  # random or truncated bytes raise about anything (KeyError, IndexError, MemoryError…)
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''})") from None
     if not isinstance(ckpt, dict):

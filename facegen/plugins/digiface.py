@@ -17,6 +17,10 @@ non-numeric names and other unexpected entries are ignored and reported: one war
 logged at construction (``facegen.digiface`` logger), kept in ``source.warnings`` and in the run's provenance.
 A member whose bytes fail their CRC becomes a ``Skip`` ("corrupt zip member"); a zip whose central directory
 cannot be read (truncated download) is a ``UsageError`` naming the file.
+
+Hostile zips cost bounded memory: symbolic-link entries and names that are not UTF-8 are unexpected entries (never
+read); members whose bytes overlap another member's (a zip bomb) are skipped unread, and sizes are checked against
+a per-member and a per-identity bound before anything is inflated.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from datasets import Value
 
 from facegen.api import LicenseInfo, Option, Source
 from facegen.errors import UsageError
-from facegen.records import SourceImage, Skip
+from facegen.records import SourceImage, Skip, printable_name
 
 log = logging.getLogger("facegen.digiface")
 
@@ -123,11 +127,18 @@ ZIP64_END_RECORD_SIGNATURE = b"PK\x06\x06"
 DIRECTORY_ENTRY = struct.Struct("<4s6H3L5H2L")  # one central-directory header (46 bytes + name, extra, comment)
 DIRECTORY_ENTRY_SIGNATURE = b"PK\x01\x02"
 READ_SLACK = 512  # read the local header, its name/extra and the data in one pread when they fit
-MAX_IMAGE_BYTES = 64 << 20  # a DigiFace PNG is ~25 KB: anything this big is not one (and no zip bomb is inflated)
+# Memory bounds. A DigiFace PNG is ~25 KB and an identity ~2 MB: a member over MAX_IMAGE_BYTES is not read, and an
+# identity stops at MAX_IDENTITY_BYTES (sizes as declared, which inflating never exceeds). Identity-level transforms
+# read ahead about 9 identities (~300 MB at most of a hostile part); per-image transforms about 8 chunks of 16 single
+# images (~1 GB at most, if every one of them were a member of 8 MB).
+MAX_IMAGE_BYTES = 8 << 20
+MAX_IDENTITY_BYTES = 32 << 20
+S_IFLNK = 0o120000  # a symbolic link's file type in a zip entry's Unix mode (the external attributes' high half)
 
-# One row per image of a container, sorted by (identity, image index).
+# One row per image of a container, sorted by (identity, image index). ``overlap``: the member's bytes overlap
+# another member's (a zip bomb made of overlapping entries): it is never inflated.
 ROW = np.dtype([("image_index", "<i4"), ("offset", "<i8"), ("csize", "<i8"), ("size", "<i8"),
-                ("method", "<u2"), ("flags", "<u2"), ("crc", "<u4")])
+                ("method", "<u2"), ("flags", "<u2"), ("crc", "<u4"), ("overlap", "u1")])
 
 SILENT = ("macOS metadata", "hidden file", "directory entry")  # ignored without a warning
 
@@ -163,6 +174,8 @@ def classify_member(name: str) -> tuple[str, str, str, int]:
 
     category is "" for an image of the layout ``[wrapper/]ID/N.png``; otherwise the reason it is ignored.
     """
+    if not name.isascii() and printable_name(name) != name:  # no json can hold it as a ref
+        return "name not UTF-8", "", "", -1
     match = CANONICAL_MEMBER.fullmatch(name)  # the fast path: 1.2 M members are classified at construction
     if match:
         wrapper, folder, stem = match.groups()
@@ -214,6 +227,7 @@ class Container:
     identities: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> rows [start, stop)
     ignored: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    overlapping: int = 0  # image members whose bytes overlap another member's (skipped when loaded)
 
     @property
     def stem(self) -> str:
@@ -222,7 +236,7 @@ class Container:
     def ignore(self, category: str, name: str) -> None:
         self.ignored[category] += 1
         if len(self.examples[category]) < 3:
-            self.examples[category].append(name)
+            self.examples[category].append(printable_name(name))
 
     def member_name(self, identity_id: str, row: int, image_index: int) -> str:
         name = self.names.get(row)
@@ -234,7 +248,8 @@ class Container:
         return f"{self.label}/{member}" if self.label else member
 
     def finish(self, found: dict[str, list[tuple]]) -> None:
-        """Turn the collected (image_index, offset, csize, size, method, flags, crc, name, wrapper) into rows."""
+        """Turn the collected (image_index, offset, csize, size, method, flags, crc, overlap, name, wrapper) into
+        rows."""
         prefixes = Counter()
         ordered = sorted(found, key=lambda i: (int(i), i))
         entries = []
@@ -244,23 +259,25 @@ class Container:
             seen = set()
             for image in images:
                 if image[0] in seen:  # "3.png" and "03.png" in one folder
-                    self.ignore("duplicate image number", image[7])
+                    self.ignore("duplicate image number", image[8])
                     continue
                 seen.add(image[0])
                 entries.append((identity_id, image))
-                prefixes[image[8]] += 1
+                prefixes[image[9]] += 1
             if len(entries) > start:
                 self.identities[identity_id] = (start, len(entries))
-        rows = np.array([e[1][:7] for e in entries], dtype=ROW) if entries else np.empty(0, ROW)
+        rows = np.array([e[1][:8] for e in entries], dtype=ROW) if entries else np.empty(0, ROW)
         self.rows = rows
         self.prefix = prefixes.most_common(1)[0][0] if prefixes else ""
+        self.overlapping = int(rows["overlap"].sum())
         for row, (identity_id, image) in enumerate(entries):
-            if image[7] != f"{self.prefix}{identity_id}/{image[0]}.png":
-                self.names[row] = image[7]
+            if image[8] != f"{self.prefix}{identity_id}/{image[0]}.png":
+                self.names[row] = image[8]
 
 
 def read_central_directory(path: str) -> list[tuple] | None:
-    """The members of a plain zip as (name, local header offset, compressed size, size, method, flags, CRC).
+    """The members of a plain zip as (name, local header offset, compressed size, size, method, flags, CRC,
+    external attributes).
 
     Several times faster than ``zipfile.ZipFile(path).infolist()`` on a 144,000-member DigiFace part (no ZipInfo
     objects), which matters because every process of a run indexes every part. Handles the zip64 end record (more
@@ -307,12 +324,14 @@ def read_central_directory(path: str) -> list[tuple] | None:
             if position + DIRECTORY_ENTRY.size > directory_size:
                 return None
             (signature, _, _, flags, method, _, _, crc, csize, size, name_length, extra_length, comment_length,
-             _, _, _, offset) = unpack(directory, position)
+             _, _, external, offset) = unpack(directory, position)
             if signature != DIRECTORY_ENTRY_SIGNATURE or 0xFFFFFFFF in (csize, size, offset):
                 return None
             start = position + DIRECTORY_ENTRY.size
-            name = directory[start:start + name_length].decode("utf-8" if flags & 0x800 else "cp437")
-            members.append((name.partition("\0")[0], offset + prefix, csize, size, method, flags, crc))
+            raw_name = directory[start:start + name_length]
+            # a name flagged UTF-8 that is not: kept as surrogate escapes, then ignored as "name not UTF-8"
+            name = raw_name.decode("utf-8", "surrogateescape") if flags & 0x800 else raw_name.decode("cp437")
+            members.append((name.partition("\0")[0], offset + prefix, csize, size, method, flags, crc, external))
             position = start + name_length + extra_length + comment_length
         return members
     except (OSError, UnicodeDecodeError, struct.error):
@@ -327,22 +346,48 @@ def index_zip(path: str, label: str) -> Container:
         try:
             with zipfile.ZipFile(path) as archive:
                 members = [(i.filename, i.header_offset, i.compress_size, i.file_size, i.compress_type,
-                            i.flag_bits, i.CRC) for i in archive.infolist()]
+                            i.flag_bits, i.CRC, i.external_attr) for i in archive.infolist()]
         except Exception as exc:  # BadZipFile, struct.error, OSError, ValueError…: a truncated or foreign file
             detail = str(exc) or type(exc).__name__
             raise UsageError(
                 f"source 'digiface': {path} is not a readable zip ({detail}); it is probably truncated or "
                 "corrupt: download it again (facegen download digiface)"
             ) from None
+    overlaps = overlapping_members(members)
     found: dict[str, list[tuple]] = defaultdict(list)
-    for name, offset, csize, size, method, flags, crc in members:
+    for (name, offset, csize, size, method, flags, crc, external), overlap in zip(members, overlaps.tolist()):
         category, wrapper, folder, image_index = classify_member(name)
+        if not category and (external >> 16) & 0o170000 == S_IFLNK:  # its bytes are a link target, not a PNG
+            category = "symbolic link"
         if category:
             container.ignore(category, name)
             continue
-        found[folder].append((image_index, offset, csize, size, method, flags, crc, name, wrapper))
+        found[folder].append((image_index, offset, csize, size, method, flags, crc, overlap, name, wrapper))
     container.finish(found)
     return container
+
+
+def overlapping_members(members: list[tuple]) -> np.ndarray:
+    """Which members' bytes overlap another member's, as a bool array.
+
+    In a published zip every member's local header and data lie apart. A zip bomb of overlapping entries (Fifield
+    2019) points many central-directory entries into one small stream that inflates hugely; each such member is
+    refused unread. A member spans at least [offset, offset + 30 + compressed size): the local header's name and
+    extra field only make it longer, so this never flags a sound zip.
+    """
+    if not members:
+        return np.zeros(0, bool)
+    starts = np.fromiter((m[1] for m in members), np.int64, len(members))
+    ends = starts + LOCAL_HEADER.size + np.fromiter((m[2] for m in members), np.int64, len(members))
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    reach = np.maximum.accumulate(ends)  # the furthest end among this member and those starting before it
+    sorted_overlap = np.zeros(len(members), bool)
+    sorted_overlap[1:] = starts[1:] < reach[:-1]  # starts inside an earlier member
+    sorted_overlap[:-1] |= ends[:-1] > starts[1:]  # the next member starts inside this one
+    overlap = np.empty(len(members), bool)
+    overlap[order] = sorted_overlap
+    return overlap
 
 
 def index_folder(path: str, label: str, numeric_only: bool = False) -> Container:
@@ -368,24 +413,27 @@ def index_folder(path: str, label: str, numeric_only: bool = False) -> Container
             if category:
                 container.ignore(category, f"{folder.name}/{file_name}")
                 continue
-            found[folder.name].append((image_index, 0, 0, 0, 0, 0, 0, f"{folder.name}/{file_name}", ""))
+            found[folder.name].append((image_index, 0, 0, 0, 0, 0, 0, 0, f"{folder.name}/{file_name}", ""))
     container.finish(found)
     return container
 
 
-def read_zip_member(fd: int, row: tuple) -> bytes:
+def read_zip_member(fd: int, row: tuple, budget: int = MAX_IDENTITY_BYTES) -> bytes:
     """One member's bytes: local header, raw data, inflate, length and CRC check (``MemberError`` when bad).
 
-    ``row`` is an index row as a tuple (``ROW``'s fields). ``pread`` needs no seek, hence no lock: the loader
-    threads of a run share the handle.
+    ``row`` is an index row as a tuple (``ROW``'s fields); ``budget`` the bytes its identity may still take.
+    ``pread`` needs no seek, hence no lock: the loader threads of a run share the handle.
     """
-    _, offset, csize, size, method, flags, crc = row
+    _, offset, csize, size, method, flags, crc, overlap = row
+    if overlap:
+        raise MemberError("overlapping zip member", "its bytes overlap another member's (a zip bomb): not read")
     if flags & 0x1:
         raise MemberError("unsupported zip member", "encrypted member")
     if method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise MemberError("unsupported zip member", f"compression method {method}")
     if size > MAX_IMAGE_BYTES or csize > MAX_IMAGE_BYTES:
         raise MemberError("unsupported zip member", f"{max(size, csize)} bytes, over the {MAX_IMAGE_BYTES} limit")
+    _check_budget(size, budget)  # the declared size, which inflating below never exceeds
     buf = os.pread(fd, LOCAL_HEADER.size + READ_SLACK + csize, offset)
     if len(buf) < LOCAL_HEADER.size:
         raise MemberError("corrupt zip member", "local header past the end of the file")
@@ -413,8 +461,15 @@ def read_zip_member(fd: int, row: tuple) -> bytes:
     return data
 
 
+def _check_budget(size: int, budget: int) -> None:
+    if size > budget:
+        raise MemberError("identity over the size limit", f"its images add up to more than {MAX_IDENTITY_BYTES} "
+                                                          "bytes (a DigiFace identity holds about 2 MB)")
+
+
 class DigiFaceSource(Source):
     name = "digiface"
+    synthetic = True  # the card may call the images synthetic
     description = "DigiFace-1M (Microsoft): the published zip parts read in place, or extracted folders"
     card_description = (
         "DigiFace-1M (Bae et al., WACV 2023) is a synthetic face-recognition dataset by Microsoft: 1,219,995 "
@@ -471,6 +526,7 @@ class DigiFaceSource(Source):
         self._fds: dict[int, int] = {}
         self._fd_pid = os.getpid()
         self._fd_lock = threading.Lock()
+        self._folder_budgets: dict[str, list[int] | None] = {}  # identity -> _budgets (folders only)
 
     # --- construction: find the parts, index them once ---
 
@@ -478,24 +534,25 @@ class DigiFaceSource(Source):
         if os.path.isfile(path):
             if not path.lower().endswith(".zip"):
                 raise UsageError(f"source 'digiface': {path} is neither a directory nor a .zip part")
-            return [index_zip(path, os.path.basename(path))]
+            return [index_zip(path, printable_name(os.path.basename(path)))]
         zips, wrappers, root_has_identities = [], [], False
         root_ignored: list[str] = []
         with os.scandir(path) as entries:
             for entry in sorted(entries, key=lambda e: e.name):
                 if entry.name.startswith(".") or entry.name == "__MACOSX":
                     continue
+                # labels name a zip or folder in refs: printable even when the name is not UTF-8
                 if entry.is_file() and entry.name.lower().endswith(".zip"):
                     if not self._part_not_wanted(entry.name[:-4]):
-                        zips.append(index_zip(entry.path, entry.name))
+                        zips.append(index_zip(entry.path, printable_name(entry.name)))
                 elif entry.is_dir() and DIGITS.fullmatch(entry.name):
                     root_has_identities = True
                 elif entry.is_dir():
-                    wrapper = index_folder(entry.path, entry.name)
+                    wrapper = index_folder(entry.path, printable_name(entry.name))
                     if wrapper.identities:
                         wrappers.append(wrapper)
                     else:
-                        root_ignored.append(entry.name)
+                        root_ignored.append(printable_name(entry.name))
         root = index_folder(path, "", numeric_only=True) if root_has_identities else Container("folder", path, "")
         for name in root_ignored:
             root.ignore("folder without identity folders", name + "/")
@@ -529,6 +586,9 @@ class DigiFaceSource(Source):
                 examples = ", ".join(repr(e) for e in container.examples[category])
                 lines.append(f"digiface: {where}: ignored {count} entr{'y' if count == 1 else 'ies'} "
                              f"({category}), e.g. {examples}")
+            if container.overlapping:
+                lines.append(f"digiface: {where}: {container.overlapping} member(s) share their bytes with other "
+                             "members (a zip bomb of overlapping entries?); they are skipped, never inflated")
         for (loser, winner), ids in sorted(duplicates.items()):
             lines.append(f"digiface: {len(ids)} identit{'y' if len(ids) == 1 else 'ies'} of "
                          f"{self.containers[loser].label or self.path} also in "
@@ -584,25 +644,52 @@ class DigiFaceSource(Source):
                 fd = self._fds[c_index] = os.open(self.containers[c_index].path, os.O_RDONLY)
             return fd
 
-    def load(self, identity_id):
+    def _rows(self, identity_id: str) -> tuple[int, int, int]:
+        """(container, first row, stop row) of the identity's images, after ``max_images``."""
         c_index, start, stop = self._where[identity_id]
-        container = self.containers[c_index]
         if self.opts["max_images"]:
             stop = min(stop, start + self.opts["max_images"])
+        return c_index, start, stop
+
+    def image_refs(self, identity_id):
+        c_index, start, stop = self._rows(identity_id)
+        container = self.containers[c_index]
+        return [container.ref(container.member_name(identity_id, row, int(container.rows[row]["image_index"])))
+                for row in range(start, stop)]
+
+    def load(self, identity_id):
+        _, start, stop = self._rows(identity_id)
+        return self.load_images(identity_id, range(stop - start))
+
+    def load_images(self, identity_id, indices):
+        """The items at ``indices`` of the identity's images. The per-identity byte bound is positional: the image
+        at position p is refused when the images before it that would be read, plus itself, exceed
+        MAX_IDENTITY_BYTES, so a single image read on its own (per-image transforms) is kept or refused exactly as
+        ``load`` keeps or refuses it, and no call holds more than MAX_IDENTITY_BYTES."""
+        c_index, start, _ = self._rows(identity_id)
+        container = self.containers[c_index]
         part = self.part_of(identity_id)
         fd = self._fd(c_index) if container.kind == "zip" else -1
+        budgets = self._budgets(identity_id)  # None: the whole identity fits
         items: list[SourceImage | Skip] = []
-        for row, record in enumerate(container.rows[start:stop].tolist(), start):
+        for position in indices:
+            row = start + position
+            record = container.rows[row].tolist()
+            budget = MAX_IDENTITY_BYTES if budgets is None else budgets[position]
             member = container.member_name(identity_id, row, record[0])
             ref = container.ref(member)
             try:
                 if fd >= 0:
-                    data = read_zip_member(fd, record)
+                    data = read_zip_member(fd, record, budget)
                 else:
                     with open(os.path.join(container.path, member), "rb") as f:
-                        if os.fstat(f.fileno()).st_size > MAX_IMAGE_BYTES:
+                        size = os.fstat(f.fileno()).st_size
+                        if size > MAX_IMAGE_BYTES:
                             raise MemberError("unsupported file", f"over the {MAX_IMAGE_BYTES} bytes limit")
-                        data = f.read()
+                        _check_budget(size, budget)
+                        data = f.read(min(MAX_IMAGE_BYTES, budget) + 1)
+                        if len(data) > min(MAX_IMAGE_BYTES, budget):  # it grew since fstat
+                            raise MemberError("unsupported file", "the file grew while it was read")
             except MemberError as exc:
                 items.append(Skip(ref, exc.reason, exc.detail))
                 continue
@@ -611,6 +698,46 @@ class DigiFaceSource(Source):
                 continue
             items.append(SourceImage(ref=ref, data=data, ext="png", meta={"part": part, "image_index": record[0]}))
         return items
+
+    def _budgets(self, identity_id: str) -> list[int] | None:
+        """The bytes the identity may still hold before each of its positions (the declared sizes of the earlier
+        images that pass the per-member checks and fit), or None when all of them fit (the usual case).
+
+        Zips: from the central directory, no I/O. Folders: one ``stat`` per image, once per identity (cached:
+        per-image transforms ask for every image of an identity separately)."""
+        c_index, start, stop = self._rows(identity_id)
+        container = self.containers[c_index]
+        if (stop - start) * MAX_IMAGE_BYTES <= MAX_IDENTITY_BYTES:
+            return None  # cannot exceed it, whatever the sizes
+        if container.kind == "zip":
+            rows = container.rows[start:stop]
+            sizes = rows["size"].astype(np.int64)
+            eligible = ((rows["overlap"] == 0) & ((rows["flags"] & 0x1) == 0)
+                        & np.isin(rows["method"], (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))
+                        & (rows["size"] <= MAX_IMAGE_BYTES) & (rows["csize"] <= MAX_IMAGE_BYTES))
+        else:
+            cached = self._folder_budgets.get(identity_id, False)
+            if cached is not False:
+                return cached
+            sizes = np.zeros(stop - start, np.int64)
+            for position in range(stop - start):
+                record = container.rows[start + position].tolist()
+                try:
+                    sizes[position] = os.stat(os.path.join(container.path, container.member_name(
+                        identity_id, start + position, record[0]))).st_size
+                except OSError:
+                    sizes[position] = MAX_IMAGE_BYTES + 1  # never read: it takes nothing
+            eligible = sizes <= MAX_IMAGE_BYTES
+        budgets = None
+        if int(sizes[eligible].sum()) > MAX_IDENTITY_BYTES:
+            budgets, remaining = [], MAX_IDENTITY_BYTES
+            for size, ok in zip(sizes.tolist(), eligible.tolist()):
+                budgets.append(remaining)
+                if ok and size <= remaining:
+                    remaining -= size
+        if container.kind != "zip":
+            self._folder_budgets[identity_id] = budgets
+        return budgets
 
     def json_features(self):
         return {"part": Value("string"), "image_index": Value("int32")}

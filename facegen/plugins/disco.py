@@ -18,6 +18,7 @@ or in ``reference_path`` (the Langevin ensemble folder).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -30,11 +31,14 @@ from facegen.api import LicenseInfo, Option, Source
 from facegen.errors import UsageError
 from facegen.records import SourceImage, Skip
 
+log = logging.getLogger("facegen.disco")
+
 MAGIC = "synthetics_collection"
 MAJOR = 2
 EMBEDDING_DIM = LATENT_DIM = 512
 IDENTITY_GROUP = re.compile(r"\d{5}")
 DEFAULT_IMAGES_DIR = "images_arcface_112x112"
+MAX_IMAGE_BYTES = 16 << 20  # a published image is a ~25 KB 112x112 PNG
 
 
 def natural_key(name: str):
@@ -54,6 +58,36 @@ def _text(value: Any) -> str:
     if isinstance(value, np.ndarray) and value.shape == ():
         return _text(value[()])
     return str(value)
+
+
+def _integer(value: Any) -> int | None:
+    """An HDF5 attribute as an int when it is one integer (python, numpy or a 0-d array), else None."""
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return None
+
+
+def link_problem(group, name: str) -> str | None:
+    """Why ``group[name]`` cannot be used, or None: a soft link that leads nowhere, or any external link (a
+    samples.h5 holds its own data; another file named by a link is never opened)."""
+    import h5py
+
+    try:
+        link = group.get(name, getlink=True)
+    except (KeyError, RuntimeError, OSError) as exc:
+        return f"unreadable link: {exc}"
+    if isinstance(link, h5py.ExternalLink):
+        return f"external link to {os.path.basename(link.filename)}:{link.path}, not followed"
+    if isinstance(link, h5py.SoftLink):
+        try:
+            target = group.get(name, getclass=True)
+        except (KeyError, RuntimeError, OSError):
+            target = None
+        if target is None:
+            return f"soft link to {link.path}, which does not exist"
+    return None
 
 
 class _PlainYamlLoader(yaml.SafeLoader):
@@ -84,6 +118,7 @@ def read_command_yml(path: str) -> Any:
 
 class DiscoSource(Source):
     name = "disco"
+    synthetic = True  # the card may call the images synthetic
     image_format = "png"
     description = "Idiap Langevin/Dispersion/DisCo ensemble: samples.h5 + images_arcface_112x112 (lazy HDF5)"
     card_description = (
@@ -154,19 +189,27 @@ class DiscoSource(Source):
             with h5py.File(self.samples_path, "r") as h5:
                 self.file_attrs = self._check_header(h5)
                 names = list(h5.keys())
-                self._ids = sorted((n for n in names
-                                    if IDENTITY_GROUP.fullmatch(n) and h5.get(n, getclass=True) is h5py.Group),
-                                   key=int)
+                # identities behind a broken link stay in the plan: each becomes a counted skip, and is warned about
+                self.broken_links = {n: p for n in names if IDENTITY_GROUP.fullmatch(n)
+                                     for p in [link_problem(h5, n)] if p}
+                self._ids = sorted((n for n in names if IDENTITY_GROUP.fullmatch(n) and (
+                    n in self.broken_links or h5.get(n, getclass=True) is h5py.Group)), key=int)
                 self.other_groups = sorted(set(names) - set(self._ids))
-                first_labels = list(h5[self._ids[0]].keys()) if self._ids else []
+                usable = [n for n in self._ids if n not in self.broken_links]
+                first_labels = list(h5[usable[0]].keys()) if usable else []
         except OSError as exc:
             raise UsageError(f"source 'disco': cannot read {self.samples_path} as HDF5: {exc}") from None
         if not self._ids:
             raise UsageError(f"source 'disco': {self.samples_path} holds no /<identity:05d>/ groups")
+        if self.broken_links and os.environ.get("RANK", "0") == "0":
+            first = next(iter(sorted(self.broken_links)))
+            log.warning(f"disco: {len(self.broken_links)} identity group(s) of samples.h5 are broken links and are "
+                        f"skipped (e.g. /{first}: {self.broken_links[first]})")
         self.include_reference = self._decide_reference(first_labels)
         self._h5 = None
         self._h5_pid = None
         self._h5_lock = threading.Lock()
+        self._listing: dict[str, list[tuple[str, str]]] = {}  # identity -> its items (filled on first use)
 
     # --- construction helpers ---
 
@@ -202,7 +245,13 @@ class DiscoSource(Source):
         if major != MAJOR:
             raise UsageError(f"source 'disco': {self.samples_path} is format version {major}.{minor}; this plugin "
                              f"reads major version {MAJOR}")
-        return {"magic": magic, "major": major, "minor": None if minor is None else int(minor)}
+        header = {"magic": magic, "major": major, "minor": None if minor is None else _integer(minor)}
+        if minor is not None and header["minor"] is None:  # informative only: say so, and go on
+            shown = _text(minor) if not isinstance(minor, np.ndarray) or minor.size <= 8 else f"an array {minor.shape}"
+            header["minor_unreadable"] = shown[:80]
+            if os.environ.get("RANK", "0") == "0":
+                log.warning(f"disco: samples.h5 attribute 'minor' is {shown[:80]!r}, not an integer; ignored")
+        return header
 
     def _decide_reference(self, first_labels: list[str]) -> bool:
         mode = self.opts["reference"]
@@ -210,7 +259,8 @@ class DiscoSource(Source):
             return mode == "include"
         if "reference" not in first_labels:
             return False
-        return self._image_path(self._ids[0], "reference") is not None
+        first = next(n for n in self._ids if n not in self.broken_links)
+        return self._image_path(first, "reference") is not None
 
     def _image_path(self, identity: str, label: str) -> str | None:
         path = os.path.join(self.images_dir, identity, f"{label}.png")
@@ -257,17 +307,67 @@ class DiscoSource(Source):
         return {"embedding.npy": List(Value("float32"), length=EMBEDDING_DIM),
                 "w_latent.npy": List(Value("float32"), length=LATENT_DIM)}
 
-    def load(self, identity_id):
-        import h5py
+    def _entries(self, identity_id: str) -> list[tuple[str, str]]:
+        """The identity's items in order: ("sample", label) per h5 sample group (("broken", label) where that
+        group is a broken or external link: a counted skip), then ("orphan", file name) per image that has no h5
+        sample (counted as a skip, never written). An identity group that is itself a broken link is one item,
+        ("broken identity", id). Listed once per process."""
+        entries = self._listing.get(identity_id)
+        if entries is None:
+            import h5py
 
+            if identity_id in self.broken_links:  # never opened: an external link would open another file
+                entries = [("broken identity", identity_id)]
+                self._listing[identity_id] = entries
+                return entries
+            group = self._samples()[identity_id]
+            broken = {n for n in group.keys() if link_problem(group, n)}
+            labels = sorted([n for n in group.keys() if n in broken or group.get(n, getclass=True) is h5py.Group],
+                            key=label_key)
+            entries = [("broken" if label in broken else "sample", label) for label in labels
+                       if label != "reference" or self.include_reference]
+            folder = os.path.join(self.images_dir, identity_id)
+            known = set(labels)
+            if os.path.isdir(folder):
+                for file_name in sorted(os.listdir(folder), key=natural_key):
+                    stem, ext = os.path.splitext(file_name)
+                    if ext.lower() == ".png" and stem not in known:
+                        entries.append(("orphan", file_name))
+            self._listing[identity_id] = entries
+        return entries
+
+    def image_refs(self, identity_id):
+        refs = []
+        for kind, name in self._entries(identity_id):
+            if kind == "broken identity":
+                refs.append(identity_id)
+            else:
+                refs.append(f"{identity_id}/{os.path.splitext(name)[0] if kind == 'orphan' else name}")
+        return refs
+
+    def load(self, identity_id):
+        return self.load_images(identity_id, range(len(self._entries(identity_id))))
+
+    def load_images(self, identity_id, indices):
+        entries = self._entries(identity_id)
+        if identity_id in self.broken_links:
+            problem = self.broken_links[identity_id]
+            return [Skip(identity_id, "broken HDF5 link", f"samples.h5 /{identity_id}: {problem}") for _ in indices]
         group = self._samples()[identity_id]
-        labels = sorted((name for name, cls in ((n, group.get(n, getclass=True)) for n in group.keys())
-                         if cls is h5py.Group), key=label_key)
         items: list[SourceImage | Skip] = []
-        for label in labels:
-            if label == "reference" and not self.include_reference:
+        for index in indices:
+            kind, label = entries[index]
+            if kind == "orphan":  # an image of this identity without h5 sample: no embedding, no latent
+                stem = os.path.splitext(label)[0]
+                items.append(Skip(f"{identity_id}/{stem}", "image without h5 sample",
+                                  f"{os.path.basename(self.images_dir)}/{identity_id}/{label}"))
                 continue
             ref = f"{identity_id}/{label}"
+            if kind == "broken":
+                problem = link_problem(group, label)
+                log.warning(f"disco: samples.h5 /{ref} is skipped: {problem}")
+                items.append(Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}: {problem}"))
+                continue
             sample = self._read_sample(group[label], ref)
             if isinstance(sample, Skip):
                 items.append(sample)
@@ -278,7 +378,10 @@ class DiscoSource(Source):
                 continue
             try:
                 with open(image_path, "rb") as f:
-                    data = f.read()
+                    if os.fstat(f.fileno()).st_size > MAX_IMAGE_BYTES:
+                        items.append(Skip(ref, "file too large", f"over the {MAX_IMAGE_BYTES} bytes limit"))
+                        continue
+                    data = f.read(MAX_IMAGE_BYTES + 1)
             except OSError as exc:
                 items.append(Skip(ref, "unreadable file", str(exc.strerror or exc)))
                 continue
@@ -286,40 +389,46 @@ class DiscoSource(Source):
             items.append(SourceImage(ref=ref, data=data, ext="png", meta=meta,
                                      extras={"embedding.npy": embedding, "w_latent.npy": w_latent},
                                      hints={"embedding": embedding, "w_latent": w_latent}))
-        # images of this identity that have no h5 sample: counted, not written (no embedding, no latent)
-        folder = os.path.join(self.images_dir, identity_id)
-        known = set(labels)
-        if os.path.isdir(folder):
-            for file_name in sorted(os.listdir(folder), key=natural_key):
-                stem, ext = os.path.splitext(file_name)
-                if ext.lower() == ".png" and stem not in known:
-                    items.append(Skip(f"{identity_id}/{stem}", "image without h5 sample",
-                                      f"{os.path.basename(self.images_dir)}/{identity_id}/{file_name}"))
         return items
 
     def _read_sample(self, group, ref: str):
         """(embedding, w_latent, meta) of one sample group, or a Skip saying what is wrong with it."""
+        import h5py
+
         vectors = {}
         for name, dim in (("embedding", EMBEDDING_DIM), ("w_latent", LATENT_DIM)):
+            problem = link_problem(group, name) if name in group else None
+            if problem:
+                log.warning(f"disco: samples.h5 /{ref}/{name} is skipped: {problem}")
+                return Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}/{name}: {problem}")
             dataset = group.get(name)
             if dataset is None:
                 return Skip(ref, "missing dataset", f"samples.h5 /{ref} has no '{name}'")
+            # shape and type first: a few hundred bytes of compressed HDF5 can declare gigabytes
+            shape = getattr(dataset, "shape", None)
+            if (not isinstance(dataset, h5py.Dataset) or shape != (1, dim) or dataset.dtype.kind != "f"
+                    or dataset.dtype.itemsize > 8):
+                dtype = getattr(dataset, "dtype", type(dataset).__name__)
+                return Skip(ref, "bad dataset", f"/{ref}/{name} is {shape} {dtype}, expected (1, {dim}) floats")
             try:
                 array = dataset[()]
-            except (OSError, KeyError, TypeError, AttributeError) as exc:
+            except (OSError, KeyError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
                 return Skip(ref, "bad dataset", f"/{ref}/{name}: {exc}")
-            if not isinstance(array, np.ndarray) or array.shape != (1, dim) or array.dtype.kind != "f":
-                shape = getattr(array, "shape", None)
-                return Skip(ref, "bad dataset", f"/{ref}/{name} has shape {shape}, expected (1, {dim}) floats")
             vector = array.reshape(dim).astype(np.float32)
             if not np.isfinite(vector).all():
                 return Skip(ref, f"non-finite {name.replace('_', ' ')}", f"/{ref}/{name} holds NaN or inf")
             vectors[name] = vector
         attrs = group.attrs
-        network_type, embedding_type = attrs.get("network_type"), attrs.get("embedding_type")
+        try:
+            network_type, embedding_type = attrs.get("network_type"), attrs.get("embedding_type")
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:  # a type h5py cannot read
+            return Skip(ref, "bad attribute", f"/{ref}: {exc}")
         for attr, value in (("network_type", network_type), ("embedding_type", embedding_type)):
             if value is None:
                 return Skip(ref, "missing attribute", f"/{ref} has no '{attr}' attribute")
+            if isinstance(value, np.ndarray) and value.shape != ():
+                return Skip(ref, "bad attribute", f"/{ref} attribute '{attr}' is an array {value.shape}, "
+                                                  "expected a string")
         meta = {
             "label": ref.split("/", 1)[1],
             "network_type": _text(network_type),
@@ -369,14 +478,15 @@ def summarise_stats(path: str) -> dict[str, Any]:
     try:
         with h5py.File(path, "r") as h5:
             for name in sorted(h5.keys()):
+                if link_problem(h5, name):
+                    continue
                 item = h5[name]
-                if not isinstance(item, h5py.Dataset) or item.ndim != 1 or item.shape[0] == 0:
+                if (not isinstance(item, h5py.Dataset) or item.ndim != 1 or item.shape[0] == 0
+                        or item.dtype.kind not in "iuf"):
                     continue
-                values = item[()]
-                if values.dtype.kind not in "iuf":
-                    continue
-                summary[name] = {"iterations": int(values.shape[0]), "first": float(values[0]),
-                                 "last": float(values[-1])}
-    except OSError as exc:
+                # two values, never the whole dataset (which a small file can declare gigabytes long)
+                summary[name] = {"iterations": int(item.shape[0]), "first": float(item[0]),
+                                 "last": float(item[-1])}
+    except (OSError, KeyError, RuntimeError, TypeError, ValueError) as exc:
         return {"error": str(exc)}
     return summary

@@ -24,6 +24,7 @@ scaled into that box of a 256 FFHQ frame and the border filled by edge replicati
 from __future__ import annotations
 
 import io
+import os
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,7 @@ def optional_str(value: Any) -> str | None:
 
 class E4ETransform(Transform):
     name = "e4e"
+    synthetic = True  # the card may call the images synthetic
     description = "SFHQ-style correction with StyleGAN2 + e4e: truncation (from seeds) or project (from images)"
     card_description = (
         "Faces were made with the method of the SFHQ dataset (Beniaguev 2022): StyleGAN2 trained on FFHQ "
@@ -243,7 +245,8 @@ class E4ETransform(Transform):
         self.batch_size = o["batch_size"]
         self.generator = None
         self.device = torch.device("cpu")
-        self.sources: dict[str, str] = {}
+        self.sources: dict[str, str] = {}  # local path or hf://repo/file@commit (run.json only)
+        self.loaded: dict[str, dict] = {}  # what setup() read (facegen.generators.weights.describe_loaded)
 
     # ---- card and schema ----------------------------------------------------------------------------------
 
@@ -258,11 +261,10 @@ class E4ETransform(Transform):
             "mode": Value("string"),
             "seed": Value("int64"),
             "candidate": Value("int32"),
-            "psi": Value("float32"),
-            "phi": Value("float32"),
-            "perturbation": Value("float32"),
-            "noise": Value("string"),
         })
+        if self.opts["mode"] == "truncation":  # psi and phi exist only in truncation mode (never null)
+            features.update({"psi": Value("float32"), "phi": Value("float32")})
+        features.update({"perturbation": Value("float32"), "noise": Value("string")})
         return features
 
     def extra_features(self, source):
@@ -273,22 +275,23 @@ class E4ETransform(Transform):
     def models(self):
         e4e_source = self.sources.get("e4e", self.opts["checkpoint"])
         models = [ModelInfo(
-            id=self.opts["checkpoint"], revision=_revision(e4e_source), role="e4e encoder (image -> W+ code)",
+            id=_model_name(self.opts["checkpoint"]), revision=_revision(e4e_source),
+            role="e4e encoder (image -> W+ code)",
             license="MIT (encoder4editing code and released weights, (c) 2021 omertov)",
             license_link="https://github.com/omertov/encoder4editing/blob/main/LICENSE",
             citation=CITATION.split("\n\n")[1],
             note="trained against NVIDIA's StyleGAN2-FFHQ weights (non-commercial licence) on FFHQ images",
-            source=e4e_source,
+            source=e4e_source, loaded=self.loaded.get("e4e", {}),
         )]
         g_spec = self.opts["generator_checkpoint"]
         models.append(ModelInfo(
-            id=g_spec or f"{self.opts['checkpoint']} (decoder.*)",
+            id=_model_name(g_spec) if g_spec else f"{_model_name(self.opts['checkpoint'])} (decoder.*)",
             revision=_revision(self.sources.get("generator", g_spec or e4e_source)),
             role="StyleGAN2 FFHQ config-f generator (W+ code -> image)",
             license="NVIDIA Source Code License-NC", license_link="https://nvlabs.github.io/stylegan2/license.html",
             citation=CITATION.split("\n\n")[0],
             note="non-commercial: research or evaluation use only",
-            source=self.sources.get("generator", g_spec or e4e_source),
+            source=self.sources.get("generator", g_spec or e4e_source), loaded=self.loaded.get("generator", {}),
         ))
         return models
 
@@ -297,7 +300,6 @@ class E4ETransform(Transform):
         if self.generator is not None:
             facts.update(generator_size=self.generator.size, n_latent=self.generator.n_latent,
                          arcface_box=[round(v, 4) for v in arcface_box()])
-        facts.update({f"{k}_source": v for k, v in self.sources.items()})
         return facts
 
     # ---- models ---------------------------------------------------------------------------------------------
@@ -317,9 +319,20 @@ class E4ETransform(Transform):
         if generator.n_latent != e4e.encoder.n_latent or generator.style_dim != e4e.encoder.style_dim:
             raise UsageError(f"transform 'e4e': generator ({generator.size}px, {generator.n_latent} W+ layers) "
                              f"does not match the e4e encoder ({e4e.encoder.n_latent} W+ layers)")
+        self._record_loaded()
         self.encoder = e4e.encoder.to(self.device)
         self.e4e_latent_avg = e4e.latent_avg.to(self.device)
         self.generator = generator.to(self.device)
+
+    def _record_loaded(self) -> None:
+        from facegen.generators.weights import describe_loaded
+
+        for role, source in self.sources.items():
+            if source.startswith("hf://"):
+                repo_file, _, commit = source[len("hf://"):].rpartition("@")
+                self.loaded[role] = {"hub": repo_file, "commit": commit}
+            elif os.path.isfile(source):
+                self.loaded[role] = describe_loaded(source)
 
     # ---- generation -----------------------------------------------------------------------------------------
 
@@ -374,8 +387,7 @@ class E4ETransform(Transform):
                     continue
                 inputs.append(self.frame_input(pixels))
                 for candidate in range(self.opts["candidates"]):
-                    meta = {**image.meta, "mode": "project", "seed": identity.seed, "candidate": candidate,
-                            "psi": None, "phi": None}
+                    meta = {**image.meta, "mode": "project", "seed": identity.seed, "candidate": candidate}
                     jobs.append(Job(slot, image.ref, index, candidate, meta))
         codes = [self.encode(torch.stack(inputs[s:s + self.batch_size]).to(self.device))
                  for s in range(0, len(inputs), self.batch_size)]
@@ -417,6 +429,16 @@ class E4ETransform(Transform):
         elif o["size"]:
             images = resize(images, o["size"])
         return images
+
+
+def _model_name(spec: str | None) -> str:
+    """A checkpoint as the card may name it: the Hub spec, or a local file's name (never its path)."""
+    from facegen.generators.stylegan_checkpoints import HUB_FILE
+
+    spec = os.fspath(spec or "")
+    if not os.path.exists(os.path.expanduser(spec)) and HUB_FILE.match(spec):
+        return spec
+    return os.path.basename(spec)
 
 
 def _revision(source: str | None) -> str | None:

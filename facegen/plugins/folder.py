@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 
@@ -9,7 +11,9 @@ from datasets import Value
 
 from facegen.api import Source
 from facegen.errors import UsageError
-from facegen.records import SourceImage, Skip
+from facegen.records import SourceImage, Skip, printable_name
+
+log = logging.getLogger("facegen.folder")
 
 IMAGE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 
@@ -33,28 +37,85 @@ class FolderSource(Source):
         with os.scandir(self.path) as entries:
             names = [e.name for e in entries if e.is_dir() and not e.name.startswith((".", "__"))]
         self._ids = sorted(names, key=natural_key)
-        # the stored encoding, from the first identity's images: passthrough then copies bytes instead of converting
-        self.image_format = "png"
-        if self._ids:
-            names = os.listdir(os.path.join(self.path, self._ids[0]))
-            first = next((n for n in sorted(names, key=natural_key)
-                          if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS), None)
-            if first:
-                self.image_format = IMAGE_EXTENSIONS[os.path.splitext(first)[1].lower()]
+        self._listing: dict[str, list[str]] = {}  # identity -> image file names (filled on first use)
+        self._image_format: str | None = None
+
+    @property
+    def image_format(self) -> str:
+        """The dataset's encoding: PNG when any image file is PNG (lossless), JPEG only when every one is JPEG.
+
+        Decided from the file names of every identity folder (stopping at the first PNG), never from one file:
+        one JPEG among PNGs must not turn the PNGs into JPEGs. Images of the other encoding are converted
+        losslessly (or, for a PNG named .jpg in a JPEG dataset, skipped with the reason), and counted in the card.
+        """
+        if self._image_format is None:
+            found: set[str] = set()
+            for identity_id in self._ids:
+                if printable_name(identity_id) != identity_id:
+                    continue  # never read: its images are skipped (name not UTF-8)
+                try:
+                    files = self._files(identity_id)  # the listing the run uses anyway (cached)
+                except OSError:
+                    continue  # an unreadable folder: its images are skipped with the reason when loaded
+                found.update(IMAGE_EXTENSIONS[os.path.splitext(name)[1].lower()] for name in files)
+                if "png" in found:
+                    break
+            self._image_format = "jpg" if "jpg" in found and "png" not in found else "png"
+        return self._image_format
 
     def identities(self):
-        return self._ids
+        return list(self._folder_names)
+
+    @functools.cached_property
+    def _folder_names(self) -> dict[str, str]:
+        """Identity id -> folder name. A name that is not UTF-8 (no json can hold it) is listed under a printable
+        id (``person_\\xff``) so that it becomes a counted skip, with a warning now."""
+        names = {printable_name(n): n for n in self._ids}
+        if len(names) != len(self._ids):  # "a\xff" written out literally beside a non-UTF-8 a\xff
+            raise UsageError(f"source 'folder': identity folder names in {self.path} collide once their non-UTF-8 "
+                             "bytes are written as \\xNN; rename them")
+        bad = [i for i, n in names.items() if i != n]
+        if bad and os.environ.get("RANK", "0") == "0":
+            log.warning(f"folder: {len(bad)} identity folder name(s) are not UTF-8; their images are skipped "
+                        f"(e.g. {', '.join(bad[:3])})")
+        return names
+
+    def _files(self, identity_id: str) -> list[str]:
+        """The identity's image files in natural order, listed once per process."""
+        files = self._listing.get(identity_id)
+        if files is None:
+            folder = os.path.join(self.path, identity_id)
+            files = self._listing[identity_id] = sorted(
+                (n for n in os.listdir(folder)
+                 if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS),
+                key=natural_key,
+            )
+        return files
+
+    def image_refs(self, identity_id):
+        if self._name_not_utf8(identity_id):
+            return [f"{identity_id}/"]
+        return [printable_name(f"{identity_id}/{name}") for name in self._files(identity_id)]
 
     def load(self, identity_id):
+        return self.load_images(identity_id, range(len(self.image_refs(identity_id))))
+
+    def _name_not_utf8(self, identity_id: str) -> bool:
+        return self._folder_names.get(identity_id, identity_id) != identity_id
+
+    def load_images(self, identity_id, indices):
+        if self._name_not_utf8(identity_id):  # one item: the folder is never listed
+            return [Skip(f"{identity_id}/", "name not UTF-8", "identity folder name is not UTF-8") for _ in indices]
         folder = os.path.join(self.path, identity_id)
-        files = sorted(
-            (n for n in os.listdir(folder)
-             if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS),
-            key=natural_key,
-        )
+        files = self._files(identity_id)
         items: list[SourceImage | Skip] = []
-        for index, file_name in enumerate(files):
+        for index in indices:
+            file_name = files[index]
             ref = f"{identity_id}/{file_name}"
+            if printable_name(file_name) != file_name:
+                log.warning(f"folder: skipped {printable_name(ref)}: the file name is not UTF-8")
+                items.append(Skip(printable_name(ref), "name not UTF-8", "file name is not UTF-8"))
+                continue
             try:
                 with open(os.path.join(folder, file_name), "rb") as f:
                     data = f.read()

@@ -12,6 +12,7 @@ from facegen.errors import UsageError
 
 class SeedsSource(Source):
     name = "seeds"
+    synthetic = True  # the card may call the images synthetic
     description = "N identities that are just seeds, for generating transforms (e.g. e4e mode=truncation)"
     card_description = (
         "Identities are seeds, not images: identity `i` is the number `i`, and everything generated for it comes "

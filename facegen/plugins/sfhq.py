@@ -23,6 +23,7 @@ lacks one of those models (or has another dimension) makes that sample a skip ("
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import re
@@ -44,12 +45,15 @@ from facegen.generators.landmarks import (
     arcface_matrix,
     compose,
     five_points_from_sfhq,
+    load_npz_array,
     scale_matrix,
     transform_points,
     warp,
 )
 from facegen.generators.safe_pickle import UnsafePickleError, load_array_dict
-from facegen.records import SourceImage, Skip
+from facegen.records import SourceImage, Skip, printable_name
+
+log = logging.getLogger("facegen.sfhq")
 
 STEM = re.compile(r"SFHQ_pt(\d+)_(\d+)")
 # the published extension of each kind of file, and its slot in the per-stem index
@@ -62,6 +66,10 @@ PART_FOLDER = re.compile(r"part[\s_-]*(\d+)$", re.IGNORECASE)
 EXTRAS = ("landmarks", "segmentation", "features")
 NUM_LANDMARKS = 110
 FEATURE_PROBES = 20  # pickles tried per part when looking for the feature models
+MAX_LANDMARKS_BYTES = 1 << 20  # 110 x 2 float64 is 1,760 bytes
+# Memory bounds: the run holds ~9 identities (images) read ahead, each checked before it is read or decoded
+MAX_FILE_BYTES = 16 << 20  # a 1024x1024 SFHQ JPEG or segmentation PNG is well under 1 MB
+MAX_PIXELS = 4096 * 4096  # decoded (resize, align, segmentation): 48 MB as RGB; SFHQ images are 1024x1024
 
 
 def parse_size(value: Any) -> int | str:
@@ -81,6 +89,7 @@ def feature_column(model: str) -> str:
 
 class SFHQSource(Source):
     name = "sfhq"
+    synthetic = True  # the card may call the images synthetic
     image_format = "jpg"
     description = "SFHQ (Synthetic Faces High Quality) parts 1-4 from Kaggle: one identity per image, with extras"
     card_description = (
@@ -208,6 +217,7 @@ class SFHQSource(Source):
         self._files: dict[str, list[int]] = {}
         self.duplicates = 0
         self.ignored_sample_folders = 0
+        self.non_utf8_folders: list[str] = []  # their files are skipped: no json can hold their names
         wanted_parts = set(self.parts)
         seen_dirs: set[str] = set()
         for top in self._walk_roots():
@@ -230,12 +240,19 @@ class SFHQSource(Source):
                     if dir_index < 0:
                         self._dirs.append(dirpath)
                         dir_index = len(self._dirs) - 1
+                        relative = os.path.relpath(dirpath, self.path)
+                        if printable_name(relative) != relative:
+                            self.non_utf8_folders.append(printable_name(relative))
                     slots = self._files.setdefault(stem, [-1, -1, -1, -1])
                     if slots[slot] >= 0:
                         self.duplicates += 1  # first one in sorted walk order wins
                         continue
                     slots[slot] = dir_index
         self._exts = (".jpg", ".npz", ".png", ".pickle")
+        if self.non_utf8_folders and os.environ.get("RANK", "0") == "0":
+            shown = ", ".join(self.non_utf8_folders[:3])
+            log.warning(f"sfhq: {len(self.non_utf8_folders)} folder(s) with a name that is not UTF-8 hold SFHQ "
+                        f"files; their images are skipped (e.g. {shown})")
 
     def _file(self, stem: str, slot: int) -> str | None:
         index = self._files[stem][slot]
@@ -299,16 +316,26 @@ class SFHQSource(Source):
             features[column] = List(Value("float32"), length=dim)
         return features
 
+    def image_refs(self, identity_id):
+        # one image per identity; a name that is not UTF-8 as load's skip shows it
+        return [printable_name(os.path.relpath(self._file(identity_id, IMAGE), self.path))]
+
+    def load_images(self, identity_id, indices):
+        return self.load(identity_id) if list(indices) == [0] else []
+
     def load(self, identity_id):
         stem = identity_id
         image_path = self._file(stem, IMAGE)
         ref = os.path.relpath(image_path, self.path)
         part, index = _stem_order(stem)
+        if printable_name(ref) != ref:  # a folder name json cannot hold (warned about at construction)
+            return [Skip(printable_name(ref), "name not UTF-8", "a folder name on its path is not UTF-8")]
         try:
-            with open(image_path, "rb") as f:
-                data = f.read()
+            data = _read_small(image_path)
         except OSError as exc:
             return [Skip(ref, "unreadable file", str(exc.strerror or exc))]
+        except ValueError as exc:
+            return [Skip(ref, "file too large", str(exc))]
 
         # 1. read the side files this run needs; a missing or bad one makes the sample a skip
         landmarks = None
@@ -333,21 +360,26 @@ class SFHQSource(Source):
             if seg_path is None:
                 return [Skip(ref, "missing segmentation", f"no {stem}.png next to the images")]
             try:
-                with open(seg_path, "rb") as f:
-                    seg_data = f.read()
+                seg_data = _read_small(seg_path)
             except OSError as exc:
                 return [Skip(ref, "unreadable file", f"{stem}.png: {exc.strerror or exc}")]
+            except ValueError as exc:
+                return [Skip(ref, "file too large", f"{stem}.png: {exc}")]
 
         # 2. geometry: keep the stored pixels, resize, or align; landmarks and segmentation follow the image
         try:
             data, matrix, image_size = self._transform_image(data, landmarks)
         except _BadLandmarks as exc:
             return [Skip(ref, "bad landmarks", f"{stem}.npz: {exc}")]
+        except _TooLarge as exc:
+            return [Skip(ref, "image too large", str(exc))]
         except Exception as exc:  # PIL raises many types for broken JPEGs
             return [Skip(ref, "corrupt image", f"{type(exc).__name__}: {exc}")]
         if seg_data is not None:
             try:
                 extras["seg.png"] = self._transform_segmentation(seg_data, matrix, image_size)
+            except _TooLarge as exc:
+                return [Skip(ref, "image too large", f"{stem}.png: {exc}")]
             except Exception as exc:
                 return [Skip(ref, "corrupt segmentation", f"{stem}.png: {type(exc).__name__}: {exc}")]
 
@@ -362,8 +394,11 @@ class SFHQSource(Source):
                 pass
             if "landmarks" in self.extras:
                 extras["landmarks.npy"] = moved
+        changes = [] if matrix is None else [  # counted in the card: the JPEG was decoded and encoded again
+            f"aligned to a {self.crop_size}x{self.crop_size} ArcFace crop (JPEG re-encoded)" if self.align else
+            f"resized to {self.size} px wide (JPEG re-encoded)"]
         return [SourceImage(ref=ref, data=data, ext="jpg", meta={"part": part, "index": index},
-                            extras=extras, hints=hints)]
+                            extras=extras, hints=hints, changes=changes)]
 
     def _read_features(self, stem: str, extras: dict[str, Any]) -> tuple[str, str] | None:
         """Fill ``extras`` with one float32 vector per declared model, or return (reason, detail) of a skip."""
@@ -371,7 +406,7 @@ class SFHQSource(Source):
         if path is None:
             return "missing features", f"no {stem}.pickle next to the images"
         try:
-            arrays = load_array_dict(path)
+            arrays = load_array_dict(path, MAX_FILE_BYTES)
         except UnsafePickleError as exc:
             return "unsafe pickle", f"{stem}.pickle: {exc}"
         except (pickle.UnpicklingError, OSError) as exc:
@@ -393,6 +428,7 @@ class SFHQSource(Source):
             return data, None, None
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
+            _check_pixels(width, height)
             if self.align:
                 try:
                     five = five_points_from_sfhq(landmarks)
@@ -423,6 +459,7 @@ class SFHQSource(Source):
 
     def _transform_segmentation(self, seg_data: bytes, matrix: np.ndarray | None, image_size) -> bytes:
         with Image.open(io.BytesIO(seg_data)) as im:
+            _check_pixels(*im.size)
             if matrix is None and im.format == "PNG" and im.mode == "L":
                 return seg_data  # the stored file, untouched
             labels = np.asarray(im.convert("L"))
@@ -475,6 +512,7 @@ class SFHQSource(Source):
             "side_files_without_image": dict(without_image),
             "duplicate_files_ignored": self.duplicates,
             "sample_folders_ignored": self.ignored_sample_folders,
+            "folders_not_utf8": self.non_utf8_folders[:10],
             "extras": self.extras,
             "geometry": ("ArcFace-aligned" if self.align else "native" if self.size == "native" else "resized"),
             "columns": self.column_descriptions(),
@@ -505,22 +543,36 @@ class _BadLandmarks(ValueError):
     pass
 
 
+class _TooLarge(ValueError):
+    pass
+
+
+def _check_pixels(width: int, height: int) -> None:
+    """Refuse to decode an image of more than MAX_PIXELS (a small file can declare a huge canvas)."""
+    if width * height > MAX_PIXELS:
+        raise _TooLarge(f"{width}x{height} pixels, over the {MAX_PIXELS} pixels limit")
+
+
+def _read_small(path: str) -> bytes:
+    """A file's bytes, refused (ValueError) above MAX_FILE_BYTES before anything is read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"{size} bytes, over the {MAX_FILE_BYTES} bytes limit")
+        return f.read(MAX_FILE_BYTES + 1)
+
+
 def _stem_order(stem: str) -> tuple[int, int]:
     match = STEM.fullmatch(stem)
     return int(match.group(1)), int(match.group(2))
 
 
 def read_landmarks(path: str) -> np.ndarray:
-    """(110, 2) float32 landmarks of an SFHQ ``.npz`` (key ``landmarks``); ValueError when unusable."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "landmarks" not in archive.files:
-                raise ValueError(f"no 'landmarks' array (keys: {', '.join(archive.files) or 'none'})")
-            points = np.asarray(archive["landmarks"])
-    except ValueError:
-        raise
-    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError … of a broken file
-        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    """(110, 2) float32 landmarks of an SFHQ ``.npz`` (key ``landmarks``); ValueError when unusable.
+
+    Sizes are checked before anything is inflated (a small ``.npz`` can inflate to gigabytes).
+    """
+    points = load_npz_array(path, "landmarks", MAX_LANDMARKS_BYTES)
     if points.shape != (NUM_LANDMARKS, 2) or points.dtype.kind not in "iuf":
         raise ValueError(f"expected a ({NUM_LANDMARKS}, 2) numeric array, got {points.shape} {points.dtype}")
     points = points.astype(np.float32)

@@ -194,4 +194,7 @@ def write_tiny_arc2face(root: str | os.PathLike, seed: int = 0, face_models: boo
                        text_sizes)
     if face_models:
         write_face_models(root, seed + 4)
+    from facegen.generators.weights import write_test_model_marker
+
+    write_test_model_marker(root, "Arc2Face / SD1.5 / face models")
     return root

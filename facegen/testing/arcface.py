@@ -192,4 +192,7 @@ def write_tiny_face_models(model_dir: str | os.PathLike, seed: int = 0) -> Path:
     model_dir = Path(model_dir)
     write_tiny_arcface(model_dir / "arc2face" / "arcface.onnx", seed=seed)
     write_scrfd_standin(model_dir / "antelopev2" / "scrfd_10g_bnkps.onnx")
+    from facegen.generators.weights import write_test_model_marker
+
+    write_test_model_marker(model_dir, "ArcFace recogniser / SCRFD detector")
     return model_dir

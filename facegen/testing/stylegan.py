@@ -91,6 +91,10 @@ def write_e4e_checkpoint(path: str | os.PathLike, size: int = 32, seed: int = 0)
 
 def write_checkpoints(folder: str | os.PathLike, size: int = 32, seed: int = 0) -> tuple[Path, Path]:
     """Both files in ``folder``: (``e4e_tiny.pt``, ``stylegan2_tiny.pt``)."""
+    from facegen.generators.weights import write_test_model_marker
+
     folder = Path(folder)
-    return (write_e4e_checkpoint(folder / "e4e_tiny.pt", size, seed),
-            write_stylegan2_checkpoint(folder / "stylegan2_tiny.pt", size, seed))
+    files = (write_e4e_checkpoint(folder / "e4e_tiny.pt", size, seed),
+             write_stylegan2_checkpoint(folder / "stylegan2_tiny.pt", size, seed))
+    write_test_model_marker(folder, "e4e / StyleGAN2 checkpoints")
+    return files

@@ -1,0 +1,222 @@
+"""`facegen build --from-card PATH_OR_REPO`: rebuild a published facegen dataset from its own card, and say whether
+the rebuild is the same.
+
+What a card carries (see ``facegen.cards.card.facegen_record``): the build options with local paths replaced by
+placeholders, the plan's sha256, the models as they were loaded (Hub commit, or a folder name and each weight file's
+sha256), and the list of published ``provenance/`` files (the identity list, the shift Δ, the shards' checksums).
+A local build folder with ``.facegen/run.json`` is read from that record instead (it holds the same, unscrubbed).
+
+After the rebuild, :func:`compare` reports in one line what differs: the plan (the source's identities), a model, or
+the shards' bytes (the source files, or a GPU's float16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from facegen.errors import UsageError
+
+REBUILT_OPTIONS = ("source", "source_path", "source_opts", "plugin", "plugin_opts", "limit_identities",
+                   "identities_file", "shard_size", "shard_samples", "shards_multiple_of", "seed", "format", "strict",
+                   "verify")
+
+
+@dataclass
+class CardRecord:
+    """What a card (or a build's run.json) says about the build that made it."""
+
+    where: str  # the card as the user named it
+    options: dict[str, Any]
+    plan: dict[str, Any] = field(default_factory=dict)
+    models: list[dict] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # shard path -> XXH3-128
+    files: dict[str, str] = field(default_factory=dict)  # provenance path -> local file
+
+
+def _is_placeholder(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
+
+
+def _front_matter(text: str, where: str) -> dict:
+    if not text.startswith("---"):
+        raise UsageError(f"{where} has no YAML front matter: not a dataset card")
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{where}: the card's YAML does not parse ({str(exc).splitlines()[0]})") from None
+    record = meta.get("facegen") if isinstance(meta, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("options"), dict):
+        raise UsageError(f"{where} is not the card of a facegen build (no `facegen:` options in its YAML)")
+    return record
+
+
+def _checksums_file(path: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")).get("files") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _from_folder(folder: Path, where: str) -> CardRecord:
+    run_path = folder / ".facegen" / "run.json"
+    if run_path.is_file():  # the build's own record: same facts, paths unscrubbed
+        from facegen.cards.stats import load_run, load_shard_stats
+
+        run = load_run(folder)
+        record = CardRecord(where, dict(run.get("options") or {}), run.get("plan") or {},
+                            (run.get("transform") or {}).get("models") or [])
+        record.checksums = {s["tar"]: s.get("tar_xxh3_128") for s in load_shard_stats(folder) if s.get("tar")}
+        for rel, local, _ in _provenance(run):
+            if not Path(os.path.expanduser(local)).is_file() and (folder / rel).is_file():
+                record.files[rel] = str(folder / rel)  # the original moved away: the published copy
+        if record.files:
+            _use_provenance(record)
+        return record
+    readme = folder / "README.md"
+    if not readme.is_file():
+        raise UsageError(f"{where} holds neither .facegen/run.json nor README.md: not a facegen dataset")
+    card = _front_matter(readme.read_text(encoding="utf-8"), where)
+    record = CardRecord(where, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
+    for rel in card.get("provenance") or []:
+        if (folder / rel).is_file():
+            record.files[rel] = str(folder / rel)
+    record.checksums = _checksums_file(folder / "provenance" / "checksums.json")
+    _use_provenance(record)
+    return record
+
+
+def _provenance(run: dict):
+    from facegen.cards.public import provenance_files
+
+    return provenance_files(run)
+
+
+def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    def download(name: str) -> str:
+        try:
+            return hf_hub_download(repo_id, name, repo_type="dataset", revision=revision)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"cannot read {name} of the dataset {repo_id} on the Hub: {first}") from None
+
+    readme = download("README.md")
+    card = _front_matter(Path(readme).read_text(encoding="utf-8"), repo_id)
+    record = CardRecord(repo_id, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
+    for rel in card.get("provenance") or []:
+        record.files[rel] = download(rel)
+    if "provenance/checksums.json" in record.files:
+        record.checksums = _checksums_file(Path(record.files["provenance/checksums.json"]))
+    _use_provenance(record)
+    return record
+
+
+def _use_provenance(record: CardRecord) -> None:
+    """Options that named a published provenance file now name its local copy."""
+    from facegen.cards.public import IDENTITIES_FILE, SHIFT_FILE
+
+    if IDENTITIES_FILE in record.files:
+        record.options["identities_file"] = record.files[IDENTITIES_FILE]
+    if SHIFT_FILE in record.files:
+        record.options["plugin_opts"] = {**(record.options.get("plugin_opts") or {}), "shift": record.files[SHIFT_FILE]}
+
+
+def read_card(spec: str, revision: str | None = None) -> CardRecord:
+    """A card given as a build folder, a README.md file, or a Hub dataset repo id."""
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        return _from_folder(path, spec)
+    if path.is_file():
+        card = _front_matter(path.read_text(encoding="utf-8"), spec)
+        folder = path.parent
+        record = CardRecord(spec, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
+        for rel in card.get("provenance") or []:
+            if (folder / rel).is_file():
+                record.files[rel] = str(folder / rel)
+        record.checksums = _checksums_file(folder / "provenance" / "checksums.json")
+        _use_provenance(record)
+        return record
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _from_repo(spec, revision)
+    raise UsageError(f"--from-card {spec}: not a folder, a README.md or a Hub dataset id ORG/NAME")
+
+
+def build_values(record: CardRecord, given: dict[str, Any]) -> dict[str, Any]:
+    """The build options: the card's, overridden by what the command line gives (option dicts key by key).
+    A value the card could not publish (a local path) must be given again."""
+    values = {k: record.options.get(k) for k in REBUILT_OPTIONS}
+    for key, value in given.items():
+        if key in ("source_opts", "plugin_opts"):
+            values[key] = {**(values.get(key) or {}), **(value or {})}
+        elif value is not None:
+            values[key] = value
+    if _is_placeholder(values.get("source_path")):
+        raise UsageError(f"the card's build read {values['source_path']}: pass --source-path with your copy")
+    for key in ("source_opts", "plugin_opts"):
+        opts = dict(values.get(key) or {})
+        for name, value in list(opts.items()):
+            if name == "model_dir" and value == "<model folder>":
+                opts.pop(name)  # the models come from the Hub at the card's revisions instead
+            elif _is_placeholder(value):
+                flag = "--source-opt" if key == "source_opts" else "--plugin-opt"
+                raise UsageError(f"the card's build used a local file for {name} ({value}): pass {flag} {name}=PATH")
+        values[key] = opts
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _loaded_key(model: dict) -> tuple:
+    from facegen.cards.public import scrub
+
+    return scrub(model.get("id")), model.get("role")
+
+
+def _model_difference(card: dict, rebuilt: dict) -> str | None:
+    """How a model loaded now differs from the card's (None when it is the same)."""
+    was, now = card.get("loaded") or {}, rebuilt.get("loaded") or {}
+    if not was or not now:
+        return None  # nothing recorded on one side: the shards' checksums still speak
+    if was.get("hub") or now.get("hub"):
+        if (was.get("hub"), was.get("commit")) != (now.get("hub"), now.get("commit")):
+            before = f"{was['hub']}@{was.get('commit')}" if was.get("hub") else f"folder {was.get('folder')}"
+            after = f"{now['hub']}@{now.get('commit')}" if now.get("hub") else f"folder {now.get('folder')}"
+            return f"model {card.get('id')} was {before}, now {after}"
+        return None
+    for name in sorted(set(was.get("sha256") or {}) | set(now.get("sha256") or {})):
+        a, b = (was.get("sha256") or {}).get(name), (now.get("sha256") or {}).get(name)
+        if a != b:
+            return (f"model {card.get('id')}: {name} has sha256 {str(b)[:12]}… here, {str(a)[:12]}… in the card")
+    return None
+
+
+def compare(record: CardRecord, out: Path) -> tuple[bool, str]:
+    """(same, one line): the rebuild in ``out`` against the card."""
+    from facegen.cards.stats import load_run, load_shard_stats
+
+    run = load_run(out)
+    plan_was, plan_now = (record.plan or {}).get("plan_sha256"), (run.get("plan") or {}).get("plan_sha256")
+    if plan_was and plan_was != plan_now:
+        return False, (f"the source's identities differ: the plan has {run['plan'].get('identities')} identities, "
+                       f"sha256 {str(plan_now)[:12]}…; the card's has {record.plan.get('identities')}, "
+                       f"{plan_was[:12]}… (another source folder or source version?)")
+    now_models = {_loaded_key(m): m for m in (run.get("transform") or {}).get("models") or []}
+    for model in record.models:
+        difference = _model_difference(model, now_models.get(_loaded_key(model), {}))
+        if difference:
+            return False, difference
+    shards = {s["tar"]: s.get("tar_xxh3_128") for s in load_shard_stats(out) if s.get("tar")}
+    if not record.checksums:
+        return True, f"rebuilt {len(shards)} shards; the card lists no checksums to compare with"
+    differ = sorted(p for p in set(shards) | set(record.checksums) if shards.get(p) != record.checksums.get(p))
+    if differ:
+        cause = ("the source files differ (the models and the plan are the same), or the build ran on a GPU in "
+                 "float16, which matches only within numeric tolerance")
+        return False, f"{len(differ)} of {len(record.checksums)} shards differ from the card ({differ[0]} first): {cause}"
+    return True, f"all {len(shards)} shards are byte-identical to the card's"

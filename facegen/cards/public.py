@@ -1,0 +1,160 @@
+"""What of a build's records may be published: no local path leaves the machine, and the inputs needed to rebuild
+(the identity list, the shift Δ) travel as files under ``provenance/``.
+
+``.facegen/run.json`` keeps absolute paths (it is never uploaded). Everything the card, LICENSE or ``_info.json``
+shows goes through :func:`scrub` or :func:`public_options`: a local path becomes a placeholder such as
+``<digiface source folder>`` or the name of a published provenance file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_DIR = "provenance"
+IDENTITIES_FILE = f"{PROVENANCE_DIR}/identities.txt"
+SHIFT_FILE = f"{PROVENANCE_DIR}/shift.safetensors"
+OUT_PLACEHOLDER = "NEW"
+# an absolute POSIX path or a home-relative one, not part of a URL (`https://x/y`) or of a relative path (`a/b`)
+ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])(?:~|/(?!/))[^\s\"'`()\[\]<>,;|]*")
+
+
+def source_placeholder(run: dict) -> str:
+    name = (run.get("source") or {}).get("name") or (run.get("options") or {}).get("source") or "source"
+    return f"<{name} source folder>"
+
+
+def _placeholder(path: str) -> str:
+    name = os.path.basename(os.path.normpath(os.path.expanduser(path)))
+    return f"<{name}>" if name and name not in (".", "/") else "<local path>"
+
+
+def _looks_local(value: str) -> bool:
+    if not value or "://" in value:
+        return False
+    expanded = os.path.expanduser(value)
+    return os.path.isabs(expanded) or value.startswith(("./", "../")) or os.path.exists(expanded)
+
+
+def scrub(value: Any, known: dict[str, str] | None = None) -> Any:
+    """``value`` (str, list, dict) with every local path replaced: ``known`` paths by their placeholder, other
+    absolute or home-relative paths by ``<their file name>``; the home folder never survives."""
+    if isinstance(value, dict):
+        return {k: scrub(v, known) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v, known) for v in value]
+    if not isinstance(value, str):
+        return value
+    text = value
+    for path, placeholder in sorted((known or {}).items(), key=lambda kv: -len(kv[0])):
+        if path:
+            text = text.replace(path, placeholder)
+    text = ABSOLUTE_PATH.sub(lambda m: _placeholder(m.group(0)) if len(m.group(0)) > 1 else m.group(0), text)
+    home = os.path.expanduser("~")
+    if home not in ("/", "~") and home in text:
+        text = text.replace(home, "~")
+    return text
+
+
+def known_paths(run: dict, out: Path | None = None) -> dict[str, str]:
+    """The run's local paths and what the card writes instead."""
+    options = run.get("options") or {}
+    known = {}
+    if options.get("source_path"):
+        known[os.path.abspath(os.path.expanduser(options["source_path"]))] = source_placeholder(run)
+        known[options["source_path"]] = source_placeholder(run)
+    if options.get("identities_file"):
+        known[options["identities_file"]] = IDENTITIES_FILE
+        known[os.path.abspath(options["identities_file"])] = IDENTITIES_FILE
+    shift = (options.get("plugin_opts") or {}).get("shift")
+    if shift:
+        known[shift] = SHIFT_FILE
+        known[os.path.abspath(shift)] = SHIFT_FILE
+    if out is not None:
+        known[str(Path(out).resolve())] = OUT_PLACEHOLDER
+    return known
+
+
+def _public_value(name: str, value: Any, run: dict) -> Any:
+    if name == "shift" and value:
+        return SHIFT_FILE
+    if name == "model_dir" and value:
+        return "<model folder>"
+    if isinstance(value, str) and _looks_local(value):
+        return _placeholder(value)
+    return value
+
+
+def public_options(run: dict) -> dict:
+    """The build options as the card may publish them: same keys, local paths replaced by placeholders."""
+    options = dict(run.get("options") or {})
+    if options.get("source_path"):
+        options["source_path"] = source_placeholder(run)
+    if options.get("identities_file"):
+        options["identities_file"] = IDENTITIES_FILE
+    if options.get("recipe") and _looks_local(str(options["recipe"])):
+        options["recipe"] = _placeholder(str(options["recipe"]))
+    for key in ("source_opts", "plugin_opts"):
+        options[key] = {name: _public_value(name, value, run) for name, value in (options.get(key) or {}).items()}
+    return scrub(options, known_paths(run))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def provenance_files(run: dict) -> list[tuple[str, str, str | None]]:
+    """(path in the dataset, local source path, expected sha256) of each small input needed to rebuild."""
+    options = run.get("options") or {}
+    transform = run.get("transform") or {}
+    files = []
+    if options.get("identities_file"):
+        files.append((IDENTITIES_FILE, options["identities_file"], options.get("identities_file_sha256")))
+    shift = (options.get("plugin_opts") or {}).get("shift")
+    if shift:
+        files.append((SHIFT_FILE, shift, (transform.get("provenance") or {}).get("shift_sha256")))
+    return files
+
+
+def _publishable_copy(path: Path) -> bytes:
+    """The file's bytes; a safetensors file's metadata (which may name local paths) is scrubbed, its tensors kept."""
+    data = path.read_bytes()
+    if path.suffix != ".safetensors":
+        return data
+    from safetensors.numpy import load, save
+
+    try:
+        import json
+        import struct
+
+        header_len = struct.unpack("<Q", data[:8])[0]
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        return save(load(data), metadata=scrub(metadata))
+    except Exception:  # not readable as safetensors: the build read it, so publish it as it is
+        return data
+
+
+def copy_provenance(out: Path, run: dict) -> list[str]:
+    """Copy the rebuild inputs under ``OUT/provenance/`` (only when the file is still the one the build used).
+    Returns the provenance files present afterwards."""
+    present = []
+    for rel, local, sha in provenance_files(run):
+        target = out / rel
+        source = Path(os.path.expanduser(local))
+        if source.is_file() and (sha is None or _sha256(source) == sha):
+            data = _publishable_copy(source)
+            if not target.is_file() or target.read_bytes() != data:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(target)
+        if target.is_file():
+            present.append(rel)
+    return present

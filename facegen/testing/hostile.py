@@ -1,0 +1,207 @@
+"""Hostile input files, as an attacker (or a bad disk) would make them, for tests that a build survives them.
+
+Each writer makes a small real file that, read naively, costs gigabytes of memory, runs code, or breaks a json:
+
+- :func:`write_overlapping_zip_bomb`: a DigiFace-like zip whose central directory points every member at one
+  deflate stream that inflates to 60 MB (a ~70 KB file; 72 members make 4.3 GB per identity);
+- :func:`write_symlink_member_zip`: a DigiFace part with one member stored as a symbolic link;
+- :func:`write_zip_with_non_utf8_name`: a DigiFace part with one member name flagged UTF-8 that is not;
+- :func:`write_npz_bomb`: an SFHQ landmarks ``.npz`` of ~3 MB whose array inflates to 3 GB;
+- :func:`huge_array_pickle_bytes`: a features pickle asking numpy for a 2**40-element array;
+- :func:`add_huge_hdf5_dataset`: a compressed HDF5 dataset declaring gigabytes in a few hundred KB;
+- :func:`random_bytes_file`: what a truncated or mangled model download looks like;
+- :func:`write_malicious_torch_pickle`: a ``torch.save`` zip whose ``data.pkl`` calls a shell command;
+- :func:`non_utf8_name`: a file name with bytes that are not UTF-8 (as ``os.listdir`` returns it).
+
+Inflating streams are built from one compressed block of zeros repeated (deflate blocks after a full flush stand
+alone), so writing a 3 GB bomb takes a moment and no memory.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 1 << 20  # bytes of zeros per repeated deflate block
+
+
+def deflated_zeros(size: int) -> bytes:
+    """A raw deflate stream of ``size`` zero bytes, built without holding ``size`` bytes."""
+    if size % CHUNK:
+        raise ValueError(f"size must be a multiple of {CHUNK}")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(bytes(CHUNK)) + compressor.flush(zlib.Z_FULL_FLUSH)
+    final = zlib.compressobj(9, zlib.DEFLATED, -15).flush()  # an empty last block
+    return block * (size // CHUNK) + final
+
+
+def zeros_crc(size: int, crc: int = 0) -> int:
+    """CRC-32 of ``crc``'s data followed by ``size`` zero bytes."""
+    zeros = bytes(CHUNK)
+    for _ in range(size // CHUNK):
+        crc = zlib.crc32(zeros, crc)
+    return crc
+
+
+def _local_header(name: bytes, method: int, crc: int, csize: int, size: int, flags: int = 0) -> bytes:
+    return struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, flags, method, 0, 0x5521, crc, csize, size, len(name), 0) + name
+
+
+def _central_entry(name: bytes, method: int, crc: int, csize: int, size: int, offset: int, flags: int = 0,
+                   external: int = 0o644 << 16) -> bytes:
+    return struct.pack("<4s6H3L5H2L", b"PK\x01\x02", (3 << 8) | 20, 20, flags, method, 0, 0x5521, crc, csize,
+                       size, len(name), 0, 0, 0, 0, external, offset) + name
+
+
+def _end_record(entries: int, directory_size: int, directory_offset: int) -> bytes:
+    return struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, entries, entries, directory_size, directory_offset, 0)
+
+
+def write_overlapping_zip_bomb(path: str | os.PathLike, identity: int = 0, members: int = 72,
+                               inflated: int = 60 << 20) -> Path:
+    """One deflate stream of ``inflated`` zeros; ``members`` central-directory entries ``{identity}/{k}.png`` all
+    point at it (same offset, valid CRC): each member, read on its own, inflates ``inflated`` bytes."""
+    stream, crc = deflated_zeros(inflated), zeros_crc(inflated)
+    first = f"{identity}/0.png".encode()
+    body = _local_header(first, zipfile.ZIP_DEFLATED, crc, len(stream), inflated) + stream
+    directory = b"".join(_central_entry(f"{identity}/{k}.png".encode(), zipfile.ZIP_DEFLATED, crc, len(stream),
+                                        inflated, 0) for k in range(members))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body + directory + _end_record(members, len(directory), len(body)))
+    return path
+
+
+def _write_zip(path: Path, members: list[tuple[bytes, bytes, int, int]]) -> Path:
+    """A plain stored zip of (name bytes, data, flags, external attributes), written byte by byte."""
+    body, directory = b"", b""
+    for name, data, flags, external in members:
+        crc = zlib.crc32(data)
+        offset = len(body)
+        body += _local_header(name, zipfile.ZIP_STORED, crc, len(data), len(data), flags) + data
+        directory += _central_entry(name, zipfile.ZIP_STORED, crc, len(data), len(data), offset, flags, external)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body + directory + _end_record(len(members), len(directory), len(body)))
+    return path
+
+
+def write_symlink_member_zip(path: str | os.PathLike, pngs: dict[str, bytes], link: str,
+                             target: str = "../../../etc/passwd") -> Path:
+    """A zip of ``pngs`` (member name -> bytes) plus ``link``, a symbolic-link entry (Unix mode 0o120777) whose
+    data is ``target``, as ``zip --symlinks`` stores one."""
+    members = [(name.encode(), data, 0, 0o100644 << 16) for name, data in pngs.items()]
+    members.append((link.encode(), target.encode(), 0, 0o120777 << 16))
+    return _write_zip(Path(path), members)
+
+
+def write_zip_with_non_utf8_name(path: str | os.PathLike, pngs: dict[str, bytes], bad_name: bytes,
+                                 data: bytes) -> Path:
+    """A zip of ``pngs`` plus a member named ``bad_name`` (bytes that are not UTF-8) flagged as UTF-8 (bit 11)."""
+    members = [(name.encode(), png, 0x800, 0o100644 << 16) for name, png in pngs.items()]
+    members.append((bad_name, data, 0x800, 0o100644 << 16))
+    return _write_zip(Path(path), members)
+
+
+def write_npz_bomb(path: str | os.PathLike, key: str = "landmarks", inflated: int = 3 << 30) -> Path:
+    """An ``.npz`` whose ``{key}.npy`` declares a (N, 2) float64 array of ``inflated`` bytes, all zeros, deflated
+    (~3 MB for 3 GB). ``np.load(path)[key]`` allocates and inflates all of it."""
+    header_dict = {"descr": "<f8", "fortran_order": False, "shape": (inflated // 16, 2)}
+    header = repr(header_dict).encode("latin1")
+    pad = -(len(header) + 10 + 1) % 64
+    npy_header = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header) + pad + 1) + header + b" " * pad + b"\n"
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = compressor.compress(npy_header) + compressor.flush(zlib.Z_FULL_FLUSH)
+    stream = head + deflated_zeros(inflated)
+    crc = zeros_crc(inflated, zlib.crc32(npy_header))
+    size = len(npy_header) + inflated
+    name = f"{key}.npy".encode()
+    local = _local_header(name, zipfile.ZIP_DEFLATED, crc, len(stream), size)
+    directory = _central_entry(name, zipfile.ZIP_DEFLATED, crc, len(stream), size, 0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(local + stream + directory + _end_record(1, len(directory), len(local) + len(stream)))
+    return path
+
+
+class _HugeArray:
+    """Pickles as numpy's own ``_reconstruct(ndarray, shape, dtype)`` call, with a shape no file could carry."""
+
+    def __init__(self, elements: int):
+        self.elements = elements
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (self.elements,), b"b")
+
+
+def huge_array_pickle_bytes(model: str = "CLIP_ViTL_14@336", elements: int = 2**40) -> bytes:
+    """A features pickle ``{model: array}`` that names only numpy's allowed globals but asks numpy for an array
+    of ``elements`` bytes (pickle.load raises MemoryError at 2**40, or maps terabytes)."""
+    return pickle.dumps({model: _HugeArray(elements)}, protocol=2)
+
+
+def add_huge_hdf5_dataset(file: str | os.PathLike, name: str, shape: tuple[int, ...], written: int = 0) -> None:
+    """Create dataset ``name`` of ``shape`` float32, gzip-chunked, in an HDF5 file: only ``written`` leading
+    values are stored; reading it whole allocates (and fills) every declared value."""
+    import h5py
+
+    with h5py.File(file, "a") as h5:
+        if name in h5:
+            del h5[name]
+        chunk = tuple(min(d, 1 << 20) for d in shape)
+        dataset = h5.create_dataset(name, shape=shape, dtype="float32", chunks=chunk, compression="gzip",
+                                    compression_opts=9)
+        if written:
+            flat = np.random.default_rng(0).normal(size=written).astype(np.float32)
+            dataset[(0,) * (len(shape) - 1) + (slice(0, written),)] = flat
+
+
+def random_bytes_file(path: str | os.PathLike, size: int = 4096, seed: int = 0) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(np.random.default_rng(seed).bytes(size))
+    return path
+
+
+class _ShellCommand:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def write_malicious_torch_pickle(path: str | os.PathLike, command: str, template: str | os.PathLike | None = None
+                                 ) -> Path:
+    """A ``torch.save`` zip (``template``'s members, or a fresh one) whose ``data.pkl`` runs ``command`` through
+    ``os.system`` when unpickled without restrictions."""
+    import io
+
+    import torch
+
+    path = Path(path)
+    if template is None:
+        buffer = io.BytesIO()
+        torch.save({"weight": torch.zeros(2)}, buffer)
+        source = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    else:
+        source = zipfile.ZipFile(io.BytesIO(Path(template).read_bytes()))
+    with source, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename.endswith("data.pkl"):
+                data = pickle.dumps({"weight": _ShellCommand(command)}, protocol=2)
+            out.writestr(info, data)
+    return path
+
+
+def non_utf8_name(text: str, raw: bytes = b"\xff") -> str:
+    """``text`` + bytes that are not UTF-8, as ``os.listdir`` returns such a name (surrogate escapes)."""
+    return text + os.fsdecode(raw)

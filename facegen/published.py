@@ -14,8 +14,12 @@ API summary
   ``.card`` (YAML data as a dict), ``.license_text``, ``.run`` (``.facegen/run.json`` when the folder has it),
   ``.skipped`` (members or shards that could not be read, with reasons), ``.fingerprint()``, ``.name``.
 
-What is read, and how cheaply: tar headers (``tarfile`` seeks over the data of other members) and the small
-``.json`` and ``.cls`` members; image bytes only on request, by offset. One identity's samples may be spread over
+What is read, and how cheaply: a local build's per-shard sample index (``.facegen/shards/index/{j:06d}.json``:
+keys, identities, labels, byte offsets and lengths) when it is present and matches the shard's name and size;
+nothing of the shard itself is then read until a sample is, and a sample's members are found from its headers with
+one read of its byte range. Without an index (a Hub download, an older build, a shard rewritten since), the tar
+headers (plain USTAR ones read directly, others through ``tarfile``) and the small ``.json`` and ``.cls`` members;
+image bytes only on request, by offset. One identity's samples may be spread over
 many shards (shards are shuffled across the whole dataset), so samples are regrouped by their label (``cls``)
 and ordered by key. A member too large to be metadata, a label that is not an integer or a truncated shard is a
 counted skip, never an exception.
@@ -24,6 +28,7 @@ counted skip, never an exception.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -36,6 +41,7 @@ from facegen.errors import UsageError
 
 DATA_GLOB = "data/train/*.tar"
 HUB_PATTERNS = ["data/**", "README.md", "_info.json", "LICENSE*"]
+INDEX_FORMAT = "facegen-sample-index-1"  # facegen.builders.shards.INDEX_FORMAT (not imported: builders import us)
 MAX_METADATA_BYTES = 1 << 20  # a json or cls member larger than this is not facegen's metadata
 COLUMNS_OF_EVERY_SAMPLE = ("cls", "json", "__key__", "__url__")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
@@ -159,6 +165,16 @@ class Sample:
     cls: int
     identity: str
     members: dict[str, tuple[int, int]] = field(default_factory=dict)  # field -> (offset, size) in the tar
+    # (offset of its first header, bytes of all its members) from the sample index; ``members`` is then filled
+    # on first use (:meth:`PublishedDataset.members`)
+    span: tuple[int, int] | None = None
+
+    @property
+    def position(self) -> int:
+        """Where the sample starts in its shard (for reading a shard's samples in order)."""
+        if self.span is not None:
+            return self.span[0]
+        return min((offset for offset, _ in self.members.values()), default=0)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -189,6 +205,7 @@ class PublishedDataset:
         self.skipped: Counter = Counter()
         self.skipped_details: list[dict] = []
         self.samples: list[Sample] = []
+        self.indexed_shards = 0  # shards read from their sample index instead of their headers
         self._scan(progress)
         self.by_identity: dict[str, list[Sample]] = defaultdict(list)
         for sample in self.samples:
@@ -275,9 +292,74 @@ class PublishedDataset:
 
         found: list[tuple[int, str, Sample]] = []
         for index, path in enumerate(tqdm(self.shards, unit="shard", desc="read shards", disable=not progress)):
-            found += self._scan_shard(index, path)
+            indexed = self._indexed_shard(index, path)
+            if indexed is not None:
+                self.indexed_shards += 1
+                found += indexed
+            else:
+                found += self._scan_shard(index, path)
         found.sort(key=lambda item: (item[0], item[1]))  # label order, then key (= image number) order
         self.samples = [sample for _, _, sample in found]
+
+    def _indexed_shard(self, index: int, path: Path) -> list[tuple[int, str, Sample]] | None:
+        """The shard's samples from its sample index, or None (then its headers are scanned) when there is no
+        index, or it does not describe this very file (name, size, the end-of-archive blocks right after its last
+        sample) or is malformed."""
+        match = re.fullmatch(r"train-(\d{6})\.tar", path.name)
+        if match is None:
+            return None
+        index_path = self.root / ".facegen" / "shards" / "index" / f"{match.group(1)}.json"
+        try:
+            record = json.loads(index_path.read_bytes())
+            size = path.stat().st_size
+            if (not isinstance(record, dict) or record.get("format") != INDEX_FORMAT
+                    or record.get("tar") != path.relative_to(self.root).as_posix() or record.get("tar_bytes") != size):
+                return None
+            rows = list(zip(record["keys"], record["identities"], record["cls"], record["offsets"],
+                            record["lengths"], strict=True))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        out, end = [], 0
+        for key, identity, cls, offset, length in rows:
+            if not (isinstance(key, str) and isinstance(cls, int) and isinstance(offset, int)
+                    and isinstance(length, int) and 0 <= offset and offset + length <= size):
+                return None
+            end = max(end, offset + length)
+            identity = str(identity) if identity not in (None, "") else f"cls{cls}"
+            out.append((cls, key, Sample(index, key, cls, identity, span=(offset, length))))
+        try:  # the end-of-archive blocks follow the last indexed sample: nothing was appended since
+            with open(path, "rb") as f:
+                if os.pread(f.fileno(), 1024, end) != bytes(1024):
+                    return None
+        except OSError:
+            return None
+        return out
+
+    def members(self, sample: Sample) -> dict[str, tuple[int, int]]:
+        """field -> (offset, size) in the shard; for an indexed sample, from its headers (one read of its span)."""
+        if sample.members or sample.span is None:
+            return sample.members
+        start, length = sample.span
+        with open(self.shards[sample.shard], "rb") as f:
+            block = os.pread(f.fileno(), length, start)
+        if len(block) != length:
+            raise OSError(f"{self.shards[sample.shard].name} ends inside sample {sample.key}")
+        view = io.BytesIO(block)
+        try:
+            entries = list(_ustar_members(view, length))
+        except _NotPlainUstar:
+            view.seek(0)
+            with tarfile.open(fileobj=view, mode="r:") as tar:
+                entries = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        except (tarfile.TarError, EOFError, ValueError) as exc:
+            raise OSError(f"{self.shards[sample.shard].name}: sample {sample.key} is damaged ({exc})") from None
+        members = {}
+        for name, offset, size in entries:
+            key, field_name = _split_name(name)
+            if key == sample.key and field_name:
+                members[field_name] = (start + offset, size)
+        sample.members = members
+        return members
 
     def _scan_shard(self, index: int, path: Path) -> list[tuple[int, str, Sample]]:
         rel = path.relative_to(self.root).as_posix()
@@ -327,7 +409,10 @@ class PublishedDataset:
 
     def read(self, sample: Sample, field_name: str) -> bytes:
         """One member's bytes (opened per call, so threads may read concurrently)."""
-        offset, size = sample.members[field_name]
+        members = self.members(sample)
+        if field_name not in members:
+            raise OSError(f"sample {sample.key} has no {field_name!r} member")
+        offset, size = members[field_name]
         with open(self.shards[sample.shard], "rb") as f:
             f.seek(offset)
             data = f.read(size)
@@ -339,9 +424,10 @@ class PublishedDataset:
         return self.read(sample, self.image_column)
 
     def meta(self, sample: Sample) -> dict:
-        if "json" not in sample.members or sample.members["json"][1] > MAX_METADATA_BYTES:
-            return {}
         try:
+            members = self.members(sample)
+            if "json" not in members or members["json"][1] > MAX_METADATA_BYTES:
+                return {}
             value = json.loads(self.read(sample, "json"))
         except (OSError, ValueError):
             return {}

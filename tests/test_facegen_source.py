@@ -116,7 +116,7 @@ def test_hostile_shards_are_counted_skips(parent):
     huge = [s for s in dataset.samples if s.key == "999998_000"]
     assert huge and dataset.meta(huge[0]) == {}  # never read into memory
     for sample in dataset.samples:  # everything listed can be read whole
-        assert len(dataset.image(sample)) == sample.members["png"][1]
+        assert len(dataset.image(sample)) == dataset.members(sample)["png"][1]
 
 
 def test_hub_ids_are_recognised_and_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
@@ -154,3 +154,35 @@ def test_member_listing_matches_tarfile_for_ustar_pax_and_gnu_tars(tmp_path):
     path.write_bytes(bytes(data))
     members, error = list_members(path)
     assert members == [] and error is not None
+
+
+def test_a_built_dataset_is_read_from_its_sample_index_like_a_scan(parent, tmp_path):
+    """A real build (shards sized by samples and shuffled, with `.facegen/shards/index/`) is read from its sample
+    index without scanning; the result is the scan's, and an index that no longer matches its shard is ignored."""
+    import shutil
+
+    child = tmp_path / "child"
+    build("--source", "facegen", "--source-path", parent, "--plugin", "passthrough", "--out", child,
+          "--shard-samples", 5)
+    indexed = PublishedDataset(child)
+    shards = sorted((child / "data" / "train").glob("*.tar"))
+    assert len(shards) == 4 and indexed.indexed_shards == 4
+    scanned_copy = tmp_path / "scanned"
+    shutil.copytree(child, scanned_copy)
+    shutil.rmtree(scanned_copy / ".facegen" / "shards" / "index")
+    scanned = PublishedDataset(scanned_copy)
+    assert scanned.indexed_shards == 0
+    assert scanned.identities == indexed.identities and len(indexed.samples) == 18
+    for a, b in zip(indexed.samples, scanned.samples, strict=True):
+        assert (a.key, a.cls, a.identity, a.shard) == (b.key, b.cls, b.identity, b.shard)
+        assert indexed.members(a) == scanned.members(b)
+        assert indexed.image(a) == scanned.image(b) and indexed.meta(a) == scanned.meta(b)
+        assert indexed.read(a, "embedding.npy") == scanned.read(b, "embedding.npy")
+    # a shard rewritten since its index was written (here: one sample appended) is scanned instead
+    with tarfile.open(shards[1], "a") as tar:
+        for name, data in (("999999_000.png", b"x"), ("999999_000.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    again = PublishedDataset(child)
+    assert again.indexed_shards == 3 and len(again.samples) == 19

@@ -184,7 +184,7 @@ def embed_dataset(dataset: PublishedDataset, recognizer: Recognizer, batch_size:
     reasons = [""] * n
     modes = [""] * n
     sizes = [""] * n
-    order = sorted(range(n), key=lambda i: (samples[i].shard, samples[i].members[dataset.image_column][0]))
+    order = sorted(range(n), key=lambda i: (samples[i].shard, samples[i].position))
 
     def load(i: int):
         try:

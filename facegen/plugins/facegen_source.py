@@ -131,16 +131,28 @@ class FacegenSource(Source):
     def identities(self):
         return self._ids
 
+    def _samples(self, identity_id):
+        return [s for s in self.dataset.by_identity[identity_id] if s.key not in self._removed_samples]
+
+    def image_refs(self, identity_id):
+        """From the index of the parent's samples: no image is read (per-image transforms plan shards from it)."""
+        return [self.dataset.ref(sample) for sample in self._samples(identity_id)]
+
     def load(self, identity_id):
-        items: list[SourceImage | Skip] = []
+        samples = self._samples(identity_id)
+        return self.load_images(identity_id, range(len(samples)), samples)
+
+    def load_images(self, identity_id, indices, samples=None):
+        samples = samples if samples is not None else self._samples(identity_id)
         extras_wanted = self.dataset.extra_columns()
-        for sample in self.dataset.by_identity[identity_id]:
-            if sample.key in self._removed_samples:
-                continue
+        items: list[SourceImage | Skip] = []
+        for i in indices:
+            sample = samples[i]
             ref = self.dataset.ref(sample)
             try:
                 data = self.dataset.image(sample)
-                extras = {name: self.dataset.read(sample, name) for name in extras_wanted if name in sample.members}
+                extras = {name: self.dataset.read(sample, name) for name in extras_wanted
+                          if name in self.dataset.members(sample)}
             except OSError as exc:
                 items.append(Skip(ref, "unreadable member", str(exc)))
                 continue

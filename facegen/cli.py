@@ -346,17 +346,22 @@ def _recognizer_options(command):
 
 
 @main.command("report")
-@click.argument("out", type=click.Path())
+@click.argument("out", metavar="OUT", type=click.Path())
 @_recognizer_options
 @click.option("--against", metavar="PATH_OR_REPO",
               help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its.")
-def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, batch_size, against):
-    """Quality report: identity consistency, separability, near-duplicates, outliers -> .facegen/report.json,
-    report/*.png and the card's Quality section."""
+@click.option("--out", "report_dir", type=click.Path(), metavar="DIR",
+              help="Write report.json, report_embeddings.npz and report/*.png into DIR (required when OUT is a "
+                   "Hub id; a local OUT's card is then left unchanged).")
+def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, batch_size, against, report_dir):
+    """Quality report of OUT (a facegen dataset folder, ORG/NAME or hf://datasets/ORG/NAME): identity
+    consistency, separability, near-duplicates, outliers -> .facegen/report.json, report/*.png and the card's
+    Quality section (or into --out DIR)."""
     from facegen.builders.report import run_report
 
     run_report(out, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
-               min_similarity=min_similarity, against=against, batch_size=batch_size, echo=click.echo)
+               min_similarity=min_similarity, against=against, batch_size=batch_size, echo=click.echo,
+               report_dir=report_dir)
 
 
 @main.command("curate")
@@ -368,8 +373,8 @@ def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, 
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
 def curate_command(out, new, recognizer, model_dir, detector, dedup, min_similarity, batch_size, min_images,
                    overwrite):
-    """Drop near-duplicate identities, outlier samples and thin identities of OUT (by its report); build the rest
-    into a new dataset through `--source facegen`."""
+    """Drop near-duplicate identities, outlier samples and thin identities of OUT (a folder or a Hub id; by its
+    report); build the rest into a new dataset through `--source facegen`."""
     from facegen.builders.curate import curate
 
     _, summary = curate(out, new, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,

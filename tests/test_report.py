@@ -106,6 +106,12 @@ def test_curate_removes_exactly_the_planted_flaws(real, tmp_path, capsys):
     section = readme.split("## Curation", 1)[1].split("\n## ", 1)[0]
     assert f"`{duplicate}`" in section and "near-duplicate" in section and "outlier" in section
     assert "@misc{out," in readme  # cites OUT
+    # nothing publishable names a local path: OUT is a placeholder, the curation file a provenance file, and the
+    # licence table names the parent dataset (its folder's name), not the `facegen` plugin
+    assert "--source-path '<facegen source folder>'" in readme and "curation=provenance/curation.json" in readme
+    assert json.loads((new / "provenance" / "curation.json").read_text()) == curation
+    assert "| `out (facegen dataset)` |" in readme.split("## Licence", 1)[1]
+    no_local_paths(new, out.parent, tmp_path)
     # rerunning the same command resumes (nothing to do); other decisions in the same folder are refused
     assert run_cli(["curate", out, "--out", new], capsys)[0] == 0
     code, _, err = run_cli(["curate", out, "--out", new, "--min-similarity", "0.5"], capsys)
@@ -187,3 +193,103 @@ def test_dlib_recognizer_detects_faces_in_large_images_and_finds_none_in_a_flat_
     small, big, none = DlibRecognizer().embed([astronaut, large, flat])
     assert none is None
     assert float(small @ big / np.linalg.norm(small) / np.linalg.norm(big)) > 0.99
+
+
+# ------------------------------------------------------------------ Hub ids (against tests/hub_standin.py)
+
+
+@pytest.fixture
+def hub():
+    from tests.hub_standin import HubStandIn
+    from tests.test_hub_roundtrip import TOKEN
+
+    with HubStandIn(tokens=(TOKEN,)) as standin:
+        yield standin
+
+
+def hub_run(hub, tmp_path, *args):
+    """A facegen command in a subprocess whose huggingface_hub talks to the stand-in (HF_ENDPOINT, own HF_HOME)."""
+    import subprocess
+
+    from tests.conftest import BIN
+    from tests.test_hub_roundtrip import hub_env
+
+    return subprocess.run([str(BIN / "facegen"), *map(str, args)], capture_output=True, text=True,
+                          env=hub_env(hub, tmp_path), timeout=900)
+
+
+def no_local_paths(folder, *private):
+    from facegen.builders.publish import files_to_upload
+
+    for f in files_to_upload(folder):
+        data = (folder / f.path).read_bytes()
+        for path in private:
+            assert str(path).encode() not in data, (f.path, str(path))
+
+
+@pytest.mark.slow
+def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub):
+    """Publish the real-face dataset to the Hub stand-in as org/x, then: build from it with `--source facegen
+    --source-path org/x`, `facegen report org/x --out DIR` (same findings as on the folder), `--against org/x`,
+    and `facegen curate hf://datasets/org/x --out NEW`, whose card names no local path and cites org/x."""
+    out, planted, src = real
+    proc = hub_run(hub, tmp_path, "publish", out, "--repo", "org/x")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # 1. the facegen source reads the Hub dataset
+    child = tmp_path / "child"
+    proc = hub_run(hub, tmp_path, "build", "--source", "facegen", "--source-path", "org/x", "--plugin",
+                   "passthrough", "--out", child)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = tar_members(out)
+    rows = list(load_dataset(str(child), split="train", streaming=True))
+    assert len(rows) == len([n for n in parent if n.endswith(".png")])
+    for r in rows:
+        ref = r["json"]["source_ref"]
+        assert re.fullmatch(r"hf://datasets/org/x/data/train/train-\d{6}\.tar#\d{6}_\d{3}", ref), ref
+        assert r["png"] is not None
+    readme = (child / "README.md").read_text()
+    assert "--source-path org/x" in readme and "| `org/x (facegen dataset)` |" in readme
+    no_local_paths(child, tmp_path)
+
+    # 2. the report of a Hub id goes to --out DIR (required) and finds what it finds on the folder
+    code = hub_run(hub, tmp_path, "report", "org/x")
+    assert code.returncode == 2 and "--out DIR" in code.stderr and code.stderr.count("\n") == 1
+    reports = tmp_path / "reports"
+    proc = hub_run(hub, tmp_path, "report", "org/x", "--out", reports)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((reports / "report.json").read_text())
+    assert report["dataset_name"] == "org/x"
+    assert [sorted(p[:2]) for p in report["near_duplicate_identities"]] == [sorted(planted.duplicate)]
+    assert [o["identity"] for o in report["outliers"]] == [planted.outlier_identity]
+    assert sorted(p.name for p in (reports / "report").glob("*.png")) == [
+        "consistency.png", "separability.png", "worst-identities.png"]
+    assert (reports / "report_embeddings.npz").is_file()
+    rerun = hub_run(hub, tmp_path, "report", "hf://datasets/org/x", "--out", reports, "--dedup", "0.99")
+    assert rerun.returncode == 0 and "(reused)" in rerun.stdout, rerun.stderr[-3000:]
+
+    # 3. --against a Hub id: the evaluation identities are found in org/x
+    ids = tmp_path / "ids.txt"
+    ids.write_text("t1-0\nt1-4\n")
+    evaluation = tmp_path / "evaluation"
+    build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough",
+          "--out", evaluation)
+    proc = hub_run(hub, tmp_path, "report", evaluation, "--against", "org/x")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    against = json.loads((evaluation / ".facegen" / "report.json").read_text())["against"]
+    assert against["dataset"] == "org/x"
+    assert sorted({m[0] for m in against["matches"]}) == ["t1-0", "t1-4"]
+
+    # 4. curate a Hub id: the report is kept in NEW, the card cites org/x and names no local path
+    new = tmp_path / "curated"
+    proc = hub_run(hub, tmp_path, "curate", "hf://datasets/org/x", "--out", new)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (new / ".facegen" / "parent-report" / "report.json").is_file()
+    rows = list(load_dataset(str(new), split="train", streaming=True))
+    kept = [i for i in planted.identities if i != planted.duplicate[1]]
+    assert sorted({r["json"]["identity"] for r in rows}) == sorted(kept) and len(rows) == len(kept) * IMAGES
+    readme = (new / "README.md").read_text()
+    assert "--source-path hf://datasets/org/x" in readme and "curation=provenance/curation.json" in readme
+    assert "(facegen dataset)" in readme.split("## Licence", 1)[1] and "`facegen` |" not in readme
+    assert (new / "provenance" / "curation.json").is_file()
+    no_local_paths(new, tmp_path)

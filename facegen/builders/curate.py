@@ -9,6 +9,9 @@ Steps (each visible in :func:`curate`):
      identity, the one with the most images, ties going to the first in OUT's plan (lowest label);
    - outlier samples (cosine to their prototype < min_similarity) of the kept identities are dropped;
    - identities left with fewer than ``min_images`` images are dropped.
+OUT may be a Hub dataset (``ORG/NAME``, ``hf://datasets/ORG/NAME``): it is read from the Hub cache, and its report
+(report.json, the cached embeddings, the plots) is kept in ``NEW/.facegen/parent-report/`` instead of OUT's folder.
+
 3. NEW is built from OUT through the `facegen` source with these drops (``curation=NEW/.facegen/curation.json``)
    and the passthrough transform: image bytes are copied, labels are contiguous, the card cites OUT, inherits its
    licence and lists what was removed and why.
@@ -27,6 +30,7 @@ from facegen.errors import UsageError
 from facegen.published import PublishedDataset
 
 CURATION_FILE = Path(".facegen") / "curation.json"
+PARENT_REPORT_DIR = Path(".facegen") / "parent-report"  # the report of a Hub OUT (its cache is not ours to write)
 
 
 def near_duplicate_groups(pairs: list[list], order: dict[str, int]) -> list[list[str]]:
@@ -148,15 +152,24 @@ def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, det
     echo = echo or (lambda line: None)
     if min_images < 1:
         raise UsageError("--min-images must be at least 1")
-    out_path, new_path = Path(out).resolve(), Path(new).resolve()
-    if not out_path.is_dir():
-        raise UsageError(f"{out} is not a folder (curate reads a local facegen dataset; `facegen build --source "
-                         "facegen --source-path ORG/NAME` reads one from the Hub)")
-    if new_path == out_path or out_path in new_path.parents:
-        raise UsageError("--out must be a folder outside the dataset being curated")
-    report = run_report(out_path, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
-                        min_similarity=min_similarity, batch_size=batch_size, progress=progress, echo=echo)
-    dataset = PublishedDataset(out_path)
+    from facegen.published import parse_hub_id
+
+    new_path = Path(new).resolve()
+    if Path(out).is_dir():
+        out_path = Path(out).resolve()
+        if new_path == out_path or out_path in new_path.parents:
+            raise UsageError("--out must be a folder outside the dataset being curated")
+        source_path, report_dir = str(out_path), None
+    elif parse_hub_id(str(out)) is not None:
+        source_path, report_dir = str(out), new_path / PARENT_REPORT_DIR  # the id as given: the build reads it
+    else:
+        raise UsageError(f"{out} is neither a folder nor a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
+    if new_path.exists() and not new_path.is_dir():
+        raise UsageError(f"--out {new} is a file, not a folder")
+    report = run_report(source_path, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
+                        min_similarity=min_similarity, batch_size=batch_size, progress=progress, echo=echo,
+                        report_dir=report_dir)
+    dataset = PublishedDataset(source_path)
     curation = decide(dataset, report, min_images)
     counts = curation["counts"]
     if counts["identities_kept"] == 0:
@@ -165,7 +178,7 @@ def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, det
          f"{counts['near_duplicate']} near-duplicate identities, {counts['too_few_images']} with fewer than "
          f"{min_images} images, {counts['outlier']} outlier samples")
     curation_path = _prepare_new(new_path, curation, overwrite)
-    config = BuildConfig(source="facegen", source_path=str(out_path), source_opts={"curation": str(curation_path)},
+    config = BuildConfig(source="facegen", source_path=source_path, source_opts={"curation": str(curation_path)},
                          plugin="passthrough", out=str(new_path), overwrite=overwrite,
                          command=command or ["facegen", *sys.argv[1:]])
     summary = build(config)

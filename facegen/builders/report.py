@@ -14,6 +14,11 @@ Steps (each a function below):
    ``dedup`` with any of them are listed (identity leakage, e.g. evaluation identities in a training set).
 5. Write ``.facegen/report.json``, the plots ``report/*.png`` and re-render the card (its Quality section).
 
+Where the report goes: into the dataset's folder (above) for a local dataset; for a Hub dataset (``ORG/NAME`` or
+``hf://datasets/ORG/NAME``, downloaded into the Hub cache, which is never written to) into ``report_dir``
+(``--out DIR``, required then): ``DIR/report.json``, ``DIR/report_embeddings.npz`` and ``DIR/report/*.png``. A
+local dataset may be given ``--out DIR`` too; its card is then left as it is.
+
 Recognisers and their default thresholds (:data:`DEFAULTS`):
 
 - ``dlib`` (default; works offline: real weights from PyPI): dlib descriptors are not centred, so every cosine is
@@ -244,9 +249,10 @@ def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[st
 
 
 def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_size: int = 64,
-                       progress: bool = True, cache: bool = True) -> tuple[Embeddings, bool]:
-    """(embeddings, reused): from the cache in ``.facegen/`` when valid, else computed (and cached)."""
-    path = dataset.root / EMBEDDINGS_NPZ
+                       progress: bool = True, cache: bool = True, path: Path | None = None) -> tuple[Embeddings, bool]:
+    """(embeddings, reused): from the cache (``path``, default ``.facegen/`` of the dataset) when valid, else
+    computed (and cached)."""
+    path = path or dataset.root / EMBEDDINGS_NPZ
     fingerprint = dataset.fingerprint()
     keys = [s.key for s in dataset.samples]
     if cache:
@@ -527,23 +533,49 @@ def against_matches(a: Analysis, other: PublishedDataset, recognizer: Recognizer
             "matches": [[a.ids[i], b.ids[j], round(c, 6)] for i, j, c in matches]}
 
 
+@dataclass(frozen=True)
+class ReportPlace:
+    """Where a report's files go: a dataset folder's own, or a folder of their own (``--out DIR``)."""
+
+    folder: Path  # report/*.png are written under it
+    json: Path
+    embeddings: Path
+    in_dataset: bool
+
+    @classmethod
+    def of(cls, dataset_root: Path, report_dir: str | os.PathLike | None) -> ReportPlace:
+        if report_dir is None or Path(report_dir).resolve() == dataset_root:
+            return cls(dataset_root, dataset_root / REPORT_JSON, dataset_root / EMBEDDINGS_NPZ, True)
+        folder = Path(report_dir).resolve()
+        return cls(folder, folder / REPORT_JSON.name, folder / EMBEDDINGS_NPZ.name, False)
+
+
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
                dedup: float | None = None, min_similarity: float | None = None, against: str | None = None,
                batch_size: int = 64, progress: bool = True, card: bool = True,
-               echo: Callable[[str], Any] | None = None) -> dict:
-    """Compute (or reuse the embeddings of) the report of the facegen dataset in folder ``out``; write it."""
+               echo: Callable[[str], Any] | None = None, report_dir: str | os.PathLike | None = None) -> dict:
+    """Compute (or reuse the embeddings of) the report of the facegen dataset ``out`` (a folder or a Hub id);
+    write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours)."""
+    from facegen.published import parse_hub_id
+
     echo = echo or (lambda line: None)
-    out_path = Path(out)
-    if not out_path.is_dir():
-        raise UsageError(f"{out} is not a folder: the report is written into the dataset's folder (for a Hub "
-                         "dataset, download it first: hf download ORG/NAME --repo-type dataset --local-dir DIR)")
+    if not Path(out).is_dir():
+        if parse_hub_id(str(out)) is None:
+            raise UsageError(f"{out} is neither a folder nor a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
+        if report_dir is None:
+            raise UsageError(f"{out} is a Hub dataset: pass --out DIR, a local folder for report.json and the "
+                             "plots (the dataset itself is read from the Hub cache)")
     dedup, min_similarity = thresholds(recognizer, dedup, min_similarity)
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     started = time.perf_counter()
-    dataset = PublishedDataset(out_path)
+    dataset = PublishedDataset(out)
+    place = ReportPlace.of(dataset.root, report_dir)
+    if place.folder.exists() and not place.folder.is_dir():
+        raise UsageError(f"--out {place.folder} is a file, not a folder")
     model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size)
-    embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress)
+    embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
+                                            path=place.embeddings)
     report = {
         "facegen_version": facegen.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -554,25 +586,27 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
                       "samples_per_second": round(len(dataset.samples) / embeddings.seconds, 2)
                       if embeddings.seconds > 0 else None},
     }
+    if not place.in_dataset:
+        report["dataset_name"] = dataset.name
     report.update(analyse(dataset, embeddings, dedup, min_similarity))
     if against:
         report["against"] = against_matches(report["_analysis"], PublishedDataset(against, progress=progress),
                                             model, dedup, batch_size, progress)
-    report["plots"] = write_plots(out_path, dataset, report, recognizer)
+    report["plots"] = write_plots(place.folder, dataset, report, recognizer)
     report.pop("_analysis")
     report["seconds"] = round(time.perf_counter() - started, 3)
-    write_report(out_path, report)
-    if card and (out_path / ".facegen" / "run.json").is_file():
+    write_report(place.folder, report, place.json)
+    if card and place.in_dataset and (dataset.root / ".facegen" / "run.json").is_file():
         from facegen.cards import write_card
 
-        write_card(out_path)
-    for line in summary_lines(report):
+        write_card(dataset.root)
+    for line in summary_lines(report, place):
         echo(line)
     return report
 
 
-def write_report(out: Path, report: dict) -> None:
-    path = out / REPORT_JSON
+def write_report(out: Path, report: dict, path: Path | None = None) -> None:
+    path = path or out / REPORT_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -586,7 +620,7 @@ def load_report(out) -> dict | None:
         return None
 
 
-def summary_lines(report: dict) -> list[str]:
+def summary_lines(report: dict, place: ReportPlace | None = None) -> list[str]:
     s, d, settings = report["summary"], report["dataset"], report["settings"]
     consistency = s["sample_consistency"].get("median")
     separability = s["separability"].get("median")
@@ -605,5 +639,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append("  not embedded: " + ", ".join(f"{n} {r}" for r, n in report["skipped"].items()))
     if "against" in report:
         lines.append(f"  identities matching {report['against']['dataset']}: {len(report['against']['matches'])}")
-    lines.append(f"  -> {REPORT_JSON.as_posix()}, " + ", ".join(report["plots"]))
+    if place is None or place.in_dataset:
+        lines.append(f"  -> {REPORT_JSON.as_posix()}, " + ", ".join(report["plots"]))
+    else:
+        lines.append(f"  -> {place.json}, " + ", ".join(str(place.folder / p) for p in report["plots"]))
     return lines

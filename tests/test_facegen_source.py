@@ -83,6 +83,16 @@ def test_curation_file_removes_identities_and_samples_and_keeps_labels_contiguou
     assert not any(r["json"]["source_ref"].endswith(f"#{dropped_key}") for r in rows)
     run = json.loads((child / ".facegen" / "run.json").read_text())
     assert run["source"]["provenance"]["curation"]["removed_identities"][0]["identity"] == first
+    # the card publishes the curation file as provenance/curation.json, and a rebuild from the card uses it
+    readme = (child / "README.md").read_text()
+    assert str(tmp_path) not in readme and "curation=provenance/curation.json" in readme
+    assert (child / "provenance" / "curation.json").read_bytes() == curation.read_bytes()
+    curation.unlink()
+    rebuilt = tmp_path / "rebuilt"
+    build("--from-card", child, "--source-path", parent, "--out", rebuilt)
+    again = list(load_dataset(str(rebuilt), split="train", streaming=True))
+    assert sorted((r["__key__"], r["json"]["source_ref"]) for r in again) == sorted(
+        (r["__key__"], r["json"]["source_ref"]) for r in rows)
 
 
 def test_bad_curation_file_is_one_line(parent, tmp_path, capsys):

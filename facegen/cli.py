@@ -362,3 +362,63 @@ def card_command(out, repo_id, gating):
     click.echo(f"licence: {files.card_data.license}"
                + (f" ({files.card_data.license_name})" if files.card_data.license == "other" else "")
                + f" — {files.chain.summary}")
+
+# --- quality report and curation (issue 13) ---
+
+
+def _recognizer_options(command):
+    """Options shared by `report` and `curate`."""
+    for option in reversed([
+        click.option("--recognizer", type=click.Choice(["dlib", "arcface"]), default="dlib", show_default=True,
+                     help="Face recogniser: dlib (real weights from PyPI, offline) or arcface (Arc2Face's)."),
+        click.option("--model-dir", type=click.Path(), help="arcface: local model folder (default: the Hub)."),
+        click.option("--detector", type=click.Choice(["scrfd", "dlib"]), default="scrfd", show_default=True,
+                     help="arcface: face detector for images that are not 112x112 crops."),
+        click.option("--dedup", type=float, help="Near-duplicate identities: prototype cosine >= this "
+                                                  "(default: dlib 0.95, arcface 0.6)."),
+        click.option("--min-similarity", type=float, help="Outlier samples: cosine to their prototype < this "
+                                                          "(default: dlib 0.925, arcface 0.3)."),
+        click.option("--batch-size", type=int, default=64, show_default=True, help="Images per recogniser call."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command("report")
+@click.argument("out", metavar="OUT", type=click.Path())
+@_recognizer_options
+@click.option("--against", metavar="PATH_OR_REPO",
+              help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its.")
+@click.option("--out", "report_dir", type=click.Path(), metavar="DIR",
+              help="Write report.json, report_embeddings.npz and report/*.png into DIR (required when OUT is a "
+                   "Hub id; a local OUT's card is then left unchanged).")
+def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, batch_size, against, report_dir):
+    """Quality report of OUT (a facegen dataset folder, ORG/NAME or hf://datasets/ORG/NAME): identity
+    consistency, separability, near-duplicates, outliers -> .facegen/report.json, report/*.png and the card's
+    Quality section (or into --out DIR)."""
+    from facegen.builders.report import run_report
+
+    run_report(out, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
+               min_similarity=min_similarity, against=against, batch_size=batch_size, echo=click.echo,
+               report_dir=report_dir)
+
+
+@main.command("curate")
+@click.argument("out", type=click.Path())
+@click.option("--out", "new", required=True, type=click.Path(), help="Folder of the curated dataset.")
+@_recognizer_options
+@click.option("--min-images", type=int, default=1, show_default=True,
+              help="Drop identities left with fewer images than this.")
+@click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
+def curate_command(out, new, recognizer, model_dir, detector, dedup, min_similarity, batch_size, min_images,
+                   overwrite):
+    """Drop near-duplicate identities, outlier samples and thin identities of OUT (a folder or a Hub id; by its
+    report); build the rest into a new dataset through `--source facegen`."""
+    from facegen.builders.curate import curate
+
+    _, summary = curate(out, new, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
+                        min_similarity=min_similarity, min_images=min_images, batch_size=batch_size,
+                        overwrite=overwrite, command=["facegen", *sys.argv[1:]], echo=click.echo)
+    if summary is not None:
+        for line in summary.lines():
+            click.echo(line)

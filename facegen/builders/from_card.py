@@ -121,12 +121,15 @@ def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
 
 def _use_provenance(record: CardRecord) -> None:
     """Options that named a published provenance file now name its local copy."""
-    from facegen.cards.public import IDENTITIES_FILE, SHIFT_FILE
+    from facegen.cards.public import CURATION_FILE, IDENTITIES_FILE, SHIFT_FILE
 
     if IDENTITIES_FILE in record.files:
         record.options["identities_file"] = record.files[IDENTITIES_FILE]
     if SHIFT_FILE in record.files:
         record.options["plugin_opts"] = {**(record.options.get("plugin_opts") or {}), "shift": record.files[SHIFT_FILE]}
+    if CURATION_FILE in record.files:
+        record.options["source_opts"] = {**(record.options.get("source_opts") or {}),
+                                         "curation": record.files[CURATION_FILE]}
 
 
 def read_card(spec: str, revision: str | None = None) -> CardRecord:

@@ -32,6 +32,7 @@ import xxhash
 
 from facegen.errors import FacegenError, UsageError
 
+# report/: the plots of `facegen report` (report.json itself stays in .facegen/)
 ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "_info.json", "data/**", "provenance/**", "report/**"]
 # Hidden names anywhere (temporary shard files, editor droppings) and the build's own records stay local:
 # `.*` matches a hidden name at the top level (fnmatch's `*` also crosses `/`), `**/.*` one in a folder.

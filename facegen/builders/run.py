@@ -846,7 +846,8 @@ def _wait_for(places: dict, lock=None) -> None:
 
 
 def _abspath(path: str | None) -> str | None:
-    return os.path.abspath(path) if path else None
+    # a path that is not on this machine (a Hub id given to the `facegen` source) is kept as it was given
+    return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
 def _file_sha256(path: str | None) -> str | None:

@@ -26,6 +26,7 @@ from facegen.cards.public import (
     scrub,
     source_placeholder,
 )
+from facegen.cards.quality import curation_context, quality_context
 from facegen.cards.stats import (
     Statistics,
     load_run,
@@ -436,6 +437,8 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
                                                       known), indent=2, sort_keys=True),
         "citations": _citations(run),
         "license_marker": LICENSE_MARKER,
+        "quality": quality_context(out),  # `facegen report`
+        "curation": curation_context(run),  # `facegen curate`
     }
     env = _environment()
     readme = env.get_template("README.md.j2").render(**context)

@@ -192,7 +192,11 @@ def licence_chain(run: dict) -> LicenceChain:
     chain = LicenceChain()
     source = run.get("source") or {}
     transform = run.get("transform") or {}
-    chain.inputs.append(_plugin_input("source dataset", source))
+    source_input = _plugin_input("source dataset", source)
+    parent = (source.get("provenance") or {}).get("parent") if source.get("name") == "facegen" else None
+    if parent:  # the `facegen` source reads another facegen dataset: name that dataset, not the plugin
+        source_input.name = f"{parent} (facegen dataset)"
+    chain.inputs.append(source_input)
     if transform.get("license"):
         chain.inputs.append(_plugin_input("transform", transform))
     seen = set()

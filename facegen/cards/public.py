@@ -17,12 +17,27 @@ from typing import Any
 PROVENANCE_DIR = "provenance"
 IDENTITIES_FILE = f"{PROVENANCE_DIR}/identities.txt"
 SHIFT_FILE = f"{PROVENANCE_DIR}/shift.safetensors"
+CURATION_FILE = f"{PROVENANCE_DIR}/curation.json"  # the `facegen` source's curation= file (`facegen curate`)
 OUT_PLACEHOLDER = "NEW"
 # an absolute POSIX path or a home-relative one, not part of a URL (`https://x/y`) or of a relative path (`a/b`)
 ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])(?:~|/(?!/))[^\s\"'`()\[\]<>,;|]*")
 
 
+HUB_DATASET = re.compile(r"^(hf://datasets/)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
+                         r"(@[A-Za-z0-9_./-]+)?/?$")
+
+
+def is_hub_dataset(path: str | None) -> bool:
+    """A ``--source-path`` that named a Hub dataset (the `facegen` source: ``ORG/NAME``, ``hf://datasets/…``):
+    public, and what a rebuild needs. run.json keeps a local path absolute, a Hub id as it was given."""
+    return bool(path) and not os.path.isabs(os.path.expanduser(path)) and bool(HUB_DATASET.match(path))
+
+
 def source_placeholder(run: dict) -> str:
+    """What the card writes for ``--source-path``: a Hub dataset id as it is, a local folder as a placeholder."""
+    path = (run.get("options") or {}).get("source_path")
+    if is_hub_dataset(path):
+        return path
     name = (run.get("source") or {}).get("name") or (run.get("options") or {}).get("source") or "source"
     return f"<{name} source folder>"
 
@@ -63,9 +78,13 @@ def known_paths(run: dict, out: Path | None = None) -> dict[str, str]:
     """The run's local paths and what the card writes instead."""
     options = run.get("options") or {}
     known = {}
-    if options.get("source_path"):
+    if options.get("source_path") and not is_hub_dataset(options["source_path"]):
         known[os.path.abspath(os.path.expanduser(options["source_path"]))] = source_placeholder(run)
         known[options["source_path"]] = source_placeholder(run)
+    curation = (options.get("source_opts") or {}).get("curation")
+    if curation and options.get("source") == "facegen":
+        known[curation] = CURATION_FILE
+        known[os.path.abspath(os.path.expanduser(curation))] = CURATION_FILE
     if options.get("identities_file"):
         known[options["identities_file"]] = IDENTITIES_FILE
         known[os.path.abspath(options["identities_file"])] = IDENTITIES_FILE
@@ -83,6 +102,8 @@ def _public_value(name: str, value: Any, run: dict) -> Any:
         return SHIFT_FILE
     if name == "model_dir" and value:
         return "<model folder>"
+    if name == "curation" and value and (run.get("options") or {}).get("source") == "facegen":
+        return CURATION_FILE
     if isinstance(value, str) and _looks_local(value):
         return _placeholder(value)
     return value
@@ -120,6 +141,10 @@ def provenance_files(run: dict) -> list[tuple[str, str, str | None]]:
     shift = (options.get("plugin_opts") or {}).get("shift")
     if shift:
         files.append((SHIFT_FILE, shift, (transform.get("provenance") or {}).get("shift_sha256")))
+    curation = (options.get("source_opts") or {}).get("curation")
+    if curation and options.get("source") == "facegen":
+        recorded = (((run.get("source") or {}).get("provenance") or {}).get("curation") or {}).get("sha256")
+        files.append((CURATION_FILE, curation, recorded))
     return files
 
 

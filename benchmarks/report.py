@@ -1,0 +1,126 @@
+"""Speed of `facegen report`'s embedding pass (the whole cost of a report) on 112x112 real-face crops.
+
+    python benchmarks/report.py --recognizer dlib --samples 10000
+    python benchmarks/report.py --recognizer arcface --samples 1000            # ArcFace R100-size random weights
+    python benchmarks/report.py --recognizer arcface --tiny --samples 10000    # the tests' tiny model (plumbing)
+
+The dataset is a facegen build (passthrough) of real faces (facegen.testing.real_faces: dlib-aligned crops of the
+photos shipped in insightface and scikit-image, augmented), 50 images per identity, made once in --workdir.
+Prints, measured in this run: samples/s of the batched pass (``embed_dataset``, what the report runs, reading and
+decoding included) and of a baseline that embeds one image per network call, on --baseline-samples samples.
+The full-size ArcFace is insightface's IResNet-100 layout (the architecture of antelopev2's recogniser) with
+random weights, exported to ONNX here: its speed is the real model's, its embeddings are meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_dataset(workdir: Path, samples: int) -> Path:
+    from PIL import Image
+
+    from facegen.builders.options import BuildConfig
+    from facegen.builders.run import build
+    from facegen.testing.real_faces import augment, real_face_crops
+
+    out = workdir / f"faces-{samples}"
+    if (out / "README.md").is_file():
+        return out
+    crops = list(real_face_crops().values())
+    rng = np.random.default_rng(0)
+    src = workdir / f"src-{samples}"
+    for i in range(samples):
+        folder = src / f"id{i // 50:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(augment(crops[(i // 50) % len(crops)], rng)).save(folder / f"{i % 50:02d}.png")
+    build(BuildConfig(source="folder", source_path=str(src), plugin="passthrough", out=str(out)))
+    return out
+
+
+def write_iresnet100_onnx(path: Path) -> Path:
+    """insightface's IResNet-100 (layers 3, 13, 30, 3; 512-d output) with random weights, as ONNX."""
+    import torch
+    from torch import nn
+
+    if path.is_file():
+        return path
+
+    class Block(nn.Module):
+        def __init__(self, inplanes, planes, stride):
+            super().__init__()
+            self.body = nn.Sequential(
+                nn.BatchNorm2d(inplanes), nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes),
+                nn.PReLU(planes), nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes))
+            self.down = None if stride == 1 and inplanes == planes else nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+        def forward(self, x):
+            return self.body(x) + (x if self.down is None else self.down(x))
+
+    layers, inplanes, stages = [3, 13, 30, 3], 64, []
+    for planes, count in zip([64, 128, 256, 512], layers):
+        stages += [Block(inplanes, planes, 2)] + [Block(planes, planes, 1) for _ in range(count - 1)]
+        inplanes = planes
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64), *stages,
+                          nn.BatchNorm2d(512), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512)).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(model, torch.zeros(1, 3, 112, 112), str(path), input_names=["input.1"],
+                          output_names=["embedding"], dynamic_axes={"input.1": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recognizer", choices=["dlib", "arcface"], default="dlib")
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--baseline-samples", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--tiny", action="store_true", help="arcface: the tests' tiny random-weight model")
+    parser.add_argument("--workdir", type=Path, default=Path("benchmark-report"))
+    args = parser.parse_args()
+
+    from facegen.builders.report import _decode, embed_dataset, make_recognizer
+    from facegen.published import PublishedDataset
+
+    print(f"cpu cores visible: {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")
+    dataset = PublishedDataset(make_dataset(args.workdir, args.samples))
+    model_dir = None
+    if args.recognizer == "arcface":
+        model_dir = args.workdir / ("tiny-models" if args.tiny else "r100-models")
+        if args.tiny:
+            from facegen.testing.arcface import write_tiny_face_models
+
+            write_tiny_face_models(model_dir)
+        else:
+            write_iresnet100_onnx(model_dir / "arc2face" / "arcface.onnx")
+    recognizer = make_recognizer(args.recognizer, model_dir=str(model_dir) if model_dir else None,
+                                 batch_size=args.batch_size)
+    what = {"dlib": "dlib ResNet (real weights)",
+            "arcface": "ArcFace tiny random weights" if args.tiny else "ArcFace IResNet-100 random weights"}
+
+    subset = dataset.samples[:args.baseline_samples]
+    start = time.perf_counter()
+    for sample in subset:  # baseline: one image per call
+        rgb = _decode(dataset.image(sample))[0]
+        recognizer.embed([rgb])
+    baseline = len(subset) / (time.perf_counter() - start)
+
+    start = time.perf_counter()
+    embeddings = embed_dataset(dataset, recognizer, batch_size=args.batch_size, progress=True)
+    seconds = time.perf_counter() - start
+    rate = len(dataset.samples) / seconds
+    print(f"{what[args.recognizer]}: {len(dataset.samples)} samples in {seconds:.1f} s = {rate:.1f} samples/s "
+          f"({int(embeddings.ok.sum())} embedded); one image per call: {baseline:.1f} samples/s "
+          f"-> batched/baseline {rate / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The card's Quality section (from ``OUT/.facegen/report.json``, written by `facegen report`) and Curation section
+(from the run's source provenance, written by `facegen curate` through the `facegen` source)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+SHOWN = 20  # near-duplicate pairs and outliers listed in the card (all are in report.json)
+PLOT_TITLES = {
+    "report/consistency.png": "Consistency: each sample's cosine similarity to its identity's prototype",
+    "report/separability.png": "Separability: each identity's highest cosine similarity to another identity",
+    "report/worst-identities.png": "The least consistent identities, with each image's cosine to its prototype",
+}
+
+
+def quality_context(out) -> dict | None:
+    """What the Quality section shows, or None when there is no report or it describes other shards."""
+    from facegen.published import shards_fingerprint
+
+    out = Path(out)
+    try:
+        report = json.loads((out / ".facegen" / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if report.get("fingerprint") != shards_fingerprint(out):
+        return None  # the shards changed since: the figures are not this dataset's any more
+    summary = report.get("summary", {})
+    return {
+        "settings": report.get("settings", {}),
+        "created": report.get("created", ""),
+        "dataset": report.get("dataset", {}),
+        "consistency": summary.get("sample_consistency") or {},
+        "identity_consistency": summary.get("identity_consistency") or {},
+        "separability": summary.get("separability") or {},
+        "near_duplicates": report.get("near_duplicate_identities", [])[:SHOWN],
+        "near_duplicate_count": len(report.get("near_duplicate_identities", [])),
+        "outliers": report.get("outliers", [])[:SHOWN],
+        "outlier_count": len(report.get("outliers", [])),
+        "without_face": summary.get("identities_without_a_face", 0),
+        "modes": report.get("image_modes", {}),
+        "sizes": dict(list(report.get("image_sizes", {}).items())[:5]),
+        "sizes_more": max(0, len(report.get("image_sizes", {})) - 5),
+        "skipped": report.get("skipped", {}),
+        "against": report.get("against"),
+        "plots": [{"path": p, "title": PLOT_TITLES.get(p, p)} for p in report.get("plots", [])
+                  if (out / p).is_file()],
+    }
+
+
+def curation_context(run: dict) -> dict | None:
+    """What `facegen curate` removed, as the `facegen` source recorded it."""
+    curation = ((run.get("source") or {}).get("provenance") or {}).get("curation")
+    if not curation:
+        return None
+    identities = curation.get("removed_identities") or []
+    samples = curation.get("removed_samples") or []
+    by_reason = Counter(str(r.get("reason") or "not given") for r in identities)
+    samples_by_reason = Counter(str(r.get("reason") or "not given") for r in samples)
+    return {
+        "parent": curation.get("parent") or (run.get("source") or {}).get("provenance", {}).get("parent", "?"),
+        "parent_identities": curation.get("parent_identities"),
+        "settings": {k: curation[k] for k in ("recognizer", "dedup", "min_similarity", "min_images") if k in curation},
+        "identities_by_reason": dict(by_reason.most_common()),
+        "samples_by_reason": dict(samples_by_reason.most_common()),
+        "removed_identities": len(identities),
+        "removed_samples": len(samples),
+        "removed_identities_shown": identities[:SHOWN],
+        "removed_samples_shown": samples[:SHOWN],
+    }

@@ -1,0 +1,295 @@
+"""`facegen report` and `facegen curate` on real faces with real models, and their plumbing with tiny ones.
+
+The real-face tests use photos shipped in PyPI packages (insightface's t1.jpg and Tom_Hanks_54745.png,
+scikit-image's astronaut), aligned by dlib's real detector and landmarks, augmented into identities with one
+planted near-duplicate identity and one planted outlier image, and dlib's real recogniser (weights from PyPI).
+"""
+
+import io
+import json
+import re
+import tarfile
+
+import numpy as np
+import pytest
+from datasets import load_dataset
+from PIL import Image
+
+from facegen.builders.curate import decide, near_duplicate_groups
+from facegen.published import PublishedDataset
+from facegen.testing.output import write_output_folder
+from tests.conftest import build, run_cli
+
+IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """(dataset folder, planted flaws, source folder): 9 real identities + 1 planted duplicate, 3 per shard."""
+    from facegen.testing.real_faces import write_real_identities
+
+    root = tmp_path_factory.mktemp("real")
+    planted = write_real_identities(root / "src", images_per_identity=IMAGES)
+    build("--source", "folder", "--source-path", root / "src", "--plugin", "passthrough", "--out", root / "out",
+          "--shard-size", 3)
+    return root / "out", planted, root / "src"
+
+
+def tar_members(folder):
+    found = {}
+    for path in sorted((folder / "data" / "train").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            found.update({m.name: tar.extractfile(m).read() for m in tar if m.isfile()})
+    return found
+
+
+@pytest.mark.slow
+def test_report_finds_exactly_the_planted_duplicate_and_outlier(real, capsys):
+    out, planted, _ = real
+    code, stdout, err = run_cli(["report", out], capsys)
+    assert code == 0, err
+    assert "sample/s]" in err  # the progress bar shows the rate
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    total = len(planted.identities) * IMAGES - 1 + 1  # the duplicate has one image fewer, t1-2 one more
+    assert report["dataset"]["samples"] == report["dataset"]["embedded"] == total
+    assert [sorted(p[:2]) for p in report["near_duplicate_identities"]] == [sorted(planted.duplicate)]
+    assert report["near_duplicate_identities"][0][2] >= 0.95
+    assert [(o["identity"], o["source_ref"]) for o in report["outliers"]] == [
+        (planted.outlier_identity, f"{planted.outlier_identity}/{planted.outlier_file}")]
+    assert report["image_modes"] == {"RGB": total} and report["image_sizes"] == {"112x112": total}
+    rows = {r["identity"]: r for r in report["identities"]}
+    assert rows[planted.duplicate[1]]["nearest"] == planted.duplicate[0]
+    # the plots are PNG files, and the card embeds exactly those with relative links
+    assert report["plots"] == ["report/consistency.png", "report/separability.png", "report/worst-identities.png"]
+    readme = (out / "README.md").read_text()
+    quality = readme.split("## Quality", 1)[1].split("\n## ", 1)[0]
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", quality)
+    assert linked == report["plots"]
+    for path in linked:
+        with Image.open(out / path) as image:
+            assert image.format == "PNG" and image.width > 200
+    assert f"`{planted.outlier_identity}/{planted.outlier_file}`" in quality
+    # `facegen card` keeps the section; publish uploads the plots
+    assert run_cli(["card", out], capsys)[0] == 0
+    assert "## Quality" in (out / "README.md").read_text()
+    from facegen.builders.publish import files_to_upload
+
+    uploaded = {f.path for f in files_to_upload(out)}
+    assert set(report["plots"]) <= uploaded
+    assert not any(p.startswith(".facegen") for p in uploaded)
+
+
+@pytest.mark.slow
+def test_curate_removes_exactly_the_planted_flaws(real, tmp_path, capsys):
+    out, planted, _ = real
+    new = tmp_path / "curated"
+    code, stdout, err = run_cli(["curate", out, "--out", new], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert report["embedding"]["reused"] is True  # the first report's embeddings, thresholds applied again
+    original, duplicate = planted.duplicate  # the duplicate has fewer images: the original is kept
+    rows = list(load_dataset(str(new), split="train", streaming=True))
+    kept = [i for i in planted.identities if i != duplicate]
+    assert sorted({r["json"]["identity"] for r in rows}) == sorted(kept)
+    assert len(rows) == len(kept) * IMAGES
+    assert sorted({r["cls"] for r in rows}) == list(range(len(kept)))
+    assert not any(r["json"]["parent_source_ref"].endswith(planted.outlier_file) and
+                   r["json"]["identity"] == planted.outlier_identity for r in rows)
+    parent, child = tar_members(out), tar_members(new)
+    for r in rows:  # bytes as they were
+        assert child[f"{r['__key__']}.png"] == parent[r["json"]["source_ref"].rpartition("#")[2] + ".png"]
+    curation = json.loads((new / ".facegen" / "curation.json").read_text())
+    assert [(x["identity"], x["reason"]) for x in curation["removed_identities"]] == [(duplicate, "near-duplicate")]
+    assert [(x["identity"], x["reason"]) for x in curation["removed_samples"]] == [
+        (planted.outlier_identity, "outlier")]
+    readme = (new / "README.md").read_text()
+    section = readme.split("## Curation", 1)[1].split("\n## ", 1)[0]
+    assert f"`{duplicate}`" in section and "near-duplicate" in section and "outlier" in section
+    assert "@misc{out," in readme  # cites OUT
+    # nothing publishable names a local path: OUT is a placeholder, the curation file a provenance file, and the
+    # licence table names the parent dataset (its folder's name), not the `facegen` plugin
+    assert "--source-path '<facegen source folder>'" in readme and "curation=provenance/curation.json" in readme
+    assert json.loads((new / "provenance" / "curation.json").read_text()) == curation
+    assert "| `out (facegen dataset)` |" in readme.split("## Licence", 1)[1]
+    no_local_paths(new, out.parent, tmp_path)
+    # rerunning the same command resumes (nothing to do); other decisions in the same folder are refused
+    assert run_cli(["curate", out, "--out", new], capsys)[0] == 0
+    code, _, err = run_cli(["curate", out, "--out", new, "--min-similarity", "0.5"], capsys)
+    assert code == 2 and "--overwrite" in err
+
+
+@pytest.mark.slow
+def test_against_lists_the_identities_another_dataset_holds(real, tmp_path, capsys):
+    out, planted, src = real
+    ids = tmp_path / "ids.txt"
+    ids.write_text("t1-0\nt1-4\n")
+    evaluation = tmp_path / "evaluation"
+    build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough",
+          "--out", evaluation)
+    code, _, err = run_cli(["report", out, "--against", evaluation], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert sorted(m[0] for m in report["against"]["matches"]) == ["t1-0", "t1-4"]
+    assert all(m[0] == m[1] for m in report["against"]["matches"])
+    assert "identity leakage" in (out / "README.md").read_text()
+
+
+def test_arcface_recognizer_plumbing_with_tiny_random_weights(tmp_path, capsys):
+    """Random weights: only the path is checked (112x112 crops embedded as they are, a corrupt image counted)."""
+    from facegen.testing.arcface import write_tiny_face_models
+
+    models = write_tiny_face_models(tmp_path / "models")
+    out = write_output_folder(tmp_path / "out", identities=4, images_per_identity=3, shard_size=2)
+    with tarfile.open(out / "data" / "train" / "train-000001.tar", "a") as tar:  # a sample that does not decode
+        for name, data in (("000003_009.png", b"\x89PNG broken"), ("000003_009.cls", b"3"),
+                           ("000003_009.json", b'{"identity": "id0003"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    code, _, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert report["settings"]["dedup"] == 0.6 and report["settings"]["min_similarity"] == 0.3
+    assert report["dataset"]["samples"] == 13 and report["dataset"]["embedded"] == 12
+    assert list(report["skipped"]) == ["corrupt image (UnidentifiedImageError)"]
+    assert np.isfinite([r["consistency_mean"] for r in report["identities"]]).all()
+    code, _, err = run_cli(["report", out, "--dedup", "2"], capsys)
+    assert code == 2 and "between -1 and 1" in err and err.count("\n") == 1
+
+
+def test_curation_decisions_follow_the_rules(tmp_path):
+    """Groups are connected components; a group keeps the identity with most images, ties to the first."""
+    out = write_output_folder(tmp_path / "out", identities=6, images_per_identity=3, shard_size=3)
+    dataset = PublishedDataset(out)
+    a, b, c, d, e, f = dataset.identities
+    pairs = [[b, c, 0.97], [a, b, 0.96], [d, e, 0.99]]  # a-b-c is one group through b
+    assert near_duplicate_groups(pairs, {x: i for i, x in enumerate(dataset.identities)}) == [[a, b, c], [d, e]]
+    by_id = dataset.by_identity
+    report = {"settings": {"recognizer": "dlib", "dedup": 0.95, "min_similarity": 0.9},
+              "near_duplicate_identities": pairs,
+              "outliers": [{"identity": f, "key": by_id[f][0].key, "cosine": 0.5},
+                           {"identity": b, "key": by_id[b][0].key, "cosine": 0.4},  # b goes anyway
+                           {"identity": a, "key": by_id[a][1].key, "cosine": 0.3}]}
+    curation = decide(dataset, report, min_images=3)
+    removed = {r["identity"]: r["reason"] for r in curation["removed_identities"]}
+    # ties (3 images each): a and d, the first of their groups, stay; but a lost an outlier and has 2 left
+    assert removed == {b: "near-duplicate", c: "near-duplicate", e: "near-duplicate", a: "too few images",
+                       f: "too few images"}
+    assert curation["removed_samples"] == []
+    curation = decide(dataset, report, min_images=1)
+    assert {r["identity"] for r in curation["removed_identities"]} == {b, c, e}
+    assert [s["key"] for s in curation["removed_samples"]] == [by_id[f][0].key, by_id[a][1].key]
+
+
+def test_dlib_recognizer_detects_faces_in_large_images_and_finds_none_in_a_flat_one():
+    """Non-tight images go through dlib's real HOG detector (large ones on a downscaled copy)."""
+    from skimage import data
+
+    from facegen.generators.dlib_recognizer import DlibRecognizer
+
+    astronaut = data.astronaut()  # 512 px, not a tight crop
+    large = np.asarray(Image.fromarray(astronaut).resize((1024, 1024), Image.BICUBIC))
+    flat = np.full((300, 300, 3), 128, np.uint8)
+    small, big, none = DlibRecognizer().embed([astronaut, large, flat])
+    assert none is None
+    assert float(small @ big / np.linalg.norm(small) / np.linalg.norm(big)) > 0.99
+
+
+# ------------------------------------------------------------------ Hub ids (against tests/hub_standin.py)
+
+
+@pytest.fixture
+def hub():
+    from tests.hub_standin import HubStandIn
+    from tests.test_hub_roundtrip import TOKEN
+
+    with HubStandIn(tokens=(TOKEN,)) as standin:
+        yield standin
+
+
+def hub_run(hub, tmp_path, *args):
+    """A facegen command in a subprocess whose huggingface_hub talks to the stand-in (HF_ENDPOINT, own HF_HOME)."""
+    import subprocess
+
+    from tests.conftest import BIN
+    from tests.test_hub_roundtrip import hub_env
+
+    return subprocess.run([str(BIN / "facegen"), *map(str, args)], capture_output=True, text=True,
+                          env=hub_env(hub, tmp_path), timeout=900)
+
+
+def no_local_paths(folder, *private):
+    from facegen.builders.publish import files_to_upload
+
+    for f in files_to_upload(folder):
+        data = (folder / f.path).read_bytes()
+        for path in private:
+            assert str(path).encode() not in data, (f.path, str(path))
+
+
+@pytest.mark.slow
+def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub):
+    """Publish the real-face dataset to the Hub stand-in as org/x, then: build from it with `--source facegen
+    --source-path org/x`, `facegen report org/x --out DIR` (same findings as on the folder), `--against org/x`,
+    and `facegen curate hf://datasets/org/x --out NEW`, whose card names no local path and cites org/x."""
+    out, planted, src = real
+    proc = hub_run(hub, tmp_path, "publish", out, "--repo", "org/x")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # 1. the facegen source reads the Hub dataset
+    child = tmp_path / "child"
+    proc = hub_run(hub, tmp_path, "build", "--source", "facegen", "--source-path", "org/x", "--plugin",
+                   "passthrough", "--out", child)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent = tar_members(out)
+    rows = list(load_dataset(str(child), split="train", streaming=True))
+    assert len(rows) == len([n for n in parent if n.endswith(".png")])
+    for r in rows:
+        ref = r["json"]["source_ref"]
+        assert re.fullmatch(r"hf://datasets/org/x/data/train/train-\d{6}\.tar#\d{6}_\d{3}", ref), ref
+        assert r["png"] is not None
+    readme = (child / "README.md").read_text()
+    assert "--source-path org/x" in readme and "| `org/x (facegen dataset)` |" in readme
+    no_local_paths(child, tmp_path)
+
+    # 2. the report of a Hub id goes to --out DIR (required) and finds what it finds on the folder
+    code = hub_run(hub, tmp_path, "report", "org/x")
+    assert code.returncode == 2 and "--out DIR" in code.stderr and code.stderr.count("\n") == 1
+    reports = tmp_path / "reports"
+    proc = hub_run(hub, tmp_path, "report", "org/x", "--out", reports)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((reports / "report.json").read_text())
+    assert report["dataset_name"] == "org/x"
+    assert [sorted(p[:2]) for p in report["near_duplicate_identities"]] == [sorted(planted.duplicate)]
+    assert [o["identity"] for o in report["outliers"]] == [planted.outlier_identity]
+    assert sorted(p.name for p in (reports / "report").glob("*.png")) == [
+        "consistency.png", "separability.png", "worst-identities.png"]
+    assert (reports / "report_embeddings.npz").is_file()
+    rerun = hub_run(hub, tmp_path, "report", "hf://datasets/org/x", "--out", reports, "--dedup", "0.99")
+    assert rerun.returncode == 0 and "(reused)" in rerun.stdout, rerun.stderr[-3000:]
+
+    # 3. --against a Hub id: the evaluation identities are found in org/x
+    ids = tmp_path / "ids.txt"
+    ids.write_text("t1-0\nt1-4\n")
+    evaluation = tmp_path / "evaluation"
+    build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough",
+          "--out", evaluation)
+    proc = hub_run(hub, tmp_path, "report", evaluation, "--against", "org/x")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    against = json.loads((evaluation / ".facegen" / "report.json").read_text())["against"]
+    assert against["dataset"] == "org/x"
+    assert sorted({m[0] for m in against["matches"]}) == ["t1-0", "t1-4"]
+
+    # 4. curate a Hub id: the report is kept in NEW, the card cites org/x and names no local path
+    new = tmp_path / "curated"
+    proc = hub_run(hub, tmp_path, "curate", "hf://datasets/org/x", "--out", new)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (new / ".facegen" / "parent-report" / "report.json").is_file()
+    rows = list(load_dataset(str(new), split="train", streaming=True))
+    kept = [i for i in planted.identities if i != planted.duplicate[1]]
+    assert sorted({r["json"]["identity"] for r in rows}) == sorted(kept) and len(rows) == len(kept) * IMAGES
+    readme = (new / "README.md").read_text()
+    assert "--source-path hf://datasets/org/x" in readme and "curation=provenance/curation.json" in readme
+    assert "(facegen dataset)" in readme.split("## Licence", 1)[1] and "`facegen` |" not in readme
+    assert (new / "provenance" / "curation.json").is_file()
+    no_local_paths(new, tmp_path)

@@ -11,7 +11,7 @@ from datasets import load_dataset
 from facegen.errors import UsageError
 from facegen.published import PublishedDataset, parse_hub_id, resolve_dataset
 from facegen.testing.output import RESEARCH_ONLY, write_output_folder
-from tests.conftest import build, run_cli
+from conftest import build, run_cli
 
 
 def members(tar_path):

@@ -18,7 +18,7 @@ from PIL import Image
 from facegen.builders.curate import decide, near_duplicate_groups
 from facegen.published import PublishedDataset
 from facegen.testing.output import write_output_folder
-from tests.conftest import build, run_cli
+from conftest import build, run_cli
 
 IMAGES = 6
 

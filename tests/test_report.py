@@ -200,8 +200,8 @@ def test_dlib_recognizer_detects_faces_in_large_images_and_finds_none_in_a_flat_
 
 @pytest.fixture
 def hub():
-    from tests.hub_standin import HubStandIn
-    from tests.test_hub_roundtrip import TOKEN
+    from hub_standin import HubStandIn
+    from test_hub_roundtrip import TOKEN
 
     with HubStandIn(tokens=(TOKEN,)) as standin:
         yield standin
@@ -211,8 +211,8 @@ def hub_run(hub, tmp_path, *args):
     """A facegen command in a subprocess whose huggingface_hub talks to the stand-in (HF_ENDPOINT, own HF_HOME)."""
     import subprocess
 
-    from tests.conftest import BIN
-    from tests.test_hub_roundtrip import hub_env
+    from conftest import BIN
+    from test_hub_roundtrip import hub_env
 
     return subprocess.run([str(BIN / "facegen"), *map(str, args)], capture_output=True, text=True,
                           env=hub_env(hub, tmp_path), timeout=900)

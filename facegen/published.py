@@ -102,8 +102,8 @@ class _NotPlainUstar(Exception):
 def _ustar_members(f, file_size: int):
     """(name, data offset, size) of the regular members of a plain USTAR tar, reading only the headers.
 
-    About 20x faster than iterating ``tarfile`` (which builds a TarInfo per member); facegen's shards are plain
-    USTAR. Raises EOFError when a member's data runs past the end of the file.
+    Faster than iterating ``tarfile``, which builds a TarInfo per member (4.6x in the report's indexing pass);
+    facegen's shards are plain USTAR. Raises EOFError when a member's data runs past the end of the file.
     """
     position = 0
     while position + 512 <= file_size:

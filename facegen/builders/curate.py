@@ -110,13 +110,13 @@ def decide(dataset: PublishedDataset, report: dict, min_images: int) -> dict:
 
 def _prepare_new(new: Path, curation: dict, overwrite: bool) -> Path:
     """Write NEW/.facegen/curation.json, refusing to change the decisions under an existing build."""
-    from facegen.builders.run import _remove_facegen_outputs
+    from facegen.builders.outputs import remove_facegen_outputs
 
     path = new / CURATION_FILE
     if new.exists() and not new.is_dir():
         raise UsageError(f"--out {new} is a file, not a folder")
     if overwrite and new.is_dir():
-        _remove_facegen_outputs(new)
+        remove_facegen_outputs(new)
     elif (new / ".facegen" / "config.json").is_file():
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))

@@ -81,6 +81,12 @@ def _from_folder(folder: Path, where: str) -> CardRecord:
     readme = folder / "README.md"
     if not readme.is_file():
         raise UsageError(f"{where} holds neither .facegen/run.json nor README.md: not a facegen dataset")
+    return _from_card_file(readme, where)
+
+
+def _from_card_file(readme: Path, where: str) -> CardRecord:
+    """The record in a card's YAML, with the provenance files that lie beside it."""
+    folder = readme.parent
     card = _front_matter(readme.read_text(encoding="utf-8"), where)
     record = CardRecord(where, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
     for rel in card.get("provenance") or []:
@@ -138,15 +144,7 @@ def read_card(spec: str, revision: str | None = None) -> CardRecord:
     if path.is_dir():
         return _from_folder(path, spec)
     if path.is_file():
-        card = _front_matter(path.read_text(encoding="utf-8"), spec)
-        folder = path.parent
-        record = CardRecord(spec, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
-        for rel in card.get("provenance") or []:
-            if (folder / rel).is_file():
-                record.files[rel] = str(folder / rel)
-        record.checksums = _checksums_file(folder / "provenance" / "checksums.json")
-        _use_provenance(record)
-        return record
+        return _from_card_file(path, spec)
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return _from_repo(spec, revision)
     raise UsageError(f"--from-card {spec}: not a folder, a README.md or a Hub dataset id ORG/NAME")

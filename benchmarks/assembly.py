@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from passthrough import IMAGES_PER_IDENTITY, make_source  # noqa: E402
 
-from facegen.builders.options import BuildConfig  # noqa: E402
-from facegen.builders.run import Builder  # noqa: E402
+from facegen.builders.engine.options import BuildConfig  # noqa: E402
+from facegen.builders.engine.run import Builder  # noqa: E402
 from facegen.plugins.passthrough import Passthrough  # noqa: E402
 
 

@@ -25,8 +25,8 @@ import numpy as np
 def make_dataset(workdir: Path, samples: int) -> Path:
     from PIL import Image
 
-    from facegen.builders.options import BuildConfig
-    from facegen.builders.run import build
+    from facegen.builders.engine.options import BuildConfig
+    from facegen.builders.engine.run import build
     from facegen.testing.real_faces import augment, real_face_crops
 
     out = workdir / f"faces-{samples}"
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("benchmark-report"))
     args = parser.parse_args()
 
-    from facegen.builders.report import _decode, embed_dataset, make_recognizer
+    from facegen.builders.quality.report import _decode, embed_dataset, make_recognizer
     from facegen.published import PublishedDataset
 
     print(f"cpu cores visible: {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")

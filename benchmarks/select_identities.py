@@ -22,7 +22,7 @@ import tracemalloc
 
 import numpy as np
 
-from facegen.builders.identities import max_similarity, select_greedy, select_least_similar
+from facegen.builders.quality.identities import max_similarity, select_greedy, select_least_similar
 from facegen.generators.arcface import normalize
 
 

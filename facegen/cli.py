@@ -100,8 +100,8 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
                   identities_file, shard_size, shard_samples, shards_multiple_of, seed, image_format, strict,
                   verify, overwrite, from_card, break_lock):
     """Build (or resume) a dataset: source -> transform -> WebDataset shards + card."""
-    from facegen.builders.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
-    from facegen.builders.run import build
+    from facegen.builders.engine.options import BuildConfig, load_recipe, merge_recipe, parse_pairs
+    from facegen.builders.engine.run import build
 
     cli_values = {
         "source": source, "source_path": source_path, "source_opts": parse_pairs(source_opts, "--source-opt"),
@@ -112,7 +112,7 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     }
     record = None
     if from_card:
-        from facegen.builders.from_card import build_values, read_card
+        from facegen.builders.hub.from_card import build_values, read_card
 
         if recipe:
             raise UsageError("--from-card and --recipe both give every option: use one")
@@ -138,7 +138,7 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
         if record is not None:
             from pathlib import Path
 
-            from facegen.builders.from_card import compare
+            from facegen.builders.hub.from_card import compare
 
             same, line = compare(record, Path(out))
             if not same:
@@ -181,7 +181,7 @@ def download_command(source, directory, parts, base_url, accept_license, retries
     """Download a source's published files: licence first, resumable, verified before use."""
     from facegen import registry
     from facegen.api import to_list
-    from facegen.builders.download import DownloadError, download_source
+    from facegen.builders.hub.download import DownloadError, download_source
 
     source_cls = registry.get_source(source)
     # an interactive yes when the licence was not accepted on the command line and someone is there to answer
@@ -210,8 +210,8 @@ def download_command(source, directory, parts, base_url, accept_license, retries
 @click.option("--out", required=True, type=click.Path(), help="Output prototypes.npz.")
 def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, realign, out):
     """Identity prototypes (normalised mean unit ArcFace embedding) -> prototypes.npz (ids, embeddings)."""
-    from facegen.builders.identities import FaceEmbedder, embed_source, open_source
-    from facegen.builders.options import parse_pairs
+    from facegen.builders.quality.identities import FaceEmbedder, embed_source, open_source
+    from facegen.builders.engine.options import parse_pairs
 
     src = open_source(source, source_path, parse_pairs(source_opts, "--source-opt"))
     embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, realign=realign)
@@ -241,7 +241,7 @@ def embed_command(source, source_path, source_opts, model_dir, detector, det_siz
 @click.option("--out", required=True, type=click.Path(), help="Output ids.txt (for --identities-file).")
 def select_identities_command(prototypes, count, block, method, out):
     """Keep the COUNT most distinct identities (see --method), for --identities-file."""
-    from facegen.builders.identities import load_prototypes, select_identities, write_ids
+    from facegen.builders.quality.identities import load_prototypes, select_identities, write_ids
 
     if block < 1:
         raise UsageError("--block must be at least 1")
@@ -281,7 +281,7 @@ def estimate_shift_command(real, synthetic, model_dir, max_images, seed, device,
     """Domain-gap shift: mean projected Arc2Face encoder output over real minus over synthetic images."""
     import os
 
-    from facegen.builders.shift import estimate_shift, parse_source_spec
+    from facegen.builders.quality.shift import estimate_shift, parse_source_spec
 
     real_specs = [parse_source_spec(s) for s in real]
     synthetic_specs = [parse_source_spec(s) for s in synthetic]
@@ -320,7 +320,7 @@ def demo_command(out, overwrite):
               help="full: decode every image before uploading; header: only check the tars and checksums.")
 def publish_command(out, repo_id, private, revision, dry_run, token, no_gating, verify):
     """Check a finished build folder and upload it to a Hub dataset repo (rerun to resume an interrupted upload)."""
-    from facegen.builders.publish import PublishError, publish
+    from facegen.builders.hub.publish import PublishError, publish
 
     try:
         publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
@@ -338,9 +338,10 @@ def card_command(out, repo_id, gating):
     """Re-render README.md, LICENSE and preview.jpg from OUT/.facegen without rebuilding."""
     from pathlib import Path
 
-    from facegen.builders.lock import output_lock
-    from facegen.builders.outputs import resolve_out
-    from facegen.builders.publish import check_repo_id
+    from facegen.builders.engine.lock import output_lock
+    from facegen.builders.engine.outputs import resolve_out
+    from facegen.layout import LICENSE, PREVIEW, README, OutputFolder
+    from facegen.builders.hub.publish import check_repo_id
 
     if repo_id is not None:
         check_repo_id(repo_id)  # it is written into the card's code examples
@@ -350,14 +351,14 @@ def card_command(out, repo_id, gating):
     if not folder.is_dir():
         raise UsageError(f"{out} is not a folder")
     # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
-    with output_lock(folder) if (folder / ".facegen").is_dir() else nullcontext():
+    with output_lock(folder) if OutputFolder(folder).records.is_dir() else nullcontext():
         files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.get("plan", {}).get("shards")
     if planned is not None and files.statistics.shards < planned:
         click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "
                    "those (rerun the build command to finish the rest)", err=True)
-    written = ["README.md"] + (["LICENSE"] if files.license is not None else []) + (
-        ["preview.jpg"] if files.preview is not None else [])
+    written = [README] + ([LICENSE] if files.license is not None else []) + (
+        [PREVIEW] if files.preview is not None else [])
     click.echo(f"wrote {', '.join(str(Path(out) / name) for name in written)}")
     click.echo(f"licence: {files.card_data.license}"
                + (f" ({files.card_data.license_name})" if files.card_data.license == "other" else "")
@@ -396,7 +397,7 @@ def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, 
     """Quality report of OUT (a facegen dataset folder, ORG/NAME or hf://datasets/ORG/NAME): identity
     consistency, separability, near-duplicates, outliers -> .facegen/report.json, report/*.png and the card's
     Quality section (or into --out DIR)."""
-    from facegen.builders.report import run_report
+    from facegen.builders.quality.report import run_report
 
     run_report(out, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
                min_similarity=min_similarity, against=against, batch_size=batch_size, echo=click.echo,
@@ -414,7 +415,7 @@ def curate_command(out, new, recognizer, model_dir, detector, dedup, min_similar
                    overwrite):
     """Drop near-duplicate identities, outlier samples and thin identities of OUT (a folder or a Hub id; by its
     report); build the rest into a new dataset through `--source facegen`."""
-    from facegen.builders.curate import curate
+    from facegen.builders.quality.curate import curate
 
     _, summary = curate(out, new, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
                         min_similarity=min_similarity, min_images=min_images, batch_size=batch_size,

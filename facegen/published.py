@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facegen.errors import UsageError
+from facegen.layout import DATA_DIR, INFO, LICENSE, README, TRAIN_DIR, OutputFolder, shard_number
 
-DATA_GLOB = "data/train/*.tar"
-HUB_PATTERNS = ["data/**", "README.md", "_info.json", "LICENSE*"]
-INDEX_FORMAT = "facegen-sample-index-1"  # facegen.builders.shards.INDEX_FORMAT (not imported: builders import us)
+HUB_PATTERNS = [f"{DATA_DIR}/**", README, INFO, f"{LICENSE}*"]
+INDEX_FORMAT = "facegen-sample-index-1"  # facegen.builders.engine.writer.INDEX_FORMAT (not imported: builders import us)
 MAX_METADATA_BYTES = 1 << 20  # a json or cls member larger than this is not facegen's metadata
 COLUMNS_OF_EVERY_SAMPLE = ("cls", "json", "__key__", "__url__")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
@@ -89,7 +89,7 @@ def resolve_dataset(path_or_repo: str | os.PathLike) -> tuple[Path, str | None]:
 def shards_fingerprint(root: str | os.PathLike) -> str:
     """Changes when any shard is added, removed or rewritten (names, sizes, modification times)."""
     digest = hashlib.sha256()
-    for path in sorted(Path(root).glob(DATA_GLOB)):
+    for path in OutputFolder(root).shard_tars():
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -190,16 +190,17 @@ class PublishedDataset:
     def __init__(self, path_or_repo: str | os.PathLike, progress: bool = False):
         self.given = os.fspath(path_or_repo)
         self.root, self.repo_id = resolve_dataset(path_or_repo)
-        if not (self.root / "data" / "train").is_dir():
-            raise UsageError(f"{self.given} is not a facegen dataset: it has no data/train/ folder of shards")
-        self.shards = sorted(self.root.glob(DATA_GLOB))
+        self.folder = OutputFolder(self.root)
+        if not self.folder.train_dir.is_dir():
+            raise UsageError(f"{self.given} is not a facegen dataset: it has no {TRAIN_DIR}/ folder of shards")
+        self.shards = self.folder.shard_tars()
         if not self.shards:
-            raise UsageError(f"{self.given} is not a facegen dataset: data/train/ holds no .tar shard")
+            raise UsageError(f"{self.given} is not a facegen dataset: {TRAIN_DIR}/ holds no .tar shard")
         self.card = self._read_card()
         self.features = self._read_features()
         self.image_column = self._image_column()
-        self.run = self._read_json(self.root / ".facegen" / "run.json")
-        license_path = self.root / "LICENSE"
+        self.run = self._read_json(self.folder.run_json)
+        license_path = self.folder.file(LICENSE)
         self.license_text = license_path.read_text(encoding="utf-8", errors="replace") if license_path.is_file() \
             else ""
         self.skipped: Counter = Counter()
@@ -219,7 +220,7 @@ class PublishedDataset:
         """How the dataset is named in what is published: its Hub id, else the folder's name (never a path)."""
         if self.repo_id:
             return self.repo_id
-        remembered = self._read_json(self.root / ".facegen" / "card.json") or {}
+        remembered = self._read_json(self.folder.card_settings) or {}
         return remembered.get("repo_id") or self.root.name
 
     @property
@@ -235,7 +236,7 @@ class PublishedDataset:
             return None
 
     def _read_card(self) -> dict:
-        readme = self.root / "README.md"
+        readme = self.folder.readme
         if not readme.is_file():
             return {}
         from huggingface_hub import DatasetCard
@@ -257,7 +258,7 @@ class PublishedDataset:
                 return Features._from_yaml_list(info["features"])
             except Exception:
                 pass
-        run = self._read_json(self.root / ".facegen" / "run.json") or {}
+        run = self._read_json(self.folder.run_json) or {}
         if run.get("features"):
             return Features.from_dict(run["features"])
         return None
@@ -305,10 +306,10 @@ class PublishedDataset:
         """The shard's samples from its sample index, or None (then its headers are scanned) when there is no
         index, or it does not describe this very file (name, size, the end-of-archive blocks right after its last
         sample) or is malformed."""
-        match = re.fullmatch(r"train-(\d{6})\.tar", path.name)
-        if match is None:
+        number = shard_number(path)
+        if number is None:
             return None
-        index_path = self.root / ".facegen" / "shards" / "index" / f"{match.group(1)}.json"
+        index_path = self.folder.shard(number).index
         try:
             record = json.loads(index_path.read_bytes())
             size = path.stat().st_size

@@ -226,7 +226,7 @@ def test_jpeg_folder_is_copied_byte_for_byte_and_cmyk_is_converted(tmp_path):
 
 
 def test_unencodable_extra_is_skipped_and_counted(tmp_path):
-    from facegen.builders.shards import ShardWriter
+    from facegen.builders.engine.writer import ShardWriter
     from facegen.records import Face, Identity, IdentityResult
 
     writer = ShardWriter(tmp_path, 0, "png", "test")

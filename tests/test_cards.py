@@ -18,7 +18,7 @@ from facegen.errors import UsageError
 from facegen.testing.folder import write_folder_source
 from facegen.testing.output import MIT, RESEARCH_ONLY, write_output_folder
 
-RECIPES = sorted((Path(__file__).parent.parent / "facegen" / "builders" / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parent.parent / "facegen" / "builders" / "engine" / "recipes").glob("*.yaml"))
 
 
 
@@ -310,7 +310,7 @@ def test_sample_bytes_of_written_and_assembled_shards(tmp_path):
     from units of work (identity-level transforms); the card reads it from the stats, not from the tars."""
     import io
 
-    from facegen.builders.shards import UstarWriter
+    from facegen.builders.engine.writer import UstarWriter
     from facegen.cards.card import sample_bytes
 
     unit, shard = io.BytesIO(), io.BytesIO()
@@ -329,7 +329,7 @@ def test_sample_bytes_of_written_and_assembled_shards(tmp_path):
 
 
 def publishable_files(out: Path) -> list[Path]:
-    from facegen.builders.publish import files_to_upload
+    from facegen.builders.hub.publish import files_to_upload
 
     return [out / f.path for f in files_to_upload(out)]
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from facegen.builders.download import DownloadError, RemoteFile, download_file
+from facegen.builders.hub.download import DownloadError, RemoteFile, download_file
 from facegen.cli import main
 from facegen.plugins.digiface import DigiFaceSource
 from facegen.testing.digiface import truncate_file, write_digiface_part
@@ -250,7 +250,7 @@ def test_complete_partial_file_left_by_a_kill_is_verified_without_downloading_ag
 
 
 def test_interactive_answer_decides(tmp_path, parts, monkeypatch):
-    from facegen.builders.download import download_source
+    from facegen.builders.hub.download import download_source
     from facegen.errors import UsageError
 
     monkeypatch.setattr(DigiFaceSource, "download_files", [published(f"{P72_A}.zip", parts[f"{P72_A}.zip"])])

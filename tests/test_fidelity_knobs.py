@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import run_cli
-from facegen.builders.identities import (
+from facegen.builders.quality.identities import (
     FaceEmbedder,
     nearest_neighbors,
     select_greedy,
@@ -26,7 +26,7 @@ from facegen.builders.identities import (
     select_least_similar,
 )
 from facegen.builders.plan import read_identities_file
-from facegen.builders.shift import estimate_shift, parse_source_spec
+from facegen.builders.quality.shift import estimate_shift, parse_source_spec
 from facegen.generators import arc2face as a2f
 from facegen.generators.alignment import FaceAligner, crop_for_recognition, realign_crop
 from facegen.generators.arcface import normalize
@@ -345,8 +345,8 @@ def test_embed_and_estimate_shift_realign(tmp_path, tiny_dir, capsys):
 def test_build_with_realign_states_it_in_the_card(tmp_path, tiny_dir):
     import datasets
 
-    from facegen.builders.options import BuildConfig
-    from facegen.builders.run import build
+    from facegen.builders.engine.options import BuildConfig
+    from facegen.builders.engine.run import build
 
     part = tmp_path / "digiface"
     write_digiface_part(part, ids=range(2), images_per_identity=3)

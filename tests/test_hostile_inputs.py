@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from facegen.builders.shards import ShardWriter, shard_stats_path, shard_tar_path
+from facegen.builders.engine.writer import ShardWriter, shard_stats_path, shard_tar_path
 from facegen.plugins.digiface import MAX_IDENTITY_BYTES, DigiFaceSource, overlapping_members, read_central_directory
 from facegen.plugins.disco import DiscoSource
 from facegen.plugins.folder import FolderSource

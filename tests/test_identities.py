@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from facegen.builders.identities import (
+from facegen.builders.quality.identities import (
     FaceEmbedder,
     embed_source,
     load_prototypes,

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import cli, run_cli
-from facegen.builders.images import CheckedImage, ImageError, check_image, prepare_image
+from facegen.builders.engine.images import CheckedImage, ImageError, check_image, prepare_image
 from facegen.testing.folder import draw_face, encode
 from facegen.testing.sfhq import write_sfhq_source
 
@@ -301,7 +301,7 @@ def test_sfhq_truncated_jpeg_at_native_size_is_skipped(tmp_path, capsys):
 
 
 def test_an_image_extra_given_as_bytes_is_checked(tmp_path):
-    from facegen.builders.shards import ShardWriter
+    from facegen.builders.engine.writer import ShardWriter
     from facegen.records import Face, Identity, IdentityResult
 
     writer = ShardWriter(tmp_path, 0, "png", "test")
@@ -367,7 +367,7 @@ def test_format_png_on_jpegs_applies_orientation_and_counts_each(tmp_path, capsy
 
 
 def test_an_image_checked_on_a_loading_thread_is_not_checked_again(monkeypatch):
-    import facegen.builders.images as images
+    import facegen.builders.engine.images as images
 
     checked = check_image(GOOD_PNG, "full")
     monkeypatch.setattr(images, "_png_stream_ok", lambda *a: pytest.fail("checked twice"))
@@ -462,7 +462,7 @@ def test_passthrough_checks_every_image_once_on_the_loading_threads(tmp_path, ca
     decoded once, on a loading thread, never on the thread that writes the tar."""
     import threading
 
-    import facegen.builders.images as images
+    import facegen.builders.engine.images as images
 
     real, calls = images.check_image, []
 

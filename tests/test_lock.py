@@ -14,7 +14,7 @@ import datasets
 import pytest
 
 from conftest import BIN, run_cli
-from facegen.builders.lock import Holder, OutputLock
+from facegen.builders.engine.lock import Holder, OutputLock
 from facegen.errors import UsageError
 from facegen.testing.folder import write_folder_source
 

@@ -223,7 +223,7 @@ def test_units_where_every_sample_is_skipped_is_not_done(tmp_path, capsys, ident
 
 
 def test_the_lock_is_held_through_the_assembly(tmp_path, capsys, identity_level, monkeypatch):
-    from facegen.builders.run import Builder
+    from facegen.builders.engine.run import Builder
 
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
     out = tmp_path / "out"

@@ -17,7 +17,7 @@ from huggingface_hub import constants
 
 from conftest import cli
 from facegen.builders import publish as publish_module
-from facegen.builders.publish import IGNORE_PATTERNS, check_folder, files_to_upload
+from facegen.builders.hub.publish import IGNORE_PATTERNS, check_folder, files_to_upload
 from facegen.testing.folder import write_folder_source
 from facegen.testing.output import RESEARCH_ONLY, write_output_folder
 from hub_standin import HubStandIn
@@ -282,7 +282,7 @@ def test_mask_removes_tokens():
     assert publish_module.mask(f"bad {TOKEN} and hf_abcdefghij123", TOKEN) == "bad hf_*** and hf_***"
 
 
-RECIPES = sorted((Path(__file__).parent.parent / "facegen" / "builders" / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parent.parent / "facegen" / "builders" / "engine" / "recipes").glob("*.yaml"))
 
 
 def _fixture_source(source: str, root: Path) -> Path | None:

@@ -15,7 +15,7 @@ import pytest
 from datasets import load_dataset
 from PIL import Image
 
-from facegen.builders.curate import decide, near_duplicate_groups
+from facegen.builders.quality.curate import decide, near_duplicate_groups
 from facegen.published import PublishedDataset
 from facegen.testing.output import write_output_folder
 from conftest import build, run_cli
@@ -72,7 +72,7 @@ def test_report_finds_exactly_the_planted_duplicate_and_outlier(real, capsys):
     # `facegen card` keeps the section; publish uploads the plots
     assert run_cli(["card", out], capsys)[0] == 0
     assert "## Quality" in (out / "README.md").read_text()
-    from facegen.builders.publish import files_to_upload
+    from facegen.builders.hub.publish import files_to_upload
 
     uploaded = {f.path for f in files_to_upload(out)}
     assert set(report["plots"]) <= uploaded
@@ -219,7 +219,7 @@ def hub_run(hub, tmp_path, *args):
 
 
 def no_local_paths(folder, *private):
-    from facegen.builders.publish import files_to_upload
+    from facegen.builders.hub.publish import files_to_upload
 
     for f in files_to_upload(folder):
         data = (folder / f.path).read_bytes()

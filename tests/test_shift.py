@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from facegen.builders.identities import FaceEmbedder
-from facegen.builders.shift import (
+from facegen.builders.quality.identities import FaceEmbedder
+from facegen.builders.quality.shift import (
     SHIFT_KEY,
     SourceSpec,
     estimate_shift,
@@ -131,7 +131,7 @@ def test_estimate_shift_errors_are_one_line(world, tmp_path, capsys):
 
 
 def test_digi2real_recipe_has_the_paper_defaults(tmp_path, monkeypatch):
-    from facegen.builders.options import load_recipe
+    from facegen.builders.engine.options import load_recipe
     from facegen.plugins.arc2face import Arc2FaceTransform
 
     recipe = load_recipe("digi2real")

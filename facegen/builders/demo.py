@@ -53,10 +53,10 @@ class DemoResult:
 
 def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overwrite: bool = False,
              echo: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
-    from facegen.builders.identities import FaceEmbedder, embed_source, open_source, select_least_similar, write_ids
-    from facegen.builders.options import BuildConfig
-    from facegen.builders.run import build
-    from facegen.builders.shift import estimate_shift, parse_source_spec
+    from facegen.builders.quality.identities import FaceEmbedder, embed_source, open_source, select_least_similar, write_ids
+    from facegen.builders.engine.options import BuildConfig
+    from facegen.builders.engine.run import build
+    from facegen.builders.quality.shift import estimate_shift, parse_source_spec
     from facegen.testing.arc2face import write_tiny_arc2face
     from facegen.testing.folder import write_folder_source
 

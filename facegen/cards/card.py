@@ -36,12 +36,20 @@ from facegen.cards.stats import (
     summarise,
 )
 from facegen.errors import UsageError
+from facegen.layout import (
+    CARD_FILES,
+    CHECKSUMS_FILE,
+    DATA_FILES,
+    INFO,
+    LICENSE,
+    PREVIEW,
+    README,
+    OutputFolder,
+)
 
 TEMPLATES = Path(__file__).parent / "templates"
-DATA_FILES = "data/train/*.tar"
 PLACEHOLDER_REPO = "ORG/NAME"
 SHARD_CHECKSUMS_SHOWN = 200
-CHECKSUMS_FILE = "provenance/checksums.json"
 # Marks a LICENSE file written by facegen, so that a re-render may replace or remove it (never a user's own file).
 LICENSE_MARKER = "This LICENSE file was written by facegen"
 
@@ -320,7 +328,7 @@ def card_data(run: dict, statistics: Statistics, chain: LicenceChain, *, num_byt
 
 def card_settings(out: Path) -> dict:
     """What the last `facegen publish` / `facegen card` of this folder chose: {"repo_id", "gating"}."""
-    path = Path(out) / ".facegen" / "card.json"
+    path = OutputFolder(out).card_settings
     try:
         settings = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -339,7 +347,7 @@ def _repo_id(out: Path, repo_id: str | None) -> str | None:
 
 
 def remember_card_settings(out: Path, **settings) -> None:
-    path = out / ".facegen" / "card.json"
+    path = OutputFolder(out).card_settings
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**card_settings(out), **{k: v for k, v in settings.items() if v is not None}}
     path.write_text(json.dumps(merged) + "\n")
@@ -485,16 +493,12 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-CARD_FILES = ("README.md", "LICENSE", "preview.jpg")
-INFO_FILE = "_info.json"  # written by the build (timm's split info), recorded like the card's files
-OUTPUT_FILES = (*CARD_FILES, INFO_FILE)  # every name facegen writes in OUT itself
-CARD_FILES_RECORD = "card_files.json"  # under .facegen: the sha256 of each of those files facegen wrote
 
 
 def _card_files_record(out: Path) -> dict | None:
     """name -> sha256 of the versions facegen wrote; None for a build made before the record existed."""
     try:
-        record = json.loads((out / ".facegen" / CARD_FILES_RECORD).read_text(encoding="utf-8"))
+        record = json.loads(OutputFolder(out).card_files_record.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
@@ -509,11 +513,11 @@ def written_by_facegen(out, name: str) -> bool:
     if not path.is_file():
         return False
     data = path.read_bytes()
-    if name == "LICENSE" and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
+    if name == LICENSE and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
         return True
     record = _card_files_record(out)
     if record is None:  # a build from before the record: its README.md, preview.jpg and _info.json were its own
-        return name in ("README.md", "preview.jpg", INFO_FILE) and (out / ".facegen" / "run.json").is_file()
+        return name in (README, PREVIEW, INFO) and OutputFolder(out).run_json.is_file()
     return hashlib.sha256(data).hexdigest() in (record.get(name) or [])
 
 
@@ -525,7 +529,7 @@ def foreign_card_files(out, names=CARD_FILES) -> list[str]:
 
 
 def write_recorded(out, name: str, data: bytes) -> None:
-    """Write ``OUT/name`` (one of OUTPUT_FILES outside the card: ``_info.json``), recorded as facegen's; a file
+    """Write ``OUT/name`` (``_info.json``: written by the build, outside the card), recorded as facegen's; a file
     there that facegen did not write is refused in one line, never replaced."""
     out = Path(out)
     if foreign_card_files(out, (name,)):
@@ -542,7 +546,7 @@ def _record_card_files(out: Path, files: dict[str, bytes]) -> None:
     for name, data in files.items():
         previous = [h for h in (record.get(name) or []) if isinstance(h, str)][-1:]
         record[name] = previous + [hashlib.sha256(data).hexdigest()]
-    path = out / ".facegen" / CARD_FILES_RECORD
+    path = OutputFolder(out).card_files_record
     path.parent.mkdir(parents=True, exist_ok=True)
     _write(path, json.dumps(record, indent=1, sort_keys=True).encode())
 
@@ -558,30 +562,30 @@ def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) 
     run = load_run(out)
     try:  # first: the card lists the provenance files present
         copy_provenance(out, run)
-        checksums = out / CHECKSUMS_FILE
+        checksums = OutputFolder(out).file(CHECKSUMS_FILE)
         checksums.parent.mkdir(parents=True, exist_ok=True)
         _write(checksums, (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
     except OSError as exc:
         raise UsageError(f"cannot write the dataset card in {out}: {exc.strerror or exc}") from None
     files = render_card(out, repo_id, gating)
-    foreign = [name for name in foreign_card_files(out) if name != "LICENSE" or files.license is not None]
+    foreign = [name for name in foreign_card_files(out) if name != LICENSE or files.license is not None]
     if foreign:
         raise UsageError(f"{', '.join(str(out / n) for n in foreign)} {'was' if len(foreign) == 1 else 'were'} not "
                          "written by facegen (or changed since): move "
                          f"{'it' if len(foreign) == 1 else 'them'} out of the folder so that the dataset card can "
                          "be written there")
-    new = {"README.md": files.readme.encode("utf-8")}
+    new = {README: files.readme.encode("utf-8")}
     if files.license is not None:
-        new["LICENSE"] = files.license.encode("utf-8")
+        new[LICENSE] = files.license.encode("utf-8")
     if files.preview is not None:
-        new["preview.jpg"] = files.preview
+        new[PREVIEW] = files.preview
     try:
         if repo_id or gating is not None:
             remember_card_settings(out, repo_id=repo_id, gating=gating)
         _record_card_files(out, new)
         for name, data in new.items():
             _write(out / name, data)
-        for name in ("LICENSE", "preview.jpg"):  # ours from an earlier render that has none now
+        for name in (LICENSE, PREVIEW):  # ours from an earlier render that has none now
             if name not in new and written_by_facegen(out, name):
                 (out / name).unlink()
     except OSError as exc:

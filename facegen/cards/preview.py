@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from facegen.layout import OutputFolder
+
 IDENTITIES = 8
 IMAGES_PER_IDENTITY = 4
 TILE = 128
@@ -43,7 +45,7 @@ def _indexed_samples(out: Path, image_column: str, identities: int, per_identity
     import json
 
     wanted: dict[int, list[tuple[str, int, int]]] = {}
-    for path in sorted((out / ".facegen" / "shards" / "index").glob("[0-9]*.json")):
+    for path in sorted(OutputFolder(out).shard_index_dir.glob("[0-9]*.json")):
         try:
             index = json.loads(path.read_bytes())
             rows = zip(index["cls"], index["offsets"], index["lengths"])

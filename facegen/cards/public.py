@@ -14,10 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-PROVENANCE_DIR = "provenance"
-IDENTITIES_FILE = f"{PROVENANCE_DIR}/identities.txt"
-SHIFT_FILE = f"{PROVENANCE_DIR}/shift.safetensors"
-CURATION_FILE = f"{PROVENANCE_DIR}/curation.json"  # the `facegen` source's curation= file (`facegen curate`)
+from facegen.layout import IDENTITIES_FILE, PUBLISHED_CURATION_FILE, SHIFT_FILE
+
 OUT_PLACEHOLDER = "NEW"
 # an absolute POSIX path or a home-relative one, not part of a URL (`https://x/y`) or of a relative path (`a/b`)
 ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])(?:~|/(?!/))[^\s\"'`()\[\]<>,;|]*")
@@ -83,8 +81,8 @@ def known_paths(run: dict, out: Path | None = None) -> dict[str, str]:
         known[options["source_path"]] = source_placeholder(run)
     curation = (options.get("source_opts") or {}).get("curation")
     if curation and options.get("source") == "facegen":
-        known[curation] = CURATION_FILE
-        known[os.path.abspath(os.path.expanduser(curation))] = CURATION_FILE
+        known[curation] = PUBLISHED_CURATION_FILE
+        known[os.path.abspath(os.path.expanduser(curation))] = PUBLISHED_CURATION_FILE
     if options.get("identities_file"):
         known[options["identities_file"]] = IDENTITIES_FILE
         known[os.path.abspath(options["identities_file"])] = IDENTITIES_FILE
@@ -103,7 +101,7 @@ def _public_value(name: str, value: Any, run: dict) -> Any:
     if name == "model_dir" and value:
         return "<model folder>"
     if name == "curation" and value and (run.get("options") or {}).get("source") == "facegen":
-        return CURATION_FILE
+        return PUBLISHED_CURATION_FILE
     if isinstance(value, str) and _looks_local(value):
         return _placeholder(value)
     return value
@@ -144,7 +142,7 @@ def provenance_files(run: dict) -> list[tuple[str, str, str | None]]:
     curation = (options.get("source_opts") or {}).get("curation")
     if curation and options.get("source") == "facegen":
         recorded = (((run.get("source") or {}).get("provenance") or {}).get("curation") or {}).get("sha256")
-        files.append((CURATION_FILE, curation, recorded))
+        files.append((PUBLISHED_CURATION_FILE, curation, recorded))
     return files
 
 

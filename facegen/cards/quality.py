@@ -7,11 +7,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from facegen.layout import CONSISTENCY_PLOT, SEPARABILITY_PLOT, WORST_IDENTITIES_PLOT, OutputFolder
+
 SHOWN = 20  # near-duplicate pairs and outliers listed in the card (all are in report.json)
 PLOT_TITLES = {
-    "report/consistency.png": "Consistency: each sample's cosine similarity to its identity's prototype",
-    "report/separability.png": "Separability: each identity's highest cosine similarity to another identity",
-    "report/worst-identities.png": "The least consistent identities, with each image's cosine to its prototype",
+    CONSISTENCY_PLOT: "Consistency: each sample's cosine similarity to its identity's prototype",
+    SEPARABILITY_PLOT: "Separability: each identity's highest cosine similarity to another identity",
+    WORST_IDENTITIES_PLOT: "The least consistent identities, with each image's cosine to its prototype",
 }
 
 
@@ -21,7 +23,7 @@ def quality_context(out) -> dict | None:
 
     out = Path(out)
     try:
-        report = json.loads((out / ".facegen" / "report.json").read_text(encoding="utf-8"))
+        report = json.loads(OutputFolder(out).report_json.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if report.get("fingerprint") != shards_fingerprint(out):

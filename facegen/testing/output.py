@@ -17,6 +17,7 @@ import numpy as np
 import webdataset as wds
 import xxhash
 
+from facegen.layout import OutputFolder
 from facegen.testing.folder import draw_face, encode
 
 MIT = {"id": "mit", "name": "MIT", "link": "https://opensource.org/license/mit", "text": "MIT License (summary)",
@@ -54,12 +55,13 @@ def write_output_folder(out: str | os.PathLike, identities: int = 6, images_per_
                         transform_license: dict | None = None, card: bool = True) -> Path:
     """Write a complete build folder (shards, stats, run.json and, unless ``card=False``, the card)."""
     out = Path(out)
-    (out / "data" / "train").mkdir(parents=True, exist_ok=True)
-    (out / ".facegen" / "shards").mkdir(parents=True, exist_ok=True)
+    folder = OutputFolder(out)
+    folder.train_dir.mkdir(parents=True, exist_ok=True)
+    folder.shard_stats_dir.mkdir(parents=True, exist_ok=True)
     num_shards = (identities + shard_size - 1) // shard_size
     total_images = 0
     for shard in range(num_shards):
-        tar_path = out / "data" / "train" / f"train-{shard:06d}.tar"
+        tar_path = folder.shard_tar(shard)
         per_identity, quality_stats = {}, {}
         with wds.TarWriter(str(tar_path), encoder=False, mtime=0, user="facegen", group="facegen") as tar:
             for cls in range(shard * shard_size, min((shard + 1) * shard_size, identities)):
@@ -89,7 +91,7 @@ def write_output_folder(out: str | os.PathLike, identities: int = 6, images_per_
                  "images_per_identity": per_identity, "skipped": {}, "failures": [], "quality": quality_stats,
                  "seconds": 0.01, "tar": f"data/train/train-{shard:06d}.tar", "tar_bytes": len(data),
                  "tar_xxh3_128": xxhash.xxh3_128(data).hexdigest()}
-        (out / ".facegen" / "shards" / f"{shard:06d}.json").write_text(json.dumps(stats))
+        folder.shard(shard).stats.write_text(json.dumps(stats))
     run = {
         "facegen_version": "0.1.0", "git_revision": None,
         "command": ["facegen", "build", "--source", "fixture", "--source-path", "/data/fixture", "--plugin",
@@ -115,7 +117,7 @@ def write_output_folder(out: str | os.PathLike, identities: int = 6, images_per_
         "quality_fields": ["cosine_to_prototype"] if quality else [],
         "totals": {"identities": identities, "images": total_images, "skipped": {}, "shards": num_shards},
     }
-    (out / ".facegen" / "run.json").write_text(json.dumps(run, indent=1))
+    folder.run_json.write_text(json.dumps(run, indent=1))
     if card:
         from facegen.cards import write_card
 

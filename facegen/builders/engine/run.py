@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 import facegen
 from facegen import registry
 from facegen.api import Source, Transform
-from facegen.builders.images import VERIFY_LEVELS, check_source_images
-from facegen.builders.lock import output_lock
-from facegen.builders.options import BuildConfig
-from facegen.builders.outputs import (
+from facegen.builders.engine.images import VERIFY_LEVELS, check_source_images
+from facegen.builders.engine.lock import output_lock
+from facegen.builders.engine.options import BuildConfig
+from facegen.builders.engine.outputs import (
     NO_SPACE,
     create_output_folder,
     discard_partial_files,
@@ -54,17 +54,16 @@ from facegen.builders.plan import (
     shard_lengths,
     shards_of,
 )
-from facegen.builders.shards import (
+from facegen.builders.engine.writer import (
     ShardWriter,
     check_place,
     dumps,
     read_stats,
-    shard_place,
-    unit_place,
     write_atomic,
 )
-from facegen.builders.skipped import gather_skipped
+from facegen.builders.engine.skipped import gather_skipped
 from facegen.errors import SampleError, UsageError
+from facegen.layout import INFO, OutputFolder, shard_number
 from facegen.records import Identity, SourceImage, Skip
 
 # identities are read ahead and their images checked by threads: file reads, zlib and PIL decodes release the GIL
@@ -265,6 +264,7 @@ class Builder:
         if not source_cls.needs_path:
             config.source_path = None  # not read, so not part of the build's identity
         self.out = resolve_out(config.out)
+        self.folder = OutputFolder(self.out)
         refuse_out_inside_source(self.out, config.source_path)
         self.state = state or distributed_state()
         self.source: Source = source_cls(config.source_path, **config.source_opts)
@@ -448,7 +448,7 @@ class Builder:
             raise UsageError("the source lists no image for the identities of the plan")
         self.phase = "shards"
         self.layout = self._layout(len(table))
-        places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+        places = {j: self.folder.shard(j) for j in range(len(self.layout))}
         self.snapshot = _snapshot(places) if state.is_main_process else {}
         if self.config.strict:
             self._refuse_kept_skips(places, "shard", "listing_xxh3_128", self.listing_digest)
@@ -473,7 +473,7 @@ class Builder:
     def _run_units(self, progress_total) -> None:
         """Identity-level transforms: units of --shard-size identities under .facegen/units, then assembly."""
         state, plan = self.state, self.plan
-        units = {i: unit_place(self.out, i) for i in range(plan.num_units)}
+        units = {i: self.folder.unit(i) for i in range(plan.num_units)}
         self.unit_snapshot = _snapshot(units) if state.is_main_process else {}
         if self.config.strict:  # the units hold the skips (an assembled shard copies samples and skips none)
             self._refuse_kept_skips(units, "unit of work")
@@ -516,7 +516,7 @@ class Builder:
         self.units_samples = len(table)
         # every sample skipped: no shard (those of an earlier build are removed); the run says so in one line
         self.layout = self._layout(len(table))
-        places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+        places = {j: self.folder.shard(j) for j in range(len(self.layout))}
         self.snapshot = _snapshot(places) if state.is_main_process else {}
         mine = self._todo(places, self._stale_removed(places, "units_xxh3_128", units_digest), "shard")
         order = sample_order(len(table), self.config.seed)
@@ -556,10 +556,10 @@ class Builder:
         units that changed since): they are then missing, and redone. The main process also removes shards past
         the new count (`datasets` would load them)."""
         if self.state.is_main_process:
-            for path in (self.out / "data" / "train").glob("train-*.tar"):
-                j = path.name[len("train-"):-len(".tar")]
-                if j.isdigit() and int(j) >= len(places):
-                    stale = shard_place(self.out, int(j))
+            for path in self.folder.shard_tars():
+                j = shard_number(path)
+                if j is not None and j >= len(places):
+                    stale = self.folder.shard(j)
                     # stats first: never complete-looking
                     for file in (stale.stats, stale.index, stale.tar, stale.skipped):
                         file.unlink(missing_ok=True)
@@ -633,7 +633,7 @@ class Builder:
             self.source.close()
         if not state.is_main_process:
             return None
-        places = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+        places = {j: self.folder.shard(j) for j in range(len(self.layout))}
         _wait_for(places, self.lock)
         seconds = time.perf_counter() - started
         summary = self._summarise(places, seconds)
@@ -641,7 +641,7 @@ class Builder:
         if self.lock is not None:
             self.lock.check()  # another build took the folder over: its records are its own
         # the skips are listed by the files that met them: the shards (per-image) or the units of work
-        lists = places if self.per_image else {i: unit_place(self.out, i) for i in range(self.plan.num_units)}
+        lists = places if self.per_image else {i: self.folder.unit(i) for i in range(self.plan.num_units)}
         listed = gather_skipped(self.out, [lists[i].skipped for i in sorted(lists)])
         summary.skipped_list = str(listed) if listed else None
         self._write_run_json(summary)
@@ -657,12 +657,12 @@ class Builder:
         """The full-disk line, with the space the rest of the build needs (measured on the files written so far)."""
         plan, partial_bytes, partial_samples, partial_identities = self.plan, *self.partial
         if self.phase == "units":
-            files = {i: unit_place(self.out, i) for i in range(plan.num_units)}
+            files = {i: self.folder.unit(i) for i in range(plan.num_units)}
             amount = {i: len(plan.unit(i)) for i in files}  # identities
             what, counted, noun = "unit of work", "identities", "identities"
             partial_amount = partial_identities
         elif self.phase in ("shards", "assembly"):
-            files = {j: shard_place(self.out, j) for j in range(len(self.layout))}
+            files = {j: self.folder.shard(j) for j in range(len(self.layout))}
             amount = dict(enumerate(self.layout))  # samples (skipped ones make a shard shorter: an upper bound)
             what, counted, noun = "shard", "images", "images"
             partial_amount = partial_samples
@@ -695,7 +695,7 @@ class Builder:
         per_identity: Counter = Counter({i: 0 for i in self.identities_without_images})
         work = places
         if not self.per_image:
-            work = {i: unit_place(self.out, i) for i in range(self.plan.num_units)}
+            work = {i: self.folder.unit(i) for i in range(self.plan.num_units)}
             summary.units = len(work)
         for j, place in places.items():
             stats = read_stats(place.stats) or {}
@@ -758,13 +758,13 @@ class Builder:
         }
         if not self._set_up:  # this process loaded no model (a rerun with nothing to generate)
             _keep_loaded_models(self.out, run)
-        write_atomic(self.out / ".facegen" / "run.json", json.dumps(run, indent=1).encode())
+        write_atomic(self.folder.run_json, json.dumps(run, indent=1).encode())
 
 
 def _keep_loaded_models(out: Path, run: dict) -> None:
     """A rerun that loaded no model keeps what the run that made the shards recorded as loaded."""
     try:
-        before = json.loads((out / ".facegen" / "run.json").read_text())
+        before = json.loads(OutputFolder(out).run_json.read_text())
     except (OSError, ValueError):
         return
     loaded = {(m.get("id"), m.get("role")): m.get("loaded") for m in (before.get("transform") or {}).get("models", [])}
@@ -778,7 +778,7 @@ def write_info_json(out: Path, name: str) -> dict:
     ``splits.train.{name, num_samples, filenames, shard_lengths}``, file names relative to ``OUT`` (where timm's
     ``--data-dir`` points) and lengths as written (skipped samples make a shard shorter)."""
     shards = []
-    for stats_path in sorted((out / ".facegen" / "shards").glob("[0-9]*.json")):
+    for stats_path in OutputFolder(out).shard_stats_files():
         stats = read_stats(stats_path)
         if stats is not None:
             shards.append(stats)
@@ -792,9 +792,9 @@ def write_info_json(out: Path, name: str) -> dict:
             "shard_lengths": [s["images"] for s in shards],
         }},
     }
-    from facegen.cards.card import INFO_FILE, write_recorded
+    from facegen.cards.card import write_recorded
 
-    write_recorded(out, INFO_FILE, json.dumps(info, indent=1).encode())  # a user's _info.json is refused, kept
+    write_recorded(out, INFO, json.dumps(info, indent=1).encode())  # a user's _info.json is refused, kept
     return info
 
 

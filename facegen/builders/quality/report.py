@@ -51,6 +51,15 @@ import numpy as np
 
 import facegen
 from facegen.errors import UsageError
+from facegen.layout import (
+    CONSISTENCY_PLOT,
+    FACEGEN_DIR,
+    REPORT_EMBEDDINGS,
+    REPORT_JSON,
+    SEPARABILITY_PLOT,
+    WORST_IDENTITIES_PLOT,
+    OutputFolder,
+)
 from facegen.published import PublishedDataset
 
 DEFAULTS = {
@@ -58,9 +67,6 @@ DEFAULTS = {
     "arcface": {"dedup": 0.6, "min_similarity": 0.3},
 }
 RECOGNIZERS = tuple(DEFAULTS)
-REPORT_JSON = Path(".facegen") / "report.json"
-EMBEDDINGS_NPZ = Path(".facegen") / "report_embeddings.npz"
-PLOTS_DIR = "report"
 WORST_IDENTITIES = 6
 WORST_IMAGES = 8
 LISTED = 1000  # skipped samples listed by name in report.json (all are counted)
@@ -107,7 +113,7 @@ class ArcFaceReportRecognizer(Recognizer):
     name = "arcface"
 
     def __init__(self, model_dir: str | None, detector: str = "scrfd", det_size: int = 640, batch_size: int = 64):
-        from facegen.builders.identities import FaceEmbedder
+        from facegen.builders.quality.identities import FaceEmbedder
 
         self._embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, batch_size=batch_size)
         self.model = f"arcface.onnx ({'--model-dir' if model_dir else 'Hub'}), detector {detector}"
@@ -252,7 +258,7 @@ def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_
                        progress: bool = True, cache: bool = True, path: Path | None = None) -> tuple[Embeddings, bool]:
     """(embeddings, reused): from the cache (``path``, default ``.facegen/`` of the dataset) when valid, else
     computed (and cached)."""
-    path = path or dataset.root / EMBEDDINGS_NPZ
+    path = path or OutputFolder(dataset.root).report_embeddings
     fingerprint = dataset.fingerprint()
     keys = [s.key for s in dataset.samples]
     if cache:
@@ -443,15 +449,15 @@ def write_plots(out: Path, dataset: PublishedDataset, report: dict, recognizer: 
         axes.set_ylabel("count")
         axes.set_title(title)
         axes.legend(loc="upper left")
-        _save_figure(figure, out / PLOTS_DIR / name)
+        _save_figure(figure, out / name)
         plt.close(figure)
-        written.append(f"{PLOTS_DIR}/{name}")
+        written.append(name)
 
     histogram(a.cosine, settings["min_similarity"], f"outlier below {settings['min_similarity']}",
-              "Consistency: each sample's cosine to its identity's prototype", "consistency.png")
+              "Consistency: each sample's cosine to its identity's prototype", CONSISTENCY_PLOT)
     if len(a.ids) > 1:
         histogram(a.separability, settings["dedup"], f"near-duplicate from {settings['dedup']}",
-                  "Separability: each identity's highest cosine to another", "separability.png")
+                  "Separability: each identity's highest cosine to another", SEPARABILITY_PLOT)
     worst = _worst_identities(out, dataset, report, plt)
     if worst:
         written.append(worst)
@@ -501,9 +507,9 @@ def _worst_identities(out: Path, dataset: PublishedDataset, report: dict, plt) -
                     spine.set_linewidth(2)
         axes[r][0].set_ylabel(str(row["identity"])[:14], fontsize=7)
     figure.suptitle("Least consistent identities (rows): images, cosine to prototype (red: outlier)", fontsize=9)
-    _save_figure(figure, out / PLOTS_DIR / "worst-identities.png")
+    _save_figure(figure, out / WORST_IDENTITIES_PLOT)
     plt.close(figure)
-    return f"{PLOTS_DIR}/worst-identities.png"
+    return WORST_IDENTITIES_PLOT
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -524,7 +530,7 @@ def against_matches(a: Analysis, other: PublishedDataset, recognizer: Recognizer
                     batch_size: int, progress: bool) -> dict:
     """Identities of this dataset whose prototype reaches ``threshold`` with an identity of ``other``."""
     # a local folder's own cached embeddings are used when valid (never written: that folder is not ours)
-    cached = None if other.repo_id else _load_embeddings(other.root / EMBEDDINGS_NPZ, recognizer.identity(),
+    cached = None if other.repo_id else _load_embeddings(OutputFolder(other.root).report_embeddings, recognizer.identity(),
                                                          other.fingerprint(), [s.key for s in other.samples])
     embeddings = cached or embed_dataset(other, recognizer, batch_size=batch_size, progress=progress)
     b = identity_prototypes(other, embeddings)
@@ -545,9 +551,10 @@ class ReportPlace:
     @classmethod
     def of(cls, dataset_root: Path, report_dir: str | os.PathLike | None) -> ReportPlace:
         if report_dir is None or Path(report_dir).resolve() == dataset_root:
-            return cls(dataset_root, dataset_root / REPORT_JSON, dataset_root / EMBEDDINGS_NPZ, True)
-        folder = Path(report_dir).resolve()
-        return cls(folder, folder / REPORT_JSON.name, folder / EMBEDDINGS_NPZ.name, False)
+            paths = OutputFolder(dataset_root)
+            return cls(dataset_root, paths.report_json, paths.report_embeddings, True)
+        folder = Path(report_dir).resolve()  # a folder of its own: no .facegen/ in it
+        return cls(folder, folder / REPORT_JSON, folder / REPORT_EMBEDDINGS, False)
 
 
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
@@ -596,7 +603,7 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     report.pop("_analysis")
     report["seconds"] = round(time.perf_counter() - started, 3)
     write_report(place.folder, report, place.json)
-    if card and place.in_dataset and (dataset.root / ".facegen" / "run.json").is_file():
+    if card and place.in_dataset and OutputFolder(dataset.root).run_json.is_file():
         from facegen.cards import write_card
 
         write_card(dataset.root)
@@ -606,18 +613,11 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
 
 
 def write_report(out: Path, report: dict, path: Path | None = None) -> None:
-    path = path or out / REPORT_JSON
+    path = path or OutputFolder(out).report_json
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def load_report(out) -> dict | None:
-    try:
-        return json.loads((Path(out) / REPORT_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def summary_lines(report: dict, place: ReportPlace | None = None) -> list[str]:
@@ -640,7 +640,7 @@ def summary_lines(report: dict, place: ReportPlace | None = None) -> list[str]:
     if "against" in report:
         lines.append(f"  identities matching {report['against']['dataset']}: {len(report['against']['matches'])}")
     if place is None or place.in_dataset:
-        lines.append(f"  -> {REPORT_JSON.as_posix()}, " + ", ".join(report["plots"]))
+        lines.append(f"  -> {FACEGEN_DIR}/{REPORT_JSON}, " + ", ".join(report["plots"]))
     else:
         lines.append(f"  -> {place.json}, " + ", ".join(str(place.folder / p) for p in report["plots"]))
     return lines

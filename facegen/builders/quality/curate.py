@@ -2,7 +2,7 @@
 
 Steps (each visible in :func:`curate`):
 
-1. The report of OUT (:func:`facegen.builders.report.run_report`): its cached embeddings are reused when the
+1. The report of OUT (:func:`facegen.builders.quality.report.run_report`): its cached embeddings are reused when the
    shards and the recogniser are unchanged, so only the thresholds are applied again.
 2. The decisions (:func:`decide`), in this order:
    - near-duplicate groups are the connected components of the graph "prototype cosine >= dedup"; each keeps one
@@ -25,12 +25,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from facegen.builders.options import BuildConfig
+from facegen.builders.engine.options import BuildConfig
 from facegen.errors import UsageError
+from facegen.layout import OutputFolder
 from facegen.published import PublishedDataset
 
-CURATION_FILE = Path(".facegen") / "curation.json"
-PARENT_REPORT_DIR = Path(".facegen") / "parent-report"  # the report of a Hub OUT (its cache is not ours to write)
 
 
 def near_duplicate_groups(pairs: list[list], order: dict[str, int]) -> list[list[str]]:
@@ -110,14 +109,14 @@ def decide(dataset: PublishedDataset, report: dict, min_images: int) -> dict:
 
 def _prepare_new(new: Path, curation: dict, overwrite: bool) -> Path:
     """Write NEW/.facegen/curation.json, refusing to change the decisions under an existing build."""
-    from facegen.builders.outputs import remove_facegen_outputs
+    from facegen.builders.engine.outputs import remove_facegen_outputs
 
-    path = new / CURATION_FILE
+    path = OutputFolder(new).curation_file
     if new.exists() and not new.is_dir():
         raise UsageError(f"--out {new} is a file, not a folder")
     if overwrite and new.is_dir():
         remove_facegen_outputs(new)
-    elif (new / ".facegen" / "config.json").is_file():
+    elif OutputFolder(new).config_json.is_file():
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -146,8 +145,8 @@ def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, det
            batch_size: int = 64, overwrite: bool = False, progress: bool = True, command: list[str] | None = None,
            echo: Callable[[str], Any] | None = None):
     """Curate the facegen dataset in folder ``out`` into the new dataset ``new``; returns (curation, summary)."""
-    from facegen.builders.report import run_report
-    from facegen.builders.run import build
+    from facegen.builders.quality.report import run_report
+    from facegen.builders.engine.run import build
 
     echo = echo or (lambda line: None)
     if min_images < 1:
@@ -161,7 +160,8 @@ def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, det
             raise UsageError("--out must be a folder outside the dataset being curated")
         source_path, report_dir = str(out_path), None
     elif parse_hub_id(str(out)) is not None:
-        source_path, report_dir = str(out), new_path / PARENT_REPORT_DIR  # the id as given: the build reads it
+        # the id as given: the build reads it; its report goes beside NEW's records (the Hub cache is not ours)
+        source_path, report_dir = str(out), OutputFolder(new_path).parent_report_dir
     else:
         raise UsageError(f"{out} is neither a folder nor a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
     if new_path.exists() and not new_path.is_dir():

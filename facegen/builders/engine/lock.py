@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from facegen.errors import UsageError
+from facegen.layout import OutputFolder
 
 DEFAULT_LEASE_SECONDS = 120.0  # the longest a requeued job waits for a lock left by a holder on another node
 LEASE_ENV = "FACEGEN_LOCK_LEASE"  # seconds; tests and impatient clusters shorten it
@@ -133,8 +134,10 @@ class OutputLock:
 
     def __init__(self, out: Path, lease: float | None = None):
         self.out = Path(out)
-        self.folder = self.out / ".facegen"
-        self.path = self.folder / "lock"
+        paths = OutputFolder(self.out)
+        self.folder = paths.records
+        self.path = paths.lock
+        self.breaker = paths.lock_break
         self.lease = lease if lease is not None else lease_seconds()
         self.me = Holder.me(self.lease)
         self.lost: str | None = None  # set by the heartbeat when another process took the lock
@@ -188,7 +191,7 @@ class OutputLock:
         return removed
 
     def _remove_once(self, seen: tuple[bytes, int], check_mtime: bool) -> bool:
-        breaker = self.folder / "lock.break"
+        breaker = self.breaker
         try:
             os.close(os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:

@@ -10,19 +10,8 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from facegen.builders.shards import dumps, shard_place, unit_place, write_atomic
-
-
-def shard_skipped_path(out: Path, index: int) -> Path:
-    return shard_place(out, index).skipped
-
-
-def unit_skipped_path(out: Path, index: int) -> Path:
-    return unit_place(out, index).skipped
-
-
-def skipped_list_path(out: Path) -> Path:
-    return out / ".facegen" / "skipped.jsonl"
+from facegen.builders.engine.writer import dumps, write_atomic
+from facegen.layout import OutputFolder
 
 
 def write_skipped_list(path: Path, kind: str, index: int, failures: list[dict]) -> None:
@@ -37,7 +26,7 @@ def write_skipped_list(path: Path, kind: str, index: int, failures: list[dict]) 
 def gather_skipped(out: Path, parts: Iterable[Path]) -> Path | None:
     """Concatenate the lists ``parts`` (in that order: shard or unit order); None when nothing was skipped."""
     parts = [p for p in parts if p.is_file()]
-    target = skipped_list_path(out)
+    target = OutputFolder(out).skipped_list
     if not parts:
         target.unlink(missing_ok=True)
         return None

@@ -86,7 +86,7 @@ def sample_unit_embeddings(specs: list[SourceSpec], embedder, max_images: int, s
     """Unit embeddings of up to ``max_images`` images sampled across the identities of ``specs`` (see module doc)."""
     from tqdm.auto import tqdm
 
-    from facegen.builders.identities import open_source
+    from facegen.builders.quality.identities import open_source
 
     sources = [open_source(s.name, s.path, s.options) for s in specs]
     pairs = [(k, identity_id) for k, source in enumerate(sources) for identity_id in source.identities()]
@@ -251,7 +251,7 @@ def estimate_shift(real: list[SourceSpec], synthetic: list[SourceSpec], model_di
                    progress: bool = True, realign: bool = False) -> ShiftEstimate:
     import torch
 
-    from facegen.builders.identities import FaceEmbedder
+    from facegen.builders.quality.identities import FaceEmbedder
     from facegen.generators.arc2face import id_token_id, prompt_input_ids
 
     if not real or not synthetic:

@@ -11,16 +11,22 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from facegen.builders.shards import write_atomic
+from facegen.builders.engine.writer import write_atomic
 from facegen.errors import UsageError
+from facegen.layout import (
+    CHECKSUMS_FILE,
+    IDENTITIES_FILE,
+    LOCK_FILES,
+    OUTPUT_FILES,
+    SHARD_FILE,
+    SHIFT_FILE,
+    OutputFolder,
+)
 
-SHARD_FILE = re.compile(r"\.?train-\d{6}\.tar(\.tmp-\d+)?")  # a published shard or its hidden temporary
-LOCK_FILES = ("lock", "lock.break")  # kept by --overwrite: the running build holds them
 NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file too large for a file-size limit (ulimit -f)"}
 
@@ -43,7 +49,8 @@ def create_output_folder(out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    for folder in (out / "data", out / "data" / "train"):
+    folder_paths = OutputFolder(out)
+    for folder in (folder_paths.data_dir, folder_paths.train_dir):
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"{folder} is a file where facegen needs a folder (the shards go in data/train/): "
                              "move it out of --out, or choose another --out")
@@ -64,10 +71,10 @@ def refuse_out_inside_source(out: Path, source_path: str | None) -> None:
 
 def foreign_files(out: Path, has_build: bool) -> list[str]:
     """Files in ``out`` under names facegen writes that facegen did not write (relative names)."""
-    from facegen.cards.card import OUTPUT_FILES, foreign_card_files
+    from facegen.cards.card import foreign_card_files
 
     found = foreign_card_files(out, OUTPUT_FILES)
-    train = out / "data" / "train"
+    train = OutputFolder(out).train_dir
     if train.is_dir():
         for path in sorted(train.iterdir()):
             ours = has_build and SHARD_FILE.fullmatch(path.name)
@@ -83,19 +90,17 @@ def _names(names: list[str]) -> str:
 
 def remove_facegen_outputs(out: Path) -> None:
     """What --overwrite removes: only the files a build writes, never anything else in the folder."""
-    from facegen.cards.card import OUTPUT_FILES, written_by_facegen
+    from facegen.cards.card import written_by_facegen
 
+    folder = OutputFolder(out)
     for name in OUTPUT_FILES:  # before .facegen/, which holds the record of what facegen wrote
         if written_by_facegen(out, name):
             (out / name).unlink()
-    from facegen.cards.card import CHECKSUMS_FILE
-    from facegen.cards.public import IDENTITIES_FILE, PROVENANCE_DIR, SHIFT_FILE
-
     for rel in (CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE):  # the rebuild inputs the card copies (only those)
-        (out / rel).unlink(missing_ok=True)
-    if (out / PROVENANCE_DIR).is_dir() and not any((out / PROVENANCE_DIR).iterdir()):
-        (out / PROVENANCE_DIR).rmdir()
-    facegen_dir = out / ".facegen"
+        folder.file(rel).unlink(missing_ok=True)
+    if folder.provenance_dir.is_dir() and not any(folder.provenance_dir.iterdir()):
+        folder.provenance_dir.rmdir()
+    facegen_dir = folder.records
     if facegen_dir.is_dir():
         for path in facegen_dir.iterdir():
             if path.name in LOCK_FILES:
@@ -104,21 +109,22 @@ def remove_facegen_outputs(out: Path) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    train = out / "data" / "train"
+    train = folder.train_dir
     if train.is_dir():
         for path in train.iterdir():
             if SHARD_FILE.fullmatch(path.name):
                 path.unlink()
-        for folder in (train, out / "data"):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        for empty in (train, folder.data_dir):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
 
 
 def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state) -> None:
     """Refuse a folder that holds a different build or the user's files (unless --overwrite, which still never
     removes a file facegen did not write); record the build's signature."""
-    config_path = out / ".facegen" / "config.json"
-    has_build = config_path.exists() or (out / ".facegen" / "run.json").exists()
+    folder = OutputFolder(out)
+    config_path = folder.config_json
+    has_build = config_path.exists() or folder.run_json.exists()
     foreign = foreign_files(out, has_build)
     if foreign and (overwrite or has_build):
         raise UsageError(f"{out} holds a file facegen did not write where a build writes: {_names(foreign)} not "
@@ -146,7 +152,7 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
                 "resume it, or pass --overwrite to replace it, or choose another --out"
             )
         return
-    others = sorted(p.name for p in out.iterdir() if p.name != ".facegen")
+    others = sorted(p.name for p in out.iterdir() if p != folder.records)
     if others and not overwrite:
         shown = ", ".join(others[:3]) + (" …" if len(others) > 3 else "")
         if foreign:
@@ -163,9 +169,7 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
 def discard_partial_files(out: Path) -> None:
     """Remove this process's hidden temporaries (a shard, unit of work or record cut short by a full disk)."""
     suffix = f".tmp-{os.getpid()}"
-    facegen = out / ".facegen"
-    for folder in (out / "data" / "train", facegen / "shards", facegen / "shards" / "index", facegen / "skipped",
-                   facegen / "units", facegen / "units" / "index", facegen / "units" / "skipped", facegen, out):
+    for folder in OutputFolder(out).temporaries_folders():
         if folder.is_dir():
             for path in folder.glob(f".*{suffix}"):
                 path.unlink(missing_ok=True)

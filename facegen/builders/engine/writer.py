@@ -17,14 +17,14 @@ import json
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
+from facegen.layout import OutputFolder, Place
+from facegen.builders.engine.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
 from facegen.records import Face, IdentityResult, Skip, printable_name
 
 MAX_FAILURES_LISTED = 100
@@ -34,39 +34,6 @@ ImageInfo = tuple[str, str, list[str]]  # a stored image's PIL mode, "WxH" and t
 
 
 INDEX_FORMAT = "facegen-sample-index-1"
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where one tar and its records live."""
-
-    tar: Path
-    stats: Path
-    index: Path
-    skipped: Path  # every skipped sample of this file, one JSON line each (absent when none was skipped)
-
-
-def shard_tar_path(out: Path, index: int) -> Path:
-    return out / "data" / "train" / f"train-{index:06d}.tar"
-
-
-def shard_stats_path(out: Path, index: int) -> Path:
-    return out / ".facegen" / "shards" / f"{index:06d}.json"
-
-
-def shard_index_path(out: Path, index: int) -> Path:
-    return out / ".facegen" / "shards" / "index" / f"{index:06d}.json"
-
-
-def shard_place(out: Path, index: int) -> Place:
-    return Place(shard_tar_path(out, index), shard_stats_path(out, index), shard_index_path(out, index),
-                 out / ".facegen" / "skipped" / f"{index:06d}.jsonl")
-
-
-def unit_place(out: Path, index: int) -> Place:
-    units = out / ".facegen" / "units"
-    return Place(units / f"{index:06d}.tar", units / f"{index:06d}.json", units / "index" / f"{index:06d}.json",
-                 units / "skipped" / f"{index:06d}.jsonl")
 
 
 def file_xxh3_128(path: Path, chunk: int = 8 << 20) -> str:
@@ -105,11 +72,6 @@ def check_place(place: Place, verify: bool = True) -> str | None:
     if verify and file_xxh3_128(place.tar) != stats.get("tar_xxh3_128"):
         return "checksum (XXH3-128) differs from its stats"
     return None
-
-
-def shard_is_complete(out: Path, index: int, verify: bool = True) -> bool:
-    """Whether published shard ``index`` is complete: size and (with ``verify``) checksum match its stats."""
-    return check_place(shard_place(out, index), verify) is None
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -256,7 +218,8 @@ class ShardWriter:
         self.lossy_allowed = lossy_allowed  # --format jpg given: a PNG may become a JPEG
         self.rank = rank
         self.quality_fields = tuple(quality_fields)
-        self.place = unit_place(out, index) if unit else shard_place(out, index)
+        folder = OutputFolder(out)
+        self.place = folder.unit(index) if unit else folder.shard(index)
         self.final = self.place.tar
         self.final.parent.mkdir(parents=True, exist_ok=True)
         for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):
@@ -417,7 +380,7 @@ class ShardWriter:
             "sample_bytes": self._tar.payload,  # the members' data bytes (the card's num_bytes, no tar re-read)
             **self.extra_stats,
         }
-        from facegen.builders.skipped import write_skipped_list
+        from facegen.builders.engine.skipped import write_skipped_list
 
         write_skipped_list(self.place.skipped, "unit" if self.unit else "shard", self.index, self.all_failures)
         write_atomic(self.place.stats, dumps(stats))  # last: its existence (and agreement) means complete

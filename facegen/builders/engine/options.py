@@ -57,7 +57,7 @@ def parse_pairs(pairs: tuple[str, ...] | list[str], flag: str) -> dict[str, str]
 
 
 def recipe_names() -> list[str]:
-    folder = resources.files("facegen.builders") / "recipes"
+    folder = resources.files("facegen.builders.engine") / "recipes"
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -74,7 +74,7 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
             raise UsageError(f"recipe {name_or_file} is not UTF-8 text (byte {exc.start}): save it as UTF-8") \
                 from None
     else:
-        candidate = resources.files("facegen.builders") / "recipes" / f"{name_or_file}.yaml"
+        candidate = resources.files("facegen.builders.engine") / "recipes" / f"{name_or_file}.yaml"
         if not candidate.is_file():
             raise UsageError(
                 f"unknown recipe {name_or_file!r}: not a file, and not a built-in recipe "

@@ -31,18 +31,32 @@ from pathlib import Path
 import xxhash
 
 from facegen.errors import FacegenError, UsageError
+from facegen.layout import (
+    CHECKSUMS_FILE,
+    DATA_DIR,
+    FACEGEN_DIR,
+    IDENTITIES_FILE,
+    INFO,
+    LICENSE,
+    PLOTS_DIR,
+    PREVIEW,
+    PROVENANCE_DIR,
+    README,
+    SHIFT_FILE,
+    OutputFolder,
+    shard_path,
+)
 
 # report/: the plots of `facegen report` (report.json itself stays in .facegen/)
-ALLOW_PATTERNS = ["README.md", "LICENSE*", "preview.jpg", "_info.json", "data/**", "provenance/**", "report/**"]
+ALLOW_PATTERNS = [README, f"{LICENSE}*", PREVIEW, INFO, f"{DATA_DIR}/**", f"{PROVENANCE_DIR}/**", f"{PLOTS_DIR}/**"]
 # Hidden names anywhere (temporary shard files, editor droppings) and the build's own records stay local:
 # `.*` matches a hidden name at the top level (fnmatch's `*` also crosses `/`), `**/.*` one in a folder.
-IGNORE_PATTERNS = [".facegen/**", ".*", "**/.*", "**/__pycache__/**"]
+IGNORE_PATTERNS = [f"{FACEGEN_DIR}/**", ".*", "**/.*", "**/__pycache__/**"]
 # Uploaded last, in a second commit series: until they land, an interrupted upload never looks complete on the Hub.
-LAST_FILES = ["README.md", "_info.json"]
+LAST_FILES = [README, INFO]
 # Remote files under these folders that the build no longer has are deleted in the same run (a rebuilt dataset
 # must not load old and new samples together).
-SYNCED_FOLDERS = ["data/**", "provenance/**"]
-SHARD_NAME = re.compile(r"^train-(\d{6})\.tar$")
+SYNCED_FOLDERS = [f"{DATA_DIR}/**", f"{PROVENANCE_DIR}/**"]
 PROBLEMS_SHOWN = 30
 
 
@@ -98,7 +112,7 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from facegen.builders.images import IMAGE_FIELD_EXTENSIONS, ImageError, check_image
+    from facegen.builders.engine.images import IMAGE_FIELD_EXTENSIONS, ImageError, check_image
 
     images = 0
     pending: list = []
@@ -145,7 +159,7 @@ def _check_card(out: Path, run: dict, problems: list[str]) -> None:
     from datasets.info import DatasetInfosDict
     from huggingface_hub import DatasetCard
 
-    readme = out / "README.md"
+    readme = OutputFolder(out).readme
     if not readme.is_file():
         problems.append("README.md is missing (run `facegen card OUT` to write it)")
         return
@@ -199,7 +213,7 @@ def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full
     listed = set()
     totals = Counter()
     for stats in shards:
-        rel = stats.get("tar") or f"data/train/train-{stats.get('shard', 0):06d}.tar"
+        rel = stats.get("tar") or shard_path(stats.get("shard", 0))
         listed.add(rel)
         totals["images"] += stats.get("images", 0)
         path = out / rel
@@ -267,14 +281,14 @@ def _check_licence(out: Path, problems: list[str]) -> None:
 
     try:
         chain, licence_text = expected_licence(out)
-        data = DatasetCard.load(out / "README.md").data.to_dict()
+        data = DatasetCard.load(OutputFolder(out).readme).data.to_dict()
     except Exception:  # the card checks above already report an unreadable card or run
         return
     for key, want in (("license", chain.hub_id), ("license_name", chain.name), ("license_link", chain.link)):
         if data.get(key) != want:
             problems.append(f"README.md: `{key}: {data.get(key)}` but the build's inputs imply `{want}` "
                             "(run `facegen card OUT` to write the licence they imply)")
-    licence_file = out / "LICENSE"
+    licence_file = OutputFolder(out).file(LICENSE)
     if licence_text is not None and licence_file.is_file():
         if licence_file.read_text(encoding="utf-8", errors="replace") != licence_text:
             problems.append("LICENSE: its text is not the one the build's inputs imply (run `facegen card OUT`, "
@@ -283,7 +297,7 @@ def _check_licence(out: Path, problems: list[str]) -> None:
 
 def _check_links(out: Path, problems: list[str]) -> None:
     """Every file the card links to (preview, LICENSE, provenance, report plots) exists."""
-    readme = out / "README.md"
+    readme = OutputFolder(out).readme
     if not readme.is_file():
         return
     for target in sorted(set(re.findall(r"\]\(([^)\s]+)\)", readme.read_text(encoding="utf-8")))):
@@ -349,8 +363,6 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
 def _check_upload_files(out: Path, problems: list[str]) -> None:
     """Publish sends regular files of the build only: no symbolic link (it could point anywhere on this machine),
     and under provenance/ only the rebuild inputs the card writes there."""
-    from facegen.cards.card import CHECKSUMS_FILE
-    from facegen.cards.public import IDENTITIES_FILE, PROVENANCE_DIR, SHIFT_FILE
 
     known = {CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE}
     for f in files_to_upload(out):
@@ -491,7 +503,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
 
     # 2. the card names this repo and carries (or not) the access form (re-rendered from the same records; never
     #    on a dry run)
-    readme = out / "README.md"
+    readme = OutputFolder(out).readme
     settings = card_settings(out)
     named = PLACEHOLDER_REPO not in readme.read_text(encoding="utf-8") and settings.get("repo_id") == repo_id
     if not dry_run and (not named or settings.get("gating", True) != gating):

@@ -21,6 +21,14 @@ from typing import Any
 import yaml
 
 from facegen.errors import UsageError
+from facegen.layout import (
+    CHECKSUMS_FILE,
+    IDENTITIES_FILE,
+    PUBLISHED_CURATION_FILE,
+    README,
+    SHIFT_FILE,
+    OutputFolder,
+)
 
 REBUILT_OPTIONS = ("source", "source_path", "source_opts", "plugin", "plugin_opts", "limit_identities",
                    "identities_file", "shard_size", "shard_samples", "shards_multiple_of", "seed", "format", "strict",
@@ -64,7 +72,7 @@ def _checksums_file(path: Path) -> dict[str, str]:
 
 
 def _from_folder(folder: Path, where: str) -> CardRecord:
-    run_path = folder / ".facegen" / "run.json"
+    run_path = OutputFolder(folder).run_json
     if run_path.is_file():  # the build's own record: same facts, paths unscrubbed
         from facegen.cards.stats import load_run, load_shard_stats
 
@@ -78,7 +86,7 @@ def _from_folder(folder: Path, where: str) -> CardRecord:
         if record.files:
             _use_provenance(record)
         return record
-    readme = folder / "README.md"
+    readme = OutputFolder(folder).readme
     if not readme.is_file():
         raise UsageError(f"{where} holds neither .facegen/run.json nor README.md: not a facegen dataset")
     return _from_card_file(readme, where)
@@ -92,7 +100,7 @@ def _from_card_file(readme: Path, where: str) -> CardRecord:
     for rel in card.get("provenance") or []:
         if (folder / rel).is_file():
             record.files[rel] = str(folder / rel)
-    record.checksums = _checksums_file(folder / "provenance" / "checksums.json")
+    record.checksums = _checksums_file(OutputFolder(folder).file(CHECKSUMS_FILE))
     _use_provenance(record)
     return record
 
@@ -114,28 +122,26 @@ def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"cannot read {name} of the dataset {repo_id} on the Hub: {first}") from None
 
-    readme = download("README.md")
+    readme = download(README)
     card = _front_matter(Path(readme).read_text(encoding="utf-8"), repo_id)
     record = CardRecord(repo_id, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
     for rel in card.get("provenance") or []:
         record.files[rel] = download(rel)
-    if "provenance/checksums.json" in record.files:
-        record.checksums = _checksums_file(Path(record.files["provenance/checksums.json"]))
+    if CHECKSUMS_FILE in record.files:
+        record.checksums = _checksums_file(Path(record.files[CHECKSUMS_FILE]))
     _use_provenance(record)
     return record
 
 
 def _use_provenance(record: CardRecord) -> None:
     """Options that named a published provenance file now name its local copy."""
-    from facegen.cards.public import CURATION_FILE, IDENTITIES_FILE, SHIFT_FILE
-
     if IDENTITIES_FILE in record.files:
         record.options["identities_file"] = record.files[IDENTITIES_FILE]
     if SHIFT_FILE in record.files:
         record.options["plugin_opts"] = {**(record.options.get("plugin_opts") or {}), "shift": record.files[SHIFT_FILE]}
-    if CURATION_FILE in record.files:
+    if PUBLISHED_CURATION_FILE in record.files:
         record.options["source_opts"] = {**(record.options.get("source_opts") or {}),
-                                         "curation": record.files[CURATION_FILE]}
+                                         "curation": record.files[PUBLISHED_CURATION_FILE]}
 
 
 def read_card(spec: str, revision: str | None = None) -> CardRecord:

@@ -1,0 +1,1 @@
+"""The Hub side: publish a build, download a source's files, rebuild from a card."""

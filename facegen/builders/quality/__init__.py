@@ -1,0 +1,1 @@
+"""Quality: the report, curation, identity embedding and selection, the domain-gap shift."""

@@ -1,0 +1,82 @@
+"""Writing and hashing files: the one implementation of each that every part of facegen uses.
+
+- :func:`atomic_write` / :func:`atomic_file`: a file appears complete or not at all. The bytes go to a hidden
+  temporary beside the target (``.NAME.tmp-PID``, which ``--overwrite`` and a full disk's clean-up know), are
+  flushed and fsynced, renamed over the target, and the folder is fsynced so that the rename survives a crash.
+  A failure (a full disk, Ctrl-C) removes the temporary and leaves the previous file as it was.
+- :func:`sha256_file`, :func:`xxh3_128_file`: streamed in 8 MiB blocks, never the whole file in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import xxhash
+
+BLOCK = 8 << 20
+
+
+def temporary_name(path: str | os.PathLike, pid: int | None = None) -> Path:
+    """The hidden name ``path`` is written under until it is complete."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename or a new name in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder: the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """``with atomic_file(path) as f: f.write(...)``: the file gets its name only when the block ends normally."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def _digest_file(path: str | os.PathLike, digest):
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), as the Hub's LFS object id of the same file."""
+    return _digest_file(path, hashlib.sha256())
+
+
+def xxh3_128_file(path: str | os.PathLike) -> str:
+    """The file's XXH3-128 (hex): what the shard and unit stats record (fast enough to check every resume)."""
+    return _digest_file(path, xxhash.xxh3_128())

@@ -30,7 +30,7 @@ from facegen.cards.public import (
 from facegen.cards.quality import curation_context, quality_context
 from facegen.cards.stats import Statistics, size_category, summarise
 from facegen.errors import UsageError
-from facegen.fileio import atomic_write
+from facegen.fileio import atomic_write, sha256_file
 from facegen.layout import (
     CARD_FILES,
     CHECKSUMS_FILE,
@@ -41,7 +41,7 @@ from facegen.layout import (
     README,
     OutputFolder,
 )
-from facegen.layout.records import ModelRecord, RunRecord, ShardStats, load_run, load_shard_stats, load_unit_stats
+from facegen.layout.records import RunRecord, ShardStats, load_run, load_shard_stats, load_unit_stats
 
 TEMPLATES = Path(__file__).parent / "templates"
 PLACEHOLDER_REPO = "ORG/NAME"
@@ -70,7 +70,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
-        undefined=jinja2.Undefined,  # records of older builds may lack optional fields: render them empty
+        undefined=jinja2.StrictUndefined,  # a name the context lacks is a bug, not an empty cell
     )
     env.filters["cell"] = lambda v: str(v if v is not None else "").replace("|", "\\|").replace("\n", " ").strip()
     env.filters["plural"] = lambda word, n: word if n == 1 else ("identities" if word == "identity" else word + "s")
@@ -309,10 +309,8 @@ def _repo_id(out: Path, repo_id: str | None) -> str | None:
 
 
 def remember_card_settings(out: Path, **settings) -> None:
-    path = OutputFolder(out).card_settings
-    path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**card_settings(out), **{k: v for k, v in settings.items() if v is not None}}
-    path.write_text(json.dumps(merged) + "\n")
+    atomic_write(OutputFolder(out).card_settings, (json.dumps(merged) + "\n").encode())
 
 
 def remember_repo_id(out: Path, repo_id: str) -> None:
@@ -458,13 +456,12 @@ def written_by_facegen(out, name: str) -> bool:
     path = out / name
     if not path.is_file():
         return False
-    data = path.read_bytes()
-    if name == LICENSE and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
+    if name == LICENSE and LICENSE_MARKER in path.read_text(encoding="utf-8", errors="replace"):
         return True
     record = _card_files_record(out)
     if record is None:  # a build from before the record: its README.md, preview.jpg and _info.json were its own
         return name in (README, PREVIEW, INFO) and OutputFolder(out).run_json.is_file()
-    return hashlib.sha256(data).hexdigest() in (record.get(name) or [])
+    return sha256_file(path) in (record.get(name) or [])
 
 
 def foreign_card_files(out, names=CARD_FILES) -> list[str]:

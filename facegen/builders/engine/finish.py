@@ -223,7 +223,7 @@ def run_record(build, published: Published, summary: Summary) -> RunRecord:
         layout=LayoutRecord(
             mode="units" if units else "per-image",
             units=units.count if units else None,
-            identities_per_unit=plan.shard_size if units else None,
+            identities_per_unit=plan.identities_per_unit if units else None,
             planned_shard_lengths=published.layout,
             order="one permutation of all samples, seeded by --seed (facegen.builders.plan.sample_order)",
             units_xxh3_128=published.units_xxh3_128,

@@ -1,13 +1,13 @@
-"""The tar writer: one tar per published shard or hidden unit of work, written under a hidden name, renamed when
-complete, then its sample index, then its stats last.
+"""The tar writer: one tar per published shard or hidden unit of work (:class:`TarWriter`), written under a hidden
+name, renamed when complete, then its sample index, then its stats last.
 
-Published shards are ``data/train/train-{j:06d}.tar`` with ``.facegen/shards/{j:06d}.json`` (stats) and
-``.facegen/shards/index/{j:06d}.json`` (where each sample lies); units of work of identity-level transforms are
-``.facegen/units/{i:06d}.tar`` with the same two records under ``.facegen/units/``. Every sample a file skipped
-is listed in ``.facegen/skipped/{j:06d}.jsonl`` (shards) or ``.facegen/units/skipped/{i:06d}.jsonl`` (units),
-written before the stats. A file is complete when its
-stats exist and its size and XXH3-128 match them; a kill at any moment leaves at most a hidden temporary file,
-which the next attempt at that file removes.
+Published shards are ``data/train/train-{j:06d}.tar`` with ``.facegen/shards/{j:06d}.json`` (:class:`ShardStats`) and
+``.facegen/shards/index/{j:06d}.json`` (:class:`SampleIndex`: where each sample lies); units of work of
+identity-level transforms are ``.facegen/units/{i:06d}.tar`` with the same two records (:class:`UnitStats`) under
+``.facegen/units/``. Every sample a tar skipped is listed in ``.facegen/skipped/{j:06d}.jsonl`` (shards) or
+``.facegen/units/skipped/{i:06d}.jsonl`` (units), written before the stats. A tar is complete when its stats exist
+and its size and XXH3-128 match them (:func:`check_complete`); a kill at any moment leaves at most a hidden
+temporary file, which the next attempt at that tar removes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ import xxhash
 
 from facegen.builders.engine.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
 from facegen.builders.engine.skipped import write_skipped_list
-from facegen.fileio import atomic_write, fsync_folder, temporary_name, xxh3_128_file
+from facegen.fileio import fsync_folder, temporary_name, xxh3_128_file
 from facegen.layout import OutputFolder, Place
 from facegen.layout.records import (
     QualityTotals,

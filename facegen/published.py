@@ -307,16 +307,16 @@ class PublishedDataset:
         number = shard_number(path)
         if number is None:
             return None
-        index = SampleIndex.read(self.folder.shard(number).index)  # its types checked
+        record = SampleIndex.read(self.folder.shard(number).index)  # its types checked
         try:
             size = path.stat().st_size
         except OSError:
             return None
-        if index is None or index.tar != path.relative_to(self.root).as_posix() or index.tar_bytes != size:
+        if record is None or record.tar != path.relative_to(self.root).as_posix() or record.tar_bytes != size:
             return None
         out, end = [], 0
-        for key, identity, cls, offset, length in zip(index.keys, index.identities, index.cls, index.offsets,
-                                                      index.lengths):
+        for key, identity, cls, offset, length in zip(record.keys, record.identities, record.cls, record.offsets,
+                                                      record.lengths):
             if not (0 <= offset and offset + length <= size):
                 return None
             end = max(end, offset + length)

@@ -70,7 +70,7 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,  # a name the context lacks is a bug, not an empty cell
+        undefined=jinja2.Undefined,  # records of older builds may lack optional fields: render them empty
     )
     env.filters["cell"] = lambda v: str(v if v is not None else "").replace("|", "\\|").replace("\n", " ").strip()
     env.filters["plural"] = lambda word, n: word if n == 1 else ("identities" if word == "identity" else word + "s")

@@ -90,21 +90,40 @@ def _typed(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
         (item,) = typing.get_args(tp) or (Any,)
+        if item in _SCALAR:  # a sample index holds columns of 10,000s: checked without a call per value
+            return _scalars(item, value, where)
         return value if item is Any else [_typed(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise RecordError(f"{where}: expected an object, got {type(value).__name__}")
         _, item = typing.get_args(tp) or (str, Any)
-        return value if item is Any else {k: _typed(item, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if item in _SCALAR:
+            _scalars(item, list(value.values()), where)
             return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        return value if item is Any else {k: _typed(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp in _SCALAR:
+        if _SCALAR[tp](value):
             return value
     elif isinstance(value, tp):
         return value
     raise RecordError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+
+
+_SCALAR = {  # JSON scalars by declared type (a bool is not a number here; an int is a float)
+    str: lambda v: type(v) is str,
+    int: lambda v: type(v) is int,
+    float: lambda v: type(v) in (int, float),
+    bool: lambda v: type(v) is bool,
+}
+_SCALAR_TYPES = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
+
+
+def _scalars(tp: type, values: list, where: str) -> list:
+    types = _SCALAR_TYPES[tp]
+    if not all(type(v) in types for v in values):
+        i, bad = next((i, v) for i, v in enumerate(values) if type(v) not in types)
+        raise RecordError(f"{where}[{i}]: expected {tp.__name__}, got {type(bad).__name__}")
+    return values
 
 
 def _fields(cls: type, data: Any, where: str):

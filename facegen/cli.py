@@ -353,8 +353,8 @@ def card_command(out, repo_id, gating):
     # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
     with output_lock(folder) if OutputFolder(folder).records.is_dir() else nullcontext():
         files = write_card(out, repo_id=repo_id, gating=gating)
-    planned = files.run.get("plan", {}).get("shards")
-    if planned is not None and files.statistics.shards < planned:
+    planned = files.run.plan.shards
+    if files.statistics.shards < planned:
         click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "
                    "those (rerun the build command to finish the rest)", err=True)
     written = [README] + ([LICENSE] if files.license is not None else []) + (

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from facegen.errors import UsageError
 from facegen.layout import DATA_DIR, INFO, LICENSE, README, TRAIN_DIR, OutputFolder, shard_number
+from facegen.layout.records import RunRecord, SampleIndex
 
 HUB_PATTERNS = [f"{DATA_DIR}/**", README, INFO, f"{LICENSE}*"]
-INDEX_FORMAT = "facegen-sample-index-1"  # facegen.builders.engine.writer.INDEX_FORMAT (not imported: builders import us)
 MAX_METADATA_BYTES = 1 << 20  # a json or cls member larger than this is not facegen's metadata
 COLUMNS_OF_EVERY_SAMPLE = ("cls", "json", "__key__", "__url__")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
@@ -199,7 +199,7 @@ class PublishedDataset:
         self.card = self._read_card()
         self.features = self._read_features()
         self.image_column = self._image_column()
-        self.run = self._read_json(self.folder.run_json)
+        self.run = RunRecord.read(self.folder.run_json)
         license_path = self.folder.file(LICENSE)
         self.license_text = license_path.read_text(encoding="utf-8", errors="replace") if license_path.is_file() \
             else ""
@@ -258,10 +258,8 @@ class PublishedDataset:
                 return Features._from_yaml_list(info["features"])
             except Exception:
                 pass
-        run = self._read_json(self.folder.run_json) or {}
-        if run.get("features"):
-            return Features.from_dict(run["features"])
-        return None
+        run = RunRecord.read(self.folder.run_json)
+        return Features.from_dict(run.features) if run is not None else None
 
     def _image_column(self) -> str:
         if self.features is not None:
@@ -309,21 +307,17 @@ class PublishedDataset:
         number = shard_number(path)
         if number is None:
             return None
-        index_path = self.folder.shard(number).index
+        record = SampleIndex.read(self.folder.shard(number).index)  # its types checked
         try:
-            record = json.loads(index_path.read_bytes())
             size = path.stat().st_size
-            if (not isinstance(record, dict) or record.get("format") != INDEX_FORMAT
-                    or record.get("tar") != path.relative_to(self.root).as_posix() or record.get("tar_bytes") != size):
-                return None
-            rows = list(zip(record["keys"], record["identities"], record["cls"], record["offsets"],
-                            record["lengths"], strict=True))
-        except (OSError, ValueError, KeyError, TypeError):
+        except OSError:
+            return None
+        if record is None or record.tar != path.relative_to(self.root).as_posix() or record.tar_bytes != size:
             return None
         out, end = [], 0
-        for key, identity, cls, offset, length in rows:
-            if not (isinstance(key, str) and isinstance(cls, int) and isinstance(offset, int)
-                    and isinstance(length, int) and 0 <= offset and offset + length <= size):
+        for key, identity, cls, offset, length in zip(record.keys, record.identities, record.cls, record.offsets,
+                                                      record.lengths):
+            if not (0 <= offset and offset + length <= size):
                 return None
             end = max(end, offset + length)
             identity = str(identity) if identity not in (None, "") else f"cls{cls}"

@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
-from facegen.builders.engine.writer import ShardWriter, shard_stats_path, shard_tar_path
+from facegen.builders.engine.writer import SHARD, SampleFormat, TarWriter
+from facegen.layout import OutputFolder
 from facegen.plugins.digiface import MAX_IDENTITY_BYTES, DigiFaceSource, overlapping_members, read_central_directory
 from facegen.plugins.disco import DiscoSource
 from facegen.plugins.folder import FolderSource
@@ -334,7 +335,7 @@ def test_folder_names_that_are_not_utf8_are_counted_skips(tmp_path, capsys, capl
 
 def test_shard_writer_turns_an_unencodable_name_into_a_skip_and_always_writes_stats(tmp_path):
     bad = non_utf8_name("id_")
-    writer = ShardWriter(tmp_path, 0, "png", "folder")
+    writer = TarWriter(OutputFolder(tmp_path), SHARD, 0, SampleFormat("png", "folder"))
     png = face_png(0, 0)
     identity = Identity(id=bad, cls=0, seed=1)
     writer.write(IdentityResult(identity, faces=[Face(png, "png", ref=f"{bad}/0.png")],
@@ -343,11 +344,11 @@ def test_shard_writer_turns_an_unencodable_name_into_a_skip_and_always_writes_st
     writer.write(IdentityResult(good, faces=[Face(png, "png", ref="ok/0.png")]))
     writer.finish()
     stats = writer.commit()
-    assert shard_tar_path(tmp_path, 0).exists()
-    assert json.loads(shard_stats_path(tmp_path, 0).read_text()) == json.loads(json.dumps(stats))
-    assert stats["images"] == 1 and stats["skipped"] == {"corrupt image": 1, "unencodable sample": 1}
-    assert stats["images_per_identity"] == {"id_\\xff": 0, "ok": 1}
-    assert {f["ref"] for f in stats["failures"]} == {"id_\\xff/0.png", "id_\\xff/1.png"}
+    assert OutputFolder(tmp_path).shard_tar(0).exists()
+    assert json.loads(OutputFolder(tmp_path).shard(0).stats.read_text()) == json.loads(stats.to_json())
+    assert stats.images == 1 and stats.skipped == {"corrupt image": 1, "unencodable sample": 1}
+    assert stats.images_per_identity == {"id_\\xff": 0, "ok": 1}
+    assert {f["ref"] for f in stats.failures} == {"id_\\xff/0.png", "id_\\xff/1.png"}
 
 
 def test_sfhq_folder_that_is_not_utf8_is_a_skip_with_a_warning(tmp_path, caplog):

@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from conftest import BIN, run_cli
-from facegen.builders import shards
+from facegen.builders.engine import writer
 from facegen.testing.folder import write_folder_source
 
 
@@ -28,7 +28,7 @@ def test_skip_reasons_are_readable_and_all_listed(tmp_path, capsys, monkeypatch)
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
     for victim in ("0/0.png", "0/1.png", "3/1.png"):
         (src / victim).write_bytes(b"not an image at all")  # PIL: "cannot identify image file <_io.BytesIO …>"
-    monkeypatch.setattr(shards, "MAX_FAILURES_LISTED", 1)  # the stats keep a few; the list keeps them all
+    monkeypatch.setattr(writer, "MAX_FAILURES_LISTED", 1)  # the stats keep a few; the list keeps them all
     out = tmp_path / "out"
     code, stdout, err = run_cli(build_args(src, out, "--shard-samples", 3), capsys)  # 8 samples: 3 shards
     assert code == 0, err
@@ -223,18 +223,18 @@ def test_units_where_every_sample_is_skipped_is_not_done(tmp_path, capsys, ident
 
 
 def test_the_lock_is_held_through_the_assembly(tmp_path, capsys, identity_level, monkeypatch):
-    from facegen.builders.engine.run import Builder
+    from facegen.builders.engine.work import Assembly
 
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
     out = tmp_path / "out"
     seen = []
-    real = Builder._assemble
+    real = Assembly.work
 
-    def assemble(self, units, progress_total):
+    def assemble(self):
         seen.append((out / ".facegen" / "lock").is_file() and self.lock is not None and self.lock.lost is None)
-        return real(self, units, progress_total)
+        return real(self)
 
-    monkeypatch.setattr(Builder, "_assemble", assemble)
+    monkeypatch.setattr(Assembly, "work", assemble)
     code, _, err = run_cli(build_args(src, out), capsys)
     assert code == 0 and seen == [True], err
     assert not (out / ".facegen" / "lock").exists()  # released at the end

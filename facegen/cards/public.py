@@ -8,13 +8,15 @@ shows goes through :func:`scrub` or :func:`public_options`: a local path becomes
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from facegen.fileio import atomic_write, sha256_file
 from facegen.layout import IDENTITIES_FILE, PUBLISHED_CURATION_FILE, SHIFT_FILE
+from facegen.layout.records import RunRecord
 
 OUT_PLACEHOLDER = "NEW"
 # an absolute POSIX path or a home-relative one, not part of a URL (`https://x/y`) or of a relative path (`a/b`)
@@ -31,13 +33,12 @@ def is_hub_dataset(path: str | None) -> bool:
     return bool(path) and not os.path.isabs(os.path.expanduser(path)) and bool(HUB_DATASET.match(path))
 
 
-def source_placeholder(run: dict) -> str:
+def source_placeholder(run: RunRecord) -> str:
     """What the card writes for ``--source-path``: a Hub dataset id as it is, a local folder as a placeholder."""
-    path = (run.get("options") or {}).get("source_path")
+    path = run.options.source_path
     if is_hub_dataset(path):
         return path
-    name = (run.get("source") or {}).get("name") or (run.get("options") or {}).get("source") or "source"
-    return f"<{name} source folder>"
+    return f"<{run.source.name} source folder>"
 
 
 def _placeholder(path: str) -> str:
@@ -72,21 +73,21 @@ def scrub(value: Any, known: dict[str, str] | None = None) -> Any:
     return text
 
 
-def known_paths(run: dict, out: Path | None = None) -> dict[str, str]:
+def known_paths(run: RunRecord, out: Path | None = None) -> dict[str, str]:
     """The run's local paths and what the card writes instead."""
-    options = run.get("options") or {}
+    options = run.options
     known = {}
-    if options.get("source_path") and not is_hub_dataset(options["source_path"]):
-        known[os.path.abspath(os.path.expanduser(options["source_path"]))] = source_placeholder(run)
-        known[options["source_path"]] = source_placeholder(run)
-    curation = (options.get("source_opts") or {}).get("curation")
-    if curation and options.get("source") == "facegen":
+    if options.source_path and not is_hub_dataset(options.source_path):
+        known[os.path.abspath(os.path.expanduser(options.source_path))] = source_placeholder(run)
+        known[options.source_path] = source_placeholder(run)
+    curation = options.source_opts.get("curation")
+    if curation and options.source == "facegen":
         known[curation] = PUBLISHED_CURATION_FILE
         known[os.path.abspath(os.path.expanduser(curation))] = PUBLISHED_CURATION_FILE
-    if options.get("identities_file"):
-        known[options["identities_file"]] = IDENTITIES_FILE
-        known[os.path.abspath(options["identities_file"])] = IDENTITIES_FILE
-    shift = (options.get("plugin_opts") or {}).get("shift")
+    if options.identities_file:
+        known[options.identities_file] = IDENTITIES_FILE
+        known[os.path.abspath(options.identities_file)] = IDENTITIES_FILE
+    shift = options.plugin_opts.get("shift")
     if shift:
         known[shift] = SHIFT_FILE
         known[os.path.abspath(shift)] = SHIFT_FILE
@@ -95,53 +96,44 @@ def known_paths(run: dict, out: Path | None = None) -> dict[str, str]:
     return known
 
 
-def _public_value(name: str, value: Any, run: dict) -> Any:
+def _public_value(name: str, value: Any, run: RunRecord) -> Any:
     if name == "shift" and value:
         return SHIFT_FILE
     if name == "model_dir" and value:
         return "<model folder>"
-    if name == "curation" and value and (run.get("options") or {}).get("source") == "facegen":
+    if name == "curation" and value and run.options.source == "facegen":
         return PUBLISHED_CURATION_FILE
     if isinstance(value, str) and _looks_local(value):
         return _placeholder(value)
     return value
 
 
-def public_options(run: dict) -> dict:
+def public_options(run: RunRecord) -> dict:
     """The build options as the card may publish them: same keys, local paths replaced by placeholders."""
-    options = dict(run.get("options") or {})
-    if options.get("source_path"):
+    options = dataclasses.asdict(run.options)
+    if options["source_path"]:
         options["source_path"] = source_placeholder(run)
-    if options.get("identities_file"):
+    if options["identities_file"]:
         options["identities_file"] = IDENTITIES_FILE
-    if options.get("recipe") and _looks_local(str(options["recipe"])):
+    if options["recipe"] and _looks_local(str(options["recipe"])):
         options["recipe"] = _placeholder(str(options["recipe"]))
     for key in ("source_opts", "plugin_opts"):
-        options[key] = {name: _public_value(name, value, run) for name, value in (options.get(key) or {}).items()}
+        options[key] = {name: _public_value(name, value, run) for name, value in options[key].items()}
     return scrub(options, known_paths(run))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def provenance_files(run: dict) -> list[tuple[str, str, str | None]]:
+def provenance_files(run: RunRecord) -> list[tuple[str, str, str | None]]:
     """(path in the dataset, local source path, expected sha256) of each small input needed to rebuild."""
-    options = run.get("options") or {}
-    transform = run.get("transform") or {}
+    options = run.options
     files = []
-    if options.get("identities_file"):
-        files.append((IDENTITIES_FILE, options["identities_file"], options.get("identities_file_sha256")))
-    shift = (options.get("plugin_opts") or {}).get("shift")
+    if options.identities_file:
+        files.append((IDENTITIES_FILE, options.identities_file, options.identities_file_sha256))
+    shift = options.plugin_opts.get("shift")
     if shift:
-        files.append((SHIFT_FILE, shift, (transform.get("provenance") or {}).get("shift_sha256")))
-    curation = (options.get("source_opts") or {}).get("curation")
-    if curation and options.get("source") == "facegen":
-        recorded = (((run.get("source") or {}).get("provenance") or {}).get("curation") or {}).get("sha256")
+        files.append((SHIFT_FILE, shift, run.transform.provenance.get("shift_sha256")))
+    curation = options.source_opts.get("curation")
+    if curation and options.source == "facegen":
+        recorded = (run.source.provenance.get("curation") or {}).get("sha256")
         files.append((PUBLISHED_CURATION_FILE, curation, recorded))
     return files
 
@@ -164,20 +156,17 @@ def _publishable_copy(path: Path) -> bytes:
         return data
 
 
-def copy_provenance(out: Path, run: dict) -> list[str]:
+def copy_provenance(out: Path, run: RunRecord) -> list[str]:
     """Copy the rebuild inputs under ``OUT/provenance/`` (only when the file is still the one the build used).
     Returns the provenance files present afterwards."""
     present = []
     for rel, local, sha in provenance_files(run):
         target = out / rel
         source = Path(os.path.expanduser(local))
-        if source.is_file() and (sha is None or _sha256(source) == sha):
+        if source.is_file() and (sha is None or sha256_file(source) == sha):
             data = _publishable_copy(source)
             if not target.is_file() or target.read_bytes() != data:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_bytes(data)
-                tmp.replace(target)
+                atomic_write(target, data)
         if target.is_file():
             present.append(rel)
     return present

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from facegen.layout import CONSISTENCY_PLOT, SEPARABILITY_PLOT, WORST_IDENTITIES_PLOT, OutputFolder
+from facegen.layout.records import RunRecord
 
 SHOWN = 20  # near-duplicate pairs and outliers listed in the card (all are in report.json)
 PLOT_TITLES = {
@@ -51,9 +52,9 @@ def quality_context(out) -> dict | None:
     }
 
 
-def curation_context(run: dict) -> dict | None:
+def curation_context(run: RunRecord) -> dict | None:
     """What `facegen curate` removed, as the `facegen` source recorded it."""
-    curation = ((run.get("source") or {}).get("provenance") or {}).get("curation")
+    curation = run.source.provenance.get("curation")
     if not curation:
         return None
     identities = curation.get("removed_identities") or []
@@ -61,7 +62,7 @@ def curation_context(run: dict) -> dict | None:
     by_reason = Counter(str(r.get("reason") or "not given") for r in identities)
     samples_by_reason = Counter(str(r.get("reason") or "not given") for r in samples)
     return {
-        "parent": curation.get("parent") or (run.get("source") or {}).get("provenance", {}).get("parent", "?"),
+        "parent": curation.get("parent") or run.source.provenance.get("parent", "?"),
         "parent_identities": curation.get("parent_identities"),
         "settings": {k: curation[k] for k in ("recognizer", "dedup", "min_similarity", "min_images") if k in curation},
         "identities_by_reason": dict(by_reason.most_common()),

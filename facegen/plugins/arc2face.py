@@ -26,7 +26,6 @@ images_per_latent >> ``images_per_batch``).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 from collections import deque
@@ -39,6 +38,7 @@ from datasets import Value
 
 from facegen.api import LicenseInfo, ModelInfo, Option, Transform, to_bool
 from facegen.errors import UsageError
+from facegen.fileio import sha256_file
 from facegen.records import Face, IdentityResult, Skip
 
 SHIFT_KEY = "delta"  # tensor name in delta.safetensors (a file holding exactly one tensor is accepted too)
@@ -326,8 +326,7 @@ class Arc2FaceTransform(Transform):
         if self.generator is not None:
             facts["sampling"] = describe(self.generator)
         if self.opts["shift"]:
-            with open(self.opts["shift"], "rb") as f:
-                facts["shift_sha256"] = hashlib.sha256(f.read()).hexdigest()
+            facts["shift_sha256"] = sha256_file(self.opts["shift"])
             if getattr(self, "delta", None) is not None:
                 facts["shift_norm"] = float(self.delta.float().norm())
         return facts

@@ -17,12 +17,12 @@ labels stay contiguous. The file's decisions are recorded in the run's provenanc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 
 from facegen.api import LicenseInfo, Option, Source
 from facegen.errors import UsageError
+from facegen.fileio import sha256_file
 from facegen.layout import LICENSE
 from facegen.published import PublishedDataset
 from facegen.records import SourceImage, Skip
@@ -88,8 +88,7 @@ class FacegenSource(Source):
             if row.get("key") not in known_keys:
                 raise UsageError(f"source 'facegen': curation file names sample {row.get('key')!r}, which is not "
                                  f"in {self.dataset.given}")
-        with open(path, "rb") as f:
-            curation["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        curation["sha256"] = sha256_file(path)
         return curation
 
     def _parent_license(self) -> LicenseInfo | None:

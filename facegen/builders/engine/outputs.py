@@ -9,13 +9,10 @@ touched; a user's file under one of those names stops the build with one line na
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from facegen.builders.engine.writer import write_atomic
 from facegen.errors import UsageError
 from facegen.layout import (
     CHECKSUMS_FILE,
@@ -26,6 +23,7 @@ from facegen.layout import (
     SHIFT_FILE,
     OutputFolder,
 )
+from facegen.layout.records import BuildSignature, RecordError
 
 NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file too large for a file-size limit (ulimit -f)"}
@@ -39,6 +37,12 @@ def resolve_out(out_arg: str | os.PathLike) -> Path:
         loop = isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP
         raise UsageError(f"--out {out_arg} " + ("is a symbolic link loop" if loop else
                                                 f"cannot be resolved: {exc.strerror or exc}")) from None
+
+
+def abspath(path: str | None) -> str | None:
+    """A local path made absolute; a path that is not on this machine (a Hub id given to the `facegen` source) is
+    kept as it was given."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
 def create_output_folder(out: Path) -> None:
@@ -119,7 +123,7 @@ def remove_facegen_outputs(out: Path) -> None:
                 empty.rmdir()
 
 
-def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state) -> None:
+def prepare_output(out: Path, signature: BuildSignature, overwrite: bool, state) -> None:
     """Refuse a folder that holds a different build or the user's files (unless --overwrite, which still never
     removes a file facegen did not write); record the build's signature."""
     folder = OutputFolder(out)
@@ -142,11 +146,12 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
             state.wait_for_everyone()
     if config_path.exists():
         try:
-            existing = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise UsageError(f"{config_path} is damaged; pass --overwrite to start this build again") from None
-        if existing != signature:
-            changed = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
+            existing = BuildSignature.parse(config_path)
+        except (OSError, RecordError):
+            raise UsageError(f"{config_path} is damaged (or written by another version of facegen); pass "
+                             "--overwrite to start this build again") from None
+        changed = existing.differences(signature)
+        if changed:
             raise UsageError(
                 f"{out} holds a different build (differs in: {', '.join(changed)}); rerun the same command to "
                 "resume it, or pass --overwrite to replace it, or choose another --out"
@@ -161,7 +166,7 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
         raise UsageError(f"{out} is not empty ({shown}) and holds no facegen build: choose a new or empty --out, "
                          "or pass --overwrite to write the build beside those files (they are kept)")
     try:
-        write_atomic(config_path, json.dumps(signature, indent=1, sort_keys=True).encode())
+        signature.write(config_path)
     except OSError as exc:
         raise UsageError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 

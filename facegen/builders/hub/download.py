@@ -14,7 +14,6 @@ renamed to ``NAME``: nothing unverified or truncated ever sits under the final n
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import time
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 import facegen
 from facegen.errors import FacegenError, UsageError
+from facegen.fileio import sha256_file
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
@@ -92,13 +92,9 @@ def license_notice(source_cls: type) -> str:
 
 
 def sha256_of(path: Path, desc: str, progress: bool) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=desc, disable=not progress, leave=False) as bar:
-        while chunk := f.read(CHUNK * 4):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+              disable=not progress, leave=False) as bar:
+        return sha256_file(path, progress=bar.update)
 
 
 def check_zip(path: Path) -> str | None:

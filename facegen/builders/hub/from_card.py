@@ -12,6 +12,7 @@ the shards' bytes (the source files, or a GPU's float16 arithmetic).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from facegen.layout import (
     SHIFT_FILE,
     OutputFolder,
 )
+from facegen.layout.records import RunRecord, load_run, load_shard_stats
 
 REBUILT_OPTIONS = ("source", "source_path", "source_opts", "plugin", "plugin_opts", "limit_identities",
                    "identities_file", "shard_size", "shard_samples", "shards_multiple_of", "seed", "format", "strict",
@@ -74,12 +76,10 @@ def _checksums_file(path: Path) -> dict[str, str]:
 def _from_folder(folder: Path, where: str) -> CardRecord:
     run_path = OutputFolder(folder).run_json
     if run_path.is_file():  # the build's own record: same facts, paths unscrubbed
-        from facegen.cards.stats import load_run, load_shard_stats
-
         run = load_run(folder)
-        record = CardRecord(where, dict(run.get("options") or {}), run.get("plan") or {},
-                            (run.get("transform") or {}).get("models") or [])
-        record.checksums = {s["tar"]: s.get("tar_xxh3_128") for s in load_shard_stats(folder) if s.get("tar")}
+        record = CardRecord(where, dataclasses.asdict(run.options), dataclasses.asdict(run.plan),
+                            [dataclasses.asdict(m) for m in run.transform.models])
+        record.checksums = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(folder)}
         for rel, local, _ in _provenance(run):
             if not Path(os.path.expanduser(local)).is_file() and (folder / rel).is_file():
                 record.files[rel] = str(folder / rel)  # the original moved away: the published copy
@@ -105,7 +105,7 @@ def _from_card_file(readme: Path, where: str) -> CardRecord:
     return record
 
 
-def _provenance(run: dict):
+def _provenance(run: RunRecord):
     from facegen.cards.public import provenance_files
 
     return provenance_files(run)
@@ -205,20 +205,18 @@ def _model_difference(card: dict, rebuilt: dict) -> str | None:
 
 def compare(record: CardRecord, out: Path) -> tuple[bool, str]:
     """(same, one line): the rebuild in ``out`` against the card."""
-    from facegen.cards.stats import load_run, load_shard_stats
-
     run = load_run(out)
-    plan_was, plan_now = (record.plan or {}).get("plan_sha256"), (run.get("plan") or {}).get("plan_sha256")
+    plan_was, plan_now = record.plan.get("plan_sha256"), run.plan.plan_sha256
     if plan_was and plan_was != plan_now:
-        return False, (f"the source's identities differ: the plan has {run['plan'].get('identities')} identities, "
+        return False, (f"the source's identities differ: the plan has {run.plan.identities} identities, "
                        f"sha256 {str(plan_now)[:12]}…; the card's has {record.plan.get('identities')}, "
                        f"{plan_was[:12]}… (another source folder or source version?)")
-    now_models = {_loaded_key(m): m for m in (run.get("transform") or {}).get("models") or []}
+    now_models = {_loaded_key(m): m for m in map(dataclasses.asdict, run.transform.models)}
     for model in record.models:
         difference = _model_difference(model, now_models.get(_loaded_key(model), {}))
         if difference:
             return False, difference
-    shards = {s["tar"]: s.get("tar_xxh3_128") for s in load_shard_stats(out) if s.get("tar")}
+    shards = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(out)}
     if not record.checksums:
         return True, f"rebuilt {len(shards)} shards; the card lists no checksums to compare with"
     differ = sorted(p for p in set(shards) | set(record.checksums) if shards.get(p) != record.checksums.get(p))

@@ -44,8 +44,8 @@ from facegen.layout import (
     README,
     SHIFT_FILE,
     OutputFolder,
-    shard_path,
 )
+from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats
 
 # report/: the plots of `facegen report` (report.json itself stays in .facegen/)
 ALLOW_PATTERNS = [README, f"{LICENSE}*", PREVIEW, INFO, f"{DATA_DIR}/**", f"{PROVENANCE_DIR}/**", f"{PLOTS_DIR}/**"]
@@ -154,7 +154,7 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
             "bytes": reader.bytes_read}, None
 
 
-def _check_card(out: Path, run: dict, problems: list[str]) -> None:
+def _check_card(out: Path, run: RunRecord, problems: list[str]) -> None:
     from datasets import Features
     from datasets.info import DatasetInfosDict
     from huggingface_hub import DatasetCard
@@ -189,23 +189,23 @@ def _check_card(out: Path, run: dict, problems: list[str]) -> None:
     if info is None or info.features is None:
         problems.append("README.md: no `dataset_info.features` in the YAML")
         return
-    if info.features != Features.from_dict(run["features"]):
+    if info.features != Features.from_dict(run.features):
         problems.append("README.md declares other columns than .facegen/run.json (run `facegen card OUT`)")
     if info.splits and "train" in info.splits:
         declared = info.splits["train"].num_examples
-        if declared != run.get("totals", {}).get("images"):
+        if declared != run.totals.images:
             problems.append(f"README.md declares {declared} train examples but the run has "
-                            f"{run.get('totals', {}).get('images')} (run `facegen card OUT`)")
+                            f"{run.totals.images} (run `facegen card OUT`)")
 
 
-def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full",
+def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = "full",
                   counted: dict[str, int] | None = None) -> None:
-    from facegen.cards.stats import load_shard_stats, load_unit_stats, summarise
+    from facegen.cards.stats import summarise
 
-    image_column = run.get("image_column", "png")
+    image_column = run.image_column
     shards = load_shard_stats(out)
-    expected = run.get("plan", {}).get("shards", len(shards))
-    indices = [s.get("shard") for s in shards]
+    expected = run.plan.shards
+    indices = [s.shard for s in shards]
     missing = sorted(set(range(expected)) - set(indices))
     if missing:
         problems.append(f"{len(missing)} of {expected} shards have no stats (not finished?): first is "
@@ -213,9 +213,9 @@ def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full
     listed = set()
     totals = Counter()
     for stats in shards:
-        rel = stats.get("tar") or shard_path(stats.get("shard", 0))
+        rel = stats.tar
         listed.add(rel)
-        totals["images"] += stats.get("images", 0)
+        totals["images"] += stats.images
         path = out / rel
         if not path.is_file():
             problems.append(f"{rel}: missing (its stats file exists)")
@@ -224,20 +224,20 @@ def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full
         if problem:
             problems.append(f"{rel}: {problem}")
             continue
-        if "tar_bytes" in stats and found["bytes"] != stats["tar_bytes"]:
-            problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats['tar_bytes']}")
-        if stats.get("tar_xxh3_128") and found["xxh3_128"] != stats["tar_xxh3_128"]:
+        if found["bytes"] != stats.tar_bytes:
+            problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats.tar_bytes}")
+        if found["xxh3_128"] != stats.tar_xxh3_128:
             problems.append(f"{rel}: checksum (XXH3-128) differs from its stats (the file changed after the build)")
         if counted is not None:
             counted[rel] = found["images"]
-        if found["images"] != stats.get("images"):
-            problems.append(f"{rel}: {found['images']} images but its stats say {stats.get('images')}")
+        if found["images"] != stats.images:
+            problems.append(f"{rel}: {found['images']} images but its stats say {stats.images}")
     # a shard holds samples of many identities: identities are counted across the shards (or the units of work)
-    totals["identities"] = summarise(shards, load_unit_stats(out), run.get("plan", {}).get("identities")).identities
-    run_totals = run.get("totals", {})
+    totals["identities"] = summarise(shards, load_unit_stats(out), run.plan.identities).identities
     for name in ("images", "identities"):
-        if name in run_totals and run_totals[name] != totals[name]:
-            problems.append(f"run.json counts {run_totals[name]} {name} but the shard stats add up to {totals[name]}")
+        if getattr(run.totals, name) != totals[name]:
+            problems.append(f"run.json counts {getattr(run.totals, name)} {name} but the shard stats add up to "
+                            f"{totals[name]}")
     # every visible file under data/ must be a listed shard: `datasets` would load anything else ending in .tar
     data_dir = out / "data"
     if not data_dir.is_dir():
@@ -251,13 +251,13 @@ def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full
             problems.append(f"{rel}: not a shard of this build (remove it or rerun the build)")
 
 
-def _check_loads(out: Path, run: dict, problems: list[str]) -> None:
+def _check_loads(out: Path, run: RunRecord, problems: list[str]) -> None:
     """``load_dataset(OUT, split="train", streaming=True)`` must yield the declared columns, every row once."""
     import datasets
 
     try:
         stream = datasets.load_dataset(str(out), split="train", streaming=True)
-        declared = list(datasets.Features.from_dict(run["features"]))
+        declared = list(datasets.Features.from_dict(run.features))
         rows = 0
         # images are not decoded (the tar walk checked them); every json row is still cast to its features
         for example in stream.decode(False):
@@ -268,8 +268,8 @@ def _check_loads(out: Path, run: dict, problems: list[str]) -> None:
     except Exception as exc:  # datasets raises many types (DatasetGenerationError, ValueError, ArrowInvalid…)
         problems.append(f"load_dataset(OUT, streaming=True) fails: {type(exc).__name__}: {exc}".splitlines()[0])
         return
-    if rows != run.get("totals", {}).get("images"):
-        problems.append(f"load_dataset yields {rows} rows, the run counts {run.get('totals', {}).get('images')}")
+    if rows != run.totals.images:
+        problems.append(f"load_dataset yields {rows} rows, the run counts {run.totals.images}")
 
 
 def _check_licence(out: Path, problems: list[str]) -> None:
@@ -337,8 +337,6 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
     ``verify="full"`` decodes every image (so that a build made before images were checked, or with
     ``--verify header``, is caught before upload); ``"header"`` only walks the tars.
     """
-    from facegen.cards.stats import load_run
-
     out = Path(out_dir)
     if not out.is_dir():
         return [f"{out} is not a folder"]

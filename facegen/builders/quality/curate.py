@@ -20,13 +20,13 @@ OUT may be a Hub dataset (``ORG/NAME``, ``hf://datasets/ORG/NAME``): it is read 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from facegen.builders.engine.options import BuildConfig
 from facegen.errors import UsageError
+from facegen.fileio import atomic_write
 from facegen.layout import OutputFolder
 from facegen.published import PublishedDataset
 
@@ -134,10 +134,7 @@ def _decisions(curation: dict) -> dict:
 
 
 def _write_curation(path: Path, curation: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(curation, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(curation, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",

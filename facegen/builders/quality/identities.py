@@ -42,6 +42,7 @@ import numpy as np
 from facegen import registry
 from facegen.api import Source
 from facegen.errors import UsageError
+from facegen.fileio import atomic_file, atomic_write
 from facegen.records import SourceImage, Skip
 
 LOAD_THREADS = 4  # identities are read ahead by threads (file and zip reads release the GIL)
@@ -149,13 +150,9 @@ class Prototypes:
     identities_without_images: list[str] = field(default_factory=list)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, ids=np.array(self.ids, dtype=str), embeddings=self.embeddings.astype(np.float32),
-                 num_images=self.num_images.astype(np.int32))
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            np.savez(f, ids=np.array(self.ids, dtype=str), embeddings=self.embeddings.astype(np.float32),
+                     num_images=self.num_images.astype(np.int32))
 
 
 def load_prototypes(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -442,12 +439,5 @@ def select_identities(ids: Sequence[str], embeddings: np.ndarray, count: int, me
 
 def write_ids(path: str | os.PathLike, selection: Selection, header: Iterable[str] = ()) -> None:
     """One id per line, most distinct first, after ``#`` comment lines (ignored by --identities-file)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in header:
-            f.write(f"# {line}\n")
-        for identity_id in selection.ids:
-            f.write(f"{identity_id}\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join([*(f"# {line}\n" for line in header),
+                                *(f"{identity_id}\n" for identity_id in selection.ids)]).encode("utf-8"))

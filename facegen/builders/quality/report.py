@@ -51,6 +51,7 @@ import numpy as np
 
 import facegen
 from facegen.errors import UsageError
+from facegen.fileio import atomic_file, atomic_write, sha256_file
 from facegen.layout import (
     CONSISTENCY_PLOT,
     FACEGEN_DIR,
@@ -117,10 +118,7 @@ class ArcFaceReportRecognizer(Recognizer):
 
         self._embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, batch_size=batch_size)
         self.model = f"arcface.onnx ({'--model-dir' if model_dir else 'Hub'}), detector {detector}"
-        import hashlib
-
-        with open(self._embedder.recogniser_path, "rb") as f:  # the weights, not where they lie
-            self._weights = hashlib.sha256(f.read()).hexdigest()
+        self._weights = sha256_file(self._embedder.recogniser_path)  # the weights, not where they lie
 
     def identity(self):
         return {"name": self.name, "model": "arcface.onnx", "sha256": self._weights,
@@ -229,13 +227,11 @@ def embed_dataset(dataset: PublishedDataset, recognizer: Recognizer, batch_size:
 
 
 def _save_embeddings(path: Path, embeddings: Embeddings, identity: dict, fingerprint: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, keys=np.array(embeddings.keys, dtype=str), vectors=embeddings.vectors,
-             reasons=np.array(embeddings.reasons, dtype=str), modes=np.array(embeddings.modes, dtype=str),
-             sizes=np.array(embeddings.sizes, dtype=str),
-             recognizer=np.array(json.dumps(identity, sort_keys=True)), fingerprint=np.array(fingerprint))
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        np.savez(f, keys=np.array(embeddings.keys, dtype=str), vectors=embeddings.vectors,
+                 reasons=np.array(embeddings.reasons, dtype=str), modes=np.array(embeddings.modes, dtype=str),
+                 sizes=np.array(embeddings.sizes, dtype=str),
+                 recognizer=np.array(json.dumps(identity, sort_keys=True)), fingerprint=np.array(fingerprint))
 
 
 def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[str]) -> Embeddings | None:
@@ -416,10 +412,8 @@ def analyse(dataset: PublishedDataset, embeddings: Embeddings, dedup: float, min
 
 
 def _save_figure(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
 
 
 def _pyplot():
@@ -614,10 +608,7 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
 
 def write_report(out: Path, report: dict, path: Path | None = None) -> None:
     path = path or OutputFolder(out).report_json
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(report, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def summary_lines(report: dict, place: ReportPlace | None = None) -> list[str]:

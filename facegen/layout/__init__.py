@@ -18,7 +18,8 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
         skipped.jsonl   every skipped sample           report.json, report_embeddings.npz   the quality report
         curation.json   a curated build's decisions    parent-report/   the report of a Hub dataset being curated
 
-``FACEGEN_DIR`` and the names below are the only spellings of these files in the code.
+``FACEGEN_DIR`` and the names below are the only spellings of these files in the code. What the build's records
+hold (run.json, config.json, the shard and unit stats, the sample index) is typed in :mod:`facegen.layout.records`.
 """
 
 from __future__ import annotations
@@ -78,10 +79,6 @@ class Place:
     stats: Path
     index: Path
     skipped: Path  # every skipped sample of this file, one JSON line each (absent when none was skipped)
-
-    def temporary(self, pid: int | None = None) -> Path:
-        """The hidden name the tar is written under until it is complete."""
-        return self.tar.with_name(f".{self.tar.name}.tmp-{os.getpid() if pid is None else pid}")
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,16 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import re
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 FACEGEN_DIR = ".facegen"
 
@@ -230,3 +236,201 @@ def shard_number(path: str | os.PathLike) -> int | None:
     """``train-000003.tar`` -> 3; None for any other name."""
     match = SHARD_NAME.fullmatch(os.path.basename(os.fspath(path)))
     return int(match.group(1)) if match else None
+
+
+# ======================================================================================================================
+# Records of the commands around a build: the quality report, the curation file, facegen's own card files
+# (``report``, ``curate``, ``cards``). Read with validation: a damaged or foreign file is a RecordError (one line
+# saying what is wrong), never a KeyError deep in a caller.
+# ======================================================================================================================
+
+REPORT_FORMAT = "facegen-report-1"
+CARD_FILES_FORMAT = "facegen-card-files-1"
+CURATION_SCHEMA = 1  # no field in the file: its published copy (provenance/curation.json) must not change
+
+
+class RecordError(ValueError):
+    """A record that is damaged or not facegen's (of another format or version)."""
+
+
+def _check(value: Any, kind: Any, where: str) -> Any:
+    """``value`` (parsed JSON) when it has type ``kind`` (a field annotation), else RecordError."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (types.UnionType, typing.Union) else (kind,)
+    if value is None and type(None) in options:
+        return None
+    kind = next(option for option in options if option is not type(None))
+    if dataclasses.is_dataclass(kind):
+        return _record(kind, value, where)
+    base = typing.get_origin(kind) or kind
+    if base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, base)
+    if not ok:
+        raise RecordError(f"{where} is {type(value).__name__}, not {getattr(base, '__name__', base)}")
+    if base is list and typing.get_args(kind):
+        return [_check(item, typing.get_args(kind)[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    return value
+
+
+def _record(cls: type, data: Any, where: str):
+    """A dataclass ``cls`` from parsed JSON: every field present (or defaulted) and of its declared type."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{where} is {type(data).__name__}, not a JSON object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _check(data[f.name], hints[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecordError(f"{where} has no {f.name!r}")
+    return cls(**values)
+
+
+def _json_without_none(record) -> dict:
+    """The record as JSON data, in field order, leaving out optional fields that are None."""
+    return {k: v for k, v in dataclasses.asdict(record).items() if v is not None}
+
+
+def _read_json_file(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_bytes())
+    except ValueError as exc:
+        raise RecordError(f"{path} is not JSON ({exc})") from None
+
+
+@dataclass
+class ReportSettings:
+    recognizer: str
+    model: str
+    dedup: float
+    min_similarity: float
+    defaults: dict  # the recogniser's default thresholds
+
+
+@dataclass
+class QualityReport:
+    """``.facegen/report.json`` (or ``DIR/report.json``), written by `facegen report`. Figures are cosine
+    similarities of the recogniser's unit embeddings; ``summary`` holds {mean, median, min, p05, p95, max, count}
+    per figure, ``identities`` one row per identity (identity, cls, images, embedded, consistency_mean/min,
+    separability, nearest), ``outliers`` {identity, key, source_ref, cosine}, ``near_duplicate_identities``
+    [a, b, cosine]."""
+
+    facegen_version: str
+    created: str  # ISO 8601, UTC
+    settings: ReportSettings
+    fingerprint: str  # of the shards the report describes (facegen.published.shards_fingerprint)
+    embedding: dict  # {reused, seconds, samples_per_second}
+    dataset: dict  # {name, identities, samples, embedded, shards, unreadable}
+    summary: dict
+    image_modes: dict
+    image_sizes: dict
+    skipped: dict  # reason -> samples not embedded
+    skipped_samples: list  # the first LISTED of them: {identity, key, reason}
+    near_duplicate_identities: list
+    outliers: list
+    identities: list
+    plots: list[str]  # relative to the report's folder: report/*.png
+    seconds: float
+    dataset_name: str | None = None  # a report written outside the dataset names it
+    against: dict | None = None  # --against: {dataset, identities, threshold, matches}
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": REPORT_FORMAT, **_json_without_none(self)}, indent=1,
+                          ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "report.json") -> QualityReport:
+        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+            raise RecordError(f"{where} is not a facegen report ({REPORT_FORMAT})")
+        return _record(cls, data, where)
+
+    @classmethod
+    def read(cls, path: Path) -> QualityReport | None:
+        """The report at ``path``; None when there is none, or it is damaged or of another version."""
+        try:
+            return cls.from_dict(_read_json_file(path), str(path))
+        except (OSError, RecordError):
+            return None
+
+
+@dataclass
+class Curation:
+    """A curated build's decisions (``.facegen/curation.json``, written by `facegen curate`; published as
+    ``provenance/curation.json``). Only the removals are required (a hand-written file may hold just those):
+    ``removed_identities`` rows are {identity, reason, detail}, ``removed_samples`` rows {identity, key,
+    source_ref, reason, cosine}; ``identity`` and ``key`` are required in them. Schema: :data:`CURATION_SCHEMA`."""
+
+    parent: str | None = None  # the parent dataset's name
+    parent_fingerprint: str | None = None  # its shards when the decisions were made
+    parent_identities: int | None = None
+    parent_samples: int | None = None
+    recognizer: str | None = None
+    dedup: float | None = None
+    min_similarity: float | None = None
+    min_images: int | None = None
+    report_created: str | None = None
+    counts: dict | None = None  # {near_duplicate, too_few_images, outlier, identities_kept}
+    removed_identities: list[dict] = field(default_factory=list)
+    removed_samples: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name, required in (("removed_identities", "identity"), ("removed_samples", "key")):
+            for i, row in enumerate(getattr(self, name)):
+                if not isinstance(row.get(required), str):
+                    raise RecordError(f"{name}[{i}] has no {required!r} string")
+
+    def to_dict(self) -> dict:
+        return _json_without_none(self)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")
+
+    def decisions(self) -> dict:
+        """What a build depends on (not when the report was made)."""
+        return {k: v for k, v in self.to_dict().items() if k != "report_created"}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "curation file") -> Curation:
+        return _record(cls, data, where)
+
+    @classmethod
+    def read(cls, path: Path) -> Curation:
+        """The curation file at ``path``; OSError or RecordError (one line) when it cannot be read."""
+        return cls.from_dict(_read_json_file(path), str(path))
+
+
+@dataclass
+class CardFilesRecord:
+    """``.facegen/card_files.json``: the sha256 of every version facegen wrote of its own files in OUT (README.md,
+    LICENSE, preview.jpg, _info.json). facegen replaces or removes such a file only while it is one of these."""
+
+    files: dict[str, list[str]] = field(default_factory=dict)  # name -> sha256 of the last versions, newest last
+
+    def wrote(self, name: str, data: bytes) -> bool:
+        return hashlib.sha256(data).hexdigest() in self.files.get(name, [])
+
+    def add(self, name: str, data: bytes) -> None:
+        """Record a new version; the previous one stays listed (a crash between recording and writing leaves
+        either version recognised)."""
+        self.files[name] = self.files.get(name, [])[-1:] + [hashlib.sha256(data).hexdigest()]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": CARD_FILES_FORMAT, "files": self.files}, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def read(cls, path: Path) -> CardFilesRecord:
+        """The record at ``path``; an empty one (nothing is facegen's) when there is none or it is damaged."""
+        try:
+            data = _read_json_file(path)
+        except (OSError, RecordError):
+            return cls()
+        if not isinstance(data, dict) or data.get("format") != CARD_FILES_FORMAT:
+            return cls()
+        files = data.get("files")
+        if not isinstance(files, dict):
+            return cls()
+        return cls({name: [h for h in hashes if isinstance(h, str)] for name, hashes in files.items()
+                    if isinstance(name, str) and isinstance(hashes, list)})

@@ -325,7 +325,7 @@ def test_sample_bytes_of_written_and_assembled_shards(tmp_path):
         with tarfile.open(fileobj=io.BytesIO(data.getvalue())) as tar:
             assert writer.payload == sum(m.size for m in tar if m.isfile()) == sum(
                 len(v) for sample in samples for v in sample.values())
-    assert sample_bytes(tmp_path, [{"tar": "data/train/gone.tar", "sample_bytes": 123}]) == 123
+    assert sample_bytes([{"tar": "data/train/gone.tar", "sample_bytes": 123}, {"sample_bytes": 4}]) == 127
 
 
 def publishable_files(out: Path) -> list[Path]:

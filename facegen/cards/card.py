@@ -6,7 +6,6 @@ exact example count), so ``load_dataset(OUT)`` never infers a schema from the fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -40,10 +39,10 @@ from facegen.layout import (
     CARD_FILES,
     CHECKSUMS_FILE,
     DATA_FILES,
-    INFO,
     LICENSE,
     PREVIEW,
     README,
+    CardFilesRecord,
     OutputFolder,
 )
 
@@ -227,11 +226,6 @@ def images_are_synthetic(run: dict) -> bool:
     return bool((run.get("transform") or {}).get("synthetic") or (run.get("source") or {}).get("synthetic"))
 
 
-def random_weight_models(run: dict) -> list[dict]:
-    """The models whose folder carries facegen's random-weights marker (demo and test builds)."""
-    return [m for m in (run.get("transform") or {}).get("models") or [] if (m.get("loaded") or {}).get("test_model")]
-
-
 def gating_fields(chain: LicenceChain) -> dict:
     """`extra_gated_prompt`/`extra_gated_fields` (the Hub's access form) for data that is not free to use."""
     return {
@@ -251,24 +245,9 @@ def needs_gating(chain: LicenceChain) -> bool:
     return not chain.commercial_use
 
 
-def sample_bytes(out: Path, shards: list[dict]) -> int:
-    """The samples' bytes: every tar member's payload (no tar headers), read from the tar headers only."""
-    import tarfile
-
-    total = 0
-    for stats in shards:
-        if "sample_bytes" in stats:
-            total += stats["sample_bytes"]
-            continue
-        path = out / stats.get("tar", "")
-        if not path.is_file():
-            continue
-        try:
-            with tarfile.open(path, "r:") as tar:  # random access: headers are read, data is skipped
-                total += sum(m.size for m in tar if m.isfile())
-        except (tarfile.TarError, OSError):
-            continue
-    return total
+def sample_bytes(shards: list[dict]) -> int:
+    """The samples' bytes: every tar member's payload (no tar headers), as the shard writer counted them."""
+    return sum(stats.get("sample_bytes", 0) for stats in shards)
 
 
 def facegen_record(run: dict, provenance: list[str]) -> dict:
@@ -298,7 +277,6 @@ def card_data(run: dict, statistics: Statistics, chain: LicenceChain, *, num_byt
     tags = (["synthetic"] if images_are_synthetic(run) else []) + ["faces", "face-recognition", "webdataset", plugin]
     if source not in tags:
         tags.append(source)
-    hub_dataset = (run.get("source") or {}).get("hub_dataset")
     data = DatasetCardData(
         pretty_name=_pretty_name(run),
         license=chain.hub_id,
@@ -307,8 +285,6 @@ def card_data(run: dict, statistics: Statistics, chain: LicenceChain, *, num_byt
         task_categories=["image-classification", "image-feature-extraction"],
         tags=tags,
         size_categories=[size_category(statistics.images)],
-        # a Hub dataset id only: the source plugins name datasets that are not on the Hub
-        source_datasets=[hub_dataset] if hub_dataset else None,
     )
     if gated:
         for key, value in gating_fields(chain).items():
@@ -353,10 +329,6 @@ def remember_card_settings(out: Path, **settings) -> None:
     path.write_text(json.dumps(merged) + "\n")
 
 
-def remember_repo_id(out: Path, repo_id: str) -> None:
-    remember_card_settings(out, repo_id=repo_id)
-
-
 def _models_for_card(run: dict) -> list[dict]:
     """The models table: what was loaded (Hub id@commit, or a local folder's name and its files' sha256)."""
     rows = []
@@ -396,7 +368,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         gating = card_settings(out).get("gating", True)
     gated = bool(gating) and needs_gating(chain)
     provenance = sorted(rel for rel, _, _ in _provenance_inputs(run) if (out / rel).is_file())
-    data = card_data(run, statistics, chain, num_bytes=sample_bytes(out, shards), gated=gated,
+    data = card_data(run, statistics, chain, num_bytes=sample_bytes(shards), gated=gated,
                      provenance=provenance + [CHECKSUMS_FILE])
     features = Features.from_dict(run["features"])
     repo = _repo_id(out, repo_id)
@@ -495,17 +467,6 @@ def _write(path: Path, data: bytes) -> None:
 
 
 
-def _card_files_record(out: Path) -> dict | None:
-    """name -> sha256 of the versions facegen wrote; None for a build made before the record existed."""
-    try:
-        record = json.loads(OutputFolder(out).card_files_record.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def written_by_facegen(out, name: str) -> bool:
     """Whether ``OUT/name`` (a card file) is exactly what facegen wrote, so that facegen may replace or remove it."""
     out = Path(out)
@@ -515,10 +476,7 @@ def written_by_facegen(out, name: str) -> bool:
     data = path.read_bytes()
     if name == LICENSE and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
         return True
-    record = _card_files_record(out)
-    if record is None:  # a build from before the record: its README.md, preview.jpg and _info.json were its own
-        return name in (README, PREVIEW, INFO) and OutputFolder(out).run_json.is_file()
-    return hashlib.sha256(data).hexdigest() in (record.get(name) or [])
+    return CardFilesRecord.read(OutputFolder(out).card_files_record).wrote(name, data)
 
 
 def foreign_card_files(out, names=CARD_FILES) -> list[str]:
@@ -540,15 +498,13 @@ def write_recorded(out, name: str, data: bytes) -> None:
 
 
 def _record_card_files(out: Path, files: dict[str, bytes]) -> None:
-    """Record the new versions before writing them (the previous one stays listed: a crash between the two
-    writes leaves either version recognised)."""
-    record = _card_files_record(out) or {}
-    for name, data in files.items():
-        previous = [h for h in (record.get(name) or []) if isinstance(h, str)][-1:]
-        record[name] = previous + [hashlib.sha256(data).hexdigest()]
+    """Record the new versions before writing them (see :meth:`CardFilesRecord.add`)."""
     path = OutputFolder(out).card_files_record
+    record = CardFilesRecord.read(path)
+    for name, data in files.items():
+        record.add(name, data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+    _write(path, record.to_json())
 
 
 def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:

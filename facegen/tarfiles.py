@@ -13,17 +13,18 @@ API summary
   assembly's count of samples copied between facegen's own tars).
 
 Only headers are read (512 bytes each, by ``pread``), never member data. Plain USTAR headers (all of facegen's)
-are parsed here, 4-5x faster than iterating ``tarfile``; a tar with pax or GNU long-name records is listed by
-``tarfile``, under the same checks.
+are parsed here, about 4x faster than iterating ``tarfile`` (9,000 members: 90 against 350 ms on a loaded 2-core
+machine); a tar with pax or GNU long-name records is listed by ``tarfile``, under the same checks.
 
 Hardening: a header is used only when its checksum is right (unsigned or signed sum, as ``tarfile`` accepts); its
 size field is octal digits or a positive base-256 number (a sign, a negative base-256 value or other characters
-are damage, not a size); its data ends inside the file. Every header therefore lies after the previous member's
-data, so a listing reads at most ``file size / 512`` headers and always ends, in memory proportional to the
-members listed. Under ``tarfile``, every read is capped at :data:`MAX_EXTENDED_RECORD` (a pax or long-name record
-declaring more is damage, never allocated), every member it returns is checked as above and must start after the
-previous one (``tarfile`` itself loops forever on a negative size), and a listing that ``tarfile`` ends early at
-an unreadable header is damage too: the block it stopped at must be the end-of-archive block or the file's end.
+are damage, not a size); its data, padded to the next 512-byte block, ends inside the file. Every header therefore
+lies after the previous member's data, so a listing reads at most ``file size / 512`` headers and always ends, in
+memory proportional to the members listed. Under ``tarfile``, every read is capped at :data:`MAX_EXTENDED_RECORD`
+(a pax or long-name record declaring more is damage, never allocated), every member it returns is checked as above
+and must start after the previous one (``tarfile`` itself loops forever on a negative size), and a listing that
+``tarfile`` ends early at an unreadable header is damage too: the block it stopped at must be the end-of-archive
+block or the file's end.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def _number(raw: bytes, what: str, position: int) -> int:
     return int(digits, 8) if digits else 0
 
 
+def _padded(size: int) -> int:
+    """A member's data with the padding to the next header (the file must hold both, as ``tarfile`` requires)."""
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
 def _check_header(header: bytes, position: int) -> None:
     stored = _number(header[148:156], "checksum", position)
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32
@@ -109,14 +115,14 @@ def _walk(read: Callable[[int, int], bytes], end: int, listing: Listing) -> None
             raise _NeedsTarfile
         size = _number(header[124:136], "size", position)
         data = position + BLOCK
-        if size > end - data:
+        if _padded(size) > end - data:
             raise TarDamaged(f"member data runs past the end of the file ({size} bytes at byte {data})")
         name = _name(header)
         if kind in REGULAR and not (kind == b"\0" and name.endswith("/")):  # an old-style entry ending in / is a folder
             listing.members.append(Member(name, data, size))
         else:
             listing.others.append(name.rstrip("/"))
-        position = data + (size + BLOCK - 1) // BLOCK * BLOCK
+        position = data + _padded(size)
 
 
 class _CappedReader:
@@ -157,7 +163,7 @@ def _walk_with_tarfile(read: Callable[[int, int], bytes], end: int, listing: Lis
                     raise TarDamaged(f"negative size in the header at byte {member.offset}")
                 if data <= previous:
                     raise TarDamaged(f"the header at byte {member.offset} points back into the file")
-                if size > end - data:
+                if _padded(size) > end - data:
                     raise TarDamaged(f"member data runs past the end of the file ({size} bytes at byte {data})")
                 previous = data
                 if member.isreg() and member.type != tarfile.GNUTYPE_SPARSE:
@@ -222,8 +228,8 @@ def payload_bytes(block: bytes) -> int:
             break
         size = _number(raw, "size", position) if digits.translate(None, OCTAL_DIGITS) else int(digits, 8)
         data = position + BLOCK
-        if size > end - data:
+        if _padded(size) > end - data:
             raise TarDamaged(f"member data runs past the end of the block ({size} bytes at byte {data})")
         total += size
-        position = data + (size + BLOCK - 1) // BLOCK * BLOCK
+        position = data + _padded(size)
     return total

@@ -341,10 +341,10 @@ def card_command(out, repo_id, gating):
     from facegen.builders.engine.lock import output_lock
     from facegen.builders.engine.outputs import resolve_out
     from facegen.layout import LICENSE, PREVIEW, README, OutputFolder
-    from facegen.builders.hub.publish import check_repo_id
+    from facegen.hub_ids import check_repo_name
 
     if repo_id is not None:
-        check_repo_id(repo_id)  # it is written into the card's code examples
+        check_repo_name(repo_id)  # it is written into the card's code examples
     from facegen.cards import write_card
 
     folder = resolve_out(out)

@@ -35,13 +35,12 @@ from facegen.layout import (
     CARD_FILES,
     CHECKSUMS_FILE,
     DATA_FILES,
-    INFO,
     LICENSE,
     PREVIEW,
     README,
     OutputFolder,
 )
-from facegen.layout.records import RunRecord, ShardStats, load_run, load_shard_stats, load_unit_stats
+from facegen.layout.records import CardFilesRecord, RunRecord, ShardStats, load_run, load_shard_stats, load_unit_stats
 
 TEMPLATES = Path(__file__).parent / "templates"
 PLACEHOLDER_REPO = "ORG/NAME"
@@ -313,10 +312,6 @@ def remember_card_settings(out: Path, **settings) -> None:
     atomic_write(OutputFolder(out).card_settings, (json.dumps(merged) + "\n").encode())
 
 
-def remember_repo_id(out: Path, repo_id: str) -> None:
-    remember_card_settings(out, repo_id=repo_id)
-
-
 def _models_for_card(run: RunRecord) -> list[dict]:
     """The models table: what was loaded (Hub id@commit, or a local folder's name and its files' sha256)."""
     rows = []
@@ -439,17 +434,6 @@ def _lengths_text(lengths: list[int]) -> str:
     return f"{high:,}" if low == high else f"{low:,} to {high:,}"
 
 
-def _card_files_record(out: Path) -> dict | None:
-    """name -> sha256 of the versions facegen wrote; None for a build made before the record existed."""
-    try:
-        record = json.loads(OutputFolder(out).card_files_record.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def written_by_facegen(out, name: str) -> bool:
     """Whether ``OUT/name`` (a card file) is exactly what facegen wrote, so that facegen may replace or remove it."""
     out = Path(out)
@@ -458,10 +442,7 @@ def written_by_facegen(out, name: str) -> bool:
         return False
     if name == LICENSE and LICENSE_MARKER in path.read_text(encoding="utf-8", errors="replace"):
         return True
-    record = _card_files_record(out)
-    if record is None:  # a build from before the record: its README.md, preview.jpg and _info.json were its own
-        return name in (README, PREVIEW, INFO) and OutputFolder(out).run_json.is_file()
-    return sha256_file(path) in (record.get(name) or [])
+    return CardFilesRecord.read(OutputFolder(out).card_files_record).wrote(name, sha256_file(path))
 
 
 def foreign_card_files(out, names=CARD_FILES) -> list[str]:
@@ -483,13 +464,12 @@ def write_recorded(out, name: str, data: bytes) -> None:
 
 
 def _record_card_files(out: Path, files: dict[str, bytes]) -> None:
-    """Record the new versions before writing them (the previous one stays listed: a crash between the two
-    writes leaves either version recognised)."""
-    record = _card_files_record(out) or {}
+    """Record the new versions before writing them (see :meth:`CardFilesRecord.adding`)."""
+    path = OutputFolder(out).card_files_record
+    record = CardFilesRecord.read(path)
     for name, data in files.items():
-        previous = [h for h in (record.get(name) or []) if isinstance(h, str)][-1:]
-        record[name] = previous + [hashlib.sha256(data).hexdigest()]
-    atomic_write(OutputFolder(out).card_files_record, json.dumps(record, indent=1, sort_keys=True).encode())
+        record = record.adding(name, hashlib.sha256(data).hexdigest())
+    record.write(path)
 
 
 def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:

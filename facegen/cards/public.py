@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from facegen import hub_ids
 from facegen.fileio import atomic_write, sha256_file
 from facegen.layout import IDENTITIES_FILE, PUBLISHED_CURATION_FILE, SHIFT_FILE
 from facegen.layout.records import RunRecord
@@ -23,14 +24,10 @@ OUT_PLACEHOLDER = "NEW"
 ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])(?:~|/(?!/))[^\s\"'`()\[\]<>,;|]*")
 
 
-HUB_DATASET = re.compile(r"^(hf://datasets/)?[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*"
-                         r"(@[A-Za-z0-9_./-]+)?/?$")
-
-
 def is_hub_dataset(path: str | None) -> bool:
     """A ``--source-path`` that named a Hub dataset (the `facegen` source: ``ORG/NAME``, ``hf://datasets/…``):
     public, and what a rebuild needs. run.json keeps a local path absolute, a Hub id as it was given."""
-    return bool(path) and not os.path.isabs(os.path.expanduser(path)) and bool(HUB_DATASET.match(path))
+    return hub_ids.parse(path) is not None
 
 
 def source_placeholder(run: RunRecord) -> str:

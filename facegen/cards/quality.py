@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from facegen.layout import CONSISTENCY_PLOT, SEPARABILITY_PLOT, WORST_IDENTITIES_PLOT, OutputFolder
-from facegen.layout.records import RunRecord
+from facegen.layout.records import QualityReport, RunRecord
 
 SHOWN = 20  # near-duplicate pairs and outliers listed in the card (all are in report.json)
 PLOT_TITLES = {
@@ -23,32 +22,28 @@ def quality_context(out) -> dict | None:
     from facegen.published import shards_fingerprint
 
     out = Path(out)
-    try:
-        report = json.loads(OutputFolder(out).report_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if report.get("fingerprint") != shards_fingerprint(out):
-        return None  # the shards changed since: the figures are not this dataset's any more
-    summary = report.get("summary", {})
+    report = QualityReport.read(OutputFolder(out).report_json)
+    if report is None or report.fingerprint != shards_fingerprint(out):
+        return None  # none, damaged, or the shards changed since: the figures are not this dataset's
+    summary = report.summary
     return {
-        "settings": report.get("settings", {}),
-        "created": report.get("created", ""),
-        "dataset": report.get("dataset", {}),
+        "settings": report.settings,
+        "created": report.created,
+        "dataset": report.dataset,
         "consistency": summary.get("sample_consistency") or {},
         "identity_consistency": summary.get("identity_consistency") or {},
         "separability": summary.get("separability") or {},
-        "near_duplicates": report.get("near_duplicate_identities", [])[:SHOWN],
-        "near_duplicate_count": len(report.get("near_duplicate_identities", [])),
-        "outliers": report.get("outliers", [])[:SHOWN],
-        "outlier_count": len(report.get("outliers", [])),
+        "near_duplicates": report.near_duplicate_identities[:SHOWN],
+        "near_duplicate_count": len(report.near_duplicate_identities),
+        "outliers": report.outliers[:SHOWN],
+        "outlier_count": len(report.outliers),
         "without_face": summary.get("identities_without_a_face", 0),
-        "modes": report.get("image_modes", {}),
-        "sizes": dict(list(report.get("image_sizes", {}).items())[:5]),
-        "sizes_more": max(0, len(report.get("image_sizes", {})) - 5),
-        "skipped": report.get("skipped", {}),
-        "against": report.get("against"),
-        "plots": [{"path": p, "title": PLOT_TITLES.get(p, p)} for p in report.get("plots", [])
-                  if (out / p).is_file()],
+        "modes": report.image_modes,
+        "sizes": dict(list(report.image_sizes.items())[:5]),
+        "sizes_more": max(0, len(report.image_sizes) - 5),
+        "skipped": report.skipped,
+        "against": report.against,
+        "plots": [{"path": p, "title": PLOT_TITLES.get(p, p)} for p in report.plots if (out / p).is_file()],
     }
 
 

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from facegen.generators.embeddings import normalize
+
 PROMPT = "photo of a id person"  # upstream spells it "a id" (arc2face/utils.py); the encoder was tuned on it
 ID_WORD = "id"
 ARCFACE_DIM = 512
@@ -116,28 +118,23 @@ def load_component(what: str, folder: str, load: Callable[[], Any]) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def normalize(vectors: np.ndarray, axis: int = -1) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(vectors, axis=axis, keepdims=True)
-    if np.any(norms == 0):
-        raise ValueError("cannot normalise a zero vector")
-    return vectors / norms
-
-
 def prototype(unit_embeddings: np.ndarray) -> np.ndarray:
-    """The class prototype: the mean of the identity's unit embeddings, projected back onto the sphere."""
-    unit_embeddings = normalize(unit_embeddings)
-    return normalize(unit_embeddings.mean(axis=0)).astype(np.float32)
+    """The class prototype: the mean of the identity's unit embeddings, projected back onto the sphere (in float64;
+    the embeddings are normalised here again, so raw ones give the same prototype)."""
+    mean = normalize(unit_embeddings, dtype=np.float64).mean(axis=0)
+    if not np.any(mean):
+        raise ValueError("the embeddings cancel out: their mean has no direction")
+    return normalize(mean, dtype=np.float64).astype(np.float32)
 
 
 def slerp(start: np.ndarray, end: np.ndarray, t: float) -> np.ndarray:
     """Spherical interpolation between unit vectors: angle(start, result) = t * angle(start, end)."""
-    start, end = normalize(start), normalize(end)
+    start, end = normalize(start, dtype=np.float64), normalize(end, dtype=np.float64)
     theta = float(np.arccos(np.clip(np.dot(start, end), -1.0, 1.0)))
     if theta < 1e-6:  # same direction: every point of the arc is the start
         return start.astype(np.float32)
     result = (np.sin((1.0 - t) * theta) * start + np.sin(t * theta) * end) / np.sin(theta)
-    return normalize(result).astype(np.float32)
+    return normalize(result, dtype=np.float64).astype(np.float32)
 
 
 def variation_rng(identity_seed: int) -> np.random.Generator:
@@ -161,7 +158,7 @@ def sample_variations(proto: np.ndarray, sources: np.ndarray, count: int, alpha:
     Targets: a seeded permutation of the sources, cycled when ``count`` exceeds their number, so every source is
     used before any is used twice. All draws come from ``variation_rng(seed)``.
     """
-    sources = normalize(np.atleast_2d(sources))
+    sources = normalize(np.atleast_2d(sources), dtype=np.float64)
     rng = variation_rng(seed)
     order = rng.permutation(len(sources))
     ts = rng.beta(alpha, alpha, size=count)

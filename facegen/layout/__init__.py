@@ -18,8 +18,9 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
         skipped.jsonl   every skipped sample           report.json, report_embeddings.npz   the quality report
         curation.json   a curated build's decisions    parent-report/   the report of a Hub dataset being curated
 
-``FACEGEN_DIR`` and the names below are the only spellings of these files in the code. What the build's records
-hold (run.json, config.json, the shard and unit stats, the sample index) is typed in :mod:`facegen.layout.records`.
+``FACEGEN_DIR`` and the names below are the only spellings of these files in the code. What the records hold
+(run.json, config.json, the shard and unit stats, the sample index, report.json, the curation file, card_files.json)
+is typed in :mod:`facegen.layout.records`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ way to write and read it.
     shards/{j:06d}.json           :class:`ShardStats`    a published shard: its tar, checksum, counts, skips
     units/{i:06d}.json            :class:`UnitStats`     the same for a unit of work (identity-level transforms)
     shards/index/, units/index/   :class:`SampleIndex`   where each sample lies in its tar
+    report.json                   :class:`QualityReport` what `facegen report` measured
+    curation.json                 :class:`Curation`      what `facegen curate` removed (no schema field: see there)
+    card_files.json               :class:`CardFilesRecord` the versions facegen wrote of its own card files
 
 Every record is a frozen dataclass written as JSON with its ``schema`` (``facegen-run-1``) first. Reading checks the
 schema, that every required field is there with its type, and that nothing else is: a damaged, foreign or
@@ -472,3 +475,128 @@ class SampleIndex(Record):
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+# --- the records of the commands around a build: report.json, the curation file, card_files.json ---
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    recognizer: str
+    model: str
+    dedup: float
+    min_similarity: float
+    defaults: dict  # the recogniser's default thresholds
+
+
+@dataclass(frozen=True)
+class QualityReport(Record):
+    """``.facegen/report.json`` (or ``DIR/report.json``), written by `facegen report`. Figures are cosine
+    similarities of the recogniser's unit embeddings; ``summary`` holds {mean, median, min, p05, p95, max, count}
+    per figure, ``identities`` one row per identity (identity, cls, images, embedded, consistency_mean/min,
+    separability, nearest), ``outliers`` {identity, key, source_ref, cosine}, ``near_duplicate_identities``
+    [a, b, cosine]."""
+
+    SCHEMA: ClassVar[str] = "facegen-report-1"
+
+    facegen_version: str
+    created: str  # ISO 8601, UTC
+    settings: ReportSettings
+    fingerprint: str  # of the shards the report describes (facegen.published.shards_fingerprint)
+    embedding: dict  # {reused, seconds, samples_per_second}
+    dataset: dict  # {name, identities, samples, embedded, shards, unreadable}
+    summary: dict
+    image_modes: dict
+    image_sizes: dict
+    skipped: dict  # reason -> samples not embedded
+    skipped_samples: list  # the first LISTED of them: {identity, key, reason}
+    near_duplicate_identities: list
+    outliers: list
+    identities: list
+    plots: list[str]  # relative to the report's folder: report/*.png
+    seconds: float
+    dataset_name: str | None = None  # a report written outside the dataset names it
+    against: dict | None = None  # --against: {dataset, identities, threshold, matches}
+
+    def to_json(self) -> bytes:  # read by people too
+        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Curation:
+    """A curated build's decisions (``.facegen/curation.json``, written by `facegen curate`; published as
+    ``provenance/curation.json``). Only the removals are required (a hand-written file may hold just those, and
+    other fields, which are ignored): ``removed_identities`` rows are {identity, reason, detail}, ``removed_samples``
+    rows {identity, key, source_ref, reason, cosine}; ``identity`` and ``key`` are required in them.
+
+    Not a :class:`Record`: the file has no ``schema`` field, since its published copy must not change; it is read
+    with the same typed checks."""
+
+    parent: str | None = None  # the parent dataset's name
+    parent_fingerprint: str | None = None  # its shards when the decisions were made
+    parent_identities: int | None = None
+    parent_samples: int | None = None
+    recognizer: str | None = None
+    dedup: float | None = None
+    min_similarity: float | None = None
+    min_images: int | None = None
+    report_created: str | None = None
+    counts: dict | None = None  # {near_duplicate, too_few_images, outlier, identities_kept}
+    removed_identities: list[dict] = field(default_factory=list)
+    removed_samples: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name, required in (("removed_identities", "identity"), ("removed_samples", "key")):
+            for i, row in enumerate(getattr(self, name)):
+                if not isinstance(row.get(required), str):
+                    raise RecordError(f"{name}[{i}] has no {required!r} string")
+
+    def to_dict(self) -> dict:
+        """The file's JSON object, in field order, leaving out what is not known (None)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")
+
+    def decisions(self) -> dict:
+        """What a build depends on (not when the report was made)."""
+        return {k: v for k, v in self.to_dict().items() if k != "report_created"}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "curation file") -> Curation:
+        if isinstance(data, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
+        return _fields(cls, data, where)
+
+    @classmethod
+    def read(cls, path: Path) -> Curation:
+        """The curation file at ``path``; OSError or RecordError (one line) when it cannot be read."""
+        try:
+            data = json.loads(Path(path).read_bytes())
+        except ValueError as exc:
+            raise RecordError(f"{path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+@dataclass(frozen=True)
+class CardFilesRecord(Record):
+    """``.facegen/card_files.json``: the sha256 of every version facegen wrote of its own files in OUT (README.md,
+    LICENSE, preview.jpg, _info.json). facegen replaces or removes such a file only while it is one of these."""
+
+    SCHEMA: ClassVar[str] = "facegen-card-files-1"
+
+    files: dict[str, list[str]] = field(default_factory=dict)  # name -> sha256 of the last versions, newest last
+
+    def wrote(self, name: str, sha256: str) -> bool:
+        return sha256 in self.files.get(name, [])
+
+    def adding(self, name: str, sha256: str) -> CardFilesRecord:
+        """This record with a new version of ``name``; the previous one stays listed (a crash between recording and
+        writing leaves either version recognised)."""
+        return CardFilesRecord({**self.files, name: self.files.get(name, [])[-1:] + [sha256]})
+
+    @classmethod
+    def read(cls, path: Path) -> CardFilesRecord:
+        """The record at ``path``; an empty one (nothing is facegen's) when there is none or it is damaged."""
+        return super().read(path) or cls()

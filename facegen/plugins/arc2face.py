@@ -26,7 +26,6 @@ images_per_latent >> ``images_per_batch``).
 
 from __future__ import annotations
 
-import io
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -62,13 +61,6 @@ def positive_float(value: Any) -> float:
 def optional_str(value: Any) -> str | None:
     text = str(value).strip()
     return None if text.lower() in ("", "none", "null", "off") else os.path.expanduser(text)
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
 
 
 def encode_png(image_rgb: np.ndarray) -> bytes:
@@ -490,71 +482,32 @@ class Arc2FaceTransform(Transform):
         yield from drain(block=True)
 
     def plan_identities(self, batch) -> list[IdentityPlan]:
-        """Unit source embeddings (one recogniser call for the whole batch), prototypes and variations."""
-        from facegen.generators.arc2face import normalize, prototype, sample_variations
+        """Source embeddings (facegen.generators.embeddings' rule, one recogniser call for the whole batch),
+        prototypes and variations."""
+        from facegen.generators.arc2face import prototype, sample_variations
+        from facegen.generators.embeddings import embed_source_images, normalize
 
         plans = [IdentityPlan(identity) for identity in batch]
-        given: list[list] = [[] for _ in batch]  # per identity: (ref, embedding or None)
-        crops, crop_slots = [], []
-        images = [image for identity in batch for image in identity.images]
-        handed = [image.hints.get("embedding") if self.opts["source_embeddings"] else None for image in images]
-        # decoding (and detecting) up to 8 x 72 DigiFace images is most of planning: threads (PIL and ONNX Runtime
-        # release the GIL), results in input order
-        to_decode = [image for image, embedding in zip(images, handed) if embedding is None]
-        with ThreadPoolExecutor(max(1, min(SOURCE_THREADS, len(to_decode))), thread_name_prefix="arc2face-src") as pool:
-            decoded = iter(list(pool.map(self._source_crop, to_decode)))
-        handed_iter = iter(handed)
-        for p, identity in enumerate(batch):
-            for image in identity.images:
-                embedding = next(handed_iter)
-                if embedding is not None:
-                    given[p].append((image.ref, np.asarray(embedding, dtype=np.float32).reshape(-1)))
-                    continue
-                crop = next(decoded)
-                if isinstance(crop, Skip):
-                    plans[p].skipped.append(crop)
-                    continue
-                given[p].append((image.ref, None))
-                crops.append(crop)
-                crop_slots.append((p, len(given[p]) - 1))
-        if crops:
-            embeddings = self.embedder.embed(np.stack(crops))
-            for (p, slot), embedding in zip(crop_slots, embeddings):
-                given[p][slot] = (given[p][slot][0], embedding)
-
-        for p, plan in enumerate(plans):
-            usable = [(ref, e) for ref, e in given[p] if e is not None and np.linalg.norm(e) > 0]
-            if not usable:
+        # decoding (and detecting) up to 8 x 72 DigiFace images is most of planning: threads
+        embedded = embed_source_images([identity.images for identity in batch], self.embedder,
+                                       lambda: self.source_aligner, realign=self.opts["realign"],
+                                       use_given=self.opts["source_embeddings"], threads=SOURCE_THREADS)
+        for plan, sources in zip(plans, embedded):
+            plan.skipped += sources.skipped
+            if not sources.refs:
                 plan.skipped.append(Skip(plan.identity.id, "no usable source image",
                                          "no source image of this identity could be embedded"))
                 continue
-            plan.source_refs = [ref for ref, _ in usable]
-            sources = normalize(np.stack([e for _, e in usable]))
-            plan.prototype = prototype(sources)
-            plan.variations = sample_variations(plan.prototype, sources, self.opts["latents"], self.opts["alpha"],
+            plan.source_refs = sources.refs
+            units = normalize(sources.embeddings, dtype=np.float64)
+            plan.prototype = prototype(units)
+            plan.variations = sample_variations(plan.prototype, units, self.opts["latents"], self.opts["alpha"],
                                                 plan.identity.seed)
         return plans
 
-    def _source_crop(self, image):
-        """The crop of one source image to embed, or the Skip saying why there is none (runs on a worker thread)."""
-        from facegen.generators.alignment import crop_for_recognition
-
-        try:
-            rgb = decode_rgb(image.data)
-        except Exception as exc:  # PIL raises many types for broken files
-            return Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}")
-        try:
-            crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.source_aligner,
-                                        realign=self.opts["realign"])
-        except ValueError as exc:  # e.g. a large image while align=off: no aligner to crop it
-            return Skip(image.ref, "source image not embeddable", str(exc))
-        if crop is None:
-            return Skip(image.ref, "no face detected in source image")
-        return crop
-
     def postprocess(self, plans: list[IdentityPlan], chunk: list[ImageJob], images: np.ndarray) -> list:
         """(job, Face or Skip) per generated image: align, embed, cosine to the prototype, encode (worker thread)."""
-        from facegen.generators.arcface import normalize
+        from facegen.generators.embeddings import normalize
 
         crops = self.aligner.align(list(images)) if self.aligner is not None else list(images)
         cosines: dict[int, float] = {}

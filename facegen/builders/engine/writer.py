@@ -36,6 +36,7 @@ from facegen.layout.records import (
     dumps,
 )
 from facegen.records import Face, IdentityResult, Skip, printable_name
+from facegen.tarfiles import payload_bytes
 
 MAX_FAILURES_LISTED = 100
 MAX_SIZES_LISTED = 64  # distinct image sizes counted per shard; more are counted as "other"
@@ -92,21 +93,6 @@ def encode_extra(field: str, value: Any) -> bytes:
     if isinstance(value, (int, np.integer)):
         return str(int(value)).encode()
     raise TypeError(f"cannot encode extra field {field!r} of type {type(value).__name__}")
-
-
-def payload_bytes(block: bytes) -> int:
-    """The data bytes of the members laid out in ``block`` (USTAR headers as :class:`UstarWriter` writes them),
-    read from the headers' size fields alone."""
-    total, pos = 0, 0
-    view = memoryview(block)
-    while pos + 512 <= len(block):
-        field = bytes(view[pos + 124:pos + 136]).rstrip(b"\0 ")
-        if not field:  # an end-of-archive block
-            break
-        size = int(field, 8)
-        total += size
-        pos += 512 + size + (-size % 512)
-    return total
 
 
 class UstarWriter:

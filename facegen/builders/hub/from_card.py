@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from facegen.errors import UsageError
+from facegen.hub_ids import dataset_id
 from facegen.layout import (
     CHECKSUMS_FILE,
     IDENTITIES_FILE,
@@ -151,8 +152,9 @@ def read_card(spec: str, revision: str | None = None) -> CardRecord:
         return _from_folder(path, spec)
     if path.is_file():
         return _from_card_file(path, spec)
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return _from_repo(spec, revision)
+    hub = dataset_id(spec)
+    if hub is not None:
+        return _from_repo(hub.repo_id, hub.revision or revision)
     raise UsageError(f"--from-card {spec}: not a folder, a README.md or a Hub dataset id ORG/NAME")
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shlex
-import tarfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 import xxhash
 
 from facegen.errors import FacegenError, UsageError
+from facegen.hub_ids import check_repo_name
 from facegen.layout import (
     CHECKSUMS_FILE,
     DATA_DIR,
@@ -46,6 +46,7 @@ from facegen.layout import (
     OutputFolder,
 )
 from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats
+from facegen.tarfiles import list_members
 
 # report/: the plots of `facegen report` (report.json itself stays in .facegen/)
 ALLOW_PATTERNS = [README, f"{LICENSE}*", PREVIEW, INFO, f"{DATA_DIR}/**", f"{PROVENANCE_DIR}/**", f"{PLOTS_DIR}/**"]
@@ -87,7 +88,7 @@ class PublishResult:
 
 
 class _HashingReader:
-    """A read-only file wrapper that hashes every byte read (one pass gives both the tar walk and the checksum)."""
+    """A read-only file wrapper that hashes every byte read (one pass gives both the members and the checksum)."""
 
     def __init__(self, f):
         self._f = f
@@ -100,13 +101,19 @@ class _HashingReader:
         self.bytes_read += len(data)
         return data
 
+    def read_to(self, position: int) -> None:
+        """Hash the bytes up to ``position`` without keeping them."""
+        while self.bytes_read < position and self.read(min(1 << 20, position - self.bytes_read)):
+            pass
+
 
 DECODE_THREADS = min(8, os.cpu_count() or 4)  # PIL and zlib release the GIL while decoding
 DECODES_IN_FLIGHT = 64  # images read ahead of their decode: bounded memory
 
 
 def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[dict, str | None]:
-    """Walk a tar to its end, decoding every image member when ``verify`` is full.
+    """List a tar's members (:mod:`facegen.tarfiles`), then read it once to its end, hashing it and decoding every
+    image member when ``verify`` is full.
 
     Returns ({"images", "xxh3_128", "bytes"}, problem or None).
     """
@@ -114,7 +121,15 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
 
     from facegen.builders.engine.images import IMAGE_FIELD_EXTENSIONS, ImageError, check_image
 
-    images = 0
+    listing = list_members(path)
+    if listing.error is not None:
+        return {}, f"not a complete tar ({type(listing.error).__name__}: {listing.error})"
+    unexpected = listing.others + [m.name for m in listing.members
+                                   if m.name.startswith("/") or ".." in m.name.split("/")]
+    if unexpected:
+        return {}, f"unexpected member {unexpected[0]!r}"
+    columns = [m.name.rpartition("/")[2].partition(".")[2] for m in listing.members]
+    images = columns.count(image_column)
     pending: list = []
     broken: list[str] = []
 
@@ -125,28 +140,21 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
             return f"{name} ({exc})"
         return None
 
-    with open(path, "rb") as raw, ThreadPoolExecutor(DECODE_THREADS) as pool:
-        reader = _HashingReader(raw)
-        try:
-            # stream mode reads every member's data in order: a truncated or corrupt tar fails here
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    name = member.name
-                    if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
-                        return {}, f"unexpected member {name!r}"
-                    field = name.rpartition("/")[2].partition(".")[2]
-                    if field == image_column:
-                        images += 1
-                    if verify == "full" and field.rsplit(".", 1)[-1] in IMAGE_FIELD_EXTENSIONS:
-                        pending.append(pool.submit(decoded, name, tar.extractfile(member).read()))
-                        if len(pending) >= DECODES_IN_FLIGHT:
-                            broken += filter(None, (f.result() for f in pending))
-                            pending = []
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
-        broken += filter(None, (f.result() for f in pending))
-        while reader.read(1 << 20):  # the end-of-archive padding, so that the checksum covers the whole file
-            pass
+    try:
+        with open(path, "rb") as raw, ThreadPoolExecutor(DECODE_THREADS) as pool:
+            reader = _HashingReader(raw)
+            for member, column in zip(listing.members, columns):
+                if verify == "full" and column.rsplit(".", 1)[-1] in IMAGE_FIELD_EXTENSIONS:
+                    reader.read_to(member.offset)
+                    pending.append(pool.submit(decoded, member.name, reader.read(member.size)))
+                    if len(pending) >= DECODES_IN_FLIGHT:
+                        broken += filter(None, (f.result() for f in pending))
+                        pending = []
+            broken += filter(None, (f.result() for f in pending))
+            while reader.read(1 << 20):  # to the end (the end-of-archive padding): the checksum covers the file
+                pass
+    except OSError as exc:
+        return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
     if broken:
         return {}, (f"{len(broken)} image(s) do not decode (`load_dataset` would fail on them), first: {broken[0]}; "
                     "rebuild with the default --verify full, which skips them")
@@ -457,17 +465,6 @@ def hf_upload_command(repo_id: str, out_dir, private: bool = False, revision: st
     return " && ".join(hf_upload_commands(repo_id, out_dir, private, revision))
 
 
-def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not repo_id or repo_id.count("/") != 1:
-        raise UsageError(f"--repo must be ORG/NAME (a user or organisation, a slash, a name), got {repo_id!r}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise UsageError(f"--repo {repo_id!r} is not a valid repository id: {str(exc).splitlines()[0]}") from None
-
-
 def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run: bool = False,
             token: str | None = None, endpoint: str | None = None, gating: bool = True, verify: str = "full",
             echo: Callable[[str], None] = print) -> PublishResult:
@@ -481,7 +478,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     from facegen.cards.card import PLACEHOLDER_REPO, card_settings, write_card
 
     out = Path(out_dir).expanduser().resolve()
-    check_repo_id(repo_id)
+    check_repo_name(repo_id)
     if not out.is_dir():
         raise UsageError(f"{out_dir} is not a folder")
     branch = revision or constants.DEFAULT_REVISION

@@ -113,7 +113,6 @@ def sample_unit_embeddings(specs: list[SourceSpec], embedder, max_images: int, s
         picked = [images[j] for j in sorted(rng.choice(len(images), size=want, replace=False))]
         unit, _refs, skips = embedder.embed_images(picked)
         skipped.extend(skips)
-        unit = unit[np.linalg.norm(unit, axis=1) > 0]
         vectors.append(unit)
         counts[str(specs[k])] += len(unit)
         taken += len(unit)

@@ -20,8 +20,10 @@ from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
 from facegen.cards.public import (
     OUT_PLACEHOLDER,
+    PLUGIN_OPTIONS,
     copy_provenance,
     known_paths,
+    path_options,
     public_options,
     scrub,
     source_placeholder,
@@ -103,17 +105,16 @@ def feature_type(feature: Any) -> str:
 
 
 def _columns(run: dict, features) -> list[dict]:
-    """Rows of the column table. Plugins may describe their columns with a ``columns`` mapping
-    (``{"json.part": "…", "landmarks.npy": "…"}``) in their run record or their ``provenance()``; other plugin
-    columns get a generic line."""
+    """Rows of the column table. Plugins describe their columns (``Plugin.column_descriptions()``, recorded as
+    ``columns`` in their run record: ``{"json.part": "…", "landmarks.npy": "…"}``); other plugin columns get a
+    generic line."""
     image_column = run.get("image_column", "png")
     quality = set(run.get("quality_fields") or [])
     source = run.get("source") or {}
     transform = run.get("transform") or {}
     declared_by = f"declared by the {source.get('name', '?')} source or the {transform.get('name', '?')} transform"
     described = {}
-    for record in (source, transform):  # a plugin may put them in its provenance() or its record
-        described.update((record.get("provenance") or {}).get("columns") or {})
+    for record in (source, transform):
         described.update(record.get("columns") or {})
     image_kind = {"png": "PNG", "jpg": "JPEG"}.get(image_column, image_column)
     known = {
@@ -179,12 +180,17 @@ def rebuild_command(run: dict, out: str = OUT_PLACEHOLDER) -> str:
 
 
 def from_card_command(run: dict, repo_id: str) -> str:
-    """The short rebuild: options, plan and model revisions are read from the card."""
+    """The short rebuild: options, plan and model revisions are read from the card; the local paths it used (other
+    than the published provenance files) are given again."""
     args = ["facegen", "build", "--from-card", repo_id]
     if (run.get("options") or {}).get("source_path"):
         args += ["--source-path", source_placeholder(run)]
-    if ((run.get("options") or {}).get("plugin_opts") or {}).get("model_dir"):
-        args += ["--plugin-opt", "model_dir=<model folder>"]
+    public = public_options(run)
+    for (key, kind), flag in zip(PLUGIN_OPTIONS, ("--source-opt", "--plugin-opt")):
+        for name, declared in path_options(run, kind).items():
+            value = (public.get(key) or {}).get(name)
+            if value and not declared.get("provenance_file"):
+                args += [flag, f"{name}={value}"]
     args += ["--out", OUT_PLACEHOLDER]
     return shlex.join(args)
 
@@ -216,7 +222,7 @@ def _citations(run: dict) -> list[dict]:
 def _pretty_name(run: dict) -> str:
     source = (run.get("source") or {}).get("name") or run.get("options", {}).get("source", "?")
     plugin = (run.get("transform") or {}).get("name") or run.get("options", {}).get("plugin", "?")
-    if plugin == "passthrough":
+    if (run.get("transform") or {}).get("copies_source_images"):  # the faces are the source's own images
         return f"{source} faces (facegen)"
     return f"{source} faces through {plugin} (facegen)"
 

@@ -193,9 +193,7 @@ def licence_chain(run: dict) -> LicenceChain:
     source = run.get("source") or {}
     transform = run.get("transform") or {}
     source_input = _plugin_input("source dataset", source)
-    parent = (source.get("provenance") or {}).get("parent") if source.get("name") == "facegen" else None
-    if parent:  # the `facegen` source reads another facegen dataset: name that dataset, not the plugin
-        source_input.name = f"{parent} (facegen dataset)"
+    source_input.name = source.get("dataset_name") or source_input.name  # what the source says it reads
     chain.inputs.append(source_input)
     if transform.get("license"):
         chain.inputs.append(_plugin_input("transform", transform))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import facegen
 from facegen import registry
-from facegen.api import Source, Transform
+from facegen.api import Source, Transform, check_provenance_files, declared_paths
 from facegen.builders.engine.images import VERIFY_LEVELS, check_source_images
 from facegen.builders.engine.lock import output_lock
 from facegen.builders.engine.options import BuildConfig
@@ -114,12 +114,16 @@ def _plugin_record(plugin: Source | Transform, kind: str) -> dict[str, Any]:
             "commercial_use": lic.commercial_use, "note": lic.note,
         },
         "options": _json_safe(plugin.opts),
-        "columns": dict(plugin.columns),
+        "path_options": declared_paths(plugin),  # what cards, publish and --from-card hide, publish, ask again
+        "columns": plugin.column_descriptions(),
         "provenance": _json_safe(plugin.provenance()),
-        "synthetic": getattr(plugin, "synthetic", None),  # the card calls images synthetic only when stated
+        "synthetic": plugin.synthetic,  # the card calls images synthetic only when stated
     }
+    if isinstance(plugin, Source):
+        record["dataset_name"] = plugin.dataset_name or plugin.name
     if isinstance(plugin, Transform):
         record["models"] = [_json_safe(vars(m)) for m in plugin.models()]
+        record["copies_source_images"] = plugin.copies_source_images
     return record
 
 
@@ -269,6 +273,7 @@ class Builder:
         self.state = state or distributed_state()
         self.source: Source = source_cls(config.source_path, **config.source_opts)
         self.transform: Transform = transform_cls(**config.plugin_opts)
+        check_provenance_files(self.source, self.transform)
         try:
             self.plan: Plan = make_plan(self.source.identities(), config.shard_size, config.identities_file,
                                         config.limit_identities)
@@ -300,7 +305,7 @@ class Builder:
 
     def _writer(self, index: int, unit: bool) -> ShardWriter:
         writer = ShardWriter(self.out, index, self.format, self.source.name,
-                             getattr(self.transform, "quality_fields", ()),
+                             self.transform.quality_fields,
                              rank=(self.state.process_index, self.state.num_processes), unit=unit,
                              verify=self.config.verify, lossy_allowed=self.config.format == "jpg")
         reason = self._redo_reasons.get(("unit" if unit else "shard", index))
@@ -752,7 +757,7 @@ class Builder:
             "transform": _plugin_record(self.transform, "transform"),
             "features": features.to_dict(),
             "image_column": self.format,
-            "quality_fields": list(getattr(self.transform, "quality_fields", ())),
+            "quality_fields": list(self.transform.quality_fields),
             "totals": {"identities": summary.identities, "images": summary.images,
                        "skipped": dict(summary.skipped), "shards": summary.shards},
         }

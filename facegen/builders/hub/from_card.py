@@ -162,10 +162,11 @@ def build_values(record: CardRecord, given: dict[str, Any]) -> dict[str, Any]:
             values[key] = value
     if _is_placeholder(values.get("source_path")):
         raise UsageError(f"the card's build read {values['source_path']}: pass --source-path with your copy")
-    for key, kind, flag in (("source_opts", "source", "--source-opt"), ("plugin_opts", "transform", "--plugin-opt")):
+    for key, kind, plugin, flag in (("source_opts", "source", "source", "--source-opt"),
+                                    ("plugin_opts", "transform", "plugin", "--plugin-opt")):
         opts = dict(values.get(key) or {})
         given_names = set(given.get(key) or {})
-        declared = _path_options(kind, values.get("source" if kind == "source" else "plugin"))
+        declared = _path_options(kind, values.get(plugin))
         for name, value in list(opts.items()):
             if name in given_names or value in (None, ""):
                 continue

@@ -119,9 +119,10 @@ def test_card_of_an_unfinished_build_warns(built, capsys):
 
 
 def test_plugins_can_describe_their_columns(tmp_path):
+    """What the build recorded of each plugin's ``column_descriptions()`` (``columns`` in its run record)."""
     out = write_output_folder(tmp_path / "out", identities=2, card=False)
     run = json.loads((out / ".facegen" / "run.json").read_text())
-    run["source"]["provenance"] = {"columns": {"json.image_index": "position of the image in its identity folder"}}
+    run["source"]["columns"] = {"json.image_index": "position of the image in its identity folder"}
     run["transform"]["columns"] = {"embedding.npy": "ArcFace embedding of the output image"}
     (out / ".facegen" / "run.json").write_text(json.dumps(run))
     write_card(out)

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from facegen.builders.hub.download import DownloadError, RemoteFile, download_file
+from facegen.api import DownloadFile
+from facegen.builders.hub.download import DownloadError, download_file
 from facegen.cli import main
 from facegen.plugins.digiface import DigiFaceSource
 from facegen.testing.digiface import truncate_file, write_digiface_part
@@ -86,8 +87,8 @@ class FixtureServer:
 
 def published(name, data, with_checksum=True):
     if not with_checksum:
-        return {"name": name, "size": None, "sha256": None}
-    return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return DownloadFile(name)
+    return DownloadFile(name, len(data), hashlib.sha256(data).hexdigest())
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ def test_interrupted_download_resumes_with_range_on_rerun(tmp_path, parts, monke
 
 
 def test_dropped_connection_is_resumed_automatically_within_one_run(tmp_path, parts):
-    remote = RemoteFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]),
+    remote = DownloadFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]),
                         hashlib.sha256(parts[f"{P72_A}.zip"]).hexdigest())
     messages = []
     with FixtureServer(parts, drops={f"{P72_A}.zip": 2}) as server:
@@ -164,7 +165,7 @@ def test_dropped_connection_is_resumed_automatically_within_one_run(tmp_path, pa
 
 def test_server_that_ignores_range_restarts_cleanly(tmp_path, parts):
     data = parts[f"{P72_A}.zip"]
-    remote = RemoteFile(f"{P72_A}.zip", len(data), hashlib.sha256(data).hexdigest())
+    remote = DownloadFile(f"{P72_A}.zip", len(data), hashlib.sha256(data).hexdigest())
     with FixtureServer(parts, drops={remote.name: 1}, honour_range=False) as server:
         path = download_file(server.url, tmp_path, remote, retries=1, progress=False, echo=lambda m: None,
                              backoff=0.01)
@@ -172,8 +173,7 @@ def test_server_that_ignores_range_restarts_cleanly(tmp_path, parts):
 
 
 def test_checksum_mismatch_exits_non_zero_with_one_line(tmp_path, parts, monkeypatch, capsys):
-    wrong = published(f"{P72_A}.zip", parts[f"{P72_A}.zip"])
-    wrong["sha256"] = "0" * 64
+    wrong = DownloadFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]), "0" * 64)
     monkeypatch.setattr(DigiFaceSource, "download_files", [wrong])
     to = tmp_path / "digiface"
     with FixtureServer(parts) as server:
@@ -207,7 +207,7 @@ def test_part_without_checksum_is_verified_as_a_zip(tmp_path, parts, monkeypatch
 
 
 def test_server_size_differing_from_the_published_size_is_an_error(tmp_path, parts):
-    remote = RemoteFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]) + 5, None)
+    remote = DownloadFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]) + 5, None)
     with FixtureServer(parts) as server, pytest.raises(DownloadError, match="server offers .* bytes, the published"):
         download_file(server.url, tmp_path, remote, retries=0, progress=False, echo=lambda m: None)
     assert not (tmp_path / remote.name).exists()
@@ -243,7 +243,7 @@ def test_complete_partial_file_left_by_a_kill_is_verified_without_downloading_ag
     data = parts[f"{P5_A}.zip"]
     (tmp_path / f".{P5_A}.zip.part").write_bytes(data)  # killed after the last byte, before verify + rename
     with FixtureServer(parts) as server:
-        path = download_file(server.url, tmp_path, RemoteFile(f"{P5_A}.zip"), retries=0, progress=False,
+        path = download_file(server.url, tmp_path, DownloadFile(f"{P5_A}.zip"), retries=0, progress=False,
                              echo=lambda m: None)
     assert server.requests == [(f"{P5_A}.zip", f"bytes={len(data)}-")]  # answered 416: nothing left to send
     assert path.read_bytes() == data and not (tmp_path / f".{P5_A}.zip.part").exists()

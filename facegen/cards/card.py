@@ -21,8 +21,10 @@ from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
 from facegen.cards.public import (
     OUT_PLACEHOLDER,
+    PLUGIN_OPTIONS,
     copy_provenance,
     known_paths,
+    path_options,
     public_options,
     scrub,
     source_placeholder,
@@ -98,16 +100,15 @@ def feature_type(feature: Any) -> str:
 
 
 def _columns(run: RunRecord, features) -> list[dict]:
-    """Rows of the column table. Plugins may describe their columns with a ``columns`` mapping
-    (``{"json.part": "…", "landmarks.npy": "…"}``) in their run record or their ``provenance()``; other plugin
-    columns get a generic line."""
+    """Rows of the column table. Plugins describe their columns (``Plugin.column_descriptions()``, recorded as
+    ``columns`` in their run record: ``{"json.part": "…", "landmarks.npy": "…"}``); other plugin columns get a
+    generic line."""
     image_column = run.image_column
     quality = set(run.quality_fields)
     source, transform = run.source, run.transform
     declared_by = f"declared by the {source.name} source or the {transform.name} transform"
     described = {}
-    for record in (source, transform):  # a plugin may put them in its provenance() or its record
-        described.update(record.provenance.get("columns") or {})
+    for record in (source, transform):
         described.update(record.columns)
     image_kind = {"png": "PNG", "jpg": "JPEG"}.get(image_column, image_column)
     known = {
@@ -173,12 +174,17 @@ def rebuild_command(run: RunRecord, out: str = OUT_PLACEHOLDER) -> str:
 
 
 def from_card_command(run: RunRecord, repo_id: str) -> str:
-    """The short rebuild: options, plan and model revisions are read from the card."""
+    """The short rebuild: options, plan and model revisions are read from the card; the local paths it used (other
+    than the published provenance files) are given again."""
     args = ["facegen", "build", "--from-card", repo_id]
     if run.options.source_path:
         args += ["--source-path", source_placeholder(run)]
-    if run.options.plugin_opts.get("model_dir"):
-        args += ["--plugin-opt", "model_dir=<model folder>"]
+    public = public_options(run)
+    for (key, kind), flag in zip(PLUGIN_OPTIONS, ("--source-opt", "--plugin-opt")):
+        for name, declared in path_options(run, kind).items():
+            value = public[key].get(name)
+            if value and not declared.provenance_file:
+                args += [flag, f"{name}={value}"]
     args += ["--out", OUT_PLACEHOLDER]
     return shlex.join(args)
 
@@ -208,7 +214,7 @@ def _citations(run: RunRecord) -> list[dict]:
 
 def _pretty_name(run: RunRecord) -> str:
     source, plugin = run.source.name, run.transform.name
-    if plugin == "passthrough":
+    if run.transform.copies_source_images:  # the faces are the source's own images
         return f"{source} faces (facegen)"
     return f"{source} faces through {plugin} (facegen)"
 

@@ -192,9 +192,7 @@ def licence_chain(run: RunRecord) -> LicenceChain:
     chain = LicenceChain()
     source, transform = run.source, run.transform
     source_input = _plugin_input("source dataset", source)
-    parent = source.provenance.get("parent") if source.name == "facegen" else None
-    if parent:  # the `facegen` source reads another facegen dataset: name that dataset, not the plugin
-        source_input.name = f"{parent} (facegen dataset)"
+    source_input.name = source.dataset_name or source_input.name  # what the source says it reads
     chain.inputs.append(source_input)
     if transform.license:
         chain.inputs.append(_plugin_input("transform", transform))

@@ -1,9 +1,12 @@
 """What of a build's records may be published: no local path leaves the machine, and the inputs needed to rebuild
-(the identity list, the shift Δ) travel as files under ``provenance/``.
+(the identity list, and the files plugins declare, such as arc2face's shift Δ) travel as files under
+``provenance/``.
 
 ``.facegen/run.json`` keeps absolute paths (it is never uploaded). Everything the card, LICENSE or ``_info.json``
 shows goes through :func:`scrub` or :func:`public_options`: a local path becomes a placeholder such as
-``<digiface source folder>`` or the name of a published provenance file.
+``<digiface source folder>`` or the name of a published provenance file. Which plugin options are paths is what the
+plugins declared (``facegen.api.Option(path=…, provenance_file=…)``), as run.json records it: no option is known
+here by its name.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from typing import Any
 
 from facegen import hub_ids
 from facegen.fileio import atomic_write, sha256_file
-from facegen.layout import IDENTITIES_FILE, PUBLISHED_CURATION_FILE, SHIFT_FILE
-from facegen.layout.records import RunRecord
+from facegen.layout import IDENTITIES_FILE
+from facegen.layout.records import PathOptionRecord, RunRecord
 
 OUT_PLACEHOLDER = "NEW"
+# run.json's option mappings, with the plugin record that declares their options
+PLUGIN_OPTIONS = (("source_opts", "source"), ("plugin_opts", "transform"))
 # an absolute POSIX path or a home-relative one, not part of a URL (`https://x/y`) or of a relative path (`a/b`)
 ABSOLUTE_PATH = re.compile(r"(?<![\w/.~-])(?:~|/(?!/))[^\s\"'`()\[\]<>,;|]*")
 
@@ -70,6 +75,23 @@ def scrub(value: Any, known: dict[str, str] | None = None) -> Any:
     return text
 
 
+def path_options(run: RunRecord, kind: str) -> dict[str, PathOptionRecord]:
+    """The options the ``kind`` plugin ("source" or "transform") declared as paths, as run.json records them
+    (``facegen.api.declared_paths``)."""
+    return (run.source if kind == "source" else run.transform).path_options
+
+
+def _declared_files(run: RunRecord):
+    """(option mapping, option, its value, declaration) of each path option given a value in this build (a
+    declared provenance file is always ``provenance/NAME``: :class:`PathOptionRecord` checks it)."""
+    for key, kind in PLUGIN_OPTIONS:
+        values = run.options.source_opts if key == "source_opts" else run.options.plugin_opts
+        for name, declared in path_options(run, kind).items():
+            value = values.get(name)
+            if isinstance(value, str) and value:
+                yield key, name, value, declared
+
+
 def known_paths(run: RunRecord, out: Path | None = None) -> dict[str, str]:
     """The run's local paths and what the card writes instead."""
     options = run.options
@@ -77,32 +99,23 @@ def known_paths(run: RunRecord, out: Path | None = None) -> dict[str, str]:
     if options.source_path and not is_hub_dataset(options.source_path):
         known[os.path.abspath(os.path.expanduser(options.source_path))] = source_placeholder(run)
         known[options.source_path] = source_placeholder(run)
-    curation = options.source_opts.get("curation")
-    if curation and options.source == "facegen":
-        known[curation] = PUBLISHED_CURATION_FILE
-        known[os.path.abspath(os.path.expanduser(curation))] = PUBLISHED_CURATION_FILE
     if options.identities_file:
         known[options.identities_file] = IDENTITIES_FILE
         known[os.path.abspath(options.identities_file)] = IDENTITIES_FILE
-    shift = options.plugin_opts.get("shift")
-    if shift:
-        known[shift] = SHIFT_FILE
-        known[os.path.abspath(shift)] = SHIFT_FILE
+    for _, _, value, declared in _declared_files(run):
+        if declared.provenance_file:
+            known[value] = declared.provenance_file
+            known[os.path.abspath(os.path.expanduser(value))] = declared.provenance_file
     if out is not None:
         known[str(Path(out).resolve())] = OUT_PLACEHOLDER
     return known
 
 
-def _public_value(name: str, value: Any, run: RunRecord) -> Any:
-    if name == "shift" and value:
-        return SHIFT_FILE
-    if name == "model_dir" and value:
-        return "<model folder>"
-    if name == "curation" and value and run.options.source == "facegen":
-        return PUBLISHED_CURATION_FILE
-    if isinstance(value, str) and _looks_local(value):
-        return _placeholder(value)
-    return value
+def declared_value(value: str, declared: PathOptionRecord) -> str:
+    """What the card shows for a path option's value: its published provenance file, or its placeholder."""
+    if declared.provenance_file:
+        return declared.provenance_file
+    return f"<{declared.placeholder}>" if declared.placeholder else _placeholder(value)
 
 
 def public_options(run: RunRecord) -> dict:
@@ -114,24 +127,25 @@ def public_options(run: RunRecord) -> dict:
         options["identities_file"] = IDENTITIES_FILE
     if options["recipe"] and _looks_local(str(options["recipe"])):
         options["recipe"] = _placeholder(str(options["recipe"]))
-    for key in ("source_opts", "plugin_opts"):
-        options[key] = {name: _public_value(name, value, run) for name, value in options[key].items()}
-    return scrub(options, known_paths(run))
+    for key, _ in PLUGIN_OPTIONS:
+        options[key] = {name: _placeholder(value) if isinstance(value, str) and _looks_local(value) else value
+                        for name, value in options[key].items()}
+    public = scrub(options, known_paths(run))
+    for key, name, value, declared in _declared_files(run):  # after scrub, which must not rewrite them again
+        public[key][name] = declared_value(value, declared)
+    return public
 
 
 def provenance_files(run: RunRecord) -> list[tuple[str, str, str | None]]:
-    """(path in the dataset, local source path, expected sha256) of each small input needed to rebuild."""
+    """(path in the dataset, local source path, expected sha256) of each small input needed to rebuild: the
+    identity list, and the files the plugins declared (``Option(provenance_file=…)``) that this build read."""
     options = run.options
     files = []
     if options.identities_file:
         files.append((IDENTITIES_FILE, options.identities_file, options.identities_file_sha256))
-    shift = options.plugin_opts.get("shift")
-    if shift:
-        files.append((SHIFT_FILE, shift, run.transform.provenance.get("shift_sha256")))
-    curation = options.source_opts.get("curation")
-    if curation and options.source == "facegen":
-        recorded = (run.source.provenance.get("curation") or {}).get("sha256")
-        files.append((PUBLISHED_CURATION_FILE, curation, recorded))
+    for _, _, value, declared in _declared_files(run):
+        if declared.provenance_file:
+            files.append((declared.provenance_file, value, declared.sha256))
     return files
 
 

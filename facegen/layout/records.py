@@ -31,7 +31,7 @@ import numpy as np
 
 from facegen.errors import UsageError
 from facegen.fileio import atomic_write
-from facegen.layout import OutputFolder
+from facegen.layout import OutputFolder, is_plugin_provenance
 
 R = TypeVar("R", bound="Record")
 
@@ -222,6 +222,23 @@ class ModelRecord:
 
 
 @dataclass(frozen=True)
+class PathOptionRecord:
+    """A plugin option declared as a local path (``facegen.api.Option(path=True)``; ``facegen.api.declared_paths``):
+    the card shows a placeholder or the published provenance file instead of its value, publish allows that file,
+    ``--from-card`` asks for the path again or hands the published file back."""
+
+    placeholder: str = ""  # "": the value's file name
+    optional_on_rebuild: bool = False
+    provenance_file: str | None = None  # provenance/NAME: the published copy of the file the build read
+    sha256: str | None = None  # of the file this build read (the card copies it only while it still matches)
+
+    def __post_init__(self):
+        # where the card writes the copy: read from run.json, so checked rather than trusted
+        if self.provenance_file is not None and not is_plugin_provenance(self.provenance_file):
+            raise RecordError(f"provenance file {self.provenance_file!r} is not provenance/NAME of a plugin")
+
+
+@dataclass(frozen=True)
 class PluginRecord:
     """A source or transform as the build used it: its card text, licence, options and provenance."""
 
@@ -237,7 +254,10 @@ class PluginRecord:
     columns: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)  # the plugin's own facts (its provenance())
     synthetic: bool | None = None  # the card calls images synthetic only when stated
+    path_options: dict[str, PathOptionRecord] = field(default_factory=dict)  # what cards, publish, --from-card hide
+    dataset_name: str | None = None  # sources only: what the licence table calls the data the source reads
     models: list[ModelRecord] = field(default_factory=list)  # transforms only
+    copies_source_images: bool | None = None  # transforms only: the faces are the source's own images
 
 
 @dataclass(frozen=True)

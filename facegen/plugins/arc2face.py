@@ -35,10 +35,8 @@ from typing import Any
 import numpy as np
 from datasets import Value
 
-from facegen.api import LicenseInfo, ModelInfo, Option, Transform, to_bool
-from facegen.errors import UsageError
-from facegen.fileio import sha256_file
-from facegen.records import Face, IdentityResult, Skip
+from facegen.api import (Face, IdentityResult, LicenseInfo, ModelInfo, Option, Skip, Transform, UsageError, sha256_file,
+                         to_bool)
 
 SHIFT_KEY = "delta"  # tensor name in delta.safetensors (a file holding exactly one tensor is accepted too)
 SOURCE_THREADS = min(8, os.cpu_count() or 1)  # threads decoding (and detecting) source images while planning
@@ -179,7 +177,7 @@ class Arc2FaceTransform(Transform):
     options = {
         "model_dir": Option(None, "local folder laid out like the Hub repos (see MODEL_DIR_LAYOUT in "
                                   "facegen.generators.arc2face); default: Hub download at pinned revisions",
-                            type=optional_str),
+                            type=optional_str, path=True, placeholder="model folder", optional_on_rebuild=True),
         "base_revision": Option(None, "revision of stable-diffusion-v1-5/stable-diffusion-v1-5 (default: pinned)",
                                 type=optional_str),
         "arc2face_revision": Option(None, "revision of FoivosPar/Arc2Face (default: pinned)", type=optional_str),
@@ -191,7 +189,7 @@ class Arc2FaceTransform(Transform):
         "images_per_latent": Option(5, "images generated per latent", type=positive_int),
         "alpha": Option(2.0, "t ~ Beta(alpha, alpha) for the SLERP factor", type=positive_float),
         "shift": Option(None, "delta.safetensors from `facegen estimate-shift` (none = no shift)",
-                        type=optional_str),
+                        type=optional_str, provenance_file="shift.safetensors"),
         "shift_scale": Option(1.0, "multiplier of the shift Delta", type=float),
         "batch_size": Option(8, "identities per call (generated together)", type=positive_int),
         "images_per_batch": Option(40, "images per UNet micro-batch (x2 with guidance)", type=positive_int),
@@ -209,7 +207,7 @@ class Arc2FaceTransform(Transform):
         "detector": Option("scrfd", "face detector for outputs (scrfd: antelopev2's SCRFD-10GF)",
                            choices=("scrfd", "dlib")),
         "detector_dir": Option(None, "folder holding antelopev2/scrfd_10g_bnkps.onnx (default: model_dir, then "
-                                     "~/.insightface/models)", type=optional_str),
+                                     "~/.insightface/models)", type=optional_str, path=True),
         "det_size": Option(640, "SCRFD input size (square)", type=positive_int),
         "det_thresh": Option(0.5, "detection score threshold", type=float),
     }
@@ -295,10 +293,8 @@ class Arc2FaceTransform(Transform):
             features["cosine_to_prototype"] = Value("float32")  # ArcFace cosine of the aligned output to the prototype
         return features
 
-    def provenance(self) -> dict[str, Any]:
-        from facegen.generators.arc2face import PROMPT, describe
-
-        facts: dict[str, Any] = {"prompt": PROMPT, "columns": {
+    def column_descriptions(self) -> dict[str, str]:
+        return {
             "json.source_ref": "the source image whose embedding this sample's latent was interpolated toward",
             "json.latent_index": "which SLERP variation of the identity's prototype (0 … latents − 1)",
             "json.t": "SLERP factor from the prototype (0) toward the source embedding (1), drawn from "
@@ -307,7 +303,12 @@ class Arc2FaceTransform(Transform):
             "json.seed": "seed of the image's initial noise, derived from (identity seed, latent, image)",
             "json.cosine_to_prototype": "ArcFace (arcface.onnx) cosine similarity of the aligned 112x112 output "
                                         "to the identity's prototype (not in align=off builds)",
-        }}
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        from facegen.generators.arc2face import PROMPT, describe
+
+        facts: dict[str, Any] = {"prompt": PROMPT, "columns": self.column_descriptions()}
         facts["recipe"] = {k: self.opts[k] for k in ("latents", "images_per_latent", "alpha", "shift_scale",
                                                      "align", "realign", "detector", "det_size", "det_thresh")}
         facts["prototype"] = (

@@ -27,9 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from facegen.api import LicenseInfo, Option, Source
-from facegen.errors import UsageError
-from facegen.records import SourceImage, Skip
+from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError
 
 log = logging.getLogger("facegen.disco")
 
@@ -165,7 +163,8 @@ class DiscoSource(Source):
         "reference": Option("auto", "Include the 'reference' samples: auto (when their images exist), include "
                             "(missing images are skipped and counted), exclude", choices=("auto", "include",
                                                                                          "exclude")),
-        "reference_path": Option("", "Ensemble folder holding the reference images (the Langevin ensemble)"),
+        "reference_path": Option("", "Ensemble folder holding the reference images (the Langevin ensemble)",
+                                 path=True),
     }
 
     def __init__(self, path, **options):
@@ -437,6 +436,16 @@ class DiscoSource(Source):
         }
         return vectors["embedding"], vectors["w_latent"], meta
 
+    def column_descriptions(self):
+        return {
+            "json.label": "sample label in samples.h5: 'reference' or 'augmentation_<n>'",
+            "json.network_type": "generator that made the image (samples.h5 attribute network_type)",
+            "json.embedding_type": "face-recognition network of the embedding (attribute embedding_type)",
+            "json.embedding_norm": "L2 norm of the raw embedding",
+            "embedding.npy": "raw face-recognition embedding from samples.h5, NOT L2-normalised",
+            "w_latent.npy": "StyleGAN2 W latent of the sample (samples.h5 w_latent)",
+        }
+
     def provenance(self):
         record: dict[str, Any] = {
             "samples_h5": dict(self.file_attrs),
@@ -445,14 +454,7 @@ class DiscoSource(Source):
             "reference_images_from": self.reference_images_dir,
             "embedding": "raw output of the embedding network (json.embedding_type), not L2-normalised",
             "non_identity_groups_ignored": self.other_groups,
-            "columns": {
-                "json.label": "sample label in samples.h5: 'reference' or 'augmentation_<n>'",
-                "json.network_type": "generator that made the image (samples.h5 attribute network_type)",
-                "json.embedding_type": "face-recognition network of the embedding (attribute embedding_type)",
-                "json.embedding_norm": "L2 norm of the raw embedding",
-                "embedding.npy": "raw face-recognition embedding from samples.h5, NOT L2-normalised",
-                "w_latent.npy": "StyleGAN2 W latent of the sample (samples.h5 w_latent)",
-            },
+            "columns": self.column_descriptions(),
         }
         # image folders of identities that samples.h5 does not have (not written: no embedding, no latent)
         known = set(self._ids)

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import re
 
-from facegen.api import LicenseInfo, Option, Source
-from facegen.errors import UsageError
-from facegen.fileio import sha256_file
+from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError, sha256_file
+# this source's format is facegen's own output folder (its layout and records, as published)
 from facegen.layout import LICENSE
 from facegen.layout.records import Curation, RecordError
 from facegen.published import PublishedDataset
-from facegen.records import SourceImage, Skip
 
 BIBTEX_BLOCK = re.compile(r"```bibtex\n(.*?)\n```", re.DOTALL)
 OWNED_FIELDS = ("identity", "source", "source_ref")  # set by the new build's shard writer
@@ -35,7 +33,8 @@ class FacegenSource(Source):
     name = "facegen"
     description = "A facegen dataset (folder or Hub id ORG/NAME): identities, images and json as they were"
     options = {
-        "curation": Option(None, "JSON file written by `facegen curate`: identities and samples to leave out"),
+        "curation": Option(None, "JSON file written by `facegen curate`: identities and samples to leave out",
+                           provenance_file="curation.json"),
     }
     columns = {
         "json.parent_cls": "the sample's label in the parent dataset",
@@ -56,6 +55,7 @@ class FacegenSource(Source):
         self.license = self._parent_license()
         self.citation = self._parent_citation()
         name = self.dataset.name
+        self.dataset_name = f"{name} (facegen dataset)"  # the licence table names the parent, not this plugin
         self.homepage = f"https://huggingface.co/datasets/{name}" if self.dataset.repo_id or "/" in name else ""
         self.card_description = (
             f"The facegen dataset **{name}**, read back from its shards: its identities, images (bytes as "

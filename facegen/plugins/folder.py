@@ -9,9 +9,7 @@ import re
 
 from datasets import Value
 
-from facegen.api import Source
-from facegen.errors import UsageError
-from facegen.records import SourceImage, Skip, printable_name
+from facegen.api import Skip, Source, SourceImage, UsageError, printable_name
 
 log = logging.getLogger("facegen.folder")
 

@@ -34,8 +34,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from facegen.api import LicenseInfo, Option, Source, to_bool, to_list
-from facegen.errors import UsageError
+from facegen.api import (
+    LicenseInfo,
+    Option,
+    Skip,
+    Source,
+    SourceImage,
+    UsageError,
+    printable_name,
+    to_bool,
+    to_list,
+)
 from facegen.generators.landmarks import (
     SFHQ_LEFT_EYE,
     SFHQ_MOUTH_LEFT,
@@ -51,7 +60,6 @@ from facegen.generators.landmarks import (
     warp,
 )
 from facegen.generators.safe_pickle import UnsafePickleError, load_array_dict
-from facegen.records import SourceImage, Skip, printable_name
 
 log = logging.getLogger("facegen.sfhq")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import facegen
 from facegen import registry
-from facegen.api import Source, Transform
+from facegen.api import Source, Transform, declared_paths
 from facegen.builders.engine.outputs import NO_SPACE, abspath, discard_partial_files, no_space_message
 from facegen.builders.engine.skipped import gather_skipped
 from facegen.builders.engine.tars import check_lock
@@ -27,6 +27,7 @@ from facegen.layout.records import (
     LayoutRecord,
     LicenseRecord,
     ModelRecord,
+    PathOptionRecord,
     PlanRecord,
     PluginRecord,
     RunOptions,
@@ -168,9 +169,14 @@ def _plugin_record(plugin: Source | Transform, kind: str) -> PluginRecord:
         version=version,
         license=None if lic is None else LicenseRecord(id=lic.id, name=lic.name, link=lic.link, text=lic.text,
                                                        commercial_use=lic.commercial_use, note=lic.note),
-        options=json_safe(plugin.opts), columns=dict(plugin.columns), provenance=json_safe(plugin.provenance()),
-        synthetic=getattr(plugin, "synthetic", None),  # the card calls images synthetic only when stated
+        options=json_safe(plugin.opts), columns=plugin.column_descriptions(),
+        provenance=json_safe(plugin.provenance()),
+        synthetic=plugin.synthetic,  # the card calls images synthetic only when stated
+        # what cards, publish and --from-card hide, publish and ask again (never known by the option's name)
+        path_options={name: PathOptionRecord(**declared) for name, declared in declared_paths(plugin).items()},
+        dataset_name=(plugin.dataset_name or plugin.name) if isinstance(plugin, Source) else None,
         models=[ModelRecord(**json_safe(vars(m))) for m in plugin.models()] if isinstance(plugin, Transform) else [],
+        copies_source_images=plugin.copies_source_images if isinstance(plugin, Transform) else None,
     )
 
 

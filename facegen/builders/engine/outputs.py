@@ -20,10 +20,9 @@ from facegen.layout import (
     LOCK_FILES,
     OUTPUT_FILES,
     SHARD_FILE,
-    SHIFT_FILE,
     OutputFolder,
 )
-from facegen.layout.records import BuildSignature, RecordError
+from facegen.layout.records import BuildSignature, RecordError, load_run
 
 NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file too large for a file-size limit (ulimit -f)"}
@@ -92,6 +91,17 @@ def _names(names: list[str]) -> str:
     return shown + (" is" if len(names) == 1 else " are")
 
 
+def _recorded_provenance(out: Path) -> list[str]:
+    """The provenance files the previous build's card copies (the identity list, the plugins' declared files)."""
+    from facegen.cards.public import provenance_files
+
+    try:
+        run = load_run(out)
+    except UsageError:  # no run.json (an interrupted build): its card was never written
+        return []
+    return [rel for rel, _, _ in provenance_files(run)]
+
+
 def remove_facegen_outputs(out: Path) -> None:
     """What --overwrite removes: only the files a build writes, never anything else in the folder."""
     from facegen.cards.card import written_by_facegen
@@ -100,7 +110,7 @@ def remove_facegen_outputs(out: Path) -> None:
     for name in OUTPUT_FILES:  # before .facegen/, which holds the record of what facegen wrote
         if written_by_facegen(out, name):
             (out / name).unlink()
-    for rel in (CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE):  # the rebuild inputs the card copies (only those)
+    for rel in {CHECKSUMS_FILE, IDENTITIES_FILE, *_recorded_provenance(out)}:  # the rebuild inputs the card copies
         folder.file(rel).unlink(missing_ok=True)
     if folder.provenance_dir.is_dir() and not any(folder.provenance_dir.iterdir()):
         folder.provenance_dir.rmdir()

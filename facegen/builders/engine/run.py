@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facegen import registry
-from facegen.api import Source, Transform
+from facegen.api import Source, Transform, check_provenance_files
 from facegen.builders.engine.finish import Summary, finish
 from facegen.builders.engine.images import VERIFY_LEVELS
 from facegen.builders.engine.lock import output_lock
@@ -129,6 +129,7 @@ class Build:
         state = state or distributed_state()
         source = source_cls(options.source_path, **options.source_opts)
         transform = transform_cls(**options.plugin_opts)
+        check_provenance_files(source, transform)
         try:
             plan = make_plan(source.identities(), options.shard_size, options.identities_file,
                              options.limit_identities)
@@ -136,10 +137,10 @@ class Build:
             raise UsageError(empty_plan_message(source.name, options.source_path, source_cls.description)) \
                 from None
         samples = SampleFormat(options.format or transform.output_format(source), source.name,
-                               tuple(getattr(transform, "quality_fields", ())), options.verify,
+                               tuple(transform.quality_fields), options.verify,
                                lossy_allowed=options.format == "jpg")
         return cls(options, out, OutputFolder(out), state, source, transform, Models(transform, state.device), plan,
-                   samples, bool(getattr(transform, "per_image", False)),
+                   samples, bool(transform.per_image),
                    sha256_file(options.identities_file) if options.identities_file else None)
 
     @property

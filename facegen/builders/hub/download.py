@@ -1,9 +1,9 @@
 """Verified, resumable downloads of a source's published files (``facegen download SOURCE``).
 
-A source class that can be downloaded declares, as plain data (so plugins need not import this module):
+A source class that can be downloaded declares it (``facegen.api``; plugins never import this module):
 
     download_url = "https://host/path/"                  # base URL; a file's URL is base + name
-    download_files = [{"name": "part1.zip", "size": 123, "sha256": "ab…"}, …]   # size/sha256 may be None
+    download_files = [DownloadFile("part1.zip", size=123, sha256="ab…"), …]   # size/sha256 may be None
 
 For each file: the licence is shown first and must be accepted; the file streams into a hidden partial file
 ``.NAME.part`` next to its final place, with a progress bar; an interrupted transfer resumes from the partial
@@ -22,13 +22,13 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 import facegen
+from facegen.api import DownloadFile, Source
 from facegen.errors import FacegenError, UsageError
 from facegen.fileio import sha256_file
 
@@ -44,22 +44,14 @@ class Interrupted(Exception):
     """The transfer stopped early; what arrived is kept in the partial file."""
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str
-    size: int | None = None
-    sha256: str | None = None
+def remote_files(source_cls: type[Source]) -> list[DownloadFile]:
+    if not source_cls.download_files or not source_cls.download_url:
+        raise UsageError(f"source {source_cls.name!r} has no download; fetch its files from its homepage and pass "
+                         "the folder as --source-path")
+    return list(source_cls.download_files)
 
 
-def remote_files(source_cls: type) -> list[RemoteFile]:
-    files = getattr(source_cls, "download_files", None)
-    if not files or not getattr(source_cls, "download_url", None):
-        raise UsageError(f"source {getattr(source_cls, 'name', source_cls)!r} has no download; fetch its files "
-                         "from its homepage and pass the folder as --source-path")
-    return [RemoteFile(f["name"], f.get("size"), f.get("sha256")) for f in files]
-
-
-def select_files(files: Sequence[RemoteFile], names: Sequence[str] | None) -> list[RemoteFile]:
+def select_files(files: Sequence[DownloadFile], names: Sequence[str] | None) -> list[DownloadFile]:
     """The files named (with or without their extension), in the order given; None or empty means all."""
     if not names:
         return list(files)
@@ -78,11 +70,10 @@ def select_files(files: Sequence[RemoteFile], names: Sequence[str] | None) -> li
     return chosen
 
 
-def license_notice(source_cls: type) -> str:
-    lic = getattr(source_cls, "license", None)
-    name = getattr(source_cls, "name", "this source")
+def license_notice(source_cls: type[Source]) -> str:
+    lic, name = source_cls.license, source_cls.name
     if lic is None:
-        return f"{name}: no licence is declared; check its homepage {getattr(source_cls, 'homepage', '')}"
+        return f"{name}: no licence is declared; check its homepage {source_cls.homepage}"
     lines = [f"{name} is licensed under: {lic.name or lic.id}"]
     if lic.link:
         lines.append(f"  {lic.link}")
@@ -107,7 +98,7 @@ def check_zip(path: Path) -> str | None:
     return None if bad is None else f"member {bad!r} fails its CRC"
 
 
-def _fetch(url: str, partial: Path, remote: RemoteFile, timeout: float, progress: bool) -> None:
+def _fetch(url: str, partial: Path, remote: DownloadFile, timeout: float, progress: bool) -> None:
     """Append the missing bytes to ``partial`` (Range from its length); raise Interrupted on a short transfer."""
     have = partial.stat().st_size if partial.exists() else 0
     if remote.size is not None and have > remote.size:
@@ -162,7 +153,7 @@ def _fetch(url: str, partial: Path, remote: RemoteFile, timeout: float, progress
             raise Interrupted(f"connection closed at byte {received} of {total}")
 
 
-def verify(partial: Path, remote: RemoteFile, progress: bool) -> None:
+def verify(partial: Path, remote: DownloadFile, progress: bool) -> None:
     """Size and sha256 where published, zip CRCs otherwise; a failing file is moved aside (never resumed)."""
     size = partial.stat().st_size
     problem = None
@@ -181,7 +172,7 @@ def verify(partial: Path, remote: RemoteFile, progress: bool) -> None:
                             "rerun to download it again")
 
 
-def download_file(base_url: str, directory: Path, remote: RemoteFile, retries: int = 3, timeout: float = 60.0,
+def download_file(base_url: str, directory: Path, remote: DownloadFile, retries: int = 3, timeout: float = 60.0,
                   progress: bool = True, echo: Callable[[str], Any] = print, backoff: float = 1.0) -> Path:
     """Download, verify and place one file; returns its final path. Resumes a partial file left by a rerun."""
     final = directory / remote.name
@@ -222,7 +213,7 @@ def download_file(base_url: str, directory: Path, remote: RemoteFile, retries: i
 
 
 def download_source(
-    source_cls: type,
+    source_cls: type[Source],
     directory: str | os.PathLike,
     parts: Sequence[str] | None = None,
     base_url: str | None = None,
@@ -241,7 +232,7 @@ def download_source(
     files = select_files(remote_files(source_cls), parts)
     echo(license_notice(source_cls))
     if not accept_license:
-        question = f"Do you accept the licence of {getattr(source_cls, 'name', 'this source')}?"
+        question = f"Do you accept the licence of {source_cls.name}?"
         if confirm is None:
             raise UsageError("the licence must be accepted first: pass --accept-license (or answer yes when run "
                              "in a terminal)")

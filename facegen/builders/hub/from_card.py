@@ -3,8 +3,13 @@ the rebuild is the same.
 
 What a card carries (see ``facegen.cards.card.facegen_record``): the build options with local paths replaced by
 placeholders, the plan's sha256, the models as they were loaded (Hub commit, or a folder name and each weight file's
-sha256), and the list of published ``provenance/`` files (the identity list, the shift Δ, the shards' checksums).
-A local build folder with ``.facegen/run.json`` is read from that record instead (it holds the same, unscrubbed).
+sha256), and the list of published ``provenance/`` files (the identity list, the files plugins declared such as the
+shift Δ, the shards' checksums). A local build folder with ``.facegen/run.json`` is read from that record instead
+(it holds the same, unscrubbed).
+
+A card's value for an option the plugin declared a path (``facegen.api.Option(path=True)``) is never used: the
+rebuild gets the published copy (``provenance_file``), the path given again on the command line, or leaves the
+option out (``optional_on_rebuild``); the plugin is asked through the registry, never known here by name.
 
 After the rebuild, :func:`compare` reports in one line what differs: the plan (the source's identities), a model, or
 the shards' bytes (the source files, or a GPU's float16 arithmetic).
@@ -21,16 +26,10 @@ from typing import Any
 
 import yaml
 
+from facegen import registry
 from facegen.errors import UsageError
 from facegen.hub_ids import dataset_id
-from facegen.layout import (
-    CHECKSUMS_FILE,
-    IDENTITIES_FILE,
-    PUBLISHED_CURATION_FILE,
-    README,
-    SHIFT_FILE,
-    OutputFolder,
-)
+from facegen.layout import CHECKSUMS_FILE, IDENTITIES_FILE, README, OutputFolder, published_provenance
 from facegen.layout.records import RunRecord, load_run, load_shard_stats
 
 REBUILT_OPTIONS = ("source", "source_path", "source_opts", "plugin", "plugin_opts", "limit_identities",
@@ -48,6 +47,7 @@ class CardRecord:
     models: list[dict] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)  # shard path -> XXH3-128
     files: dict[str, str] = field(default_factory=dict)  # provenance path -> local file
+    local: bool = False  # a build's own run.json on this machine: its paths are this machine's, not placeholders
 
 
 def _is_placeholder(value: Any) -> bool:
@@ -79,7 +79,7 @@ def _from_folder(folder: Path, where: str) -> CardRecord:
     if run_path.is_file():  # the build's own record: same facts, paths unscrubbed
         run = load_run(folder)
         record = CardRecord(where, dataclasses.asdict(run.options), dataclasses.asdict(run.plan),
-                            [dataclasses.asdict(m) for m in run.transform.models])
+                            [dataclasses.asdict(m) for m in run.transform.models], local=True)
         record.checksums = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(folder)}
         for rel, local, _ in _provenance(run):
             if not Path(os.path.expanduser(local)).is_file() and (folder / rel).is_file():
@@ -135,14 +135,9 @@ def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
 
 
 def _use_provenance(record: CardRecord) -> None:
-    """Options that named a published provenance file now name its local copy."""
+    """The identity list named by the card now names its local copy (the plugins' files: :func:`build_values`)."""
     if IDENTITIES_FILE in record.files:
         record.options["identities_file"] = record.files[IDENTITIES_FILE]
-    if SHIFT_FILE in record.files:
-        record.options["plugin_opts"] = {**(record.options.get("plugin_opts") or {}), "shift": record.files[SHIFT_FILE]}
-    if PUBLISHED_CURATION_FILE in record.files:
-        record.options["source_opts"] = {**(record.options.get("source_opts") or {}),
-                                         "curation": record.files[PUBLISHED_CURATION_FILE]}
 
 
 def read_card(spec: str, revision: str | None = None) -> CardRecord:
@@ -169,16 +164,34 @@ def build_values(record: CardRecord, given: dict[str, Any]) -> dict[str, Any]:
             values[key] = value
     if _is_placeholder(values.get("source_path")):
         raise UsageError(f"the card's build read {values['source_path']}: pass --source-path with your copy")
-    for key in ("source_opts", "plugin_opts"):
+    for key, kind, plugin, flag in (("source_opts", "source", "source", "--source-opt"),
+                                    ("plugin_opts", "transform", "plugin", "--plugin-opt")):
         opts = dict(values.get(key) or {})
+        given_names = set(given.get(key) or {})
+        declared = _path_options(kind, values.get(plugin))
         for name, value in list(opts.items()):
-            if name == "model_dir" and value == "<model folder>":
-                opts.pop(name)  # the models come from the Hub at the card's revisions instead
-            elif _is_placeholder(value):
-                flag = "--source-opt" if key == "source_opts" else "--plugin-opt"
-                raise UsageError(f"the card's build used a local file for {name} ({value}): pass {flag} {name}=PATH")
+            if name in given_names or value in (None, ""):
+                continue
+            option = declared.get(name)
+            published = published_provenance(option.provenance_file) if option and option.provenance_file else None
+            if published and published in record.files:
+                opts[name] = record.files[published]  # the copy published with the card
+            elif record.local:
+                continue  # the build's own run.json on this machine: the path it used
+            elif option is not None and option.optional_on_rebuild:
+                opts.pop(name)  # the plugin does the same without it (e.g. the models from the Hub)
+            elif option is not None or _is_placeholder(value):
+                shown = f" ({value})" if _is_placeholder(value) else ""
+                raise UsageError(f"the card's build used a local file for {name}{shown}: pass {flag} {name}=PATH")
         values[key] = opts
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _path_options(kind: str, name: str | None) -> dict:
+    """The options the card's ``kind`` plugin declares as local paths (``facegen.api.Option(path=True)``)."""
+    if not name:
+        return {}
+    return {n: option for n, option in registry.get(kind, name).options.items() if option.path}
 
 
 def _loaded_key(model: dict) -> tuple:

@@ -35,14 +35,12 @@ from facegen.layout import (
     CHECKSUMS_FILE,
     DATA_DIR,
     FACEGEN_DIR,
-    IDENTITIES_FILE,
     INFO,
     LICENSE,
     PLOTS_DIR,
     PREVIEW,
     PROVENANCE_DIR,
     README,
-    SHIFT_FILE,
     OutputFolder,
 )
 from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats
@@ -360,17 +358,19 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
     _check_links(out, problems)
     _check_shards(out, run, problems, verify, counted)
     _check_info(out, counted, problems)
-    _check_upload_files(out, problems)
+    _check_upload_files(out, run, problems)
     if not problems:  # loading is slow and pointless when the files are already known to be wrong
         _check_loads(out, run, problems)
     return problems
 
 
-def _check_upload_files(out: Path, problems: list[str]) -> None:
+def _check_upload_files(out: Path, run: RunRecord, problems: list[str]) -> None:
     """Publish sends regular files of the build only: no symbolic link (it could point anywhere on this machine),
-    and under provenance/ only the rebuild inputs the card writes there."""
+    and under provenance/ only the rebuild inputs the card writes there (the identity list, the shards' checksums
+    and the files the build's plugins declared)."""
+    from facegen.cards.public import provenance_files
 
-    known = {CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE}
+    known = {CHECKSUMS_FILE, *(rel for rel, _, _ in provenance_files(run))}
     for f in files_to_upload(out):
         path = out / f.path
         parts = Path(f.path).parts

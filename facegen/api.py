@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from facegen.errors import UsageError
 from facegen.records import Identity, IdentityResult, SourceImage, Skip
+from facegen.messages import warn  # what a plugin tells the person running it: never print or logging
 
 
 def to_bool(value: Any) -> bool:

@@ -62,7 +62,7 @@ from facegen.builders.engine.writer import (
     write_atomic,
 )
 from facegen.builders.engine.skipped import gather_skipped
-from facegen.errors import SampleError, UsageError
+from facegen.errors import OutOfSpace, SampleError, UsageError
 from facegen.layout import INFO, OutputFolder, shard_number
 from facegen.records import Identity, SourceImage, Skip
 
@@ -606,7 +606,7 @@ class Builder:
                 if exc.errno not in NO_SPACE:
                     raise
                 discard_partial_files(self.out)
-                raise UsageError(self._no_space_message(exc)) from None
+                raise OutOfSpace(self._no_space_message(exc)) from None
 
     def _run(self) -> Summary | None:
         state = self.state

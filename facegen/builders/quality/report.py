@@ -45,7 +45,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
@@ -60,6 +59,7 @@ from facegen.layout import (
     WORST_IDENTITIES_PLOT,
     OutputFolder,
 )
+from facegen.messages import info
 from facegen.published import PublishedDataset
 
 DEFAULTS = {
@@ -560,12 +560,11 @@ class ReportPlace:
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
                dedup: float | None = None, min_similarity: float | None = None, against: str | None = None,
                batch_size: int = 64, progress: bool = True, card: bool = True,
-               echo: Callable[[str], Any] | None = None, report_dir: str | os.PathLike | None = None) -> dict:
+               report_dir: str | os.PathLike | None = None) -> dict:
     """Compute (or reuse the embeddings of) the report of the facegen dataset ``out`` (a folder or a Hub id);
     write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours)."""
     from facegen.published import parse_hub_id
 
-    echo = echo or (lambda line: None)
     if not Path(out).is_dir():
         if parse_hub_id(str(out)) is None:
             raise UsageError(f"{out} is neither a folder nor a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
@@ -608,7 +607,7 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
 
         write_card(dataset.root)
     for line in summary_lines(report, place):
-        echo(line)
+        info(line)
     return report
 
 

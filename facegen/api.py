@@ -14,7 +14,8 @@ recorded it in ``.facegen/run.json`` (:func:`declared_paths`):
   (``provenance_file=NAME``: copied beside the card and handed back to the option by ``--from-card``);
 - card metadata: licence (:class:`LicenseInfo`), citation, models (:class:`ModelInfo`), column descriptions
   (:meth:`Plugin.column_descriptions`), the transform's per-image quality fields (``Transform.quality_fields``);
-- a source's published download (``Source.download_url`` and :class:`DownloadFile` entries).
+- a source's published download (``Source.download_url`` and :class:`DownloadFile` entries);
+- what a plugin tells the person running it: ``warn(line)`` (``facegen.messages``), never print or logging.
 
 The records live in ``facegen.records``, the exceptions in ``facegen.errors`` and the streamed file hash
 (``sha256_file``, for a plugin that records a file it read) in ``facegen.fileio`` (the run engine and the command
@@ -31,12 +32,13 @@ from typing import Any, Callable
 from facegen.errors import SampleError, UsageError
 from facegen.fileio import sha256_file
 from facegen.layout import PROVENANCE_NAME, is_plugin_provenance, published_provenance
+from facegen.messages import warn  # what a plugin tells the person running it: never print or logging
 from facegen.records import Face, Identity, IdentityResult, SourceImage, Skip, printable_name
 
 __all__ = [
     "DownloadFile", "Face", "Identity", "IdentityResult", "LicenseInfo", "ModelInfo", "Option", "Plugin",
     "SampleError", "Skip", "Source", "SourceImage", "Transform", "UsageError", "check_provenance_files",
-    "declared_paths", "parse_options", "printable_name", "sha256_file", "to_bool", "to_list",
+    "declared_paths", "parse_options", "printable_name", "sha256_file", "to_bool", "to_list", "warn",
 ]
 
 

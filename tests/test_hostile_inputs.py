@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
+from facegen import messages
 from facegen.builders.engine.writer import SHARD, SampleFormat, TarWriter
 from facegen.layout import OutputFolder
 from facegen.plugins.digiface import MAX_IDENTITY_BYTES, DigiFaceSource, overlapping_members, read_central_directory
@@ -315,17 +316,16 @@ def test_disco_huge_dataset_links_and_odd_minor_in_one_build(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_folder_names_that_are_not_utf8_are_counted_skips(tmp_path, capsys, caplog):
+def test_folder_names_that_are_not_utf8_are_counted_skips(tmp_path, capsys):
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
     os.rename(src / "1", src / non_utf8_name("person_"))
     (src / "2" / non_utf8_name("2", b"\xfe\xff.png")).write_bytes((src / "2" / "0.png").read_bytes())
     out = tmp_path / "out"
-    with caplog.at_level("WARNING", logger="facegen.folder"):
-        code, _, err = run_cli(["build", "--source", "folder", "--source-path", src, "--plugin", "passthrough",
-                                "--out", out], capsys)
+    code, _, err = run_cli(["build", "--source", "folder", "--source-path", src, "--plugin", "passthrough",
+                            "--out", out], capsys)
     assert code == 0, err
-    assert "1 identity folder name(s) are not UTF-8" in caplog.text and "person_\\xff" in caplog.text
-    assert "skipped 2/2\\xfe\\xff.png: the file name is not UTF-8" in caplog.text
+    assert "1 identity folder name(s) are not UTF-8" in err and "person_\\xff" in err  # warnings, on stderr
+    assert "skipped 2/2\\xfe\\xff.png: the file name is not UTF-8" in err
     assert skipped(out) == {"name not UTF-8": 2}
     assert {f["ref"] for f in failures(out)} == {"person_\\xff/", "2/2\\xfe\\xff.png"}
     rows = load_rows(out)
@@ -351,22 +351,22 @@ def test_shard_writer_turns_an_unencodable_name_into_a_skip_and_always_writes_st
     assert {f["ref"] for f in stats.failures} == {"id_\\xff/0.png", "id_\\xff/1.png"}
 
 
-def test_sfhq_folder_that_is_not_utf8_is_a_skip_with_a_warning(tmp_path, caplog):
+def test_sfhq_folder_that_is_not_utf8_is_a_skip_with_a_warning(tmp_path):
     root = write_sfhq_source(tmp_path / "sfhq", images_per_part=3, size=96, sample_folder=False)
     image = next(root.rglob(f"{sfhq_name(1, 1)}.jpg"))
     odd = root / "synthetic-faces-high-quality-sfhq-part-1" / non_utf8_name("extra")
     odd.mkdir()
     image.rename(odd / image.name)
-    with caplog.at_level("WARNING", logger="facegen.sfhq"):
+    with messages.captured() as said:
         source = SFHQSource(root, extras="")
-    assert "1 folder(s) with a name that is not UTF-8" in caplog.text
+    assert [m.level for m in said] == [messages.WARNING] and "1 folder(s) with a name that is not UTF-8" in said[0].text
     [skip] = source.load(sfhq_name(1, 1))
     assert isinstance(skip, Skip) and skip.reason == "name not UTF-8"
     assert skip.ref == "synthetic-faces-high-quality-sfhq-part-1/extra\\xff/SFHQ_pt1_00000001.jpg"
     assert isinstance(source.load(sfhq_name(1, 0))[0], SourceImage)
 
 
-def test_digiface_names_that_are_not_utf8_are_ignored_with_a_warning(tmp_path, caplog):
+def test_digiface_names_that_are_not_utf8_are_ignored_with_a_warning(tmp_path):
     src = tmp_path / "digiface"
     write_digiface_part(src, ids=[0], images_per_identity=2, form="folder")
     os.rename(src / "0", src / "7")
@@ -376,8 +376,9 @@ def test_digiface_names_that_are_not_utf8_are_ignored_with_a_warning(tmp_path, c
                                   name="wrapped")
     os.rename(wrapper, src / non_utf8_name("wrapped"))
     write_zip_with_non_utf8_name(src / "names.zip", {"9/0.png": face_png(9, 0)}, b"9/1\xff.png", face_png(9, 1))
-    with caplog.at_level("WARNING", logger="facegen.digiface"):
+    with messages.captured() as said:
         source = DigiFaceSource(src)
+    assert [m.text for m in said] == source.warnings
     assert source.identities() == ["5", "7", "9"]
     assert [i.ref for i in source.load("5")] == ["wrapped\\xff/5/0.png", "wrapped\\xff/5/1.png"]
     assert [i.ref for i in source.load("9")] == ["names.zip:9/0.png"]
@@ -389,13 +390,14 @@ def test_digiface_names_that_are_not_utf8_are_ignored_with_a_warning(tmp_path, c
 
 
 @pytest.mark.parametrize("minor", ["zero", np.array([0, 1])], ids=["string", "array"])
-def test_disco_minor_that_is_not_an_integer_is_a_warning(tmp_path, caplog, minor):
+def test_disco_minor_that_is_not_an_integer_is_a_warning(tmp_path, minor):
     root = write_disco_source(tmp_path / "disco", identities=2, augmentations=2, stats=False, command=False)
     with h5py.File(root / "samples.h5", "a") as h5:
         h5.attrs["minor"] = minor
-    with caplog.at_level("WARNING", logger="facegen.disco"):
+    with messages.captured() as said:
         source = DiscoSource(root)
-    assert "attribute 'minor' is" in caplog.text and "not an integer; ignored" in caplog.text
+    (warning,) = [m.text for m in said if m.level == messages.WARNING]
+    assert "attribute 'minor' is" in warning and "not an integer; ignored" in warning
     assert source.provenance()["samples_h5"]["minor"] is None
     assert all(isinstance(i, SourceImage) for i in source.load("00000"))
 

@@ -249,3 +249,54 @@ def test_overwrite_removes_the_units_of_an_earlier_build(tmp_path, capsys, ident
     assert code == 0, err
     assert sorted(p.name for p in (out / ".facegen" / "units").glob("*.tar")) == ["000000.tar", "000001.tar"]
     assert datasets.load_dataset(str(out), split="train").num_rows == 12
+
+
+# --- the reporter (facegen.messages): the one way library code speaks ---
+
+
+def test_the_reporter_says_information_on_stdout_and_warnings_on_stderr_or_collects_them(capsys):
+    import threading
+
+    from facegen import messages
+    from facegen.messages import INFO, WARNING, Message
+
+    messages.info("wrote 3 shards")
+    messages.warn("folder: 1 identity folder name is not UTF-8")
+    assert capsys.readouterr() == ("wrote 3 shards\n", "folder: 1 identity folder name is not UTF-8\n")
+    with messages.captured() as outer:
+        messages.info("a")
+        with messages.captured() as inner:
+            thread = threading.Thread(target=messages.warn, args=("from a loader thread",))  # plugins load there
+            thread.start()
+            thread.join()
+        messages.info("c")
+    assert outer == [Message(INFO, "a"), Message(INFO, "c")] and inner == [Message(WARNING, "from a loader thread")]
+    assert capsys.readouterr() == ("", "")
+
+
+def test_library_code_speaks_only_through_the_reporter():
+    """No print, logging, sys.stdout/sys.stderr or `echo` callbacks in facegen/, except in the command line (cli.py)
+    and the reporter (messages.py); progress bars are tqdm's."""
+    import ast
+    from pathlib import Path
+
+    import facegen
+
+    root = Path(facegen.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent == root and path.name in ("cli.py", "messages.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                found.append(f"{where} print()")
+            elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "logging" for a in node.names) or (
+                    isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "logging"):
+                found.append(f"{where} logging")
+            elif isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "sys":
+                found.append(f"{where} sys.{node.attr}")
+            elif isinstance(node, ast.arg) and node.arg == "echo":
+                found.append(f"{where} an echo parameter")
+    assert found == []

@@ -14,7 +14,7 @@ opened lazily, once per process (every process of a run constructs its own sourc
 
 Members are never used as paths (nothing is extracted). Members with unsafe names (absolute, ``..``), folders with
 non-numeric names and other unexpected entries are ignored and reported: one warning line per zip/folder and kind,
-logged at construction (``facegen.digiface`` logger), kept in ``source.warnings`` and in the run's provenance.
+said at construction (``facegen.api.warn``), kept in ``source.warnings`` and in the run's provenance.
 A member whose bytes fail their CRC becomes a ``Skip`` ("corrupt zip member"); a zip whose central directory
 cannot be read (truncated download) is a ``UsageError`` naming the file.
 
@@ -25,7 +25,6 @@ a per-member and a per-identity bound before anything is inflated.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import struct
@@ -39,9 +38,8 @@ from typing import Any
 import numpy as np
 from datasets import Value
 
-from facegen.api import DownloadFile, LicenseInfo, Option, Skip, Source, SourceImage, UsageError, printable_name
-
-log = logging.getLogger("facegen.digiface")
+from facegen.api import (DownloadFile, LicenseInfo, Option, Skip, Source, SourceImage, UsageError, printable_name,
+                         warn)
 
 # The eight published parts: (file stem, first id, last id, images per identity).
 PUBLISHED_PARTS = [
@@ -520,7 +518,7 @@ class DigiFaceSource(Source):
         self._ids = self._select(sorted(self._where, key=lambda i: (int(i), i)))
         if os.environ.get("RANK", "0") == "0":  # every process builds the index; one of them tells
             for line in self.warnings:
-                log.warning(line)
+                warn(line)
         self._fds: dict[int, int] = {}
         self._fd_pid = os.getpid()
         self._fd_lock = threading.Lock()

@@ -18,7 +18,6 @@ or in ``reference_path`` (the Langevin ensemble folder).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -27,9 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError
-
-log = logging.getLogger("facegen.disco")
+from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError, warn
 
 MAGIC = "synthetics_collection"
 MAJOR = 2
@@ -202,8 +199,8 @@ class DiscoSource(Source):
             raise UsageError(f"source 'disco': {self.samples_path} holds no /<identity:05d>/ groups")
         if self.broken_links and os.environ.get("RANK", "0") == "0":
             first = next(iter(sorted(self.broken_links)))
-            log.warning(f"disco: {len(self.broken_links)} identity group(s) of samples.h5 are broken links and are "
-                        f"skipped (e.g. /{first}: {self.broken_links[first]})")
+            warn(f"disco: {len(self.broken_links)} identity group(s) of samples.h5 are broken links and are "
+                 f"skipped (e.g. /{first}: {self.broken_links[first]})")
         self.include_reference = self._decide_reference(first_labels)
         self._h5 = None
         self._h5_pid = None
@@ -249,7 +246,7 @@ class DiscoSource(Source):
             shown = _text(minor) if not isinstance(minor, np.ndarray) or minor.size <= 8 else f"an array {minor.shape}"
             header["minor_unreadable"] = shown[:80]
             if os.environ.get("RANK", "0") == "0":
-                log.warning(f"disco: samples.h5 attribute 'minor' is {shown[:80]!r}, not an integer; ignored")
+                warn(f"disco: samples.h5 attribute 'minor' is {shown[:80]!r}, not an integer; ignored")
         return header
 
     def _decide_reference(self, first_labels: list[str]) -> bool:
@@ -364,7 +361,7 @@ class DiscoSource(Source):
             ref = f"{identity_id}/{label}"
             if kind == "broken":
                 problem = link_problem(group, label)
-                log.warning(f"disco: samples.h5 /{ref} is skipped: {problem}")
+                warn(f"disco: samples.h5 /{ref} is skipped: {problem}")
                 items.append(Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}: {problem}"))
                 continue
             sample = self._read_sample(group[label], ref)
@@ -398,7 +395,7 @@ class DiscoSource(Source):
         for name, dim in (("embedding", EMBEDDING_DIM), ("w_latent", LATENT_DIM)):
             problem = link_problem(group, name) if name in group else None
             if problem:
-                log.warning(f"disco: samples.h5 /{ref}/{name} is skipped: {problem}")
+                warn(f"disco: samples.h5 /{ref}/{name} is skipped: {problem}")
                 return Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}/{name}: {problem}")
             dataset = group.get(name)
             if dataset is None:

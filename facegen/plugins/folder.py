@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 
 from datasets import Value
 
-from facegen.api import Skip, Source, SourceImage, UsageError, printable_name
-
-log = logging.getLogger("facegen.folder")
+from facegen.api import Skip, Source, SourceImage, UsageError, printable_name, warn
 
 IMAGE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 
@@ -74,8 +71,8 @@ class FolderSource(Source):
                              "bytes are written as \\xNN; rename them")
         bad = [i for i, n in names.items() if i != n]
         if bad and os.environ.get("RANK", "0") == "0":
-            log.warning(f"folder: {len(bad)} identity folder name(s) are not UTF-8; their images are skipped "
-                        f"(e.g. {', '.join(bad[:3])})")
+            warn(f"folder: {len(bad)} identity folder name(s) are not UTF-8; their images are skipped "
+                 f"(e.g. {', '.join(bad[:3])})")
         return names
 
     def _files(self, identity_id: str) -> list[str]:
@@ -111,7 +108,7 @@ class FolderSource(Source):
             file_name = files[index]
             ref = f"{identity_id}/{file_name}"
             if printable_name(file_name) != file_name:
-                log.warning(f"folder: skipped {printable_name(ref)}: the file name is not UTF-8")
+                warn(f"folder: skipped {printable_name(ref)}: the file name is not UTF-8")
                 items.append(Skip(printable_name(ref), "name not UTF-8", "file name is not UTF-8"))
                 continue
             try:

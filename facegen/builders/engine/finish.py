@@ -21,7 +21,7 @@ from facegen.builders.engine.outputs import NO_SPACE, abspath, discard_partial_f
 from facegen.builders.engine.skipped import gather_skipped
 from facegen.builders.engine.tars import check_lock
 from facegen.builders.engine.work import Published
-from facegen.errors import UsageError
+from facegen.errors import OutOfSpace, UsageError
 from facegen.layout import INFO, OutputFolder
 from facegen.layout.records import (
     LayoutRecord,
@@ -126,7 +126,7 @@ def finish(build, published: Published, lock, started: float) -> Summary:
         if exc.errno not in NO_SPACE:
             raise
         discard_partial_files(build.out)
-        raise UsageError(no_space_message(build.out, exc, None, None, None)) from None
+        raise OutOfSpace(no_space_message(build.out, exc, None, None, None)) from None
     return summary
 
 

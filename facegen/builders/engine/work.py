@@ -29,7 +29,7 @@ from facegen.builders.engine.outputs import NO_SPACE, discard_partial_files, no_
 from facegen.builders.engine.tars import CutShort, TarFiles, commit_each, filled
 from facegen.builders.engine.writer import SHARD, UNIT, ImageInfo, TarWriter
 from facegen.builders.plan import identity_seed, sample_order, shard_bounds
-from facegen.errors import SampleError, UsageError
+from facegen.errors import OutOfSpace, SampleError, UsageError
 from facegen.layout.records import SampleIndex
 from facegen.records import Identity, SourceImage, Skip
 
@@ -67,7 +67,7 @@ class Step:
             if error.errno not in NO_SPACE:
                 raise
             discard_partial_files(self.build.out)
-            raise UsageError(self.no_space(error, exc if isinstance(exc, CutShort) else None)) from None
+            raise OutOfSpace(self.no_space(error, exc if isinstance(exc, CutShort) else None)) from None
 
     def work(self):
         raise NotImplementedError

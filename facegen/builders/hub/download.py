@@ -23,21 +23,17 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
 import facegen
 from facegen.api import DownloadFile, Source
-from facegen.errors import FacegenError, UsageError
+from facegen.errors import RemoteError, UsageError
 from facegen.fileio import sha256_file
+from facegen.messages import info, warn
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
-
-
-class DownloadError(FacegenError):
-    """A download that failed or did not verify (network, server, checksum): one line, non-zero exit."""
 
 
 class Interrupted(Exception):
@@ -120,7 +116,7 @@ def _fetch(url: str, partial: Path, remote: DownloadFile, timeout: float, progre
             raise Interrupted(f"server refused to resume from byte {have}; starting over") from None
         if exc.code in RETRYABLE_HTTP:
             raise Interrupted(f"HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason} (check --base-url)") from None
+        raise RemoteError(f"{url}: HTTP {exc.code} {exc.reason} (check --base-url)") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, DNS, timeout, reset
         reason = getattr(exc, "reason", exc)
         raise Interrupted(f"cannot reach {urllib.parse.urlsplit(url).netloc}: {reason}") from None
@@ -128,15 +124,15 @@ def _fetch(url: str, partial: Path, remote: DownloadFile, timeout: float, progre
         if have and response.status == 206:
             start = (response.headers.get("Content-Range") or "").removeprefix("bytes ").partition("-")[0]
             if start != str(have):
-                raise DownloadError(f"{url}: server resumed at byte {start or '?'} instead of {have}")
+                raise RemoteError(f"{url}: server resumed at byte {start or '?'} instead of {have}")
             mode = "ab"
         else:  # 200: the whole file (a server that ignores Range sends it all again)
             have, mode = 0, "wb"
         length = response.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else remote.size
         if remote.size is not None and total is not None and total != remote.size:
-            raise DownloadError(f"{url}: server offers {total} bytes, the published file has {remote.size} "
-                                "(check --base-url)")
+            raise RemoteError(f"{url}: server offers {total} bytes, the published file has {remote.size} "
+                              "(check --base-url)")
         with open(partial, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                             unit_divisor=1024, desc=remote.name, disable=not progress) as bar:
             while True:
@@ -168,20 +164,20 @@ def verify(partial: Path, remote: DownloadFile, progress: bool) -> None:
     if problem:
         bad = partial.with_name(f".{remote.name}.failed")
         os.replace(partial, bad)
-        raise DownloadError(f"{remote.name}: {problem}; the download was kept as {bad} and will not be used; "
-                            "rerun to download it again")
+        raise RemoteError(f"{remote.name}: {problem}; the download was kept as {bad} and will not be used; "
+                          "rerun to download it again")
 
 
 def download_file(base_url: str, directory: Path, remote: DownloadFile, retries: int = 3, timeout: float = 60.0,
-                  progress: bool = True, echo: Callable[[str], Any] = print, backoff: float = 1.0) -> Path:
+                  progress: bool = True, backoff: float = 1.0) -> Path:
     """Download, verify and place one file; returns its final path. Resumes a partial file left by a rerun."""
     final = directory / remote.name
     partial = directory / f".{remote.name}.part"
     if final.exists():
         if remote.size is not None and final.stat().st_size != remote.size:
-            raise DownloadError(f"{final} exists with {final.stat().st_size} bytes, the published file has "
-                                f"{remote.size}; move it away and rerun")
-        echo(f"{remote.name}: already present (verified when it was downloaded), skipped")
+            raise UsageError(f"{final} exists with {final.stat().st_size} bytes, the published file has "
+                             f"{remote.size}; move it away and rerun")
+        info(f"{remote.name}: already present (verified when it was downloaded), skipped")
         return final
     url = urllib.parse.urljoin(base_url if base_url.endswith("/") else base_url + "/", remote.name)
     attempt = 0
@@ -190,17 +186,17 @@ def download_file(base_url: str, directory: Path, remote: DownloadFile, retries:
             _fetch(url, partial, remote, timeout, progress)
             break
         except OSError as exc:  # writing the partial file: disk full, permissions
-            raise DownloadError(f"{remote.name}: cannot write {partial}: {exc.strerror or exc}; free space or fix "
-                                "it, then rerun to resume") from None
+            raise UsageError(f"{remote.name}: cannot write {partial}: {exc.strerror or exc}; free space or fix "
+                             "it, then rerun to resume") from None
         except Interrupted as exc:
             attempt += 1
             if attempt > retries:
                 if partial.exists():
-                    raise DownloadError(f"{remote.name}: {exc}; {partial.stat().st_size} bytes kept in {partial}: "
-                                        "rerun the same command to resume") from None
-                raise DownloadError(f"{remote.name}: {exc}; nothing was downloaded: rerun the same command when "
-                                    "the server can be reached") from None
-            echo(f"{remote.name}: {exc}; resuming (retry {attempt} of {retries})")
+                    raise RemoteError(f"{remote.name}: {exc}; {partial.stat().st_size} bytes kept in {partial}: "
+                                      "rerun the same command to resume") from None
+                raise RemoteError(f"{remote.name}: {exc}; nothing was downloaded: rerun the same command when "
+                                  "the server can be reached") from None
+            warn(f"{remote.name}: {exc}; resuming (retry {attempt} of {retries})")
             time.sleep(backoff * min(2 ** (attempt - 1), 30))
     try:
         verify(partial, remote, progress)
@@ -208,7 +204,7 @@ def download_file(base_url: str, directory: Path, remote: DownloadFile, retries:
             os.fsync(f.fileno())
         os.replace(partial, final)  # only now, verified, does the file get its name
     except OSError as exc:
-        raise DownloadError(f"{remote.name}: cannot verify or place {partial}: {exc.strerror or exc}") from None
+        raise UsageError(f"{remote.name}: cannot verify or place {partial}: {exc.strerror or exc}") from None
     return final
 
 
@@ -222,7 +218,6 @@ def download_source(
     retries: int = 3,
     timeout: float = 60.0,
     progress: bool = True,
-    echo: Callable[[str], Any] = print,
 ) -> list[Path]:
     """Download the chosen files of ``source_cls`` into ``directory`` after the licence is accepted.
 
@@ -230,7 +225,7 @@ def download_source(
     UsageError telling to pass --accept-license).
     """
     files = select_files(remote_files(source_cls), parts)
-    echo(license_notice(source_cls))
+    info(license_notice(source_cls))
     if not accept_license:
         question = f"Do you accept the licence of {source_cls.name}?"
         if confirm is None:
@@ -247,9 +242,8 @@ def download_source(
     done = []
     for remote in files:
         present = (directory / remote.name).exists()
-        done.append(download_file(base, directory, remote, retries=retries, timeout=timeout, progress=progress,
-                                  echo=echo))
+        done.append(download_file(base, directory, remote, retries=retries, timeout=timeout, progress=progress))
         if not present:
             check = "size and sha256" if remote.sha256 else "zip CRCs" if remote.name.endswith(".zip") else "size"
-            echo(f"{remote.name}: downloaded and verified ({check}): {done[-1]}")
+            info(f"{remote.name}: downloaded and verified ({check}): {done[-1]}")
     return done

@@ -23,13 +23,12 @@ import os
 import re
 import shlex
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 
-from facegen.errors import FacegenError, UsageError
+from facegen.errors import CheckFailed, RemoteError, UsageError
 from facegen.hub_ids import check_repo_name
 from facegen.layout import (
     CHECKSUMS_FILE,
@@ -44,6 +43,7 @@ from facegen.layout import (
     OutputFolder,
 )
 from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats
+from facegen.messages import info
 from facegen.tarfiles import list_members
 
 # report/: the plots of `facegen report` (report.json itself stays in .facegen/)
@@ -57,10 +57,6 @@ LAST_FILES = [README, INFO]
 # must not load old and new samples together).
 SYNCED_FOLDERS = [f"{DATA_DIR}/**", f"{PROVENANCE_DIR}/**"]
 PROBLEMS_SHOWN = 30
-
-
-class PublishError(FacegenError):
-    """The Hub refused or failed (network, permissions): one line, token masked, exit code 1."""
 
 
 @dataclass
@@ -466,8 +462,8 @@ def hf_upload_command(repo_id: str, out_dir, private: bool = False, revision: st
 
 
 def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run: bool = False,
-            token: str | None = None, endpoint: str | None = None, gating: bool = True, verify: str = "full",
-            echo: Callable[[str], None] = print) -> PublishResult:
+            token: str | None = None, endpoint: str | None = None, gating: bool = True, verify: str = "full"
+            ) -> PublishResult:
     """Check ``out_dir`` and upload it to the dataset repo ``repo_id`` (see the module docstring).
 
     ``gating``: for data that is not free to use (non-commercial, research-only, undeclared), the card carries the
@@ -484,13 +480,13 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     branch = revision or constants.DEFAULT_REVISION
 
     # 1. local checks; refuse with every problem found
-    echo(f"checking {out} …" + (" (every image decoded)" if verify == "full" else " (images not decoded)"))
+    info(f"checking {out} …" + (" (every image decoded)" if verify == "full" else " (images not decoded)"))
     problems = check_folder(out, verify)
     if problems:
         shown = problems[:PROBLEMS_SHOWN]
         more = f"\n  … and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
-        raise UsageError(f"refusing to publish {out_dir}: {len(problems)} problem(s):\n  - "
-                         + "\n  - ".join(shown) + more)
+        raise CheckFailed(f"refusing to publish {out_dir}: {len(problems)} problem(s):\n  - "
+                          + "\n  - ".join(shown) + more)
 
     token_value, token_source = resolve_token(token)
     if token_value is None and not dry_run:
@@ -503,7 +499,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     named = PLACEHOLDER_REPO not in readme.read_text(encoding="utf-8") and settings.get("repo_id") == repo_id
     if not dry_run and (not named or settings.get("gating", True) != gating):
         write_card(out, repo_id=repo_id, gating=gating)
-        echo(f"README.md: loading examples name {repo_id}" + ("" if gating else "; no access form (--no-gating)"))
+        info(f"README.md: loading examples name {repo_id}" + ("" if gating else "; no access form (--no-gating)"))
     from facegen.cards.card import expected_licence, needs_gating
 
     # what the card carries after this publish (a dry run leaves it as it is, so ask the inputs)
@@ -514,22 +510,22 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     result = PublishResult(repo_id=repo_id, revision=branch, files=upload, dry_run=dry_run)
     hub = (endpoint or constants.ENDPOINT).rstrip("/")
     visibility = "private" if private else "public, unless the repo exists or its owner defaults to private"
-    echo(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility}"
+    info(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility}"
          + (", gated: users accept the terms first)" if gated else ")"))
-    echo(f"token: {token_source}")
-    echo(f"{len(upload)} files, {result.total_bytes:,} bytes (README.md and _info.json last):")
+    info(f"token: {token_source}")
+    info(f"{len(upload)} files, {result.total_bytes:,} bytes (README.md and _info.json last):")
     for f in upload:
-        echo(f"  {f.path}  ({f.size:,} bytes)")
+        info(f"  {f.path}  ({f.size:,} bytes)")
     if dry_run:
         if gated:  # before any upload, or the research-only files are public until the gate goes on
-            echo("first create the repo and turn its gate on: python -c 'from huggingface_hub import HfApi; "
+            info("first create the repo and turn its gate on: python -c 'from huggingface_hub import HfApi; "
                  f"api = HfApi(); api.create_repo(\"{repo_id}\", repo_type=\"dataset\", exist_ok=True"
                  f"{', private=True' if private else ''}); "
                  f"api.update_repo_settings(\"{repo_id}\", gated=\"auto\", repo_type=\"dataset\")'")
-        echo("same upload with the hf CLI (huggingface_hub >= 1.0)" + (", after that" if gated else "") + ": "
+        info("same upload with the hf CLI (huggingface_hub >= 1.0)" + (", after that" if gated else "") + ": "
              + hf_upload_command(repo_id, out_dir, private, revision))
-        echo("with huggingface_hub 0.x: " + " && ".join(legacy_upload_commands(repo_id, out_dir, private, revision)))
-        echo("dry run: nothing was uploaded")
+        info("with huggingface_hub 0.x: " + " && ".join(legacy_upload_commands(repo_id, out_dir, private, revision)))
+        info("dry run: nothing was uploaded")
         return result
 
     # 4. repository (and branch) and its gate, then the resumable uploads: data first, the card last
@@ -540,24 +536,21 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
             api.update_repo_settings(repo_id, gated="auto", repo_type="dataset")
         if branch != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True)
-        info = None
+        commit = None
         for step, (allow, deletes) in enumerate(((_first_patterns(), SYNCED_FOLDERS), (LAST_FILES, [])), 1):
             count = len(files_to_upload(out, allow))
             if not count and not deletes:
                 continue
             # huggingface_hub >= 1.20 with hf_xet: a streamed pipeline of several commits, resumed by a rerun
-            info = api.upload_folder(
+            commit = api.upload_folder(
                 repo_id=repo_id, repo_type="dataset", folder_path=str(out), revision=branch,
                 allow_patterns=allow, ignore_patterns=list(IGNORE_PATTERNS), delete_patterns=deletes or None,
                 commit_message=(f"facegen: dataset files ({count})" if step == 1 else "facegen: dataset card"),
-            ) or info
-    except KeyboardInterrupt:
-        echo("interrupted: rerun the same command to resume the upload (files already committed are skipped)")
-        raise
+            ) or commit
     except Exception as exc:  # HfHubHTTPError, network errors…: one masked line, and how to resume
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PublishError(mask(f"upload to {repo_id} failed: {type(exc).__name__}: {message}; rerun the same "
-                                "command to resume (files already committed are skipped)", token_value)) from None
-    result.commit_url = getattr(info, "commit_url", None)
-    echo(f"published: {hub}/datasets/{repo_id}" + (f" (commit {result.commit_url})" if result.commit_url else ""))
+        raise RemoteError(mask(f"upload to {repo_id} failed: {type(exc).__name__}: {message}; rerun the same "
+                               "command to resume (files already committed are skipped)", token_value)) from None
+    result.commit_url = getattr(commit, "commit_url", None)
+    info(f"published: {hub}/datasets/{repo_id}" + (f" (commit {result.commit_url})" if result.commit_url else ""))
     return result

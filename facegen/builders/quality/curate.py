@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 from facegen.builders.engine.options import BuildConfig
 from facegen.errors import UsageError
 from facegen.fileio import atomic_write
 from facegen.layout import OutputFolder
 from facegen.layout.records import Curation, QualityReport, RecordError
+from facegen.messages import info
 from facegen.published import PublishedDataset
 
 
@@ -134,13 +134,11 @@ def _write_curation(path: Path, curation: Curation) -> None:
 
 def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
            dedup: float | None = None, min_similarity: float | None = None, min_images: int = 1,
-           batch_size: int = 64, overwrite: bool = False, progress: bool = True, command: list[str] | None = None,
-           echo: Callable[[str], Any] | None = None):
+           batch_size: int = 64, overwrite: bool = False, progress: bool = True, command: list[str] | None = None):
     """Curate the facegen dataset in folder ``out`` into the new dataset ``new``; returns (curation, summary)."""
     from facegen.builders.quality.report import run_report
     from facegen.builders.engine.run import build
 
-    echo = echo or (lambda line: None)
     if min_images < 1:
         raise UsageError("--min-images must be at least 1")
     from facegen.published import hub_dataset
@@ -157,14 +155,14 @@ def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, det
     if new_path.exists() and not new_path.is_dir():
         raise UsageError(f"--out {new} is a file, not a folder")
     report = run_report(source_path, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
-                        min_similarity=min_similarity, batch_size=batch_size, progress=progress, echo=echo,
+                        min_similarity=min_similarity, batch_size=batch_size, progress=progress,
                         report_dir=report_dir)
     dataset = PublishedDataset(source_path)
     curation = decide(dataset, report, min_images)
     counts = curation.counts
     if counts["identities_kept"] == 0:
         raise UsageError("curation would remove every identity; nothing to build (lower --min-images?)")
-    echo(f"curate: keeping {counts['identities_kept']} of {len(dataset.identities)} identities; removing "
+    info(f"curate: keeping {counts['identities_kept']} of {len(dataset.identities)} identities; removing "
          f"{counts['near_duplicate']} near-duplicate identities, {counts['too_few_images']} with fewer than "
          f"{min_images} images, {counts['outlier']} outlier samples")
     curation_path = _prepare_new(new_path, curation, overwrite)

@@ -45,7 +45,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
@@ -63,6 +62,7 @@ from facegen.layout import (
     OutputFolder,
 )
 from facegen.layout.records import QualityReport, ReportSettings
+from facegen.messages import info
 from facegen.published import PublishedDataset
 
 DEFAULTS = {
@@ -551,13 +551,11 @@ class ReportPlace:
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
                dedup: float | None = None, min_similarity: float | None = None, against: str | None = None,
                batch_size: int = 64, progress: bool = True, card: bool = True,
-               echo: Callable[[str], Any] | None = None,
                report_dir: str | os.PathLike | None = None) -> QualityReport:
     """Compute (or reuse the embeddings of) the report of the facegen dataset ``out`` (a folder or a Hub id);
     write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours)."""
     from facegen.published import hub_dataset
 
-    echo = echo or (lambda line: None)
     if hub_dataset(out) is not None:
         if report_dir is None:
             raise UsageError(f"{out} is a Hub dataset: pass --out DIR, a local folder for report.json and the "
@@ -592,7 +590,7 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
 
         write_card(dataset.root)
     for line in summary_lines(report, place):
-        echo(line)
+        info(line)
     return report
 
 

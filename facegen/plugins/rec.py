@@ -235,14 +235,16 @@ class RecSource(Source):
         if size > MAX_LIST_BYTES:
             raise UsageError(f"source 'rec': {name} has {size} bytes, over the {MAX_LIST_BYTES} bytes limit")
         try:
-            table = pd.read_csv(self.list_path, sep="\t", header=None, names=["index", "path"],
-                                dtype={"index": np.int64, "path": str}, quoting=csv.QUOTE_NONE, engine="c",
-                                keep_default_na=False, na_filter=False, encoding="utf-8")
+            table = pd.read_csv(self.list_path, sep="\t", header=None, index_col=None, dtype={0: np.int64, 1: str},
+                                quoting=csv.QUOTE_NONE, engine="c", keep_default_na=False, na_filter=False,
+                                encoding="utf-8")
         except (ValueError, OverflowError, UnicodeDecodeError, pd.errors.ParserError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UsageError(f"source 'rec': {name} is not index<TAB>path lines ({first[:200]})") from None
-        indices = table["index"].to_numpy(np.int64)
-        paths = table["path"].tolist()
+        if table.shape[1] != 2:
+            raise UsageError(f"source 'rec': {name} is not index<TAB>path lines ({table.shape[1]} fields on a line)")
+        indices = table[0].to_numpy(np.int64)
+        paths = table[1].tolist()
         if len(np.unique(indices)) != len(indices):
             raise UsageError(f"source 'rec': {name} lists an index more than once")
         listed = self._offset_of(indices) >= 0

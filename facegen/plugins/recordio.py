@@ -169,13 +169,15 @@ def read_idx(path: str | os.PathLike, max_bytes: int = MAX_IDX_BYTES) -> tuple[n
     if size == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
     try:
-        table = pd.read_csv(path, sep="\t", header=None, names=["key", "offset"], dtype=np.int64, engine="c",
+        table = pd.read_csv(path, sep="\t", header=None, index_col=None, dtype=np.int64, engine="c",
                             na_filter=False, skip_blank_lines=True)
     except (ValueError, OverflowError, pd.errors.ParserError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise IdxError(f"not key<TAB>offset lines ({first[:200]})") from None
-    keys = table["key"].to_numpy(np.int64)
-    offsets = table["offset"].to_numpy(np.int64)
+    if table.shape[1] != 2:
+        raise IdxError(f"not key<TAB>offset lines ({table.shape[1]} fields on a line)")
+    keys = table[0].to_numpy(np.int64)
+    offsets = table[1].to_numpy(np.int64)
     if len(keys) and (keys.min() < 0 or offsets.min() < 0):
         raise IdxError("a negative key or offset")
     ordered = np.sort(keys)

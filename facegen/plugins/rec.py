@@ -94,7 +94,9 @@ class RecSource(Source):
         self._fd_pid = os.getpid()
         self._fd_lock = threading.Lock()
         self._index_keys, self._index_offsets = keys, offsets
+        self.records_in_index = len(keys)
         self._sorted = np.argsort(keys, kind="stable")
+        self._sorted_keys = keys[self._sorted]
         self.warnings: list[str] = []
         self.unplaced: Counter = Counter()  # reason -> records left out of the plan
         self._unplaced_examples: dict[str, list[str]] = defaultdict(list)
@@ -109,11 +111,14 @@ class RecSource(Source):
             grouped = self._plan_face()
         else:
             grouped = self._plan_plain(keys)
+        del keys, offsets
         self._ids = list(grouped)
         rows = [grouped[i] for i in self._ids]
         self._bounds = dict(zip(self._ids, _bounds([len(r) for r in rows])))
         self._keys = np.concatenate(rows).astype(np.int64) if rows else np.empty(0, np.int64)
         self._offsets = self._offset_of(self._keys)
+        # what planning alone needed: each process keeps only the planned records' keys and offsets
+        del self._index_keys, self._index_offsets, self._sorted, self._sorted_keys
         if self.layout == "list":
             self._row_paths = [self._paths[k] for k in self._keys.tolist()]
         for reason, count in sorted(self.unplaced.items()):
@@ -179,13 +184,20 @@ class RecSource(Source):
 
     def _offset_of(self, keys: np.ndarray) -> np.ndarray:
         """The .idx offset of each key, -1 where the .idx does not list it."""
-        ordered = self._index_keys[self._sorted]
+        ordered = self._sorted_keys
         at = np.searchsorted(ordered, keys)
         found = at < len(ordered)
         found[found] = ordered[at[found]] == keys[found]
         offsets = np.full(len(keys), -1, np.int64)
         offsets[found] = self._index_offsets[self._sorted[at[found]]]
         return offsets
+
+    def _offset(self, key: int) -> int:
+        """The .idx offset of one key, -1 when the .idx does not list it."""
+        at = int(np.searchsorted(self._sorted_keys, key))
+        if at < len(self._sorted_keys) and int(self._sorted_keys[at]) == key:
+            return int(self._index_offsets[self._sorted[at]])
+        return -1
 
     def _leave_out(self, reason: str, key: int) -> None:
         self.unplaced[reason] += 1
@@ -194,7 +206,7 @@ class RecSource(Source):
 
     def _header(self, key: int):
         """The IRHeader of record ``key`` (RecordError when it cannot be read)."""
-        offset = int(self._offset_of(np.array([key], np.int64))[0])
+        offset = self._offset(key)
         if offset < 0:
             raise RecordError("record missing from the index", f"key {key} is not in the .idx")
         return read_header(self._fd(), offset, self.file_size)
@@ -210,13 +222,13 @@ class RecSource(Source):
             return "list"
         if layout != "auto":
             return layout
-        if int(self._offset_of(np.array([0], np.int64))[0]) < 0:
+        if self._offset(0) < 0:
             return "plain"
         return "face" if _is_header_record(*self._record_zero()) else "plain"
 
     def _record_zero(self):
         """Record 0's header and the size of its image (insightface's header record has none)."""
-        offset = int(self._offset_of(np.array([0], np.int64))[0])
+        offset = self._offset(0)
         try:
             if offset < 0:
                 raise RecordError("record missing from the index", "key 0 is not in the .idx")
@@ -279,11 +291,14 @@ class RecSource(Source):
             raise UsageError(f"source 'rec': {self.rec_name}: record 0 declares {first_identity - 1} images and "
                              f"{end_identity - first_identity} identity records, but the .idx lists only "
                              f"{len(self._index_keys)} records")
-        runs: list[tuple[int, int, int]] = []  # (class, start, end)
-        covered = np.zeros(first_identity, bool)  # image keys 1..N covered by a run (index 0 unused)
-        for key in range(first_identity, end_identity):
+        fd, size = self._fd(), self.file_size
+        identity_keys = np.arange(first_identity, end_identity, dtype=np.int64)
+        ranges: list[tuple[int, int, int]] = []  # (start, end, identity record key)
+        for key, offset in zip(identity_keys.tolist(), self._offset_of(identity_keys).tolist()):
             try:
-                record = self._header(key)
+                if offset < 0:
+                    raise RecordError("record missing from the index", f"key {key} is not in the .idx")
+                record = read_header(fd, offset, size)
             except RecordError as exc:
                 self._leave_out(f"identity record unreadable: {exc.reason}", key)
                 continue
@@ -294,10 +309,15 @@ class RecSource(Source):
             if not 1 <= start < end <= first_identity:
                 self._leave_out("identity record with a range outside the images", key)
                 continue
+            ranges.append((start, end, key))
+        runs: list[tuple[int, int, int]] = []  # (class, start, end)
+        covered = np.zeros(first_identity, bool)  # image keys 1..N covered by a run (index 0 unused)
+        first_offsets = self._offset_of(np.array([r[0] for r in ranges], np.int64)).tolist()
+        for (start, end, key), first_offset in zip(ranges, first_offsets):
             if covered[start:end].any():
                 self._leave_out("identity record overlapping another", key)
                 continue
-            cls = self._run_class(start, end)
+            cls = self._run_class(start, end, first_offset)
             if cls is None:
                 continue
             covered[start:end] = True
@@ -318,11 +338,14 @@ class RecSource(Source):
             self._classes[str(cls)] = cls
         return identities
 
-    def _run_class(self, start: int, end: int) -> int | None:
+    def _run_class(self, start: int, end: int, first_offset: int) -> int | None:
         """The class of an identity record's run: the label of its first image whose header is readable."""
         for key in range(start, end):
             try:
-                cls = label_class(self._header(key))
+                if key == start and first_offset >= 0:
+                    cls = label_class(read_header(self._fd(), first_offset, self.file_size))
+                else:
+                    cls = label_class(self._header(key))
             except RecordError:
                 continue
             if cls is not None:
@@ -423,7 +446,7 @@ class RecSource(Source):
         return {
             "file": self.rec_name,
             "layout": self.layout,
-            "records_in_index": int(len(self._index_keys)),
+            "records_in_index": self.records_in_index,
             "identities": len(self._ids),
             "images": int(len(self._keys)),
             "property": self.property,

@@ -54,6 +54,7 @@ REC_NAMES = ("train.rec", "file.rec")  # insightface, DCFace
 LIST_NAME = "list.txt"  # DCFace
 MAX_LIST_BYTES = 1 << 30
 WARNING_EXAMPLES = 3
+FLOAT32_EXACT = 1 << 24  # float32 holds every integer up to 2^24: record 0's labels are exact below that
 
 
 class RecSource(Source):
@@ -291,6 +292,8 @@ class RecSource(Source):
             raise UsageError(f"source 'rec': {self.rec_name}: record 0 declares {first_identity - 1} images and "
                              f"{end_identity - first_identity} identity records, but the .idx lists only "
                              f"{len(self._index_keys)} records")
+        if end_identity > FLOAT32_EXACT:
+            return self._plan_face_by_image_labels(first_identity)
         fd, size = self._fd(), self.file_size
         identity_keys = np.arange(first_identity, end_identity, dtype=np.int64)
         ranges: list[tuple[int, int, int]] = []  # (start, end, identity record key)
@@ -338,6 +341,20 @@ class RecSource(Source):
             self._classes[str(cls)] = cls
         return identities
 
+    def _plan_face_by_image_labels(self, first_identity: int) -> dict[str, np.ndarray]:
+        """Record 0 past 2^24 (Glint360K's 17 M images): float32 rounds its labels and the identity records' ranges
+        (to even, off by one or more), so each image record's own header gives its class instead; records without
+        an image (the identity records, where the rounded boundary may fall) are not images."""
+        spacing = max(1, int(np.spacing(np.float32(first_identity))))
+        keys = self._sorted_keys[(self._sorted_keys >= 1) & (self._sorted_keys < first_identity + spacing)]
+        self.warnings.append(f"rec: {self.rec_name}: record 0's labels are past 2^24, where float32 rounds them: "
+                             f"each of the {len(keys)} image records' own label is read instead")
+        identities = {}
+        for cls, rows in sorted(self._classes_of(keys, images_only=True).items()):
+            identities[str(cls)] = rows
+            self._classes[str(cls)] = cls
+        return identities
+
     def _run_class(self, start: int, end: int, first_offset: int) -> int | None:
         """The class of an identity record's run: the label of its first image whose header is readable."""
         for key in range(start, end):
@@ -361,18 +378,22 @@ class RecSource(Source):
             self._classes[str(cls)] = cls
         return identities
 
-    def _classes_of(self, keys: np.ndarray) -> dict[int, np.ndarray]:
-        """Class -> keys (in the given order), from one header read per record; unreadable ones are left out."""
+    def _classes_of(self, keys: np.ndarray, images_only: bool = False) -> dict[int, np.ndarray]:
+        """Class -> keys (in the given order), from one header read per record; unreadable ones are left out, and
+        with ``images_only`` records that hold no image (insightface's header records) are passed over."""
         fd, size = self._fd(), self.file_size
         classes = np.full(len(keys), -1, np.int64)
         for row, (key, offset) in enumerate(zip(keys.tolist(), self._offset_of(keys).tolist())):
             try:
                 if offset < 0:
                     raise RecordError("record missing from the index", "")
-                cls = label_class(read_header(fd, offset, size))
+                header = read_header(fd, offset, size)
             except RecordError as exc:
                 self._leave_out(f"label unreadable: {exc.reason}", key)
                 continue
+            if images_only and header.image_size == 0:
+                continue
+            cls = label_class(header)
             if cls is None:
                 self._leave_out("label is not a class number", key)
                 continue

@@ -61,6 +61,12 @@ class Header:
     labels: tuple[float, ...]
     id: int
     id2: int
+    payload_size: int = -1  # bytes of the whole payload (header, labels, image), when known
+
+    @property
+    def image_size(self) -> int:
+        """Bytes of the image after the header and labels (0 for insightface's header and identity records)."""
+        return self.payload_size - self.size
 
     @property
     def size(self) -> int:
@@ -239,19 +245,21 @@ def read_record(fd: int, offset: int, file_size: int, max_bytes: int = MAX_RECOR
     raise RecordError("bad record framing", f"more than {MAX_CHUNKS} chunks in the record at offset {offset}")
 
 
-def unpack_header(payload: bytes | memoryview) -> Header:
-    """The IRHeader at the start of ``payload``; a flag that declares more labels than the payload holds is a
-    RecordError, found before any label is read."""
+def unpack_header(payload: bytes | memoryview, payload_size: int | None = None) -> Header:
+    """The IRHeader at the start of ``payload`` (the start of a payload of ``payload_size`` bytes, by default all
+    of it); a flag that declares more labels than the payload holds is a RecordError, found before any label is
+    read."""
+    size = len(payload) if payload_size is None else payload_size
     if len(payload) < IR_HEADER.size:
         raise RecordError("bad record header", f"a payload of {len(payload)} bytes holds no IRHeader")
     flag, label, id_, id2 = IR_HEADER.unpack_from(payload)
     if flag == 0:
-        return Header(0, (label,), id_, id2)
-    if IR_HEADER.size + 4 * flag > len(payload):
+        return Header(0, (label,), id_, id2, size)
+    if IR_HEADER.size + 4 * flag > min(size, len(payload)):
         raise RecordError("bad record header",
-                          f"the header declares {flag} labels, more than the {len(payload)} bytes of the record hold")
+                          f"the header declares {flag} labels, more than the {size} bytes of the record hold")
     labels = struct.unpack_from(f"<{flag}f", payload, IR_HEADER.size)
-    return Header(flag, labels, id_, id2)
+    return Header(flag, labels, id_, id2, size)
 
 
 def unpack(payload: bytes) -> tuple[Header, bytes]:
@@ -283,7 +291,7 @@ def read_header(fd: int, offset: int, file_size: int) -> Header:
             raise RecordError("bad record header",
                               f"the header declares {flag} labels, more than the {length} bytes of the record hold")
         if IR_HEADER.size + 4 * flag <= len(payload):
-            return unpack_header(payload)
+            return unpack_header(payload, length)
     return unpack_header(read_record(fd, offset, file_size))
 
 

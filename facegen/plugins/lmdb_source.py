@@ -8,7 +8,7 @@ keys), ``__len__`` and ``__classnum__``. Its reader (``data/data_loader_train_lm
 
 ``--source-opt mask=FILE.npy`` selects HSFace100K/200K from the 300K set, as Vec2Face's README says ("the first 100k
 and 200k folders in the HSFace300k … use the indices mask"). What a mask is, from that reader
-(``data/data_loader_train_lmdb.py`` at b8c42fe, lines 47-50 and 66-68): ``self.mask = np.load(mask)``,
+(``data/data_loader_train_lmdb.py`` at b8c42fe, lines 47-50 and 66-73): ``self.mask = np.load(mask)``,
 ``self.length = len(self.mask)``, and ``__getitem__`` does ``index = self.mask[index]`` before
 ``txn.get(self.keys[index])``: an **integer index array of positions in ``__keys__``** (not a boolean mask: a
 boolean array there would read ``keys[True]`` = ``keys[1]``). Vec2Face's ``scripts/small_portion_training_mask.py``

@@ -122,6 +122,7 @@ class RecSource(Source):
         del self._index_keys, self._index_offsets, self._sorted, self._sorted_keys
         if self.layout == "list":
             self._row_paths = [self._paths[k] for k in self._keys.tolist()]
+            self._paths = {}
         for reason, count in sorted(self.unplaced.items()):
             examples = ", ".join(self._unplaced_examples[reason])
             self.warnings.append(f"rec: {self.rec_name}: left out {count} record{'s' if count != 1 else ''} "

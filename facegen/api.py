@@ -25,6 +25,7 @@ line use them too); they are re-exported here so that a plugin needs no other fa
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -38,7 +39,8 @@ from facegen.records import Face, Identity, IdentityResult, SourceImage, Skip, p
 __all__ = [
     "DownloadFile", "Face", "Identity", "IdentityResult", "LicenseInfo", "ModelInfo", "Option", "Plugin",
     "SampleError", "Skip", "Source", "SourceImage", "Transform", "UsageError", "check_provenance_files",
-    "declared_paths", "parse_options", "printable_name", "sha256_file", "to_bool", "to_list", "warn",
+    "declared_paths", "natural_key", "parse_options", "printable_name", "sha256_file", "sniff_image", "to_bool",
+    "to_list", "warn",
 ]
 
 
@@ -60,6 +62,21 @@ def to_list(value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [str(v).strip() for v in value if str(v).strip()]
     return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def natural_key(name: str):
+    """Sort key that puts 2 before 10 ("img2" < "img10"): the order sources list numbered folders and files in."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def sniff_image(data: bytes) -> str | None:
+    """``jpg`` or ``png`` from an encoded image's first bytes, else None (a container that stores images without
+    naming their format)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
 
 
 @dataclass

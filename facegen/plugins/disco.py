@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError, warn
+from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError, natural_key, warn
 
 MAGIC = "synthetics_collection"
 MAJOR = 2
@@ -34,11 +34,6 @@ EMBEDDING_DIM = LATENT_DIM = 512
 IDENTITY_GROUP = re.compile(r"\d{5}")
 DEFAULT_IMAGES_DIR = "images_arcface_112x112"
 MAX_IMAGE_BYTES = 16 << 20  # a published image is a ~25 KB 112x112 PNG
-
-
-def natural_key(name: str):
-    """'augmentation_2' < 'augmentation_10'."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def label_key(label: str):

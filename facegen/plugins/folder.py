@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 
 from datasets import Value
 
-from facegen.api import Skip, Source, SourceImage, UsageError, printable_name, warn
+from facegen.api import Skip, Source, SourceImage, UsageError, natural_key, printable_name, warn
 
 IMAGE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
-
-
-def natural_key(name: str):
-    """Sort key that puts 2 before 10 ("img2" < "img10")."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 class FolderSource(Source):

@@ -70,6 +70,16 @@ def encode_png(image_rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def free_device_memory(device) -> int | None:
+    """Free bytes on a CUDA device once this process's cached blocks are released; None elsewhere."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
 @dataclass
 class IdentityPlan:
     """What one identity of a call will generate: its prototype and variations (empty when it cannot)."""
@@ -192,7 +202,8 @@ class Arc2FaceTransform(Transform):
                         type=optional_str, provenance_file="shift.safetensors"),
         "shift_scale": Option(1.0, "multiplier of the shift Delta", type=float),
         "batch_size": Option(8, "identities per call (generated together)", type=positive_int),
-        "images_per_batch": Option(40, "images per UNet micro-batch (x2 with guidance)", type=positive_int),
+        "images_per_batch": Option(40, "images per UNet micro-batch (x2 with guidance); a CUDA out-of-memory "
+                                       "error names the size that fits", type=positive_int),
         "post_workers": Option(0, "threads detecting/aligning/embedding/encoding outputs while the GPU generates "
                                   "(0 = auto: 2 on CUDA, 1 on CPU)", type=int),
         "dtype": Option("auto", "model precision (auto: float16 on CUDA, float32 on CPU)",
@@ -477,10 +488,25 @@ class Arc2FaceTransform(Transform):
         for start in range(0, len(jobs), step):
             chunk = jobs[start:start + step]
             rows = torch.tensor([job.cond_row for job in chunk], device=cond.device)
-            images = self.generator.generate(cond[rows], [job.seed for job in chunk])
+            try:
+                images = self.generator.generate(cond[rows], [job.seed for job in chunk])
+            except torch.OutOfMemoryError:
+                images = None  # leaving the handler frees the failed batch's tensors before memory is read
+            if images is None:
+                raise UsageError(f"transform 'arc2face': {self._out_of_memory()}")
             pending.append(self._post.submit(self.postprocess, plans, chunk, images))
             yield from drain(block=False)
         yield from drain(block=True)
+
+    def _out_of_memory(self) -> str:
+        """The one line of a CUDA out-of-memory error: the images_per_batch that fits, from the memory table of
+        ``facegen.generators.arc2face`` (never a silent retry at a smaller size: the user sets it)."""
+        from facegen.generators.arc2face import out_of_memory_message
+
+        generator = self.generator
+        return out_of_memory_message(self.opts["images_per_batch"], generator.resolution,
+                                     str(generator.dtype).replace("torch.", ""), str(generator.device),
+                                     free_device_memory(generator.device))
 
     def plan_identities(self, batch) -> list[IdentityPlan]:
         """Source embeddings (facegen.generators.embeddings' rule, one recogniser call for the whole batch),

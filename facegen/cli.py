@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 import click
 
 from facegen.errors import CheckFailed, RemoteError, SampleError, UsageError
+from facegen.messages import count
 
 # The one mapping of facegen's errors to exit codes: 2 when the user's input, options or environment must change,
 # 1 when a check the command exists to make fails or a remote service fails.
@@ -259,11 +260,12 @@ def embed_command(source, source_path, source_opts, model_dir, detector, det_siz
     reasons: dict[str, int] = {}
     for skip in prototypes.skipped:
         reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-    click.echo(f"{len(prototypes.ids)} prototypes from {int(prototypes.num_images.sum())} images -> {out}")
+    click.echo(f"{count(len(prototypes.ids), 'prototype')} from {count(int(prototypes.num_images.sum()), 'image')} "
+               f"-> {out}")
     if reasons:
         click.echo("skipped images: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
     if prototypes.identities_without_images:
-        click.echo(f"{len(prototypes.identities_without_images)} identities without a usable image left out")
+        click.echo(f"{count(len(prototypes.identities_without_images), 'identity')} without a usable image left out")
 
 
 @main.command("select-identities")
@@ -288,13 +290,13 @@ def select_identities_command(prototypes, count, block, method, out):
             f"kept (greedy: the most similar remaining identity dropped one at a time): highest cosine similarity "
             f"to another kept identity <= {selection.threshold:.6f}")
     write_ids(out, selection, [
-        f"facegen select-identities: {len(selection.ids)} of {selection.total} identities of {prototypes}",
+        f"facegen select-identities: {len(selection.ids)} of {count(selection.total, 'identity')} of {prototypes}",
         kept,
         "order: most distinct first (facegen build keeps the source's order)",
     ])
     other = "another" if method == "one-pass" else "another kept one"
-    click.echo(f"kept {len(selection.ids)} of {selection.total} identities ({method}; highest similarity to {other} "
-               f"<= {selection.threshold:.4f}) in {selection.seconds:.1f} s -> {out}")
+    click.echo(f"kept {len(selection.ids)} of {count(selection.total, 'identity')} ({method}; highest similarity "
+               f"to {other} <= {selection.threshold:.4f}) in {selection.seconds:.1f} s -> {out}")
 
 
 @main.command("estimate-shift")
@@ -388,8 +390,8 @@ def card_command(out, repo_id, gating):
         files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.plan.shards
     if files.statistics.shards < planned:
-        click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "
-                   "those (rerun the build command to finish the rest)", err=True)
+        click.echo(f"warning: {files.statistics.shards} of {count(planned, 'planned shard')} finished; the card "
+                   "counts those (rerun the build command to finish the rest)", err=True)
     written = [README] + ([LICENSE] if files.license is not None else []) + (
         [PREVIEW] if files.preview is not None else [])
     click.echo(f"wrote {', '.join(str(Path(out) / name) for name in written)}")

@@ -1,5 +1,5 @@
 """The one way facegen's code tells a person something: :func:`info` (what happened) to stdout, :func:`warn`
-(what to know or act on) to stderr. Progress is shown by tqdm bars only, and a command's failure is an exception
+(what to know or act on) to stderr; :func:`count` writes a number with its noun ("1 shard", "3 identities"). Progress is shown by tqdm bars only, and a command's failure is an exception
 (``facegen.errors``) that the command line prints. No other module prints or logs.
 
 Lines go through ``tqdm.write``, so that they never tear a progress bar on the terminal. :func:`captured` collects
@@ -49,6 +49,22 @@ def _say(message: Message) -> None:
     stream = sys.stderr if message.level == WARNING else sys.stdout
     tqdm.write(message.text, file=stream)
     stream.flush()  # a waiting build's line must show at once, also when the stream is a pipe
+
+
+def plural(noun: str, n: int) -> str:
+    """``noun`` as it reads after the number ``n``: "shard"/"shards", "identity"/"identities", "unit of work"/"units
+    of work" (the first word takes the plural)."""
+    if n == 1:
+        return noun
+    word, space, rest = noun.partition(" ")
+    if word.endswith("y") and word[-2:-1] not in "aeiou":
+        word = word[:-1] + "ie"
+    return f"{word}s{space}{rest}"
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and its noun, plural when it must be: "1 shard", "2 shards", "0 identities"."""
+    return f"{n} {plural(noun, n)}"
 
 
 @contextmanager

@@ -42,6 +42,7 @@ from facegen.layout import (
     README,
     OutputFolder,
 )
+from facegen.messages import plural
 from facegen.layout.records import CardFilesRecord, RunRecord, ShardStats, load_run, load_shard_stats, load_unit_stats
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -74,7 +75,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.Undefined,  # records of older builds may lack optional fields: render them empty
     )
     env.filters["cell"] = lambda v: str(v if v is not None else "").replace("|", "\\|").replace("\n", " ").strip()
-    env.filters["plural"] = lambda word, n: word if n == 1 else ("identities" if word == "identity" else word + "s")
+    env.filters["plural"] = lambda word, n: plural(word, n)
     env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:,.4g}" if isinstance(v, float) else v
     return env
 

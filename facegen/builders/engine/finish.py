@@ -22,6 +22,7 @@ from facegen.builders.engine.skipped import gather_skipped
 from facegen.builders.engine.tars import check_lock
 from facegen.builders.engine.work import Published
 from facegen.errors import OutOfSpace, UsageError
+from facegen.messages import count
 from facegen.layout import INFO, OutputFolder
 from facegen.layout.records import (
     LayoutRecord,
@@ -36,10 +37,6 @@ from facegen.layout.records import (
     Totals,
     json_safe,
 )
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -81,28 +78,29 @@ class Summary:
             lines.append(f"  units of work {self.units} ({self.units_written} written now); assembling the shards "
                          f"took {self.assembly_seconds:.1f} s = {share:.0f}% of the run")
         for kind, n in sorted(self.redone.items()):
-            lines.append(f"  {n} {kind}{'s' if n != 1 else ''} failed {'their' if n != 1 else 'its'} check "
+            lines.append(f"  {count(n, kind)} failed {'their' if n != 1 else 'its'} check "
                          f"(size or XXH3-128 against its stats) and {'were' if n != 1 else 'was'} redone")
         lines.append(f"  skipped {skipped} ({self.reasons() or 'none'}){where}")
         if self.shards_written:
-            lines.append(f"  {self.images_written} images in {_count(self.shards_written, 'shard')} written now in "
-                         f"{self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
-                         + (f"; {self.images - self.images_written} images in {_count(kept, 'shard')} kept from an "
-                            "earlier run" if kept else ""))
+            lines.append(f"  {count(self.images_written, 'image')} in {count(self.shards_written, 'shard')} written "
+                         f"now in {self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
+                         + (f"; {count(self.images - self.images_written, 'image')} in {count(kept, 'shard')} kept "
+                            "from an earlier run" if kept else ""))
         elif self.units_written:  # units redone to the same bytes: the shards made from them stand
-            lines.append(f"  {_count(self.units_written, 'unit')} of work written again in {self.seconds:.1f} s; "
-                         f"all {self.shards} shards ({self.images} images) were already complete and kept")
-        else:
-            lines.append(f"  nothing to do: all {self.shards} shards ({self.images} images) were already complete "
+            lines.append(f"  {count(self.units_written, 'unit of work')} written again in {self.seconds:.1f} s; "
+                         f"all {count(self.shards, 'shard')} ({count(self.images, 'image')}) were already complete "
                          "and kept")
+        else:
+            lines.append(f"  nothing to do: all {count(self.shards, 'shard')} ({count(self.images, 'image')}) were "
+                         "already complete and kept")
         return lines
 
     def nothing_written(self) -> str:
         """The one line of a build in which no image was written."""
         if self.skipped:
-            return (f"no image was written to {self.out}: all {sum(self.skipped.values())} samples were skipped "
-                    f"({self.reasons(3)}); every skipped file is listed in {self.skipped_list}")
-        return f"no image was written to {self.out}: the {self.identities} identities of the plan hold no image"
+            return (f"no image was written to {self.out}: all {count(sum(self.skipped.values()), 'sample')} were "
+                    f"skipped ({self.reasons(3)}); every skipped file is listed in {self.skipped_list}")
+        return f"no image was written to {self.out}: the plan's {count(self.identities, 'identity')} hold no image"
 
 
 def finish(build, published: Published, lock, started: float) -> Summary:

@@ -28,6 +28,7 @@ import yaml
 
 from facegen import registry
 from facegen.errors import UsageError
+from facegen.messages import count
 from facegen.hub_ids import dataset_id
 from facegen.layout import CHECKSUMS_FILE, IDENTITIES_FILE, README, OutputFolder, published_provenance
 from facegen.layout.records import RunRecord, load_run, load_shard_stats
@@ -223,7 +224,7 @@ def compare(record: CardRecord, out: Path) -> tuple[bool, str]:
     run = load_run(out)
     plan_was, plan_now = record.plan.get("plan_sha256"), run.plan.plan_sha256
     if plan_was and plan_was != plan_now:
-        return False, (f"the source's identities differ: the plan has {run.plan.identities} identities, "
+        return False, (f"the source's identities differ: the plan has {count(run.plan.identities, 'identity')}, "
                        f"sha256 {str(plan_now)[:12]}…; the card's has {record.plan.get('identities')}, "
                        f"{plan_was[:12]}… (another source folder or source version?)")
     now_models = {_loaded_key(m): m for m in map(dataclasses.asdict, run.transform.models)}
@@ -233,10 +234,12 @@ def compare(record: CardRecord, out: Path) -> tuple[bool, str]:
             return False, difference
     shards = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(out)}
     if not record.checksums:
-        return True, f"rebuilt {len(shards)} shards; the card lists no checksums to compare with"
+        return True, f"rebuilt {count(len(shards), 'shard')}; the card lists no checksums to compare with"
     differ = sorted(p for p in set(shards) | set(record.checksums) if shards.get(p) != record.checksums.get(p))
     if differ:
         cause = ("the source files differ (the models and the plan are the same), or the build ran on a GPU in "
                  "float16, which matches only within numeric tolerance")
-        return False, f"{len(differ)} of {len(record.checksums)} shards differ from the card ({differ[0]} first): {cause}"
-    return True, f"all {len(shards)} shards are byte-identical to the card's"
+        return False, (f"{len(differ)} of {count(len(record.checksums), 'shard')} "
+                       f"{'differs' if len(differ) == 1 else 'differ'} from the card ({differ[0]} first): {cause}")
+    return True, (f"all {count(len(shards), 'shard')} {'is' if len(shards) == 1 else 'are'} byte-identical to the "
+                  "card's")

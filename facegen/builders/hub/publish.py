@@ -43,7 +43,7 @@ from facegen.layout import (
     OutputFolder,
 )
 from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats
-from facegen.messages import info
+from facegen.messages import count, info
 from facegen.tarfiles import list_members
 
 # report/: the plots of `facegen report` (report.json itself stays in .facegen/)
@@ -150,7 +150,8 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
     except OSError as exc:
         return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
     if broken:
-        return {}, (f"{len(broken)} image(s) do not decode (`load_dataset` would fail on them), first: {broken[0]}; "
+        return {}, (f"{count(len(broken), 'image')} {'does' if len(broken) == 1 else 'do'} not decode "
+                    f"(`load_dataset` would fail on {'it' if len(broken) == 1 else 'them'}), first: {broken[0]}; "
                     "rebuild with the default --verify full, which skips them")
     return {"images": images, "xxh3_128": reader.xxh3_128.hexdigest(),
             "bytes": reader.bytes_read}, None
@@ -210,7 +211,8 @@ def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = 
     indices = [s.shard for s in shards]
     missing = sorted(set(range(expected)) - set(indices))
     if missing:
-        problems.append(f"{len(missing)} of {expected} shards have no stats (not finished?): first is "
+        problems.append(f"{len(missing)} of {count(expected, 'shard')} {'has' if len(missing) == 1 else 'have'} "
+                        "no stats (not finished?): first is "
                         f"{missing[0]:06d}; rerun the build command to complete them")
     listed = set()
     totals = Counter()
@@ -233,7 +235,7 @@ def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = 
         if counted is not None:
             counted[rel] = found["images"]
         if found["images"] != stats.images:
-            problems.append(f"{rel}: {found['images']} images but its stats say {stats.images}")
+            problems.append(f"{rel}: {count(found['images'], 'image')} but its stats say {stats.images}")
     # a shard holds samples of many identities: identities are counted across the shards (or the units of work)
     totals["identities"] = summarise(shards, load_unit_stats(out), run.plan.identities).identities
     for name in ("images", "identities"):
@@ -328,7 +330,7 @@ def _check_info(out: Path, counted: dict[str, int], problems: list[str]) -> None
         problems.append(f"_info.json does not list the shard {name}")
     for name in sorted(set(listed) & set(counted)):
         if listed[name] != counted[name]:
-            problems.append(f"_info.json gives {name} {listed[name]} samples; it holds {counted[name]}")
+            problems.append(f"_info.json gives {name} {count(listed[name], 'sample')}; it holds {counted[name]}")
     if num_samples != sum(counted.values()):
         problems.append(f"_info.json: num_samples {num_samples}, the shards hold {sum(counted.values())}")
 
@@ -485,7 +487,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     if problems:
         shown = problems[:PROBLEMS_SHOWN]
         more = f"\n  … and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
-        raise CheckFailed(f"refusing to publish {out_dir}: {len(problems)} problem(s):\n  - "
+        raise CheckFailed(f"refusing to publish {out_dir}: {count(len(problems), 'problem')}:\n  - "
                           + "\n  - ".join(shown) + more)
 
     token_value, token_source = resolve_token(token)
@@ -513,7 +515,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     info(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility}"
          + (", gated: users accept the terms first)" if gated else ")"))
     info(f"token: {token_source}")
-    info(f"{len(upload)} files, {result.total_bytes:,} bytes (README.md and _info.json last):")
+    info(f"{count(len(upload), 'file')}, {result.total_bytes:,} bytes (README.md and _info.json last):")
     for f in upload:
         info(f"  {f.path}  ({f.size:,} bytes)")
     if dry_run:

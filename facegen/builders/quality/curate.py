@@ -27,7 +27,7 @@ from facegen.errors import UsageError
 from facegen.fileio import atomic_write
 from facegen.layout import OutputFolder
 from facegen.layout.records import Curation, QualityReport, RecordError
-from facegen.messages import info
+from facegen.messages import count, info
 from facegen.published import PublishedDataset
 
 
@@ -70,7 +70,7 @@ def decide(dataset: PublishedDataset, report: QualityReport, min_images: int) ->
                 other, cosine = best_pair[identity]
                 removed_identities.append({
                     "identity": identity, "reason": "near-duplicate",
-                    "detail": f"kept {keep} ({images[keep]} images) of a group of {len(group)}; cosine "
+                    "detail": f"kept {keep} ({count(images[keep], 'image')}) of a group of {len(group)}; cosine "
                               f"{cosine:.4f} to {other}"})
     gone = {r["identity"] for r in removed_identities}
     by_key = {s.key: s for s in dataset.samples}

@@ -42,6 +42,7 @@ import numpy as np
 from facegen import registry
 from facegen.api import Source
 from facegen.errors import UsageError
+from facegen.messages import plural
 from facegen.fileio import atomic_file, atomic_write
 from facegen.generators.embeddings import SourceEmbeddings, normalize
 from facegen.records import SourceImage, Skip
@@ -211,7 +212,8 @@ def _check_count(ids: Sequence[str], count: int) -> None:
     if len(ids) < 2:
         raise UsageError("selection needs at least two identities")
     if count > len(ids):
-        raise UsageError(f"--count {count} is more than the {len(ids)} identities in the prototypes file")
+        raise UsageError(f"--count {count} is more than the {len(ids)} {plural('identity', len(ids))} in the "
+                         "prototypes file")
 
 
 def select_least_similar(ids: Sequence[str], embeddings: np.ndarray, count: int, block: int = 2048) -> Selection:

@@ -62,7 +62,7 @@ from facegen.layout import (
     OutputFolder,
 )
 from facegen.layout.records import QualityReport, ReportSettings
-from facegen.messages import info
+from facegen.messages import count, info
 from facegen.published import PublishedDataset
 
 DEFAULTS = {
@@ -599,7 +599,8 @@ def summary_lines(report: QualityReport, place: ReportPlace | None = None) -> li
     consistency = s["sample_consistency"].get("median")
     separability = s["separability"].get("median")
     lines = [
-        f"facegen report ({settings.recognizer}): {d['identities']} identities, {d['samples']} samples, "
+        f"facegen report ({settings.recognizer}): {count(d['identities'], 'identity')}, "
+        f"{count(d['samples'], 'sample')}, "
         f"{d['embedded']} embedded" + (f" ({report.embedding['samples_per_second']} samples/s)"
                                        if report.embedding.get("samples_per_second") else " (reused)"),
         f"  consistency (median cosine to own prototype): "

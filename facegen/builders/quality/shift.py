@@ -44,6 +44,7 @@ import numpy as np
 
 from facegen.errors import UsageError
 from facegen.fileio import atomic_write
+from facegen.messages import count
 from facegen.records import SourceImage, Skip
 
 SHIFT_KEY = "delta"  # the tensor the arc2face transform reads (its SHIFT_KEY)
@@ -202,8 +203,8 @@ class ShiftEstimate:
             "id_token_position": str(self.id_position),
             "real_count": str(self.real_count),
             "synthetic_count": str(self.synthetic_count),
-            "real_sources": "; ".join(f"{k} ({v} images)" for k, v in self.real_counts.items()),
-            "synthetic_sources": "; ".join(f"{k} ({v} images)" for k, v in self.synthetic_counts.items()),
+            "real_sources": "; ".join(f"{k} ({count(v, 'image')})" for k, v in self.real_counts.items()),
+            "synthetic_sources": "; ".join(f"{k} ({count(v, 'image')})" for k, v in self.synthetic_counts.items()),
             "skipped_images": str(len(self.skipped)),
         }
         meta.update({k: f"{v:.6g}" for k, v in self.norms().items()})
@@ -224,9 +225,9 @@ class ShiftEstimate:
 
     def lines(self) -> list[str]:
         norms = self.norms()
-        out = [f"real: {self.real_count} images"]
+        out = [f"real: {count(self.real_count, 'image')}"]
         out += [f"  {k}: {v}" for k, v in self.real_counts.items()]
-        out.append(f"synthetic: {self.synthetic_count} images")
+        out.append(f"synthetic: {count(self.synthetic_count, 'image')}")
         out += [f"  {k}: {v}" for k, v in self.synthetic_counts.items()]
         if self.skipped:
             reasons: dict[str, int] = {}

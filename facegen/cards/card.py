@@ -24,6 +24,7 @@ from facegen.cards.public import (
     PLUGIN_OPTIONS,
     copy_provenance,
     known_paths,
+    published_hashes,
     path_options,
     public_options,
     scrub,
@@ -366,6 +367,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     preview = preview_grid(tar_paths, run.image_column, out=out)
     num_shards = len(shards)
     known = known_paths(run, out)
+    provenance_facts = {**known, **published_hashes(run, out)}  # a provenance file's hash: the published copy's
     models = _models_for_card(run)
     context = {
         "card_data": data.to_yaml(),
@@ -400,8 +402,10 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         "provenance_files": provenance,
         "checksums_file": CHECKSUMS_FILE,
         "options_json": json.dumps(public_options(run), indent=2, sort_keys=True),
-        "source_provenance_json": json.dumps(scrub(run.source.provenance, known), indent=2, sort_keys=True),
-        "transform_provenance_json": json.dumps(scrub(run.transform.provenance, known), indent=2, sort_keys=True),
+        "source_provenance_json": json.dumps(scrub(run.source.provenance, provenance_facts), indent=2,
+                                             sort_keys=True),
+        "transform_provenance_json": json.dumps(scrub(run.transform.provenance, provenance_facts), indent=2,
+                                                sort_keys=True),
         "citations": _citations(run),
         "license_marker": LICENSE_MARKER,
         "quality": quality_context(out),  # `facegen report`

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from facegen import hub_ids
-from facegen.fileio import atomic_write, sha256_file
+from facegen.fileio import atomic_write, sha256_file, sorted_safetensors
 from facegen.layout import IDENTITIES_FILE
 from facegen.layout.records import PathOptionRecord, RunRecord
 
@@ -162,9 +162,23 @@ def _publishable_copy(path: Path) -> bytes:
 
         header_len = struct.unpack("<Q", data[:8])[0]
         metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-        return save(load(data), metadata=scrub(metadata))
+        return sorted_safetensors(save(load(data), metadata=scrub(metadata)))
     except Exception:  # not readable as safetensors: the build read it, so publish it as it is
         return data
+
+
+def published_hashes(run: RunRecord, out: Path) -> dict[str, str]:
+    """The sha256 of each file the build read that is published under ``provenance/`` -> the sha256 of that
+    published copy, where they differ (a safetensors file's metadata is scrubbed): what a plugin recorded of its
+    input, the card shows of the file a reader can check."""
+    hashes = {}
+    for rel, _, sha in provenance_files(run):
+        copy = out / rel
+        if sha and copy.is_file():
+            published = sha256_file(copy)
+            if published != sha:
+                hashes[sha] = published
+    return hashes
 
 
 def copy_provenance(out: Path, run: RunRecord) -> list[str]:

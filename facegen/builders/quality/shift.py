@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facegen.errors import UsageError
-from facegen.fileio import atomic_write
+from facegen.fileio import atomic_write, sorted_safetensors
 from facegen.messages import count
 from facegen.records import SourceImage, Skip
 
@@ -221,7 +221,7 @@ class ShiftEstimate:
             "mean_real": torch.from_numpy(np.ascontiguousarray(self.mean_real, dtype=np.float32)),
             "mean_synthetic": torch.from_numpy(np.ascontiguousarray(self.mean_synthetic, dtype=np.float32)),
         }
-        atomic_write(path, save(tensors, metadata=self.metadata()))
+        atomic_write(path, sorted_safetensors(save(tensors, metadata=self.metadata())))
 
     def lines(self) -> list[str]:
         norms = self.norms()

@@ -390,8 +390,9 @@ def card_command(out, repo_id, gating):
         files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.plan.shards
     if files.statistics.shards < planned:
-        click.echo(f"warning: {files.statistics.shards} of {count(planned, 'planned shard')} finished; the card "
-                   "counts those (rerun the build command to finish the rest)", err=True)
+        finished = files.statistics.shards
+        click.echo(f"warning: only {finished} of {count(planned, 'shard')} {'is' if finished == 1 else 'are'} "
+                   "finished; the card counts those (rerun the build command to finish the rest)", err=True)
     written = [README] + ([LICENSE] if files.license is not None else []) + (
         [PREVIEW] if files.preview is not None else [])
     click.echo(f"wrote {', '.join(str(Path(out) / name) for name in written)}")

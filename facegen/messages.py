@@ -52,14 +52,15 @@ def _say(message: Message) -> None:
 
 
 def plural(noun: str, n: int) -> str:
-    """``noun`` as it reads after the number ``n``: "shard"/"shards", "identity"/"identities", "unit of work"/"units
-    of work" (the first word takes the plural)."""
+    """``noun`` as it reads after the number ``n``: "shard"/"shards", "identity"/"identities", "planned shard"/
+    "planned shards", "unit of work"/"units of work"."""
     if n == 1:
         return noun
-    word, space, rest = noun.partition(" ")
-    if word.endswith("y") and word[-2:-1] not in "aeiou":
-        word = word[:-1] + "ie"
-    return f"{word}s{space}{rest}"
+    head, of, tail = noun.partition(" of ")
+    words = head.split(" ")
+    last = words[-1]
+    words[-1] = last[:-1] + "ies" if last.endswith("y") and last[-2:-1] not in "aeiou" else last + "s"
+    return " ".join(words) + of + tail
 
 
 def count(n: int, noun: str) -> str:

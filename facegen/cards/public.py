@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from facegen import hub_ids
-from facegen.fileio import atomic_write, sha256_file, sorted_safetensors
+from facegen.fileio import sha256_file, sorted_safetensors
 from facegen.layout import IDENTITIES_FILE
 from facegen.layout.records import PathOptionRecord, RunRecord
 
@@ -181,17 +181,13 @@ def published_hashes(run: RunRecord, out: Path) -> dict[str, str]:
     return hashes
 
 
-def copy_provenance(out: Path, run: RunRecord) -> list[str]:
-    """Copy the rebuild inputs under ``OUT/provenance/`` (only when the file is still the one the build used).
-    Returns the provenance files present afterwards."""
-    present = []
+def provenance_copies(out: Path, run: RunRecord) -> dict[str, bytes]:
+    """The rebuild inputs to publish under ``OUT/provenance/``, by their path there: each file the build read that
+    is still the one it used (same sha256), as published (:func:`_publishable_copy`). An input moved away since
+    keeps the copy already published."""
+    copies = {}
     for rel, local, sha in provenance_files(run):
-        target = out / rel
         source = Path(os.path.expanduser(local))
         if source.is_file() and (sha is None or sha256_file(source) == sha):
-            data = _publishable_copy(source)
-            if not target.is_file() or target.read_bytes() != data:
-                atomic_write(target, data)
-        if target.is_file():
-            present.append(rel)
-    return present
+            copies[rel] = _publishable_copy(source)
+    return copies

@@ -8,7 +8,7 @@ way to write and read it.
     shards/index/, units/index/   :class:`SampleIndex`   where each sample lies in its tar
     report.json                   :class:`QualityReport` what `facegen report` measured
     curation.json                 :class:`Curation`      what `facegen curate` removed (no schema field: see there)
-    card_files.json               :class:`CardFilesRecord` the versions facegen wrote of its own card files
+    own_files.json                :class:`OwnFiles`      every file facegen wrote outside .facegen/ and the shards
 
 Every record is a frozen dataclass written as JSON with its ``schema`` (``facegen-run-1``) first. Reading checks the
 schema, that every required field is there with its type, and that nothing else is: a damaged, foreign or
@@ -20,7 +20,9 @@ applicable, e.g. the units of a per-image build).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from typing import Any, ClassVar, TypeVar, Union
 import numpy as np
 
 from facegen.errors import UsageError
-from facegen.fileio import atomic_write
+from facegen.fileio import atomic_write, sha256_file
 from facegen.layout import OutputFolder, is_plugin_provenance
 
 R = TypeVar("R", bound="Record")
@@ -497,7 +499,7 @@ class SampleIndex(Record):
         return len(self.keys)
 
 
-# --- the records of the commands around a build: report.json, the curation file, card_files.json ---
+# --- the records of the commands around a build: report.json, the curation file, own_files.json ---
 
 
 @dataclass(frozen=True)
@@ -600,23 +602,103 @@ class Curation:
 
 
 @dataclass(frozen=True)
-class CardFilesRecord(Record):
-    """``.facegen/card_files.json``: the sha256 of every version facegen wrote of its own files in OUT (README.md,
-    LICENSE, preview.jpg, _info.json). facegen replaces or removes such a file only while it is one of these."""
+class OwnFiles(Record):
+    """``.facegen/own_files.json``: every file facegen wrote in its folder outside ``.facegen/`` and the shards (the
+    card's README.md, LICENSE and preview.jpg, ``_info.json``, ``provenance/*``, ``report/*.png``; in a report's own
+    ``--out DIR`` also ``report.json`` and ``report_embeddings.npz``), as the sha256 of its last versions, newest
+    last. The shards are recorded by their stats (size and XXH3-128) instead.
 
-    SCHEMA: ClassVar[str] = "facegen-card-files-1"
+    facegen replaces or removes a file only while it is one of these versions (never a user's file, nor one edited
+    since), and publish uploads a file only while it is the newest version. The new version is recorded before the
+    file is written, and the previous one stays listed, so a crash between the two leaves either recognised."""
 
-    files: dict[str, list[str]] = field(default_factory=dict)  # name -> sha256 of the last versions, newest last
+    SCHEMA: ClassVar[str] = "facegen-own-files-1"
+
+    files: dict[str, list[str]] = field(default_factory=dict)  # path relative to the folder -> sha256, newest last
 
     def wrote(self, name: str, sha256: str) -> bool:
+        """``sha256`` is a version facegen wrote of ``name``."""
         return sha256 in self.files.get(name, [])
 
-    def adding(self, name: str, sha256: str) -> CardFilesRecord:
-        """This record with a new version of ``name``; the previous one stays listed (a crash between recording and
-        writing leaves either version recognised)."""
-        return CardFilesRecord({**self.files, name: self.files.get(name, [])[-1:] + [sha256]})
+    def newest(self, name: str) -> str | None:
+        versions = self.files.get(name)
+        return versions[-1] if versions else None
+
+    def adding(self, name: str, sha256: str) -> OwnFiles:
+        """This record with a new version of ``name`` (the previous one kept)."""
+        if self.newest(name) == sha256:
+            return self
+        return OwnFiles({**self.files, name: self.files.get(name, [])[-1:] + [sha256]})
+
+    def without(self, name: str) -> OwnFiles:
+        return OwnFiles({k: v for k, v in self.files.items() if k != name})
 
     @classmethod
-    def read(cls, path: Path) -> CardFilesRecord:
-        """The record at ``path``; an empty one (nothing is facegen's) when there is none or it is damaged."""
+    def read(cls, path: Path) -> OwnFiles:
+        """The record at ``path``; an empty one (nothing is facegen's) when there is none, it is damaged, or it was
+        written by another version."""
         return super().read(path) or cls()
+
+
+def own_files(root: str | os.PathLike) -> OwnFiles:
+    """The record of what facegen wrote in the folder ``root``."""
+    return OwnFiles.read(OutputFolder(root).own_files_record)
+
+
+def is_own_file(root: str | os.PathLike, name: str) -> bool:
+    """``root/name`` is a regular file holding a version facegen wrote (so facegen may replace or remove it)."""
+    path = Path(root) / name
+    if path.is_symlink() or not path.is_file():
+        return False
+    return own_files(root).wrote(name, sha256_file(path))
+
+
+def not_own_files(root: str | os.PathLike, names) -> list[str]:
+    """Those of ``names`` that exist in ``root`` but are not facegen's (the user's own, or changed since)."""
+    return [name for name in names if os.path.lexists(Path(root) / name) and not is_own_file(root, name)]
+
+
+def refuse_foreign_files(root: str | os.PathLike, names, what: str) -> None:
+    """One line (UsageError) naming the files among ``names`` in ``root`` that facegen did not write."""
+    root = Path(root)
+    foreign = not_own_files(root, names)
+    if foreign:
+        shown = ", ".join(str(root / name) for name in foreign[:3]) + (" …" if len(foreign) > 3 else "")
+        raise UsageError(f"{shown} {'was' if len(foreign) == 1 else 'were'} not written by facegen (or changed "
+                         f"since): move {'it' if len(foreign) == 1 else 'them'} out of the folder so that {what} can "
+                         "be written there")
+
+
+def write_own_files(root: str | os.PathLike, files: dict[str, bytes], what: str = "facegen's files") -> None:
+    """Write each ``root/name`` (atomically), recorded as facegen's first; a file under one of those names that
+    facegen did not write (or that changed since) is refused in one line naming it, and nothing is written."""
+    root = Path(root)
+    refuse_foreign_files(root, files, what)
+    record = own_files(root)
+    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    changed = {name: sha for name, sha in hashes.items()
+               if record.newest(name) != sha or not (root / name).is_file()}  # as written: left as it is
+    record_files(root, changed)
+    for name in changed:
+        atomic_write(root / name, files[name])
+
+
+def record_files(root: str | os.PathLike, hashes: dict[str, str]) -> None:
+    """Record new versions (name -> sha256) of facegen's files in ``root``."""
+    if not hashes:
+        return
+    path = OutputFolder(root).own_files_record
+    record = OwnFiles.read(path)
+    for name, sha256 in hashes.items():
+        record = record.adding(name, sha256)
+    record.write(path)
+
+
+def remove_own_file(root: str | os.PathLike, name: str) -> bool:
+    """Remove ``root/name`` if it is facegen's (then forget it); a user's file there is kept. True when removed."""
+    if not is_own_file(root, name):
+        return False
+    (Path(root) / name).unlink()
+    path = OutputFolder(root).own_files_record
+    OwnFiles.read(path).without(name).write(path)
+    return True

@@ -540,14 +540,14 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
             api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True)
         commit = None
         for step, (allow, deletes) in enumerate(((_first_patterns(), SYNCED_FOLDERS), (LAST_FILES, [])), 1):
-            count = len(files_to_upload(out, allow))
-            if not count and not deletes:
+            files = len(files_to_upload(out, allow))
+            if not files and not deletes:
                 continue
             # huggingface_hub >= 1.20 with hf_xet: a streamed pipeline of several commits, resumed by a rerun
             commit = api.upload_folder(
                 repo_id=repo_id, repo_type="dataset", folder_path=str(out), revision=branch,
                 allow_patterns=allow, ignore_patterns=list(IGNORE_PATTERNS), delete_patterns=deletes or None,
-                commit_message=(f"facegen: dataset files ({count})" if step == 1 else "facegen: dataset card"),
+                commit_message=(f"facegen: dataset files ({files})" if step == 1 else "facegen: dataset card"),
             ) or commit
     except Exception as exc:  # HfHubHTTPError, network errors…: one masked line, and how to resume
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -39,22 +39,23 @@ def _problem(exc: yaml.YAMLError) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def load_yaml(text: str, where: str) -> Any:
+def load_yaml(text: str, where: str, what: str = "the YAML") -> Any:
     """``text`` parsed as plain YAML data, refusing aliases (see the module docstring): the events are read first,
     and an alias stops the read before anything is built from it."""
     if len(text.encode("utf-8", errors="replace")) > MAX_YAML_BYTES:
-        raise UsageError(f"{where}: its YAML is larger than {MAX_YAML_BYTES >> 20} MB: not a dataset card facegen "
+        raise UsageError(f"{where}: {what} is larger than {MAX_YAML_BYTES >> 20} MB: not a dataset card facegen "
                          "reads")
     try:
         for event in yaml.parse(text, Loader=_SAFE_LOADER):
             if isinstance(event, yaml.AliasEvent):
-                raise UsageError(f"{where}: alias *{event.anchor} on line {event.start_mark.line + 1}; a card holds "
-                                 "no aliases (they can expand a few lines into gigabytes)")
+                raise UsageError(f"{where}: {what} holds an alias (*{event.anchor}, line "
+                                 f"{event.start_mark.line + 1}); a card holds none (they can expand a few lines "
+                                 "into gigabytes)")
         return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
-        raise UsageError(f"{where}: the YAML does not parse ({_problem(exc)})") from None
+        raise UsageError(f"{where}: {what} does not parse ({_problem(exc)})") from None
     except RecursionError:
-        raise UsageError(f"{where}: the YAML is nested too deeply to read") from None
+        raise UsageError(f"{where}: {what} is nested too deeply to read") from None
 
 
 def read_card_text(path: str | os.PathLike, where: str | None = None) -> str:
@@ -80,7 +81,7 @@ def front_matter(text: str, where: str) -> tuple[dict, str]:
     match = REGEX_YAML_BLOCK.search(text)
     if match is None:
         return {}, text
-    data = load_yaml(match.group(2), f"{where}'s YAML front matter")
+    data = load_yaml(match.group(2), where, "the YAML front matter")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -386,7 +386,7 @@ def card_command(out, repo_id, gating):
     if not folder.is_dir():
         raise UsageError(f"{out} is not a folder")
     # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
-    with output_lock(folder) if OutputFolder(folder).records.is_dir() else nullcontext():
+    with output_lock(folder, command_breaks_locks=False) if OutputFolder(folder).records.is_dir() else nullcontext():
         files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.plan.shards
     if files.statistics.shards < planned:

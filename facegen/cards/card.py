@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from huggingface_hub import DatasetCard, DatasetCardData
+from huggingface_hub import DatasetCardData
 
+from facegen.card_yaml import front_matter
 from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
 from facegen.cards.public import (
@@ -25,6 +26,7 @@ from facegen.cards.public import (
     published_hashes,
     path_options,
     provenance_copies,
+    public_command_args,
     public_options,
     scrub,
     source_placeholder,
@@ -202,8 +204,8 @@ def from_card_command(run: RunRecord, repo_id: str) -> str:
 
 
 def public_command(run: RunRecord, out: Path) -> str:
-    """The command as it was run, with its local paths replaced."""
-    return shlex.join(scrub(list(run.command), known_paths(run, out)))
+    """The command as it was run, with its local paths replaced (relative ones too)."""
+    return shlex.join(public_command_args(run, out))
 
 
 def _citations(run: RunRecord) -> list[dict]:
@@ -423,7 +425,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     }
     env = _environment()
     readme = env.get_template("README.md.j2").render(**context)
-    DatasetCard(readme)  # parses the YAML front matter: a card that does not round-trip is never written
+    front_matter(readme, "the rendered card")  # as every reader parses it: a card that does not is never written
     license_text = env.get_template("LICENSE.j2").render(**context) if chain.hub_id == "other" else None
     return CardFiles(readme=readme, license=license_text, preview=preview, card_data=data, chain=chain,
                      statistics=statistics, run=run)

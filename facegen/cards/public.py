@@ -92,10 +92,91 @@ def _declared_files(run: RunRecord):
                 yield key, name, value, declared
 
 
+def local_values(run: RunRecord, out: Path | None = None) -> dict[str, str]:
+    """Every value the build was given that names a local path, as run.json records it (relative ones as given) ->
+    what the card writes instead: facegen's own ``--source-path``, ``--out``, ``--identities-file`` and a recipe
+    file, and the plugins' declared path options (``facegen.api.Option(path=True)``); ``out``: the folder now."""
+    o = run.options
+    values = {}
+    if o.source_path and not is_hub_dataset(o.source_path):
+        values[o.source_path] = source_placeholder(run)
+    if o.identities_file:
+        values[o.identities_file] = IDENTITIES_FILE
+    if o.recipe and is_recipe_file(o.recipe):
+        values[o.recipe] = _placeholder(o.recipe)
+    for key, kind in PLUGIN_OPTIONS:
+        given = o.source_opts if key == "source_opts" else o.plugin_opts
+        for name, declared in path_options(run, kind).items():
+            value = given.get(name)
+            if isinstance(value, str) and value:
+                values[value] = declared_value(value, declared)
+    for folder in (o.out, str(Path(out).resolve()) if out is not None else None):
+        if folder:
+            values[folder] = OUT_PLACEHOLDER
+    return values
+
+
+def is_recipe_file(recipe: str) -> bool:
+    """A recorded ``--recipe`` that named a file (recorded absolute), not a built-in recipe's name."""
+    return os.path.isabs(os.path.expanduser(recipe)) or "/" in recipe or recipe.endswith((".yaml", ".yml"))
+
+
+def _names_path(token: str, value: str) -> bool:
+    """Whether a command-line ``token`` names the recorded path ``value``: the same text or path, or, for a relative
+    token and an absolute value (run.json keeps --source-path and --out absolute), the value's last components."""
+    if token == value:
+        return True
+    mine, theirs = os.path.normpath(os.path.expanduser(token)), os.path.normpath(os.path.expanduser(value))
+    if mine == theirs:
+        return True
+    if os.path.isabs(mine) or not os.path.isabs(theirs) or mine.isdigit():  # `--seed 0` is not a folder `0`
+        return False
+    tail = "/".join(part for part in mine.split("/") if part not in ("", ".", ".."))
+    return bool(tail) and theirs.endswith("/" + tail)
+
+
+def public_command_args(run: RunRecord, out: Path | None = None) -> list[str]:
+    """The command as it was run (``run.command``), each argument that names a recorded local path (relative ones
+    too, also as the value of ``--flag=VALUE`` or ``--plugin-opt K=VALUE``) replaced by what the card writes
+    instead, and any other absolute path by a placeholder (:func:`scrub`)."""
+    values = local_values(run, out)
+
+    def public(text: str) -> str | None:
+        return next((placeholder for value, placeholder in values.items() if _names_path(text, value)), None)
+
+    args = list(run.command[:2])  # `facegen COMMAND`
+    for token in run.command[2:]:
+        replaced = None if token.startswith("-") and "=" not in token else public(token)
+        if replaced is None and "=" in token:
+            head, _, value = token.partition("=")
+            if value and public(value) is not None:
+                replaced = f"{head}={public(value)}"
+        args.append(token if replaced is None else replaced)
+    return scrub(args, known_paths(run, out))
+
+
+def local_path_needles(run: RunRecord, out: Path) -> dict[str, str]:
+    """What publish searches every text file it uploads for (text -> what it is): the absolute form of every local
+    path the build recorded, the folder itself, the home folder, and each recorded value as given when it holds a
+    folder separator (a single name, such as `data`, is ordinary text and the card's placeholders show it)."""
+    needles = {}
+    for value, placeholder in local_values(run, out).items():
+        full = os.path.abspath(os.path.expanduser(value))
+        if os.path.isabs(os.path.expanduser(value)):
+            needles[full] = f"the local path shown as {placeholder}"
+        elif "/" in os.path.normpath(value) and not os.path.normpath(value).startswith(".."):
+            needles[os.path.normpath(value)] = f"the local path shown as {placeholder}"
+    home = os.path.expanduser("~")
+    if home not in ("/", "~"):
+        needles[home] = "the home folder"
+    return needles
+
+
 def known_paths(run: RunRecord, out: Path | None = None) -> dict[str, str]:
-    """The run's local paths and what the card writes instead."""
+    """The run's local paths (absolute, and a few as given) and what the card writes instead."""
     options = run.options
-    known = {}
+    known = {value: placeholder for value, placeholder in local_values(run, out).items()
+             if os.path.isabs(os.path.expanduser(value))}
     if options.source_path and not is_hub_dataset(options.source_path):
         known[os.path.abspath(os.path.expanduser(options.source_path))] = source_placeholder(run)
         known[options.source_path] = source_placeholder(run)
@@ -106,8 +187,6 @@ def known_paths(run: RunRecord, out: Path | None = None) -> dict[str, str]:
         if declared.provenance_file:
             known[value] = declared.provenance_file
             known[os.path.abspath(os.path.expanduser(value))] = declared.provenance_file
-    if out is not None:
-        known[str(Path(out).resolve())] = OUT_PLACEHOLDER
     return known
 
 
@@ -125,7 +204,8 @@ def public_options(run: RunRecord) -> dict:
         options["source_path"] = source_placeholder(run)
     if options["identities_file"]:
         options["identities_file"] = IDENTITIES_FILE
-    if options["recipe"] and _looks_local(str(options["recipe"])):
+    del options["out"]  # the card's commands name it NEW
+    if options["recipe"] and is_recipe_file(str(options["recipe"])):
         options["recipe"] = _placeholder(str(options["recipe"]))
     for key, _ in PLUGIN_OPTIONS:
         options[key] = {name: _placeholder(value) if isinstance(value, str) and _looks_local(value) else value

@@ -282,6 +282,7 @@ class RunOptions:
     format: str
     strict: bool
     verify: str
+    out: str | None = None  # absolute (a build of an earlier version did not record it)
 
 
 @dataclass(frozen=True)

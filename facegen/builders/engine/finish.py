@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -218,11 +219,12 @@ def run_record(build, published: Published, summary: Summary) -> RunRecord:
         python=sys.version.split()[0],
         options=RunOptions(
             source=o.source, source_path=abspath(o.source_path), source_opts=json_safe(build.source.opts),
-            plugin=o.plugin, plugin_opts=json_safe(build.transform.opts), recipe=o.recipe,
+            plugin=o.plugin, plugin_opts=json_safe(build.transform.opts),
+            recipe=os.path.abspath(o.recipe) if o.recipe and os.path.isfile(o.recipe) else o.recipe,
             limit_identities=o.limit_identities, identities_file=o.identities_file,
             identities_file_sha256=build.identities_file_sha256, shard_size=o.shard_size,
             shard_samples=o.shard_samples, shards_multiple_of=o.shards_multiple_of, seed=o.seed,
-            format=build.image_format, strict=o.strict, verify=o.verify),
+            format=build.image_format, strict=o.strict, verify=o.verify, out=str(build.out)),
         plan=PlanRecord(identities=len(plan.ids), shards=len(published.layout), plan_sha256=plan.sha256()),
         layout=LayoutRecord(
             mode="units" if units else "per-image",

@@ -188,8 +188,13 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     else:
         values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}
-    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, break_lock=break_lock,
-                         command=["facegen", *sys.argv[1:]], **values)
+    check_models = None
+    if record is not None:
+        from facegen.builders.hub.from_card import models_check
+
+        check_models = models_check(record)
+    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, break_lock=break_lock, offers_break_lock=True,
+                         command=["facegen", *sys.argv[1:]], check_models=check_models, **values)
     summary = build(config)
     if summary is not None:
         for line in summary.lines():
@@ -384,7 +389,7 @@ def card_command(out, repo_id, gating):
 
     folder = resolve_out(out)
     if not folder.is_dir():
-        raise UsageError(f"{out} is not a folder")
+        raise UsageError(f"{out}: no such folder" if not folder.exists() else f"{out} is a file, not a folder")
     # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
     with output_lock(folder, command_breaks_locks=False) if OutputFolder(folder).records.is_dir() else nullcontext():
         files = write_card(out, repo_id=repo_id, gating=gating)
@@ -425,7 +430,8 @@ def _recognizer_options(command):
 @click.argument("out", metavar="OUT", type=click.Path())
 @_recognizer_options
 @click.option("--against", metavar="PATH_OR_REPO",
-              help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its.")
+              help="Another facegen dataset (a folder or ORG/NAME) or a plain identity folder (one sub-folder of "
+                   "images per identity): list identities of OUT that match one of its.")
 @click.option("--out", "report_dir", type=click.Path(), metavar="DIR",
               help="Write report.json, report_embeddings.npz and report/*.png into DIR (required when OUT is a "
                    "Hub id; a local OUT's card is then left unchanged).")
@@ -445,16 +451,18 @@ def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, 
 @_recognizer_options
 @click.option("--min-images", type=int, default=1, show_default=True,
               help="Drop identities left with fewer images than this.")
+@click.option("--max-removed", type=float, default=0.5, show_default=True,
+              help="Stop when the curation would remove more than this share of the identities.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
 def curate_command(out, new, recognizer, model_dir, detector, dedup, min_similarity, batch_size, min_images,
-                   overwrite):
+                   max_removed, overwrite):
     """Drop near-duplicate identities, outlier samples and thin identities of OUT (a folder or a Hub id; by its
-    report); build the rest into a new dataset through `--source facegen`."""
+    report, kept in NEW); build the rest into a new dataset through `--source facegen`. OUT is never written to."""
     from facegen.builders.quality.curate import curate
 
     _, summary = curate(out, new, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
                         min_similarity=min_similarity, min_images=min_images, batch_size=batch_size,
-                        overwrite=overwrite, command=["facegen", *sys.argv[1:]])
+                        overwrite=overwrite, command=["facegen", *sys.argv[1:]], max_removed=max_removed)
     if summary is not None:
         for line in summary.lines():
             click.echo(line)

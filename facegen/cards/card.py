@@ -44,19 +44,20 @@ from facegen.layout import (
     README,
     OutputFolder,
 )
-from facegen.messages import plural
 from facegen.layout.records import (
     RunRecord,
+    ShardChecksums,
     ShardStats,
-    not_own_files,
     is_own_file,
     load_run,
     load_shard_stats,
     load_unit_stats,
+    not_own_files,
     refuse_foreign_files,
     remove_own_file,
     write_own_files,
 )
+from facegen.messages import plural
 
 TEMPLATES = Path(__file__).parent / "templates"
 PLACEHOLDER_REPO = "ORG/NAME"
@@ -350,8 +351,8 @@ def _models_for_card(run: RunRecord) -> list[dict]:
     return rows
 
 
-def _checksums(shards: list[ShardStats]) -> dict:
-    return {"algorithm": "xxh3_128", "files": {s.tar: s.tar_xxh3_128 for s in shards}}
+def _checksums(shards: list[ShardStats]) -> ShardChecksums:
+    return ShardChecksums("xxh3_128", {s.tar: s.tar_xxh3_128 for s in shards})
 
 
 def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:
@@ -486,8 +487,7 @@ def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) 
     out = Path(out_dir)
     run = load_run(out)
     inputs = provenance_copies(out, run)
-    inputs[CHECKSUMS_FILE] = (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True)
-                              + "\n").encode()
+    inputs[CHECKSUMS_FILE] = _checksums(load_shard_stats(out)).to_json()
     licence = LICENSE if expected_licence(out)[0].hub_id == "other" else None
     refuse_foreign_files(out, [*inputs, README, PREVIEW, *([licence] if licence else [])], "the dataset card")
     try:

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import numpy as np
 
 from facegen.errors import UsageError
 from facegen.fileio import atomic_write, sha256_file
-from facegen.layout import OutputFolder, is_plugin_provenance
+from facegen.layout import OWN_PROVENANCE_FILES, OutputFolder, is_plugin_provenance, shard_number, shard_path
 
 R = TypeVar("R", bound="Record")
 
@@ -600,6 +601,145 @@ class Curation:
         except ValueError as exc:
             raise RecordError(f"{path} is not valid JSON ({exc})") from None
         return cls.from_dict(data, str(path))
+
+
+# --- what a card publishes of its build: its `facegen:` YAML key and provenance/checksums.json ---
+# A card is input, never trusted: `--from-card` reads these with the same typed checks as every record, plus ranges,
+# before anything runs (a seed of 1.5 or `.nan`, `strict: maybe`, `models: abc` or `provenance: [1]` is one line).
+
+HEX = re.compile(r"[0-9a-f]+")
+OPTION_SCALARS = (str, int, float, bool, type(None))
+
+
+def _hex(value: str | None, digits: int, where: str) -> None:
+    if value is not None and (len(value) != digits or not HEX.fullmatch(value)):
+        raise RecordError(f"{where}: expected {digits} hexadecimal digits, got {value[:80]!r}")
+
+
+def _option_values(options: dict[str, Any], where: str) -> None:
+    """A plugin's options as a card gives them: plain values (text, numbers, booleans, lists of them)."""
+    for name, value in options.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, OPTION_SCALARS) for item in items):
+            raise RecordError(f"{where}.{name}: expected a plain value (text, number, true/false or a list of "
+                              f"them), got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class CardOptions:
+    """The build options a card publishes (``facegen.options``; local paths already placeholders). Only the plugins
+    are required: a value not given is the command line's default."""
+
+    source: str
+    plugin: str
+    source_path: str | None = None
+    source_opts: dict[str, Any] = field(default_factory=dict)
+    plugin_opts: dict[str, Any] = field(default_factory=dict)
+    recipe: str | None = None
+    limit_identities: int | None = None
+    identities_file: str | None = None
+    identities_file_sha256: str | None = None
+    shard_size: int | None = None
+    shard_samples: int | None = None
+    shards_multiple_of: int | None = None
+    seed: int | None = None
+    format: str | None = None
+    strict: bool | None = None
+    verify: str | None = None
+
+    def __post_init__(self):
+        for name in ("limit_identities", "shard_size", "shard_samples", "shards_multiple_of"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecordError(f"options.{name}: must be at least 1, got {value}")
+        for name, allowed in (("format", ("png", "jpg")), ("verify", ("full", "header"))):
+            if getattr(self, name) not in (None, *allowed):
+                raise RecordError(f"options.{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.source or not self.plugin:
+            raise RecordError("options: source and plugin must name plugins")
+        _hex(self.identities_file_sha256, 64, "options.identities_file_sha256")
+        _option_values(self.source_opts, "options.source_opts")
+        _option_values(self.plugin_opts, "options.plugin_opts")
+
+
+@dataclass(frozen=True)
+class CardModel:
+    """A model of the card's build: ``loaded`` is {"hub", "commit"} or {"folder", "sha256": {file: hex}} (and
+    "test_model"), or {} when nothing was recorded."""
+
+    id: str
+    role: str = ""
+    revision: str | None = None
+    loaded: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        where = f"models[{self.id!r}].loaded"
+        unknown = sorted(set(self.loaded) - {"hub", "commit", "folder", "sha256", "test_model"})
+        if unknown:
+            raise RecordError(f"{where}: unknown field {unknown[0]!r}")
+        for name in ("hub", "commit", "folder", "test_model"):
+            if name in self.loaded and not isinstance(self.loaded[name], str):
+                raise RecordError(f"{where}.{name}: expected text, got {type(self.loaded[name]).__name__}")
+        hashes = self.loaded.get("sha256", {})
+        if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in
+                                                   hashes.items()):
+            raise RecordError(f"{where}.sha256: expected a mapping of file names to sha256")
+        for name, digest in hashes.items():
+            _hex(digest, 64, f"{where}.sha256.{name}")
+
+
+@dataclass(frozen=True)
+class CardBuild:
+    """A card's ``facegen:`` YAML key (``facegen.cards.card.facegen_record``): what ``--from-card`` rebuilds from.
+    ``provenance`` names files published beside the card: facegen's own provenance files or a plugin's
+    ``provenance/NAME``, never a path outside the dataset."""
+
+    options: CardOptions
+    version: str = ""
+    plan: PlanRecord | None = None
+    models: list[CardModel] = field(default_factory=list)
+    provenance: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.plan is not None:
+            _hex(self.plan.plan_sha256, 64, "plan.plan_sha256")
+            if self.plan.identities < 0 or self.plan.shards < 0:
+                raise RecordError("plan: counts must not be negative")
+        for rel in self.provenance:
+            if rel not in OWN_PROVENANCE_FILES and not is_plugin_provenance(rel):
+                raise RecordError(f"provenance: {rel[:200]!r} is not a provenance file of a facegen dataset "
+                                  "(provenance/NAME)")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "facegen") -> CardBuild:
+        return _fields(cls, data, where)
+
+
+@dataclass(frozen=True)
+class ShardChecksums:
+    """``provenance/checksums.json``: each published shard's XXH3-128, by its path in the dataset."""
+
+    algorithm: str
+    files: dict[str, str]
+
+    def __post_init__(self):
+        if self.algorithm != "xxh3_128":
+            raise RecordError(f"algorithm: expected xxh3_128, got {self.algorithm!r}")
+        for rel, digest in self.files.items():
+            if shard_number(rel) is None or rel != shard_path(shard_number(rel)):
+                raise RecordError(f"files: {rel[:200]!r} is not a shard of a facegen dataset")
+            _hex(digest, 32, f"files.{rel}")
+
+    def to_json(self) -> bytes:
+        return (json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> ShardChecksums:
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            raise RecordError(f"{where} is not valid JSON ({exc})") from None
+        return _fields(cls, value, where)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ Recognisers and their default thresholds (:data:`DEFAULTS`):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -43,12 +44,14 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import facegen
+from facegen.builders.engine.lock import output_lock
 from facegen.errors import UsageError
 from facegen.fileio import atomic_file, sha256_file
 from facegen.generators.embeddings import normalize
@@ -61,7 +64,14 @@ from facegen.layout import (
     WORST_IDENTITIES_PLOT,
     OutputFolder,
 )
-from facegen.layout.records import QualityReport, ReportSettings
+from facegen.layout.records import (
+    QualityReport,
+    ReportSettings,
+    record_files,
+    refuse_foreign_files,
+    remove_own_file,
+    write_own_files,
+)
 from facegen.messages import count, info
 from facegen.published import PublishedDataset
 
@@ -247,6 +257,24 @@ def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[st
     return cached if cached.keys == keys else None
 
 
+def cached_embeddings(dataset: PublishedDataset, recognizer: Recognizer, paths: list[Path]) -> Embeddings | None:
+    """The first of ``paths`` that holds valid cached embeddings of ``dataset`` (read only), or None."""
+    fingerprint, keys = dataset.fingerprint(), [s.key for s in dataset.samples]
+    for path in paths:
+        cached = _load_embeddings(path, recognizer.identity(), fingerprint, keys)
+        if cached is not None:
+            return cached
+    return None
+
+
+def save_embeddings(place: ReportPlace, dataset: PublishedDataset, recognizer: Recognizer,
+                    embeddings: Embeddings) -> None:
+    """Cache ``embeddings`` where ``place`` keeps them (recorded as facegen's in a report folder of its own)."""
+    place.folder.mkdir(parents=True, exist_ok=True)
+    _save_embeddings(place.embeddings, embeddings, recognizer.identity(), dataset.fingerprint())
+    place.record_embeddings()
+
+
 def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_size: int = 64,
                        progress: bool = True, cache: bool = True, path: Path | None = None) -> tuple[Embeddings, bool]:
     """(embeddings, reused): from the cache (``path``, default ``.facegen/`` of the dataset) when valid, else
@@ -409,9 +437,10 @@ def analyse(dataset: PublishedDataset, embeddings: Embeddings, dedup: float,
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _save_figure(figure, path: Path) -> None:
-    with atomic_file(path) as f:
-        figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def _pyplot():
@@ -427,10 +456,11 @@ def _pyplot():
 
 def write_plots(out: Path, dataset: PublishedDataset, a: Analysis, identities: list[dict],
                 settings: ReportSettings) -> list[str]:
-    """report/consistency.png, report/separability.png, report/worst-identities.png; their relative paths."""
+    """report/consistency.png, report/separability.png, report/worst-identities.png (each recorded as facegen's
+    file of ``out``; a plot of an earlier report that this one has not is removed); their relative paths."""
     plt = _pyplot()
     recognizer = settings.recognizer
-    written = []
+    plots: dict[str, bytes] = {}
 
     def histogram(values, threshold, label, title, name):
         figure, axes = plt.subplots(figsize=(6, 3.2))
@@ -441,23 +471,26 @@ def write_plots(out: Path, dataset: PublishedDataset, a: Analysis, identities: l
         axes.set_ylabel("count")
         axes.set_title(title)
         axes.legend(loc="upper left")
-        _save_figure(figure, out / name)
+        plots[name] = _png(figure)
         plt.close(figure)
-        written.append(name)
 
     histogram(a.cosine, settings.min_similarity, f"outlier below {settings.min_similarity}",
               "Consistency: each sample's cosine to its identity's prototype", CONSISTENCY_PLOT)
     if len(a.ids) > 1:
         histogram(a.separability, settings.dedup, f"near-duplicate from {settings.dedup}",
                   "Separability: each identity's highest cosine to another", SEPARABILITY_PLOT)
-    worst = _worst_identities(out, dataset, a, identities, settings.min_similarity, plt)
-    if worst:
-        written.append(worst)
-    return written
+    worst = _worst_identities(dataset, a, identities, settings.min_similarity, plt)
+    if worst is not None:
+        plots[WORST_IDENTITIES_PLOT] = worst
+    write_own_files(out, plots, "the report's plots")
+    for name in PLOTS:
+        if name not in plots:
+            remove_own_file(out, name)
+    return list(plots)
 
 
-def _worst_identities(out: Path, dataset: PublishedDataset, a: Analysis, identities: list[dict], minimum: float,
-                      plt) -> str | None:
+def _worst_identities(dataset: PublishedDataset, a: Analysis, identities: list[dict], minimum: float,
+                      plt) -> bytes | None:
     """A grid: the identities with the lowest consistency (rows), some of their images with their cosines."""
     from PIL import Image
 
@@ -498,9 +531,9 @@ def _worst_identities(out: Path, dataset: PublishedDataset, a: Analysis, identit
                     spine.set_linewidth(2)
         axes[r][0].set_ylabel(str(row["identity"])[:14], fontsize=7)
     figure.suptitle("Least consistent identities (rows): images, cosine to prototype (red: outlier)", fontsize=9)
-    _save_figure(figure, out / WORST_IDENTITIES_PLOT)
+    png = _png(figure)
     plt.close(figure)
-    return WORST_IDENTITIES_PLOT
+    return png
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -517,6 +550,18 @@ def thresholds(recognizer: str, dedup: float | None, min_similarity: float | Non
     return dedup, min_similarity
 
 
+def against_dataset(against: str, progress: bool = True):
+    """``--against``: a facegen dataset (a folder or a Hub id), or a plain identity folder (one sub-folder of images
+    per identity, read with the `folder` source); a path that does not exist is "no such folder"."""
+    from facegen.published import hub_dataset
+
+    if hub_dataset(against) is None and not OutputFolder(against).train_dir.is_dir():
+        from facegen.builders.quality.identity_folder import IdentityFolder
+
+        return IdentityFolder(against)
+    return PublishedDataset(against, progress=progress)
+
+
 def against_matches(a: Analysis, other: PublishedDataset, recognizer: Recognizer, threshold: float,
                     batch_size: int, progress: bool) -> dict:
     """Identities of this dataset whose prototype reaches ``threshold`` with an identity of ``other``."""
@@ -530,9 +575,15 @@ def against_matches(a: Analysis, other: PublishedDataset, recognizer: Recognizer
             "matches": [[a.ids[i], b.ids[j], round(c, 6)] for i, j, c in matches]}
 
 
+PLOTS = (CONSISTENCY_PLOT, SEPARABILITY_PLOT, WORST_IDENTITIES_PLOT)
+
+
 @dataclass(frozen=True)
 class ReportPlace:
-    """Where a report's files go: a dataset folder's own, or a folder of their own (``--out DIR``)."""
+    """Where a report's files go: a dataset folder's own (``.facegen/report.json`` and the cached embeddings there,
+    the plots under ``report/``), or a folder of their own (``--out DIR``: ``DIR/report.json``,
+    ``DIR/report_embeddings.npz``, ``DIR/report/*.png``). Either way the files outside ``.facegen/`` are recorded as
+    facegen's (``.facegen/own_files.json`` of that folder) and a file facegen did not write is never replaced."""
 
     folder: Path  # report/*.png are written under it
     json: Path
@@ -544,8 +595,33 @@ class ReportPlace:
         if report_dir is None or Path(report_dir).resolve() == dataset_root:
             paths = OutputFolder(dataset_root)
             return cls(dataset_root, paths.report_json, paths.report_embeddings, True)
-        folder = Path(report_dir).resolve()  # a folder of its own: no .facegen/ in it
+        folder = Path(report_dir).resolve()
         return cls(folder, folder / REPORT_JSON, folder / REPORT_EMBEDDINGS, False)
+
+    def own_names(self) -> list[str]:
+        """The files of this report outside ``.facegen/``, relative to :attr:`folder`."""
+        names = list(PLOTS)
+        if not self.in_dataset:
+            names += [REPORT_JSON, REPORT_EMBEDDINGS]
+        return names
+
+    def check(self) -> None:
+        """Before anything is computed: a folder to write in, holding no file of the user's under the report's
+        names."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"--out {self.folder} is a file, not a folder")
+        refuse_foreign_files(self.folder, self.own_names(), "the report")
+
+    def write_json(self, report: QualityReport) -> None:
+        if self.in_dataset:
+            report.write(self.json)
+        else:
+            write_own_files(self.folder, {REPORT_JSON: report.to_json()}, "the report")
+
+    def record_embeddings(self) -> None:
+        """The cached embeddings of a report folder of its own, as written (the cache writes them itself)."""
+        if not self.in_dataset and self.embeddings.is_file():
+            record_files(self.folder, {REPORT_EMBEDDINGS: sha256_file(self.embeddings)})
 
 
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
@@ -553,7 +629,9 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
                batch_size: int = 64, progress: bool = True, card: bool = True,
                report_dir: str | os.PathLike | None = None) -> QualityReport:
     """Compute (or reuse the embeddings of) the report of the facegen dataset ``out`` (a folder or a Hub id);
-    write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours)."""
+    write it into that folder (holding its lock), or into ``report_dir`` (required for a Hub id: the Hub cache is
+    not ours). Only the report's own files are written: a user's file under one of their names stops the report
+    before anything is computed."""
     from facegen.published import hub_dataset
 
     if hub_dataset(out) is not None:
@@ -566,31 +644,50 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     started = time.perf_counter()
     dataset = PublishedDataset(out)
     place = ReportPlace.of(dataset.root, report_dir)
-    if place.folder.exists() and not place.folder.is_dir():
-        raise UsageError(f"--out {place.folder} is a file, not a folder")
-    model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size)
-    embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
-                                            path=place.embeddings)
+    busy = output_lock(dataset.root, command_breaks_locks=False) if place.in_dataset else nullcontext()
+    with busy:  # not while a build (or a card, a publish) works in the dataset's folder
+        place.check()
+        model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size)
+        embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
+                                                path=place.embeddings)
+        place.record_embeddings()
+        report, analysis = measure(dataset, model, embeddings, reused, dedup, min_similarity, against=against,
+                                   batch_size=batch_size, progress=progress,
+                                   dataset_name=None if place.in_dataset else dataset.name)
+        report = write_report(place, dataset, report, analysis, started)
+        if card and place.in_dataset and OutputFolder(dataset.root).run_json.is_file():
+            from facegen.cards import write_card
+
+            write_card(dataset.root)
+    for line in summary_lines(report, place):
+        info(line)
+    return report
+
+
+def measure(dataset: PublishedDataset, model: Recognizer, embeddings: Embeddings, reused: bool, dedup: float,
+            min_similarity: float, against: str | None = None, batch_size: int = 64, progress: bool = True,
+            dataset_name: str | None = None) -> tuple[QualityReport, Analysis]:
+    """The report (without plots yet) and the analysis behind it; writes nothing."""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    settings = ReportSettings(recognizer, model.model, dedup, min_similarity, DEFAULTS[recognizer])
+    settings = ReportSettings(model.name, model.model, dedup, min_similarity, DEFAULTS[model.name])
     found, analysis = analyse(dataset, embeddings, dedup, min_similarity)
-    matches = against_matches(analysis, PublishedDataset(against, progress=progress), model, dedup, batch_size,
+    matches = against_matches(analysis, against_dataset(against, progress), model, dedup, batch_size,
                               progress) if against else None
-    plots = write_plots(place.folder, dataset, analysis, found["identities"], settings)
     report = QualityReport(
         facegen_version=facegen.__version__, created=created, settings=settings, fingerprint=dataset.fingerprint(),
         embedding={"reused": reused, "seconds": round(embeddings.seconds, 3),
                    "samples_per_second": round(len(dataset.samples) / embeddings.seconds, 2)
                    if embeddings.seconds > 0 else None},
-        **found, plots=plots, seconds=round(time.perf_counter() - started, 3),
-        dataset_name=None if place.in_dataset else dataset.name, against=matches)
-    report.write(place.json)
-    if card and place.in_dataset and OutputFolder(dataset.root).run_json.is_file():
-        from facegen.cards import write_card
+        **found, plots=[], seconds=0.0, dataset_name=dataset_name, against=matches)
+    return report, analysis
 
-        write_card(dataset.root)
-    for line in summary_lines(report, place):
-        info(line)
+
+def write_report(place: ReportPlace, dataset: PublishedDataset, report: QualityReport, analysis: Analysis,
+                 started: float) -> QualityReport:
+    """The plots, then report.json (which lists them); returns the report as written."""
+    plots = write_plots(place.folder, dataset, analysis, report.identities, report.settings)
+    report = dataclasses.replace(report, plots=plots, seconds=round(time.perf_counter() - started, 3))
+    place.write_json(report)
     return report
 
 

@@ -227,7 +227,7 @@ def test_a_third_party_plugin_downloads_builds_publishes_and_rebuilds_from_its_c
     assert "provenance/tint.json" in out and "dry run: nothing was uploaded" in out
     (built / "provenance" / "notes.txt").write_text("mine")
     code, _, err = run_cli(["publish", built, "--repo", "org/tiles", "--dry-run"], capsys)
-    assert code == 1 and "provenance/notes.txt was not written by facegen" in err  # CheckFailed
+    assert code == 2 and "provenance/notes.txt was not written by facegen" in err  # the user must move it
     (built / "provenance" / "notes.txt").unlink()
 
     # --from-card from the card alone (as downloaded from the Hub: README.md and provenance/), the inputs gone

@@ -10,9 +10,13 @@ Steps (each a function below):
    consistency is its cosine to its identity's prototype; an identity's separability is its prototype's highest
    cosine to another identity's prototype. Near-duplicate identities: prototype cosine >= ``dedup``. Outliers:
    samples whose consistency is < ``min_similarity``. Image modes and sizes are counted from the decoded images.
-4. ``--against``: the prototypes of another facegen dataset; identities of this one whose prototype reaches
-   ``dedup`` with any of them are listed (identity leakage, e.g. evaluation identities in a training set).
-5. Write ``.facegen/report.json``, the plots ``report/*.png`` and re-render the card (its Quality section).
+4. ``--against``: the prototypes of another dataset (a facegen folder, a Hub id, or a plain identity folder read
+   with the `folder` source: :func:`against_dataset`); identities of this one whose prototype reaches ``dedup``
+   with any of them are listed (identity leakage, e.g. evaluation identities in a training set).
+5. Write ``.facegen/report.json``, the plots ``report/*.png`` and re-render the card (its Quality section), holding
+   the folder's lock. Only the report's own files are written: the plots (and, in a folder of their own, report.json
+   and the cached embeddings) are recorded as facegen's (``.facegen/own_files.json``), and a file of the user's under
+   one of their names stops the report before anything is computed.
 
 Where the report goes: into the dataset's folder (above) for a local dataset; for a Hub dataset (``ORG/NAME`` or
 ``hf://datasets/ORG/NAME``, downloaded into the Hub cache, which is never written to) into ``report_dir``

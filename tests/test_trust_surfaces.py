@@ -172,10 +172,27 @@ def test_the_command_as_it_was_run_names_no_folder_of_curate(tmp_path):
 
     run = load_run(write_output_folder(tmp_path / "out", identities=2, shard_size=2, card=False))
     run = replace(run, command=["facegen", "curate", "out/faces", "--out=out/faces-curated2", "--max-removed", "0.9",
-                                "--seed", "0"],
+                                "--min-images", "2"],
                   options=replace(run.options, source_path="/work/out/faces", out="/work/out/faces-curated2"))
     assert public_command_args(run) == ["facegen", "curate", "<fixture source folder>", "--out=NEW",
-                                        "--max-removed", "0.9", "--seed", "0"]
+                                        "--max-removed", "0.9", "--min-images", "2"]
+
+
+def test_only_arguments_that_hold_a_path_are_replaced(tmp_path):
+    """A recipe, a seed or a plugin name that happens to share its text with a folder's last name stays as typed:
+    `--recipe digiface --source-path digiface` (the source folder named after its recipe), `--out 0 --seed 0`."""
+    from dataclasses import replace
+
+    from facegen.cards.public import public_command_args
+    from facegen.layout.records import load_run
+
+    run = load_run(write_output_folder(tmp_path / "out", identities=2, shard_size=2, card=False))
+    run = replace(run, command=["facegen", "build", "--recipe", "fixture", "--source-path", "fixture", "--out", "0",
+                                "--seed", "0", "--plugin", "fixture"],
+                  options=replace(run.options, source_path="/work/fixture", out="/work/0"))
+    assert public_command_args(run) == ["facegen", "build", "--recipe", "fixture", "--source-path",
+                                        "<fixture source folder>", "--out", "NEW", "--seed", "0", "--plugin",
+                                        "fixture"]
 
 
 def test_publish_finds_a_recorded_path_in_the_text_it_uploads(built, capsys):
@@ -216,6 +233,9 @@ GOOD = {"version": "0.1.0", "options": {"source": "folder", "source_path": "<fol
     ("source_opts", [1, 2], "options.source_opts: expected an object, got list"),
     ("plugin_opts", "abc", "options.plugin_opts: expected an object, got str"),
     ("models", "abc", "models: expected a list, got str"),
+    ("models", [{"id": "a/b", "loaded": {"hub": "a/b", "commit": 5}}], "models['a/b'].loaded.commit: expected text"),
+    ("models", [{"id": "a/b", "loaded": {"folder": "b", "sha256": {"w.bin": "x"}}}],
+     "models['a/b'].loaded.sha256.w.bin: expected 64 hexadecimal digits"),
     ("plan", [1, 2], "plan: expected an object, got list"),
     ("provenance", [1, {"a": "b"}], "provenance[0]: expected str, got int"),
     ("provenance", ["../../etc/passwd"], "'../../etc/passwd' is not a provenance file"),
@@ -230,6 +250,18 @@ def test_every_field_of_a_card_is_checked_before_anything_runs(tmp_path, capsys,
     line = one_error_line(err)
     assert code == 2 and "the card's facegen record is not valid" in line and said in line, line
     assert not (tmp_path / "new").exists()
+
+
+def test_a_card_model_may_record_more_text_facts_than_facegens_own():
+    """What a plugin's setup() recorded of a model it loaded (``ModelInfo.loaded``) reaches the card as it is; a
+    card is refused for a value that is not text, not for a fact facegen's own plugins do not record."""
+    from facegen.layout.records import CardBuild, RecordError
+
+    record = {**GOOD, "models": [{"id": "a/b", "loaded": {"hub": "a/b", "commit": "c" * 40, "variant": "fp16"}}]}
+    assert CardBuild.from_dict(record).models[0].loaded["variant"] == "fp16"
+    record["models"][0]["loaded"]["variant"] = ["fp16"]
+    with pytest.raises(RecordError, match=r"loaded.variant: expected text, got list"):
+        CardBuild.from_dict(record)
 
 
 def test_a_card_never_chooses_a_local_path_or_file(tmp_path, capsys):

@@ -129,29 +129,68 @@ def _names_path(token: str, value: str) -> bool:
     mine, theirs = os.path.normpath(os.path.expanduser(token)), os.path.normpath(os.path.expanduser(value))
     if mine == theirs:
         return True
-    if os.path.isabs(mine) or not os.path.isabs(theirs) or mine.isdigit():  # `--seed 0` is not a folder `0`
+    if os.path.isabs(mine) or not os.path.isabs(theirs):
         return False
     tail = "/".join(part for part in mine.split("/") if part not in ("", ".", ".."))
     return bool(tail) and theirs.endswith("/" + tail)
 
 
+def _path_values(command: list[str], pair_keys: set[str]) -> list[tuple[int, str]]:
+    """(index, text before the value) of each argument of ``command`` that holds a path, as the facegen command's
+    own click parameters declare it: the value of a ``click.Path`` option or argument, a recipe file given to
+    ``--recipe``, and ``K=V`` whose ``K`` a plugin declared a path (``--plugin-opt model_dir=…``). `--recipe
+    digiface` or `--seed 0` never names a folder, whatever the folders are called. A command this facegen does not
+    have (an older run.json): every argument."""
+    import click
+
+    from facegen.cli import main
+
+    command_def = main.commands.get(command[1]) if len(command) > 1 else None
+    if command_def is None:
+        return [(i, "") for i in range(2, len(command))]
+    options = {name: p for p in command_def.params if isinstance(p, click.Option) for name in p.opts}
+    arguments = iter(p for p in command_def.params if isinstance(p, click.Argument))
+    found = []
+
+    def value_at(i: int, prefix: str, param: click.Parameter | None) -> None:
+        value = command[i][len(prefix):]
+        key, eq, _ = value.partition("=")
+        if param is not None and isinstance(param.type, click.Path):
+            found.append((i, prefix))
+        elif param is not None and param.name == "recipe" and is_recipe_file(value):
+            found.append((i, prefix))
+        elif eq and key in pair_keys:
+            found.append((i, prefix + key + "="))
+
+    i = 2
+    while i < len(command):
+        token = command[i]
+        name, eq, _ = token.partition("=")
+        option = options.get(name) if token.startswith("-") else None
+        if option is not None and not option.is_flag and not option.count:
+            if eq:
+                value_at(i, name + "=", option)
+            elif i + 1 < len(command):
+                i += 1
+                value_at(i, "", option)
+        elif not token.startswith("-"):
+            value_at(i, "", next(arguments, None))
+        i += 1
+    return found
+
+
 def public_command_args(run: RunRecord, out: Path | None = None) -> list[str]:
-    """The command as it was run (``run.command``), each argument that names a recorded local path (relative ones
-    too, also as the value of ``--flag=VALUE`` or ``--plugin-opt K=VALUE``) replaced by what the card writes
-    instead, and any other absolute path by a placeholder (:func:`scrub`)."""
+    """The command as it was run (``run.command``), each argument that holds a path (:func:`_path_values`) and names
+    a recorded local path (relative ones too) replaced by what the card writes instead, and any other absolute path
+    by a placeholder (:func:`scrub`)."""
     values = local_values(run, out)
-
-    def public(text: str) -> str | None:
-        return next((placeholder for value, placeholder in values.items() if _names_path(text, value)), None)
-
-    args = list(run.command[:2])  # `facegen COMMAND`
-    for token in run.command[2:]:
-        replaced = None if token.startswith("-") and "=" not in token else public(token)
-        if replaced is None and "=" in token:
-            head, _, value = token.partition("=")
-            if value and public(value) is not None:
-                replaced = f"{head}={public(value)}"
-        args.append(token if replaced is None else replaced)
+    pair_keys = set(path_options(run, "source")) | set(path_options(run, "transform"))
+    args = list(run.command)
+    for i, prefix in _path_values(args, pair_keys):
+        text = args[i][len(prefix):]
+        placeholder = next((shown for value, shown in values.items() if _names_path(text, value)), None)
+        if placeholder is not None:
+            args[i] = prefix + placeholder
     return scrub(args, known_paths(run, out))
 
 

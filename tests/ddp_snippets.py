@@ -129,7 +129,7 @@ def run(reader: str, snippet: str, path: str, batch_size: int, epochs: int, max_
 
 def main():
     plan = json.loads(open(sys.argv[1]).read())
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=plan.get("timeout", 60)))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=plan.get("timeout", 300)))
     rank, reader, epochs = dist.get_rank(), plan["reader"], plan["epochs"]
     torch.set_num_threads(1)
     results = []

@@ -80,7 +80,7 @@ def test_world_size_seen_as_one_process_is_refused(monkeypatch):
     """Processes that accelerate cannot see as ranks would each write every shard: refuse to run."""
     import accelerate
 
-    from facegen.builders import run
+    from facegen.builders.engine import run
     from facegen.errors import UsageError
 
     class SingleProcessState:  # what PartialState reports when it misses the ranks (e.g. no cpu=True on CPU)

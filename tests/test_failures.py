@@ -12,7 +12,7 @@ import datasets
 import pytest
 
 from conftest import BIN, run_cli
-from facegen.builders import shards
+from facegen.builders.engine import writer as shards
 from facegen.testing.folder import write_folder_source
 
 

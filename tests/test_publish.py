@@ -16,7 +16,7 @@ import yaml
 from huggingface_hub import constants
 
 from conftest import cli
-from facegen.builders import publish as publish_module
+from facegen.builders.hub import publish as publish_module
 from facegen.builders.hub.publish import IGNORE_PATTERNS, check_folder, files_to_upload
 from facegen.testing.folder import write_folder_source
 from facegen.testing.output import RESEARCH_ONLY, write_output_folder

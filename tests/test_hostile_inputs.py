@@ -19,7 +19,8 @@ import h5py
 import numpy as np
 import pytest
 
-from facegen.builders.engine.writer import ShardWriter, shard_stats_path, shard_tar_path
+from facegen.builders.engine.writer import ShardWriter
+from facegen.layout import OutputFolder
 from facegen.plugins.digiface import MAX_IDENTITY_BYTES, DigiFaceSource, overlapping_members, read_central_directory
 from facegen.plugins.disco import DiscoSource
 from facegen.plugins.folder import FolderSource
@@ -343,8 +344,8 @@ def test_shard_writer_turns_an_unencodable_name_into_a_skip_and_always_writes_st
     writer.write(IdentityResult(good, faces=[Face(png, "png", ref="ok/0.png")]))
     writer.finish()
     stats = writer.commit()
-    assert shard_tar_path(tmp_path, 0).exists()
-    assert json.loads(shard_stats_path(tmp_path, 0).read_text()) == json.loads(json.dumps(stats))
+    assert OutputFolder(tmp_path).shard(0).tar.exists()
+    assert json.loads(OutputFolder(tmp_path).shard(0).stats.read_text()) == json.loads(json.dumps(stats))
     assert stats["images"] == 1 and stats["skipped"] == {"corrupt image": 1, "unencodable sample": 1}
     assert stats["images_per_identity"] == {"id_\\xff": 0, "ok": 1}
     assert {f["ref"] for f in stats["failures"]} == {"id_\\xff/0.png", "id_\\xff/1.png"}

@@ -20,13 +20,12 @@ from facegen.errors import UsageError
 from facegen.generators.alignment import ARCFACE_TEMPLATE
 from facegen.generators.arcface import ArcFaceEmbedder, normalize
 from facegen.records import SourceImage
-from facegen.testing.arcface import write_tiny_face_models
 from facegen.testing.folder import draw_face, encode, write_folder_source
 
 
 @pytest.fixture(scope="module")
-def face_models(tmp_path_factory):
-    return write_tiny_face_models(tmp_path_factory.mktemp("models"))
+def face_models(tiny_face_models):
+    return tiny_face_models
 
 
 

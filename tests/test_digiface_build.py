@@ -134,9 +134,12 @@ def test_two_processes_read_the_zips_and_write_the_same_bytes(digiface_dir, tmp_
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("(unsafe path)") == 1  # every process indexes the zips; only rank 0 tells
+    assert proc.stdout.count("facegen build done") == 1  # one summary, from the main process
     shards = sorted(p.name for p in (one / "data" / "train").iterdir())
     assert shards == sorted(p.name for p in (two / "data" / "train").iterdir()) and len(shards) == 4
     for name in shards:
         assert (one / "data" / "train" / name).read_bytes() == (two / "data" / "train" / name).read_bytes()
-    writers = {json.loads(p.read_text())["written_by"]["process"] for p in (two / ".facegen" / "shards").glob("*.json")}
-    assert writers == {0, 1}
+    writers = {(stats["written_by"]["process"], stats["written_by"]["processes"])
+               for stats in map(json.loads, (p.read_text() for p in (two / ".facegen" / "shards").glob("*.json")))}
+    assert writers == {(0, 2), (1, 2)}
+    assert datasets.load_dataset(str(two), split="train").num_rows == 24  # 26 listed, 2 skipped

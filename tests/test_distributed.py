@@ -43,20 +43,6 @@ def common_args(src, out):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_byte_identical(reference, tmp_path):
-    src, one = reference
-    out = tmp_path / "two"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
-           str(BIN / "facegen"), *common_args(src, out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert writers(out) == {(0, 2), (1, 2)}
-    assert shard_bytes(out) == shard_bytes(one)
-    assert proc.stdout.count("facegen build done") == 1  # one summary, from the main process
-    assert datasets.load_dataset(str(out), split="train").num_rows == 23 * 3 - 1
-
-
-@pytest.mark.slow
 def test_accelerate_launch_two_processes_byte_identical(reference, tmp_path):
     src, one = reference
     out = tmp_path / "acc"

@@ -221,8 +221,18 @@ def no_local_paths(folder, *private):
 def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub):
     """Publish the real-face dataset to the Hub stand-in as org/x, then: build from it with `--source facegen
     --source-path org/x`, `facegen report org/x --out DIR` (same findings as on the folder), `--against org/x`,
-    and `facegen curate hf://datasets/org/x --out NEW`, whose card names no local path and cites org/x."""
-    out, planted, src = real
+    and `facegen curate hf://datasets/org/x --out NEW`, whose card names no local path and cites org/x.
+
+    org/x holds five of the module's identities (what is tested here is the Hub plumbing; the folder tests above
+    find the flaws among all of them): the planted duplicate pair, the identity holding the outlier, and the two
+    identities of the evaluation list."""
+    _, planted, src = real
+    identities = [*planted.duplicate, planted.outlier_identity, "t1-0", "t1-4"]
+    ids = tmp_path / "subset.txt"
+    ids.write_text("\n".join(identities) + "\n")
+    out = tmp_path / "out"
+    build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough", "--out",
+          out, "--shard-size", 3)
     proc = facegen("publish", out, "--repo", "org/x")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -276,7 +286,7 @@ def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (new / ".facegen" / "parent-report" / "report.json").is_file()
     rows = list(load_dataset(str(new), split="train", streaming=True))
-    kept = [i for i in planted.identities if i != planted.duplicate[1]]
+    kept = [i for i in identities if i != planted.duplicate[1]]
     assert sorted({r["json"]["identity"] for r in rows}) == sorted(kept) and len(rows) == len(kept) * IMAGES
     readme = (new / "README.md").read_text()
     assert "--source-path hf://datasets/org/x" in readme and "curation=provenance/curation.json" in readme

@@ -56,15 +56,15 @@ def facegen(*args, env=None, cwd=None, check=False) -> Result:
     args = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with _command_context(args, env, cwd), _as_a_new_process_prints(err):
-        try:
+    try:
+        with _command_context(args, env, cwd), _as_a_new_process_prints(err):
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 main(args, standalone_mode=False)
-        except SystemExit as exc:  # the group exits like the console script on errors
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        finally:
-            sys.stdout.write(out.getvalue())
-            sys.stderr.write(err.getvalue())
+    except SystemExit as exc:  # the group exits like the console script on errors
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
     result = Result(code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"facegen {' '.join(args)} failed ({code}):\n{result.stderr}")

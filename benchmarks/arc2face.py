@@ -54,7 +54,7 @@ def run_transform(transform, identities) -> int:
 def run_reference(transform, identities, latents: int, per_latent: int) -> int:
     """Upstream style: per identity one pipeline call with num_images_per_prompt, then serial post-processing."""
     from facegen.generators import arc2face as a2f
-    from facegen.generators.arcface import normalize
+    from facegen.generators.embeddings import normalize
     from facegen.plugins.arc2face import encode_png
 
     gen = transform.generator

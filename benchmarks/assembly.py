@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from passthrough import IMAGES_PER_IDENTITY, make_source  # noqa: E402
 
 from facegen.builders.engine.options import BuildConfig  # noqa: E402
-from facegen.builders.engine.run import Builder  # noqa: E402
+from facegen.builders.engine.run import Build  # noqa: E402
 from facegen.plugins.passthrough import Passthrough  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def one_build(src: Path, out: Path, images: int, shard_samples: int, per_image: 
         config = BuildConfig(source="folder", source_path=str(src), plugin="passthrough", out=str(out),
                              shard_size=50, shard_samples=shard_samples,
                              limit_identities=images // IMAGES_PER_IDENTITY)
-        summary = Builder(config, SingleProcess()).run()  # its seconds: planning to the last shard, no card
+        summary = Build.prepare(config, SingleProcess()).run()  # its seconds: planning to the last shard, no card
         return summary.images / summary.seconds, summary.assembly_seconds / summary.seconds
     finally:
         Passthrough.per_image = True

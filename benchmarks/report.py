@@ -9,7 +9,8 @@ photos shipped in insightface and scikit-image, augmented), 50 images per identi
 Prints, measured in this run: samples/s of the batched pass (``embed_dataset``, what the report runs, reading and
 decoding included) and of a baseline that embeds one image per network call, on --baseline-samples samples.
 The full-size ArcFace is insightface's IResNet-100 layout (the architecture of antelopev2's recogniser) with
-random weights, exported to ONNX here: its speed is the real model's, its embeddings are meaningless.
+random weights (``facegen.testing.arcface.write_arcface_r100``): its speed is the real model's, its embeddings are
+meaningless.
 """
 
 from __future__ import annotations
@@ -43,40 +44,6 @@ def make_dataset(workdir: Path, samples: int) -> Path:
     return out
 
 
-def write_iresnet100_onnx(path: Path) -> Path:
-    """insightface's IResNet-100 (layers 3, 13, 30, 3; 512-d output) with random weights, as ONNX."""
-    import torch
-    from torch import nn
-
-    if path.is_file():
-        return path
-
-    class Block(nn.Module):
-        def __init__(self, inplanes, planes, stride):
-            super().__init__()
-            self.body = nn.Sequential(
-                nn.BatchNorm2d(inplanes), nn.Conv2d(inplanes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes),
-                nn.PReLU(planes), nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes))
-            self.down = None if stride == 1 and inplanes == planes else nn.Sequential(
-                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-
-        def forward(self, x):
-            return self.body(x) + (x if self.down is None else self.down(x))
-
-    layers, inplanes, stages = [3, 13, 30, 3], 64, []
-    for planes, count in zip([64, 128, 256, 512], layers):
-        stages += [Block(inplanes, planes, 2)] + [Block(planes, planes, 1) for _ in range(count - 1)]
-        inplanes = planes
-    model = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64), *stages,
-                          nn.BatchNorm2d(512), nn.Flatten(), nn.Linear(512 * 7 * 7, 512), nn.BatchNorm1d(512)).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(model, torch.zeros(1, 3, 112, 112), str(path), input_names=["input.1"],
-                          output_names=["embedding"], dynamic_axes={"input.1": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    return path
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recognizer", choices=["dlib", "arcface"], default="dlib")
@@ -99,8 +66,10 @@ def main() -> None:
             from facegen.testing.arcface import write_tiny_face_models
 
             write_tiny_face_models(model_dir)
-        else:
-            write_iresnet100_onnx(model_dir / "arc2face" / "arcface.onnx")
+        elif not (model_dir / "arc2face" / "arcface.onnx").is_file():
+            from facegen.testing.arcface import write_arcface_r100
+
+            write_arcface_r100(model_dir / "arc2face" / "arcface.onnx")
     recognizer = make_recognizer(args.recognizer, model_dir=str(model_dir) if model_dir else None,
                                  batch_size=args.batch_size)
     what = {"dlib": "dlib ResNet (real weights)",

@@ -23,7 +23,7 @@ import tracemalloc
 import numpy as np
 
 from facegen.builders.quality.identities import max_similarity, select_greedy, select_least_similar
-from facegen.generators.arcface import normalize
+from facegen.generators.embeddings import normalize
 
 
 def full_rows_baseline(embeddings: np.ndarray, block: int = 2048) -> np.ndarray:

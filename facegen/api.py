@@ -1,19 +1,47 @@
-"""What a plugin is: the base classes that sources and transforms subclass, and their options.
+"""The plugin contract, whole: what a source or transform subclasses, yields, raises and declares.
 
-A third-party package subclasses :class:`Source` or :class:`Transform` and registers the class under the
-entry-point group ``facegen.sources`` or ``facegen.transforms``. Class attributes carry what the dataset card
-needs (licence, citation, description); nothing in facegen lists plugins by hand.
+A third-party package imports only this module (and, for model code, ``facegen.generators``), subclasses
+:class:`Source` or :class:`Transform` and registers the class under the entry-point group ``facegen.sources`` or
+``facegen.transforms``. Nothing in facegen lists plugins by hand, and nothing after the run (cards, publish,
+``--from-card``) asks for a plugin or option by name: it reads what the plugin declared here, as the build
+recorded it in ``.facegen/run.json`` (:func:`declared_paths`):
+
+- the records that flow: :class:`Identity` in, :class:`SourceImage`/:class:`Skip` from a source,
+  :class:`IdentityResult` of :class:`Face`/:class:`Skip` from a transform; :class:`SampleError` for one unusable
+  sample, :class:`UsageError` for the user's mistake (one line, exit 2);
+- options (:class:`Option`), and which of them are local paths (``path=True``: the card shows a placeholder,
+  ``--from-card`` never uses the card's value) or small rebuild inputs published under ``provenance/``
+  (``provenance_file=NAME``: copied beside the card and handed back to the option by ``--from-card``);
+- card metadata: licence (:class:`LicenseInfo`), citation, models (:class:`ModelInfo`), column descriptions
+  (:meth:`Plugin.column_descriptions`), the transform's per-image quality fields (``Transform.quality_fields``);
+- a source's published download (``Source.download_url`` and :class:`DownloadFile` entries);
+- what a plugin tells the person running it: ``warn(line)`` (``facegen.messages``), never print or logging.
+
+The records live in ``facegen.records``, the exceptions in ``facegen.errors`` and the streamed file hash
+(``sha256_file``, for a plugin that records a file it read) in ``facegen.fileio`` (the run engine and the command
+line use them too); they are re-exported here so that a plugin needs no other facegen module.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from facegen.errors import UsageError
-from facegen.records import Identity, IdentityResult, SourceImage, Skip
+from facegen.errors import SampleError, UsageError
+from facegen.fileio import sha256_file
+from facegen.layout import PROVENANCE_NAME, is_plugin_provenance, published_provenance
+from facegen.messages import warn  # what a plugin tells the person running it: never print or logging
+from facegen.records import Face, Identity, IdentityResult, SourceImage, Skip, printable_name
+
+__all__ = [
+    "DownloadFile", "Face", "Identity", "IdentityResult", "LicenseInfo", "ModelInfo", "Option", "Plugin",
+    "SampleError", "Skip", "Source", "SourceImage", "Transform", "UsageError", "check_provenance_files",
+    "declared_paths", "natural_key", "parse_options", "printable_name", "sha256_file", "sniff_image", "to_bool",
+    "to_list", "warn",
+]
 
 
 def to_bool(value: Any) -> bool:
@@ -36,14 +64,52 @@ def to_list(value: Any) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
+def natural_key(name: str):
+    """Sort key that puts 2 before 10 ("img2" < "img10"): the order sources list numbered folders and files in."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
+def sniff_image(data: bytes) -> str | None:
+    """``jpg`` or ``png`` from an encoded image's first bytes, else None (a container that stores images without
+    naming their format)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    return None
+
+
 @dataclass
 class Option:
-    """One ``k=v`` option of a plugin: default, converter (from the CLI's string or a recipe's YAML value), help."""
+    """One ``k=v`` option of a plugin: default, converter (from the CLI's string or a recipe's YAML value), help.
+
+    ``path=True`` declares a local file or folder: the card shows ``<placeholder>`` (default: ``<the file's
+    name>``) instead of the value, relative values too, and ``--from-card`` never uses the card's value: the
+    rebuild is given the path again, or leaves the option out when ``optional_on_rebuild`` (the plugin then does the
+    same without it, e.g. loads the same models from the Hub at the card's revisions).
+
+    ``provenance_file=NAME`` declares a small input the rebuild needs (implies ``path``): the card publishes the
+    file the build read as ``provenance/NAME`` (while its sha256 is still the one the build recorded), the card's
+    options name that copy, and ``--from-card`` hands the published copy back to the option.
+    """
 
     default: Any
     help: str
     type: Callable[[Any], Any] = str
     choices: Sequence[Any] | None = None
+    path: bool = False
+    placeholder: str = ""
+    optional_on_rebuild: bool = False
+    provenance_file: str = ""
+
+    def __post_init__(self):
+        if self.provenance_file:
+            if not PROVENANCE_NAME.fullmatch(self.provenance_file):
+                raise ValueError(f"provenance_file {self.provenance_file!r} must be a plain file name "
+                                 "(letters, digits, '_', '.', '-'; no folder)")
+            if not is_plugin_provenance(published_provenance(self.provenance_file)):
+                raise ValueError(f"provenance_file {self.provenance_file!r} is one of facegen's own provenance files")
+            self.path = True
 
 
 def parse_options(spec: dict[str, Option], given: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -116,12 +182,27 @@ class Plugin:
 
     kind = "plugin"
 
+    def column_descriptions(self) -> dict[str, str]:
+        """What each column this plugin adds means, for the card's column table (``json.FIELD`` for a json field,
+        the member name for an extra). Default: the ``columns`` mapping; override when they depend on options."""
+        return dict(self.columns)
+
     def provenance(self) -> dict[str, Any]:
         """Facts for the card's provenance section (versions, command files…): JSON-serialisable."""
         return {}
 
     def close(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class DownloadFile:
+    """One file of a source's published download: ``facegen download`` fetches ``Source.download_url + name`` and
+    verifies it (size and sha256 where published, otherwise every zip member's CRC) before it gets its name."""
+
+    name: str
+    size: int | None = None
+    sha256: str | None = None
 
 
 class Source(Plugin):
@@ -136,6 +217,10 @@ class Source(Plugin):
     image_format = "png"  # encoding of the images as stored
     synthetic: bool | None = None  # True: the images are generated (the card may call them synthetic); None: unknown
     needs_path = True  # False for sources that read no files (e.g. `seeds`): --source-path is then optional
+    # what the card's licence table calls the data this source reads (default: the source's name)
+    dataset_name = ""
+    download_url = ""  # base URL of the published files (`facegen download`); a file's URL is this + its name
+    download_files: Sequence[DownloadFile] = ()
 
     def __init__(self, path: str | os.PathLike | None = None, **options: Any):
         super().__init__(**options)
@@ -181,6 +266,9 @@ class Transform(Plugin):
 
     kind = "transform"
     batch_size = 1  # identities per call
+    # json fields of each face that are quality figures (e.g. a cosine to the prototype): the card summarises them
+    # (mean, min, max) under Statistics
+    quality_fields: Sequence[str] = ()
     synthetic = False  # True: the transform generates the output images (they are synthetic whatever the source)
     # True when the source's encoded bytes are written as they are (passthrough): the run then checks every source
     # image on its loading threads, beside the writer. Other transforms' images are checked when written.
@@ -211,3 +299,35 @@ class Transform(Plugin):
 
     def __call__(self, batch: list[Identity]) -> Iterable[IdentityResult]:
         raise NotImplementedError
+
+
+def declared_paths(plugin: Plugin) -> dict[str, dict[str, Any]]:
+    """What the build records (in run.json) of ``plugin``'s path options, for the card, publish and ``--from-card``:
+    ``{option: {"placeholder": text or "" (the value's file name), "optional_on_rebuild": bool,
+    "provenance_file": "provenance/NAME" or None, "sha256": that file's sha256 in this build, or None}}``."""
+    declared = {}
+    for name, option in plugin.options.items():
+        if not option.path:
+            continue
+        value = plugin.opts.get(name)
+        published = published_provenance(option.provenance_file) if option.provenance_file else None
+        local = os.path.expanduser(value) if published and isinstance(value, str) and value else None
+        declared[name] = {
+            "placeholder": option.placeholder,
+            "optional_on_rebuild": option.optional_on_rebuild,
+            "provenance_file": published,
+            "sha256": sha256_file(local) if local and os.path.isfile(local) else None,
+        }
+    return declared
+
+
+def check_provenance_files(*plugins: Plugin) -> None:
+    """Refuse (one line) a build whose plugins declare the same provenance file: both would publish it."""
+    owners: dict[str, str] = {}
+    for plugin in plugins:
+        for option in plugin.options.values():
+            if option.provenance_file in owners:
+                raise UsageError(f"{owners[option.provenance_file]} and {plugin.kind} {plugin.name!r} both publish "
+                                 f"{published_provenance(option.provenance_file)}; they cannot be used together")
+            if option.provenance_file:
+                owners[option.provenance_file] = f"{plugin.kind} {plugin.name!r}"

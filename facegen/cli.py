@@ -1,6 +1,8 @@
 """The `facegen` command line: thin click commands that parse options, call the library and print clear errors.
 
-A user's mistake gets one line on stderr and exit code 2, never a traceback.
+Every failure leaves through ``FacegenGroup.main``: one line on stderr and the exit code of its kind (see
+``facegen.errors`` and the README's "Exit codes"), never a traceback; Ctrl-C exits 130 and SIGTERM 143 for every
+command, with a line saying what was kept.
 """
 
 from __future__ import annotations
@@ -11,15 +13,49 @@ from contextlib import contextmanager, nullcontext
 
 import click
 
-from facegen.errors import SampleError, UsageError
+from facegen.errors import CheckFailed, RemoteError, SampleError, UsageError
+
+# The one mapping of facegen's errors to exit codes: 2 when the user's input, options or environment must change,
+# 1 when a check the command exists to make fails or a remote service fails.
+EXIT_CODES = {UsageError: 2, SampleError: 2, CheckFailed: 1, RemoteError: 1}
+INTERRUPTED, TERMINATED = 130, 143
+# What an interrupted command leaves behind; any other command: "rerun the same command".
+AFTER_A_STOP = {
+    "build": "complete shards are kept; rerun the same command to resume",
+    "curate": "complete shards are kept; rerun the same command to resume",
+    "demo": "complete shards are kept; rerun the same command to resume",
+    "download": "what arrived is kept in a partial file; rerun the same command to resume",
+    "publish": "rerun the same command to resume the upload (files already committed are skipped)",
+}
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a preempted SLURM job, `kill`): unwinds like Ctrl-C, so that locks and partial files are released
+    at once. A BaseException, like KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+
+class _Stopped(Exception):
+    """A command stopped by Ctrl-C or SIGTERM, carried out of click (which would turn Ctrl-C into Abort)."""
+
+    def __init__(self, word: str, code: int, command: str | None):
+        super().__init__(word)
+        self.word, self.code, self.command = word, code, command
+
+
+def _error_line(exc: Exception) -> str:
+    if isinstance(exc, SampleError):
+        return f"bad sample {exc.ref}: {exc.reason} (--strict stops at the first bad sample)"
+    return str(exc)
 
 
 class FacegenGroup(click.Group):
-    """A click group whose usage errors are one line (``facegen: error: …``) with exit code 2."""
+    """The click group through which every command's failure leaves: one line ``facegen: error: …`` and the exit
+    code of its kind. A library caller (``facegen.builders…``) gets the exceptions themselves."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            rv = super().main(args, prog_name or "facegen", complete_var, standalone_mode=False, **extra)
+            with _terminate_as_interrupt():
+                rv = super().main(args, prog_name or "facegen", complete_var, standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as exc:
             click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
             sys.exit(0)
@@ -27,12 +63,18 @@ class FacegenGroup(click.Group):
             hint = f" (see: facegen {exc.ctx.info_name} --help)" if exc.ctx and exc.ctx.parent else ""
             click.echo(f"facegen: error: {exc.format_message()}{hint}", err=True)
             sys.exit(2)
-        except UsageError as exc:
-            click.echo(f"facegen: error: {exc}", err=True)
-            sys.exit(2)
-        except click.exceptions.Abort:
+        except tuple(EXIT_CODES) as exc:
+            click.echo(f"facegen: error: {_error_line(exc)}", err=True)
+            sys.exit(next(code for kind, code in EXIT_CODES.items() if isinstance(exc, kind)))
+        except (_Stopped, _Terminated) as exc:  # the newline leaves a progress bar's line
+            if isinstance(exc, _Terminated):  # before or after the command itself
+                exc = _Stopped("terminated", TERMINATED, None)
+            after = AFTER_A_STOP.get(exc.command, "rerun the same command")
+            click.echo(f"\nfacegen: {exc.word}: {after}", err=True)
+            sys.exit(exc.code)
+        except click.exceptions.Abort:  # Ctrl-C at a question (the licence of `download`)
             click.echo("facegen: aborted", err=True)
-            sys.exit(130)
+            sys.exit(INTERRUPTED)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
@@ -41,6 +83,30 @@ class FacegenGroup(click.Group):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Stopped("interrupted", INTERRUPTED, ctx.invoked_subcommand) from None
+        except _Terminated:
+            raise _Stopped("terminated", TERMINATED, ctx.invoked_subcommand) from None
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    def terminated(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous, installed = signal.signal(signal.SIGTERM, terminated), True
+    except ValueError:  # not the main thread: leave signals alone
+        previous, installed = None, False
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=FacegenGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,15 +189,7 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     values = {k: v for k, v in values.items() if v is not None}
     config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, break_lock=break_lock,
                          command=["facegen", *sys.argv[1:]], **values)
-    try:
-        with _terminate_as_interrupt():
-            summary = build(config)
-    except SampleError as exc:
-        raise UsageError(f"bad sample {exc.ref}: {exc.reason} (--strict stops at the first bad sample)") from None
-    except (KeyboardInterrupt, _Terminated) as exc:  # the shard being written is discarded, complete ones kept
-        click.echo(f"\nfacegen: {'interrupted' if isinstance(exc, KeyboardInterrupt) else 'terminated'}: "
-                   "complete shards are kept; rerun the same command to resume", err=True)
-        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 143)
+    summary = build(config)
     if summary is not None:
         for line in summary.lines():
             click.echo(line)
@@ -142,28 +200,9 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
 
             same, line = compare(record, Path(out))
             if not same:
-                raise click.ClickException(f"rebuild differs from {from_card}: {line}")
+                raise CheckFailed(f"rebuild differs from {from_card}: {line}")
             click.echo(f"rebuild of {from_card}: {line}")
 
-
-class _Terminated(BaseException):
-    """SIGTERM (a preempted SLURM job, `kill`): unwinds like Ctrl-C, so that the lock is released at once."""
-
-
-@contextmanager
-def _terminate_as_interrupt():
-    def terminated(signum, frame):
-        raise _Terminated()
-
-    try:
-        previous, installed = signal.signal(signal.SIGTERM, terminated), True
-    except ValueError:  # not the main thread (a library caller): leave signals alone
-        previous, installed = None, False
-    try:
-        yield
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, previous)
 
 # --- download (issue 3) ---
 
@@ -181,16 +220,13 @@ def download_command(source, directory, parts, base_url, accept_license, retries
     """Download a source's published files: licence first, resumable, verified before use."""
     from facegen import registry
     from facegen.api import to_list
-    from facegen.builders.hub.download import DownloadError, download_source
+    from facegen.builders.hub.download import download_source
 
     source_cls = registry.get_source(source)
     # an interactive yes when the licence was not accepted on the command line and someone is there to answer
     ask = (lambda question: click.confirm(question, default=False)) if sys.stdin.isatty() else None
-    try:
-        download_source(source_cls, directory, parts=to_list(parts), base_url=base_url,
-                        accept_license=accept_license, confirm=ask, retries=retries, echo=click.echo)
-    except DownloadError as exc:
-        raise click.ClickException(str(exc)) from None
+    download_source(source_cls, directory, parts=to_list(parts), base_url=base_url, accept_license=accept_license,
+                    confirm=ask, retries=retries)
 
 # --- arc2face commands: embed, select-identities, estimate-shift, demo (issue 5) ---
 
@@ -302,7 +338,7 @@ def demo_command(out, overwrite):
     """Build a small Digi2Real dataset end to end, offline, with tiny RANDOM-WEIGHT models (the faces are noise)."""
     from facegen.builders.demo import run_demo
 
-    run_demo(out, overwrite=overwrite, echo=click.echo)
+    run_demo(out, overwrite=overwrite)
 
 # --- publish and card (issue 7) ---
 
@@ -320,13 +356,10 @@ def demo_command(out, overwrite):
               help="full: decode every image before uploading; header: only check the tars and checksums.")
 def publish_command(out, repo_id, private, revision, dry_run, token, no_gating, verify):
     """Check a finished build folder and upload it to a Hub dataset repo (rerun to resume an interrupted upload)."""
-    from facegen.builders.hub.publish import PublishError, publish
+    from facegen.builders.hub.publish import publish
 
-    try:
-        publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
-                gating=not no_gating, verify=verify, echo=click.echo)
-    except PublishError as exc:
-        raise click.ClickException(str(exc)) from None
+    publish(out, repo_id, private=private, revision=revision, dry_run=dry_run, token=token, gating=not no_gating,
+            verify=verify)
 
 
 @main.command("card")
@@ -341,10 +374,10 @@ def card_command(out, repo_id, gating):
     from facegen.builders.engine.lock import output_lock
     from facegen.builders.engine.outputs import resolve_out
     from facegen.layout import LICENSE, PREVIEW, README, OutputFolder
-    from facegen.builders.hub.publish import check_repo_id
+    from facegen.hub_ids import check_repo_name
 
     if repo_id is not None:
-        check_repo_id(repo_id)  # it is written into the card's code examples
+        check_repo_name(repo_id)  # it is written into the card's code examples
     from facegen.cards import write_card
 
     folder = resolve_out(out)
@@ -353,8 +386,8 @@ def card_command(out, repo_id, gating):
     # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
     with output_lock(folder) if OutputFolder(folder).records.is_dir() else nullcontext():
         files = write_card(out, repo_id=repo_id, gating=gating)
-    planned = files.run.get("plan", {}).get("shards")
-    if planned is not None and files.statistics.shards < planned:
+    planned = files.run.plan.shards
+    if files.statistics.shards < planned:
         click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "
                    "those (rerun the build command to finish the rest)", err=True)
     written = [README] + ([LICENSE] if files.license is not None else []) + (
@@ -400,8 +433,7 @@ def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, 
     from facegen.builders.quality.report import run_report
 
     run_report(out, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
-               min_similarity=min_similarity, against=against, batch_size=batch_size, echo=click.echo,
-               report_dir=report_dir)
+               min_similarity=min_similarity, against=against, batch_size=batch_size, report_dir=report_dir)
 
 
 @main.command("curate")
@@ -419,7 +451,7 @@ def curate_command(out, new, recognizer, model_dir, detector, dedup, min_similar
 
     _, summary = curate(out, new, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
                         min_similarity=min_similarity, min_images=min_images, batch_size=batch_size,
-                        overwrite=overwrite, command=["facegen", *sys.argv[1:]], echo=click.echo)
+                        overwrite=overwrite, command=["facegen", *sys.argv[1:]])
     if summary is not None:
         for line in summary.lines():
             click.echo(line)

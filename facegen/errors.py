@@ -1,12 +1,33 @@
-"""Exceptions with a meaning for the command line: a user's mistake exits 2 with one line."""
+"""facegen's exceptions. Library code raises them; the command line maps each kind to an exit code in one place
+(``FacegenGroup`` in ``facegen.cli``) and prints it as one line, never a traceback:
+
+- exit 2, :class:`UsageError` (and its kinds :class:`FolderBusy`, :class:`OutOfSpace`): the user's input,
+  options or environment must change before a rerun can work (a bad option or file, a busy folder, a full disk,
+  a hostile input);
+- exit 2, :class:`SampleError`: under ``--strict``, a bad sample stopped the build;
+- exit 1, :class:`CheckFailed`: a check the command exists to make failed (a publish check, a rebuild that
+  differs from its card);
+- exit 1, :class:`RemoteError`: a remote service failed (the Hub, a download server); a rerun may work.
+
+Ctrl-C and SIGTERM (exit 130 and 143) are handled by the command line too. Any other exception is a bug in
+facegen and stays a traceback.
+"""
 
 
 class FacegenError(Exception):
-    """Base class of facegen's own errors."""
+    """Base class of facegen's own errors; raise one of its kinds, which say what the user can do."""
 
 
 class UsageError(FacegenError):
-    """A user's mistake (bad path, option, file, plugin name): one clear line, exit code 2."""
+    """The user's input, options or environment must change (bad path, option, file, plugin name, hostile input)."""
+
+
+class FolderBusy(UsageError):
+    """Another facegen process holds the output folder's lock, or took it over during this run."""
+
+
+class OutOfSpace(UsageError):
+    """The disk or quota is full; what was complete is kept and the rerun resumes once there is room."""
 
 
 class SampleError(FacegenError):
@@ -16,3 +37,11 @@ class SampleError(FacegenError):
         super().__init__(f"{ref}: {reason}")
         self.ref = ref
         self.reason = reason
+
+
+class CheckFailed(FacegenError):
+    """A check the command exists to make failed: the folder is not fit to publish, a rebuild differs."""
+
+
+class RemoteError(FacegenError):
+    """A remote service failed or sent something else than published (the Hub, a download server)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -65,18 +65,23 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def _digest_file(path: str | os.PathLike, digest):
+Progress = Callable[[int], object]  # called with the bytes of each block read (e.g. a tqdm bar's update)
+
+
+def _digest_file(path: str | os.PathLike, digest, progress: Progress | None):
     with open(path, "rb") as f:
         while block := f.read(BLOCK):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike, progress: Progress | None = None) -> str:
     """The file's sha256 (hex), as the Hub's LFS object id of the same file."""
-    return _digest_file(path, hashlib.sha256())
+    return _digest_file(path, hashlib.sha256(), progress)
 
 
-def xxh3_128_file(path: str | os.PathLike) -> str:
+def xxh3_128_file(path: str | os.PathLike, progress: Progress | None = None) -> str:
     """The file's XXH3-128 (hex): what the shard and unit stats record (fast enough to check every resume)."""
-    return _digest_file(path, xxhash.xxh3_128())
+    return _digest_file(path, xxhash.xxh3_128(), progress)

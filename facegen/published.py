@@ -5,6 +5,8 @@ build), so it sits beside ``records``: builders and plugins may both import it.
 
 API summary
 -----------
+- ``hub_dataset(path_or_repo) -> HubId | None``: None for a local folder, else the Hub dataset id it names
+  (:mod:`facegen.hub_ids`); neither is "no such folder" in one line.
 - ``resolve_dataset(path_or_repo) -> (Path, repo_id | None)``: a local folder, or a Hub dataset id (``org/name``,
   ``org/name@revision``, ``hf://datasets/org/name``) downloaded with ``huggingface_hub.snapshot_download``
   (``data/``, ``README.md``, ``_info.json``, ``LICENSE*`` only).
@@ -17,49 +19,47 @@ API summary
 What is read, and how cheaply: a local build's per-shard sample index (``.facegen/shards/index/{j:06d}.json``:
 keys, identities, labels, byte offsets and lengths) when it is present and matches the shard's name and size;
 nothing of the shard itself is then read until a sample is, and a sample's members are found from its headers with
-one read of its byte range. Without an index (a Hub download, an older build, a shard rewritten since), the tar
-headers (plain USTAR ones read directly, others through ``tarfile``) and the small ``.json`` and ``.cls`` members;
-image bytes only on request, by offset. One identity's samples may be spread over
-many shards (shards are shuffled across the whole dataset), so samples are regrouped by their label (``cls``)
-and ordered by key. A member too large to be metadata, a label that is not an integer or a truncated shard is a
-counted skip, never an exception.
+one read of its byte range. Without an index (a Hub download, a shard rewritten since), the tar headers
+(:mod:`facegen.tarfiles`: bounded; a damaged header ends the shard's listing) and the small ``.json`` and ``.cls``
+members; image bytes only on request, by offset. One identity's samples may be spread over many shards (shards are
+shuffled across the whole dataset), so samples are regrouped by their label (``cls``) and ordered by key. A member
+too large to be metadata, a label that is not an integer or a damaged shard is a counted skip, never an exception.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import re
-import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from facegen.errors import UsageError
+from facegen.hub_ids import HubId, dataset_id, parse
 from facegen.layout import DATA_DIR, INFO, LICENSE, README, TRAIN_DIR, OutputFolder, shard_number
+from facegen.layout.records import RunRecord, SampleIndex
+from facegen.tarfiles import TarDamaged, block_members, list_members
 
 HUB_PATTERNS = [f"{DATA_DIR}/**", README, INFO, f"{LICENSE}*"]
-INDEX_FORMAT = "facegen-sample-index-1"  # facegen.builders.engine.writer.INDEX_FORMAT (not imported: builders import us)
 MAX_METADATA_BYTES = 1 << 20  # a json or cls member larger than this is not facegen's metadata
 COLUMNS_OF_EVERY_SAMPLE = ("cls", "json", "__key__", "__url__")
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
 
 
-def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """``org/name``, ``org/name@rev`` or ``hf://datasets/org/name[@rev]`` -> (repo_id, revision); else None."""
-    text = text.strip()
-    if text.startswith("hf://"):
-        if not text.startswith("hf://datasets/"):
-            raise UsageError(f"{text}: only Hub dataset repositories (hf://datasets/ORG/NAME) are facegen datasets")
-        text = text[len("hf://datasets/"):].rstrip("/")
-    elif os.path.exists(text) or text.startswith((".", "/", "~")):
+def hub_dataset(path_or_repo: str | os.PathLike) -> HubId | None:
+    """None for a local folder, the Hub id of a dataset named by one (:mod:`facegen.hub_ids`' rule); anything else
+    is a one-line UsageError ("no such folder")."""
+    text = os.fspath(path_or_repo)
+    if os.path.isdir(text):
         return None
-    if not HUB_ID.match(text):
-        return None
-    repo_id, _, revision = text.partition("@")
-    return repo_id, revision or None
+    hub = dataset_id(text)
+    if hub is not None:
+        return hub
+    if os.path.exists(text):
+        raise UsageError(f"{text} is a file, not a facegen dataset folder")
+    if parse(text) is not None:  # id-shaped, but its first part is a local folder: a mistyped path
+        raise UsageError(f"{text}: no such folder (for the Hub dataset, write hf://datasets/{text})")
+    raise UsageError(f"{text}: no such folder, and not a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
 
 
 def download_dataset(repo_id: str, revision: str | None = None) -> Path:
@@ -76,14 +76,10 @@ def download_dataset(repo_id: str, revision: str | None = None) -> Path:
 
 def resolve_dataset(path_or_repo: str | os.PathLike) -> tuple[Path, str | None]:
     """(local folder, Hub repo id or None) of a facegen dataset given as a folder or a Hub id."""
-    text = os.fspath(path_or_repo)
-    if os.path.isdir(text):
-        return Path(text).resolve(), None
-    hub = parse_hub_id(text)
+    hub = hub_dataset(path_or_repo)
     if hub is None:
-        raise UsageError(f"{text} is neither a folder nor a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
-    repo_id, revision = hub
-    return download_dataset(repo_id, revision), repo_id
+        return Path(path_or_repo).resolve(), None
+    return download_dataset(hub.repo_id, hub.revision), hub.repo_id
 
 
 def shards_fingerprint(root: str | os.PathLike) -> str:
@@ -93,67 +89,6 @@ def shards_fingerprint(root: str | os.PathLike) -> str:
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-
-
-class _NotPlainUstar(Exception):
-    """A tar feature the fast reader leaves to ``tarfile`` (pax or GNU long-name headers, base-256 sizes)."""
-
-
-def _ustar_members(f, file_size: int):
-    """(name, data offset, size) of the regular members of a plain USTAR tar, reading only the headers.
-
-    Faster than iterating ``tarfile``, which builds a TarInfo per member (4.6x in the report's indexing pass);
-    facegen's shards are plain USTAR. Raises EOFError when a member's data runs past the end of the file.
-    """
-    position = 0
-    while position + 512 <= file_size:
-        f.seek(position)
-        header = f.read(512)
-        if len(header) < 512:
-            raise EOFError("unexpected end of data")
-        if not header.strip(b"\0"):
-            return  # the end-of-archive blocks
-        stored = header[148:156].replace(b"\0", b" ").strip()
-        if not stored or sum(header[:148]) + 256 + sum(header[156:]) != int(stored, 8):
-            raise tarfile.HeaderError(f"bad header checksum at byte {position}")
-        kind = header[156:157]
-        if kind in (b"x", b"g", b"L", b"K") or header[124] & 0x80:
-            raise _NotPlainUstar
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix + b"/" + name
-        size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
-        data = position + 512
-        if data + size > file_size:
-            raise EOFError("unexpected end of data")
-        if kind in (b"0", b"\0"):
-            yield name.decode("utf-8", "replace"), data, size
-        position = data + (size + 511) // 512 * 512
-
-
-def list_members(path: Path) -> tuple[list[tuple[str, int, int]], Exception | None]:
-    """(regular members as (name, data offset, size), the error that stopped the listing or None)."""
-    found: list[tuple[str, int, int]] = []
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
-        try:
-            found.extend(_ustar_members(f, file_size))
-            return found, None
-        except _NotPlainUstar:
-            found = []
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            return found, exc
-        try:
-            f.seek(0)
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    if member.isfile():
-                        found.append((member.name, member.offset_data, member.size))
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            return found, exc
-    return found, None
 
 
 @dataclass
@@ -199,7 +134,7 @@ class PublishedDataset:
         self.card = self._read_card()
         self.features = self._read_features()
         self.image_column = self._image_column()
-        self.run = self._read_json(self.folder.run_json)
+        self.run = RunRecord.read(self.folder.run_json)
         license_path = self.folder.file(LICENSE)
         self.license_text = license_path.read_text(encoding="utf-8", errors="replace") if license_path.is_file() \
             else ""
@@ -258,10 +193,8 @@ class PublishedDataset:
                 return Features._from_yaml_list(info["features"])
             except Exception:
                 pass
-        run = self._read_json(self.folder.run_json) or {}
-        if run.get("features"):
-            return Features.from_dict(run["features"])
-        return None
+        run = RunRecord.read(self.folder.run_json)
+        return Features.from_dict(run.features) if run is not None else None
 
     def _image_column(self) -> str:
         if self.features is not None:
@@ -309,21 +242,17 @@ class PublishedDataset:
         number = shard_number(path)
         if number is None:
             return None
-        index_path = self.folder.shard(number).index
+        record = SampleIndex.read(self.folder.shard(number).index)  # its types checked
         try:
-            record = json.loads(index_path.read_bytes())
             size = path.stat().st_size
-            if (not isinstance(record, dict) or record.get("format") != INDEX_FORMAT
-                    or record.get("tar") != path.relative_to(self.root).as_posix() or record.get("tar_bytes") != size):
-                return None
-            rows = list(zip(record["keys"], record["identities"], record["cls"], record["offsets"],
-                            record["lengths"], strict=True))
-        except (OSError, ValueError, KeyError, TypeError):
+        except OSError:
+            return None
+        if record is None or record.tar != path.relative_to(self.root).as_posix() or record.tar_bytes != size:
             return None
         out, end = [], 0
-        for key, identity, cls, offset, length in rows:
-            if not (isinstance(key, str) and isinstance(cls, int) and isinstance(offset, int)
-                    and isinstance(length, int) and 0 <= offset and offset + length <= size):
+        for key, identity, cls, offset, length in zip(record.keys, record.identities, record.cls, record.offsets,
+                                                      record.lengths):
+            if not (0 <= offset and offset + length <= size):
                 return None
             end = max(end, offset + length)
             identity = str(identity) if identity not in (None, "") else f"cls{cls}"
@@ -345,14 +274,9 @@ class PublishedDataset:
             block = os.pread(f.fileno(), length, start)
         if len(block) != length:
             raise OSError(f"{self.shards[sample.shard].name} ends inside sample {sample.key}")
-        view = io.BytesIO(block)
         try:
-            entries = list(_ustar_members(view, length))
-        except _NotPlainUstar:
-            view.seek(0)
-            with tarfile.open(fileobj=view, mode="r:") as tar:
-                entries = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-        except (tarfile.TarError, EOFError, ValueError) as exc:
+            entries = block_members(block)
+        except TarDamaged as exc:
             raise OSError(f"{self.shards[sample.shard].name}: sample {sample.key} is damaged ({exc})") from None
         members = {}
         for name, offset, size in entries:
@@ -366,7 +290,8 @@ class PublishedDataset:
         rel = path.relative_to(self.root).as_posix()
         groups: dict[str, dict[str, tuple[int, int]]] = {}
         metadata: dict[str, dict[str, bytes]] = defaultdict(dict)
-        members, error = list_members(path)
+        listing = list_members(path)
+        members, error = listing.members, listing.error
         try:
             with open(path, "rb") as f:
                 for name, offset, size in members:

@@ -120,6 +120,34 @@ def test_prototype_comes_from_the_recogniser_or_from_source_embeddings(tiny_dir,
     recompute.close()
 
 
+def test_embed_and_the_transform_share_one_rule_to_the_last_bit(tiny_dir, source):
+    """`facegen embed` (and so select-identities) computes the transform's own prototypes, bit for bit, skipping
+    what the transform skips; a zero embedding handed over is a counted skip in both."""
+    from facegen.builders.quality.identities import FaceEmbedder, embed_source
+
+    batch = identities(source)
+    broken = SourceImage(ref="x/0.png", data=b"\x89PNG broken", ext="png")
+    zero = SourceImage(ref="x/1.png", data=b"", ext="png", hints={"embedding": np.zeros(512, np.float32)})
+    batch[1] = Identity(batch[1].id, 1, batch[1].seed, images=[*batch[1].images, broken, zero])
+    transform = make(tiny_dir)
+    plans = transform.plan_identities(batch)
+    transform.close()
+
+    class Batch:  # the same images as a source hands them to `facegen embed`
+        def identities(self):
+            return [identity.id for identity in batch]
+
+        def load(self, identity_id):
+            return next(identity.images for identity in batch if identity.id == identity_id)
+
+    prototypes = embed_source(Batch(), FaceEmbedder(str(tiny_dir)), progress=False)
+    assert prototypes.ids == [identity.id for identity in batch]
+    for plan, embedded in zip(plans, prototypes.embeddings):
+        assert plan.prototype.tobytes() == embedded.tobytes()
+    assert [(s.ref, s.reason) for s in plans[1].skipped] == [(s.ref, s.reason) for s in prototypes.skipped] == [
+        ("x/0.png", "corrupt image"), ("x/1.png", "zero embedding")]
+
+
 def test_identity_without_usable_images_is_skipped_in_place(tiny_dir, source):
     transform = make(tiny_dir)
     batch = identities(source)[:3]

@@ -226,16 +226,17 @@ def test_jpeg_folder_is_copied_byte_for_byte_and_cmyk_is_converted(tmp_path):
 
 
 def test_unencodable_extra_is_skipped_and_counted(tmp_path):
-    from facegen.builders.engine.writer import ShardWriter
+    from facegen.builders.engine.writer import SHARD, SampleFormat, TarWriter
+    from facegen.layout import OutputFolder
     from facegen.records import Face, Identity, IdentityResult
 
-    writer = ShardWriter(tmp_path, 0, "png", "test")
+    writer = TarWriter(OutputFolder(tmp_path), SHARD, 0, SampleFormat("png", "test"))
     good = Face(image=Image.new("RGB", (8, 8)), ref="a")
     bad = Face(image=Image.new("RGB", (8, 8)), ref="b", extras={"thing.weird": object()})
     writer.write(IdentityResult(Identity("x", 0, 1), [good, bad, good]))
     writer.finish()
     stats = writer.commit()
-    assert stats["images"] == 2 and stats["skipped"] == {"unencodable sample": 1}
+    assert stats.images == 2 and stats.skipped == {"unencodable sample": 1}
     assert [n for n, _ in tar_members(tmp_path / "data" / "train" / "train-000000.tar")][::3] == [
         "000000_000.cls", "000000_001.cls"]  # keys stay dense
 

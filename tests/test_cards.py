@@ -4,6 +4,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -15,6 +16,7 @@ from facegen.cards import licence_chain, write_card
 from facegen.cards.preview import TILE
 from conftest import cli
 from facegen.errors import UsageError
+from facegen.layout.records import LicenseRecord, ModelRecord, PluginRecord, RunRecord, load_run
 from facegen.testing.folder import write_folder_source
 from facegen.testing.output import MIT, RESEARCH_ONLY, write_output_folder
 
@@ -117,9 +119,10 @@ def test_card_of_an_unfinished_build_warns(built, capsys):
 
 
 def test_plugins_can_describe_their_columns(tmp_path):
+    """What the build recorded of each plugin's ``column_descriptions()`` (``columns`` in its run record)."""
     out = write_output_folder(tmp_path / "out", identities=2, card=False)
     run = json.loads((out / ".facegen" / "run.json").read_text())
-    run["source"]["provenance"] = {"columns": {"json.image_index": "position of the image in its identity folder"}}
+    run["source"]["columns"] = {"json.image_index": "position of the image in its identity folder"}
     run["transform"]["columns"] = {"embedding.npy": "ArcFace embedding of the output image"}
     (out / ".facegen" / "run.json").write_text(json.dumps(run))
     write_card(out)
@@ -178,12 +181,16 @@ def test_card_with_extras_quality_and_models(tmp_path):
 
 
 def _run(source_license, models=(), transform_license=None):
-    return {"source": {"name": "src", "license": source_license},
-            "transform": {"name": "t", "license": transform_license, "models": list(models)}}
+    """The parts of a run record the licence chain reads."""
+    def licence(fields):
+        return LicenseRecord(**fields) if fields else None
+
+    return SimpleNamespace(source=PluginRecord("src", license=licence(source_license)),
+                           transform=PluginRecord("t", license=licence(transform_license), models=list(models)))
 
 
 def _model(licence, note=""):
-    return {"id": f"m-{licence}-{note}", "revision": "r", "license": licence, "note": note}
+    return ModelRecord(f"m-{licence}-{note}", revision="r", license=licence, note=note)
 
 
 def test_licence_chain_most_restrictive_input_governs():
@@ -270,13 +277,19 @@ def _recipe_run(recipe: Path, tmp_path: Path) -> dict:
     features = datasets.Features({fmt: datasets.Image(), "cls": datasets.Value("int64"),
                                   "json": {"identity": datasets.Value("string")},
                                   "__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
-    return {"facegen_version": "0.1.0", "git_revision": None, "command": ["facegen", "build", "--recipe", recipe.stem],
-            "created": "2026-01-01T00:00:00+00:00",
+    return {"schema": RunRecord.SCHEMA, "facegen_version": "0.1.0", "git_revision": None,
+            "command": ["facegen", "build", "--recipe", recipe.stem], "created": "2026-01-01T00:00:00+00:00",
+            "python": "3.11.0",
             "options": {"source": values["source"], "source_path": "/data", "source_opts": values.get("source_opts", {}),
                         "plugin": values["plugin"], "plugin_opts": values.get("plugin_opts", {}),
-                        "recipe": recipe.stem, "shard_size": values.get("shard_size", 100),
-                        "seed": values.get("seed", 0), "format": fmt, "strict": False},
+                        "recipe": recipe.stem, "limit_identities": None, "identities_file": None,
+                        "identities_file_sha256": None, "shard_size": values.get("shard_size", 100),
+                        "shard_samples": values.get("shard_samples", 10_000), "shards_multiple_of": 1,
+                        "seed": values.get("seed", 0), "format": fmt, "strict": False, "verify": "full"},
             "plan": {"identities": 0, "shards": 0, "plan_sha256": "0" * 64},
+            "layout": {"mode": "units", "units": 0, "identities_per_unit": values.get("shard_size", 100),
+                       "planned_shard_lengths": [], "order": "", "units_xxh3_128": None,
+                       "identities_without_images": []},
             "source": record(source_cls), "transform": transform, "features": features.to_dict(),
             "image_column": fmt, "quality_fields": list(getattr(transform_cls, "quality_fields", ())),
             "totals": {"identities": 0, "images": 0, "skipped": {}, "shards": 0}}
@@ -305,13 +318,12 @@ def test_card_renders_for_each_recipe(recipe, tmp_path):
         assert card.data.license_name and (tmp_path / "LICENSE").read_text().strip()
 
 
-def test_sample_bytes_of_written_and_assembled_shards(tmp_path):
+def test_sample_bytes_of_written_and_assembled_shards():
     """A shard's `sample_bytes` (the card's num_bytes) is its members' payload, also when its samples are copied
-    from units of work (identity-level transforms); the card reads it from the stats, not from the tars."""
+    from units of work (identity-level transforms)."""
     import io
 
     from facegen.builders.engine.writer import UstarWriter
-    from facegen.cards.card import sample_bytes
 
     unit, shard = io.BytesIO(), io.BytesIO()
     written, copied = UstarWriter(unit), UstarWriter(shard)
@@ -325,7 +337,6 @@ def test_sample_bytes_of_written_and_assembled_shards(tmp_path):
         with tarfile.open(fileobj=io.BytesIO(data.getvalue())) as tar:
             assert writer.payload == sum(m.size for m in tar if m.isfile()) == sum(
                 len(v) for sample in samples for v in sample.values())
-    assert sample_bytes(tmp_path, [{"tar": "data/train/gone.tar", "sample_bytes": 123}]) == 123
 
 
 def publishable_files(out: Path) -> list[Path]:
@@ -394,7 +405,7 @@ def test_yaml_is_hub_grade_and_the_summary_reads_plainly(tmp_path, capsys):
     assert meta["extra_gated_prompt"].startswith("Non-commercial use only.")
     assert "Access is gated" in text
     # the summary names each licence without its parenthetical remarks: no nested brackets
-    summary = licence_chain(json.loads((out / ".facegen" / "run.json").read_text())).summary
+    summary = licence_chain(load_run(out)).summary
     assert "fixture: Research Use of Data Agreement v1.0; org/gen: research-only." in summary
     assert "((" not in summary and "))" not in summary
     # plurals

@@ -11,8 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from facegen.builders.hub.download import DownloadError, RemoteFile, download_file
+from facegen import messages
+from facegen.api import DownloadFile
+from facegen.builders.hub.download import download_file
 from facegen.cli import main
+from facegen.errors import RemoteError
 from facegen.plugins.digiface import DigiFaceSource
 from facegen.testing.digiface import truncate_file, write_digiface_part
 
@@ -86,8 +89,8 @@ class FixtureServer:
 
 def published(name, data, with_checksum=True):
     if not with_checksum:
-        return {"name": name, "size": None, "sha256": None}
-    return {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return DownloadFile(name)
+    return DownloadFile(name, len(data), hashlib.sha256(data).hexdigest())
 
 
 @pytest.fixture
@@ -147,38 +150,34 @@ def test_interrupted_download_resumes_with_range_on_rerun(tmp_path, parts, monke
 
 
 def test_dropped_connection_is_resumed_automatically_within_one_run(tmp_path, parts):
-    remote = RemoteFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]),
+    remote = DownloadFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]),
                         hashlib.sha256(parts[f"{P72_A}.zip"]).hexdigest())
-    messages = []
-    with FixtureServer(parts, drops={f"{P72_A}.zip": 2}) as server:
-        path = download_file(server.url, tmp_path, remote, retries=3, progress=False, echo=messages.append,
-                             backoff=0.01)
+    with FixtureServer(parts, drops={f"{P72_A}.zip": 2}) as server, messages.captured() as said:
+        path = download_file(server.url, tmp_path, remote, retries=3, progress=False, backoff=0.01)
     assert path.read_bytes() == parts[f"{P72_A}.zip"]
     size = len(parts[f"{P72_A}.zip"])
     first_cut = size // 2
     second_cut = first_cut + (size - first_cut) // 2
     assert server.requests == [(remote.name, None), (remote.name, f"bytes={first_cut}-"),
                                (remote.name, f"bytes={second_cut}-")]
-    assert len(messages) == 2 and all("resuming (retry" in m for m in messages)
+    assert len(said) == 2 and all(m.level == messages.WARNING and "resuming (retry" in m.text for m in said)
 
 
 def test_server_that_ignores_range_restarts_cleanly(tmp_path, parts):
     data = parts[f"{P72_A}.zip"]
-    remote = RemoteFile(f"{P72_A}.zip", len(data), hashlib.sha256(data).hexdigest())
+    remote = DownloadFile(f"{P72_A}.zip", len(data), hashlib.sha256(data).hexdigest())
     with FixtureServer(parts, drops={remote.name: 1}, honour_range=False) as server:
-        path = download_file(server.url, tmp_path, remote, retries=1, progress=False, echo=lambda m: None,
-                             backoff=0.01)
+        path = download_file(server.url, tmp_path, remote, retries=1, progress=False, backoff=0.01)
     assert path.read_bytes() == data
 
 
 def test_checksum_mismatch_exits_non_zero_with_one_line(tmp_path, parts, monkeypatch, capsys):
-    wrong = published(f"{P72_A}.zip", parts[f"{P72_A}.zip"])
-    wrong["sha256"] = "0" * 64
+    wrong = DownloadFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]), "0" * 64)
     monkeypatch.setattr(DigiFaceSource, "download_files", [wrong])
     to = tmp_path / "digiface"
     with FixtureServer(parts) as server:
         code = cli("digiface", "--to", to, "--base-url", server.url, "--accept-license")
-    assert code != 0
+    assert code == 1  # the server sent other bytes than the published ones
     (line,) = error_lines(capsys.readouterr().err)
     assert f"{P72_A}.zip: sha256 mismatch: expected {'0' * 64}, got " in line
     assert not (to / f"{P72_A}.zip").exists() and not (to / f".{P72_A}.zip.part").exists()
@@ -192,7 +191,7 @@ def test_part_without_checksum_is_verified_as_a_zip(tmp_path, parts, monkeypatch
     to = tmp_path / "digiface"
     with FixtureServer({f"{P5_A}.zip": crc_broken}) as server:
         code = cli("digiface", "--to", to, "--base-url", server.url, "--accept-license")
-    assert code != 0
+    assert code == 1  # the server sent other bytes than the published ones
     (line,) = error_lines(capsys.readouterr().err)
     assert f"{P5_A}.zip: member '100000/0.png' fails its CRC" in line
     assert not (to / f"{P5_A}.zip").exists()
@@ -200,16 +199,16 @@ def test_part_without_checksum_is_verified_as_a_zip(tmp_path, parts, monkeypatch
     cut = truncate_file(tmp_path / "bad" / f"{P5_A}.zip", 0.7).read_bytes()
     with FixtureServer({f"{P5_A}.zip": cut}) as server:
         code = cli("digiface", "--to", to, "--base-url", server.url, "--accept-license")
-    assert code != 0
+    assert code == 1  # the server sent other bytes than the published ones
     (line,) = error_lines(capsys.readouterr().err)
     assert f"{P5_A}.zip: not a valid zip" in line
     assert not (to / f"{P5_A}.zip").exists()
 
 
 def test_server_size_differing_from_the_published_size_is_an_error(tmp_path, parts):
-    remote = RemoteFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]) + 5, None)
-    with FixtureServer(parts) as server, pytest.raises(DownloadError, match="server offers .* bytes, the published"):
-        download_file(server.url, tmp_path, remote, retries=0, progress=False, echo=lambda m: None)
+    remote = DownloadFile(f"{P72_A}.zip", len(parts[f"{P72_A}.zip"]) + 5, None)
+    with FixtureServer(parts) as server, pytest.raises(RemoteError, match="server offers .* bytes, the published"):
+        download_file(server.url, tmp_path, remote, retries=0, progress=False)
     assert not (tmp_path / remote.name).exists()
 
 
@@ -243,8 +242,7 @@ def test_complete_partial_file_left_by_a_kill_is_verified_without_downloading_ag
     data = parts[f"{P5_A}.zip"]
     (tmp_path / f".{P5_A}.zip.part").write_bytes(data)  # killed after the last byte, before verify + rename
     with FixtureServer(parts) as server:
-        path = download_file(server.url, tmp_path, RemoteFile(f"{P5_A}.zip"), retries=0, progress=False,
-                             echo=lambda m: None)
+        path = download_file(server.url, tmp_path, DownloadFile(f"{P5_A}.zip"), retries=0, progress=False)
     assert server.requests == [(f"{P5_A}.zip", f"bytes={len(data)}-")]  # answered 416: nothing left to send
     assert path.read_bytes() == data and not (tmp_path / f".{P5_A}.zip.part").exists()
 
@@ -257,9 +255,9 @@ def test_interactive_answer_decides(tmp_path, parts, monkeypatch):
     questions = []
     with FixtureServer(parts) as server:
         with pytest.raises(UsageError, match="licence not accepted"):
-            download_source(DigiFaceSource, tmp_path, base_url=server.url, progress=False, echo=lambda m: None,
+            download_source(DigiFaceSource, tmp_path, base_url=server.url, progress=False,
                             confirm=lambda q: questions.append(q) or False)
         assert server.requests == []
-        done = download_source(DigiFaceSource, tmp_path, base_url=server.url, progress=False, echo=lambda m: None,
+        done = download_source(DigiFaceSource, tmp_path, base_url=server.url, progress=False,
                                confirm=lambda q: questions.append(q) or True)
     assert done == [tmp_path / f"{P72_A}.zip"] and len(questions) == 2 and "licence of digiface" in questions[0]

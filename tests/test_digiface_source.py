@@ -1,6 +1,5 @@
 """Source `digiface` on fixture parts in the published layouts: zips read in place, folders, bad input."""
 
-import logging
 import multiprocessing
 import os
 import zipfile
@@ -8,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from facegen import messages
 from facegen.errors import UsageError
 from facegen.plugins.digiface import DigiFaceSource, classify_member
 from facegen.records import SourceImage, Skip
@@ -39,12 +39,12 @@ def three_parts(tmp_path):
     return src
 
 
-def test_zip_parts_read_in_place_in_numeric_and_natural_order(three_parts, caplog):
+def test_zip_parts_read_in_place_in_numeric_and_natural_order(three_parts):
     before = tree(three_parts)
-    with caplog.at_level(logging.WARNING, logger="facegen.digiface"):
+    with messages.captured() as said:
         source = DigiFaceSource(three_parts)
     assert source.identities() == ["0", "1", "2", "10", "2000", "2001", "100000", "100001"]
-    assert source.warnings == [] and caplog.records == []  # __MACOSX/, .DS_Store and dot files are silent
+    assert source.warnings == [] and said == []  # __MACOSX/, .DS_Store and dot files are silent
 
     items = source.load("10")
     assert [i.meta["image_index"] for i in items] == list(range(12))  # 2 before 10, not "10" before "2"
@@ -108,12 +108,12 @@ def test_threads_share_the_handle_and_a_forked_child_opens_its_own(three_parts):
     source.close()
 
 
-def test_mixed_zip_extracted_and_wrapper_folders_prefer_the_zip(tmp_path, caplog):
+def test_mixed_zip_extracted_and_wrapper_folders_prefer_the_zip(tmp_path):
     src = tmp_path / "mix"
     write_digiface_part(src, ids=[0, 1, 2], images_per_identity=3, name=P72_A)
     write_digiface_part(src, ids=[2, 3], images_per_identity=2, form="folder")  # extracted next to the zip
     write_digiface_part(src, ids=[2000], images_per_identity=2, name=P72_B, form="folder", wrapper=True)
-    with caplog.at_level(logging.WARNING, logger="facegen.digiface"):
+    with messages.captured() as said:
         source = DigiFaceSource(src)
     assert source.identities() == ["0", "1", "2", "3", "2000"]
     assert [i.ref for i in source.load("2")] == [f"{P72_A}.zip:2/{k}.png" for k in range(3)]  # the zip's copy
@@ -122,7 +122,7 @@ def test_mixed_zip_extracted_and_wrapper_folders_prefer_the_zip(tmp_path, caplog
     assert [i.ref for i in source.load("2000")] == [f"{P72_B}/2000/0.png", f"{P72_B}/2000/1.png"]
     (line,) = source.warnings
     assert f"1 identity of {src} also in {P72_A}.zip; using the latter (e.g. 2)" in line
-    assert [r.getMessage() for r in caplog.records] == source.warnings
+    assert said == [messages.Message(messages.WARNING, line)]
 
 
 def test_a_single_zip_file_is_a_valid_source_path(tmp_path):
@@ -162,12 +162,12 @@ def test_not_a_zip_at_all_is_a_usage_error(tmp_path):
         DigiFaceSource(tmp_path)
 
 
-def test_unsafe_members_are_never_used_and_are_reported(tmp_path, caplog):
+def test_unsafe_members_are_never_used_and_are_reported(tmp_path):
     src = tmp_path / "deep" / "src"
     write_digiface_part(src, ids=[7, 8], images_per_identity=2, name=P72_A, unsafe_members=True,
                         wrapper=True)
     before = tree(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="facegen.digiface"):
+    with messages.captured() as said:
         source = DigiFaceSource(src)
     assert source.identities() == ["7", "8"]
     refs = [i.ref for identity in source.identities() for i in source.load(identity)]
@@ -177,7 +177,7 @@ def test_unsafe_members_are_never_used_and_are_reported(tmp_path, caplog):
     (line,) = source.warnings
     assert "3 entries (unsafe path)" in line and "'../escape/0.png'" in line and "'/7/99.png'" in line
     assert f"{P72_A}.zip" in line
-    assert caplog.records[0].getMessage() == line
+    assert said == [messages.Message(messages.WARNING, line)]
     assert source.provenance()["ignored_entries"]["unsafe path"] == 3
 
 

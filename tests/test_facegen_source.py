@@ -9,7 +9,8 @@ import pytest
 from datasets import load_dataset
 
 from facegen.errors import UsageError
-from facegen.published import PublishedDataset, parse_hub_id, resolve_dataset
+from facegen import hub_ids
+from facegen.published import PublishedDataset, hub_dataset, resolve_dataset
 from facegen.testing.output import RESEARCH_ONLY, write_output_folder
 from conftest import build, run_cli
 
@@ -130,11 +131,24 @@ def test_hostile_shards_are_counted_skips(parent):
 
 
 def test_hub_ids_are_recognised_and_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
-    assert parse_hub_id("org/name") == ("org/name", None)
-    assert parse_hub_id("hf://datasets/org/name@v1") == ("org/name", "v1")
-    assert parse_hub_id("./org/name") is None
+    assert hub_ids.parse("org/name") == ("org/name", None)
+    assert hub_ids.parse("hf://datasets/org/name@v1") == ("org/name", "v1")
+    assert hub_ids.parse("hf://datasets/org/name/") == ("org/name", None)
+    for not_an_id in ("./org/name", "/org/name", "~/name", "org", "org/name/x", "org--x/name", "hf://models/a/b",
+                      None, ""):
+        assert hub_ids.parse(not_an_id) is None, not_an_id
     with pytest.raises(UsageError, match="hf://datasets"):
-        parse_hub_id("hf://models/org/name")
+        hub_ids.dataset_id("hf://models/org/name")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    # a path that does not exist is never a Hub id when its first folder is local: "no such folder"
+    assert hub_ids.dataset_id("out/nope") is None
+    with pytest.raises(UsageError, match="^out/nope: no such folder"):
+        hub_dataset("out/nope")
+    with pytest.raises(UsageError, match="^nope: no such folder"):
+        hub_dataset("nope")
+    assert hub_dataset(tmp_path / "out") is None
+    assert hub_ids.dataset_id("hf://datasets/out/nope") == ("out/nope", None)  # the URL form is always an id
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants
 
@@ -143,27 +157,10 @@ def test_hub_ids_are_recognised_and_an_unreachable_hub_is_one_line(tmp_path, mon
         resolve_dataset("someone/not-cached-anywhere")
     folder, repo = resolve_dataset(tmp_path)
     assert folder == tmp_path.resolve() and repo is None
-
-
-def test_member_listing_matches_tarfile_for_ustar_pax_and_gnu_tars(tmp_path):
-    from facegen.published import list_members
-
-    for fmt in (tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
-        path = tmp_path / f"{fmt}.tar"
-        with tarfile.open(path, "w", format=fmt) as tar:
-            for name, data in (("000000_000.png", b"a" * 700), (f"{'d' * 120}/000000_000.json", b"{}"),
-                               ("é/000001_000.cls", b"1")):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        with tarfile.open(path) as tar:
-            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-        assert list_members(path) == (expected, None)
-    data = bytearray(path.read_bytes())
-    data[148] ^= 1  # a damaged header checksum is an error, never a misread member
-    path.write_bytes(bytes(data))
-    members, error = list_members(path)
-    assert members == [] and error is not None
+    for bad in ("org", "a/b/c", "org/name@v1", "org/na me"):
+        with pytest.raises(UsageError, match="--repo"):
+            hub_ids.check_repo_name(bad)
+    assert hub_ids.check_repo_name("org/name") == "org/name"
 
 
 def test_a_built_dataset_is_read_from_its_sample_index_like_a_scan(parent, tmp_path):

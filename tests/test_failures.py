@@ -12,7 +12,7 @@ import datasets
 import pytest
 
 from conftest import BIN, run_cli
-from facegen.builders.engine import writer as shards
+from facegen.builders.engine import writer
 from facegen.testing.folder import write_folder_source
 
 
@@ -82,7 +82,7 @@ def test_full_disk_discards_the_partial_shard_and_the_rerun_resumes(src, tmp_pat
     reference = tmp_path / "reference"
     assert run_cli(build_args(src, reference), capsys)[0] == 0
     out = tmp_path / "out"
-    real_add = shards.UstarWriter.add_sample
+    real_add = writer.UstarWriter.add_sample
     calls = []
 
     def fill_the_disk(self, key, fields):  # the 9th sample (shard 2) finds the disk full
@@ -91,7 +91,7 @@ def test_full_disk_discards_the_partial_shard_and_the_rerun_resumes(src, tmp_pat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_add(self, key, fields)
 
-    monkeypatch.setattr(shards.UstarWriter, "add_sample", fill_the_disk)
+    monkeypatch.setattr(writer.UstarWriter, "add_sample", fill_the_disk)
     code, stdout, err = run_cli(build_args(src, out), capsys)
     assert code == 2 and one_line(err), err
     assert "no space left on the device" in err and "the 4 images left need about" in err and "free)" in err
@@ -101,7 +101,7 @@ def test_full_disk_discards_the_partial_shard_and_the_rerun_resumes(src, tmp_pat
     assert sorted(os.listdir(train)) == ["train-000000.tar", "train-000001.tar"]  # no hidden temporary left
     assert not [p for p in (out / ".facegen").rglob(".*") if p.name != "lock"]
 
-    monkeypatch.setattr(shards.UstarWriter, "add_sample", real_add)
+    monkeypatch.setattr(writer.UstarWriter, "add_sample", real_add)
     code, stdout, err = run_cli(build_args(src, out), capsys)
     assert code == 0 and "(1 written now, 2 already complete)" in stdout, err
     assert snapshot(train) == snapshot(reference / "data" / "train")
@@ -252,7 +252,7 @@ def test_full_disk_in_units_or_assembly_discards_the_partial_file_and_the_rerun_
     assert run_cli(build_args(src, reference), capsys)[0] == 0  # 3 units of 2 identities, 3 shards of 4 samples
     out = tmp_path / "out"
     # a unit's samples are encoded and added; an assembled shard's are copied from the units
-    owner, name = (shards.UstarWriter, "add_sample") if where == "unit" else (shards.ShardWriter, "copy")
+    owner, name = (writer.UstarWriter, "add_sample") if where == "unit" else (writer.TarWriter, "copy")
     real = getattr(owner, name)
     calls = []
 

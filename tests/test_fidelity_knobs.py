@@ -29,7 +29,7 @@ from facegen.builders.plan import read_identities_file
 from facegen.builders.quality.shift import estimate_shift, parse_source_spec
 from facegen.generators import arc2face as a2f
 from facegen.generators.alignment import FaceAligner, crop_for_recognition, realign_crop
-from facegen.generators.arcface import normalize
+from facegen.generators.embeddings import normalize
 from facegen.plugins.arc2face import Arc2FaceTransform
 from facegen.plugins.digiface import DigiFaceSource
 from facegen.records import Identity, SourceImage

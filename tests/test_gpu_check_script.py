@@ -28,6 +28,11 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path):
                 "projected_digi2real20k_gpu_hours", "settings"):
         assert key in arc, key
     assert arc["unet_flops_per_image_step"] > 0 and arc["ceiling_images_per_s"] > 0
+    assert [row["images_per_batch"] for row in arc["memory"]["rows"]][:2] == [1, 8]  # no memory read on a CPU
+    assert arc["compile"]["images_per_s_speedup"] > 0 and arc["compile"]["unet_compile_seconds"] > 0
+    assert arc["postprocess"]["faces_found"] == arc["postprocess"]["images"]
+    assert set(report["targets"]) == {"transform_fraction_of_ceiling", "transform_vs_reference",
+                                      "compile_images_per_s_speedup"}
     assert report["e2e_build"]["loaded"] and report["e2e_build"]["rows"] == 12  # 3 identities x 2 x 2
     assert report["e4e"]["project_batch1_images_per_s"] > 0
     assert "errors" not in report

@@ -18,7 +18,8 @@ from facegen.builders.plan import read_identities_file
 from conftest import run_cli
 from facegen.errors import UsageError
 from facegen.generators.alignment import ARCFACE_TEMPLATE
-from facegen.generators.arcface import ArcFaceEmbedder, normalize
+from facegen.generators.arcface import ArcFaceEmbedder
+from facegen.generators.embeddings import normalize
 from facegen.records import SourceImage
 from facegen.testing.folder import draw_face, encode, write_folder_source
 
@@ -90,7 +91,7 @@ def test_embed_batch_routes_hints_and_large_images(face_models):
     ]
     unit, refs, skips = embedder.embed_images(images)
     assert refs == ["a", "b", "c", "d"]
-    assert [(s.ref, s.reason) for s in skips] == [("e", "no face detected")]
+    assert [(s.ref, s.reason) for s in skips] == [("e", "no face detected in source image")]
     np.testing.assert_allclose(unit[0], given / np.linalg.norm(given), rtol=1e-6)
     direct = embedder.recogniser.embed_unit(np.asarray(draw_face(1, 0))[None])[0]
     np.testing.assert_allclose(unit[1], direct, atol=1e-6)

@@ -276,7 +276,7 @@ def test_undecodable_images_are_skipped_stop_strict_and_are_caught_by_publish(ho
         assert "`--verify header`" in (header / "README.md").read_text()
         assert json.loads((header / ".facegen" / "run.json").read_text())["options"]["verify"] == "header"
         code, _, stderr = run_cli(["publish", header, "--repo", "org/name", "--dry-run"], capsys)
-        assert code == 2 and "do not decode" in stderr and "truncated" in stderr
+        assert code == 1 and "do not decode" in stderr and "truncated" in stderr
         # and the skipped check is the user's explicit choice
         assert run_cli(["publish", header, "--repo", "org/name", "--dry-run", "--verify", "header"], capsys)[0] == 0
 
@@ -301,10 +301,11 @@ def test_sfhq_truncated_jpeg_at_native_size_is_skipped(tmp_path, capsys):
 
 
 def test_an_image_extra_given_as_bytes_is_checked(tmp_path):
-    from facegen.builders.engine.writer import ShardWriter
+    from facegen.builders.engine.writer import SHARD, SampleFormat, TarWriter
+    from facegen.layout import OutputFolder
     from facegen.records import Face, Identity, IdentityResult
 
-    writer = ShardWriter(tmp_path, 0, "png", "test")
+    writer = TarWriter(OutputFolder(tmp_path), SHARD, 0, SampleFormat("png", "test"))
     ident = Identity("a", 0, 0)
     good = Face(image=GOOD_PNG, ext="png", ref="a/0", extras={"seg.png": png_bytes(Image.new("L", (8, 8)))})
     bad = Face(image=GOOD_PNG, ext="png", ref="a/1", extras={"seg.png": png_with_short_idat(GOOD_PNG)})
@@ -312,8 +313,8 @@ def test_an_image_extra_given_as_bytes_is_checked(tmp_path):
     writer.write(result)
     writer.finish()
     stats = writer.commit()
-    assert stats["images"] == 1 and stats["skipped"] == {"corrupt image": 1}
-    assert stats["failures"][0]["ref"] == "a/1"
+    assert stats.images == 1 and stats.skipped == {"corrupt image": 1}
+    assert stats.failures[0]["ref"] == "a/1"
 
 
 def test_mixed_folder_keeps_pngs_converts_the_jpeg_losslessly_and_says_so(tmp_path, capsys):

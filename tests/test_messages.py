@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from conftest import BIN, run_cli
-from facegen.builders.engine import writer as shards
+from facegen.builders.engine import writer
 from facegen.testing.folder import write_folder_source
 
 
@@ -28,7 +28,7 @@ def test_skip_reasons_are_readable_and_all_listed(tmp_path, capsys, monkeypatch)
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
     for victim in ("0/0.png", "0/1.png", "3/1.png"):
         (src / victim).write_bytes(b"not an image at all")  # PIL: "cannot identify image file <_io.BytesIO …>"
-    monkeypatch.setattr(shards, "MAX_FAILURES_LISTED", 1)  # the stats keep a few; the list keeps them all
+    monkeypatch.setattr(writer, "MAX_FAILURES_LISTED", 1)  # the stats keep a few; the list keeps them all
     out = tmp_path / "out"
     code, stdout, err = run_cli(build_args(src, out, "--shard-samples", 3), capsys)  # 8 samples: 3 shards
     assert code == 0, err
@@ -225,18 +225,18 @@ def test_units_where_every_sample_is_skipped_is_not_done(tmp_path, capsys, ident
 
 
 def test_the_lock_is_held_through_the_assembly(tmp_path, capsys, identity_level, monkeypatch):
-    from facegen.builders.engine.run import Builder
+    from facegen.builders.engine.work import Assembly
 
     src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
     out = tmp_path / "out"
     seen = []
-    real = Builder._assemble
+    real = Assembly.work
 
-    def assemble(self, units, progress_total):
+    def assemble(self):
         seen.append((out / ".facegen" / "lock").is_file() and self.lock is not None and self.lock.lost is None)
-        return real(self, units, progress_total)
+        return real(self)
 
-    monkeypatch.setattr(Builder, "_assemble", assemble)
+    monkeypatch.setattr(Assembly, "work", assemble)
     code, _, err = run_cli(build_args(src, out), capsys)
     assert code == 0 and seen == [True], err
     assert not (out / ".facegen" / "lock").exists()  # released at the end
@@ -251,3 +251,54 @@ def test_overwrite_removes_the_units_of_an_earlier_build(tmp_path, capsys, ident
     assert code == 0, err
     assert sorted(p.name for p in (out / ".facegen" / "units").glob("*.tar")) == ["000000.tar", "000001.tar"]
     assert datasets.load_dataset(str(out), split="train").num_rows == 12
+
+
+# --- the reporter (facegen.messages): the one way library code speaks ---
+
+
+def test_the_reporter_says_information_on_stdout_and_warnings_on_stderr_or_collects_them(capsys):
+    import threading
+
+    from facegen import messages
+    from facegen.messages import INFO, WARNING, Message
+
+    messages.info("wrote 3 shards")
+    messages.warn("folder: 1 identity folder name is not UTF-8")
+    assert capsys.readouterr() == ("wrote 3 shards\n", "folder: 1 identity folder name is not UTF-8\n")
+    with messages.captured() as outer:
+        messages.info("a")
+        with messages.captured() as inner:
+            thread = threading.Thread(target=messages.warn, args=("from a loader thread",))  # plugins load there
+            thread.start()
+            thread.join()
+        messages.info("c")
+    assert outer == [Message(INFO, "a"), Message(INFO, "c")] and inner == [Message(WARNING, "from a loader thread")]
+    assert capsys.readouterr() == ("", "")
+
+
+def test_library_code_speaks_only_through_the_reporter():
+    """No print, logging, sys.stdout/sys.stderr or `echo` callbacks in facegen/, except in the command line (cli.py)
+    and the reporter (messages.py); progress bars are tqdm's."""
+    import ast
+    from pathlib import Path
+
+    import facegen
+
+    root = Path(facegen.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent == root and path.name in ("cli.py", "messages.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                found.append(f"{where} print()")
+            elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == "logging" for a in node.names) or (
+                    isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "logging"):
+                found.append(f"{where} logging")
+            elif isinstance(node, ast.Attribute) and node.attr in ("stdout", "stderr") and \
+                    isinstance(node.value, ast.Name) and node.value.id == "sys":
+                found.append(f"{where} sys.{node.attr}")
+            elif isinstance(node, ast.arg) and node.arg == "echo":
+                found.append(f"{where} an echo parameter")
+    assert found == []

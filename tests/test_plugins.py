@@ -11,8 +11,7 @@ from conftest import facegen, facegen_process
 THIRD_PARTY_MODULE = '''
 from datasets import Value
 from PIL import Image
-from facegen.api import Option, Source, Transform
-from facegen.records import Face, IdentityResult, SourceImage
+from facegen.api import Face, IdentityResult, Option, Source, SourceImage, Transform
 
 
 class ColourSource(Source):

@@ -248,7 +248,7 @@ def test_refuses_a_broken_folder_with_every_problem_and_contacts_nothing(tmp_pat
     stats2["images"] += 1
     (out / ".facegen" / "shards" / "000002.json").write_text(json.dumps(stats2))
     (out / "data" / "train" / "train-000003.tar.tmp").write_bytes(b"x")  # `datasets` would load this as a shard
-    assert cli("publish", out, "--repo", "org/faces", "--token", TOKEN) == 2
+    assert cli("publish", out, "--repo", "org/faces", "--token", TOKEN) == 1  # the check publish exists to make
     err = capsys.readouterr().err
     assert err.startswith("facegen: error: refusing to publish")
     for expected in ("`license_link: LICENSE` but that file is missing",
@@ -398,7 +398,7 @@ def test_publish_refuses_a_licence_the_inputs_do_not_imply(tmp_path, hub, capsys
            "licence they imply)" in problems
     readme.write_text(original)
     (out / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge…\n")
-    assert cli("publish", out, "--repo", "org/x", "--dry-run") == 2
+    assert cli("publish", out, "--repo", "org/x", "--dry-run") == 1
     err = capsys.readouterr().err
     assert "LICENSE: its text is not the one the build's inputs imply" in err and hub.requests == []
 
@@ -445,7 +445,7 @@ def test_publish_refuses_symlinks_and_foreign_provenance_files(built, hub, tmp_p
     secret.write_text("not part of the dataset\n")
     (built / "LICENSE-extra").symlink_to(secret)
     (built / "provenance" / "notes.json").write_text("{}\n")
-    assert cli("publish", built, "--repo", "org/faces", "--dry-run") != 0
+    assert cli("publish", built, "--repo", "org/faces", "--dry-run") == 1
     err = capsys.readouterr().err
     assert "LICENSE-extra is a symbolic link" in err
     assert "provenance/notes.json was not written by facegen" in err

@@ -16,6 +16,7 @@ from datasets import load_dataset
 from PIL import Image
 
 from facegen.builders.quality.curate import decide, near_duplicate_groups
+from facegen.layout.records import Curation, QualityReport, RecordError, ReportSettings
 from facegen.published import PublishedDataset
 from facegen.testing.output import write_output_folder
 from conftest import build, facegen, run_cli
@@ -163,20 +164,31 @@ def test_curation_decisions_follow_the_rules(tmp_path):
     pairs = [[b, c, 0.97], [a, b, 0.96], [d, e, 0.99]]  # a-b-c is one group through b
     assert near_duplicate_groups(pairs, {x: i for i, x in enumerate(dataset.identities)}) == [[a, b, c], [d, e]]
     by_id = dataset.by_identity
-    report = {"settings": {"recognizer": "dlib", "dedup": 0.95, "min_similarity": 0.9},
-              "near_duplicate_identities": pairs,
-              "outliers": [{"identity": f, "key": by_id[f][0].key, "cosine": 0.5},
-                           {"identity": b, "key": by_id[b][0].key, "cosine": 0.4},  # b goes anyway
-                           {"identity": a, "key": by_id[a][1].key, "cosine": 0.3}]}
+    report = QualityReport(
+        facegen_version="0", created="2026-01-01T00:00:00+00:00", fingerprint=dataset.fingerprint(),
+        settings=ReportSettings("dlib", "dlib", 0.95, 0.9, {}), embedding={}, dataset={}, summary={}, image_modes={},
+        image_sizes={}, skipped={}, skipped_samples=[], identities=[], plots=[], seconds=0.0,
+        near_duplicate_identities=pairs,
+        outliers=[{"identity": f, "key": by_id[f][0].key, "cosine": 0.5},
+                  {"identity": b, "key": by_id[b][0].key, "cosine": 0.4},  # b goes anyway
+                  {"identity": a, "key": by_id[a][1].key, "cosine": 0.3}])
     curation = decide(dataset, report, min_images=3)
-    removed = {r["identity"]: r["reason"] for r in curation["removed_identities"]}
+    removed = {r["identity"]: r["reason"] for r in curation.removed_identities}
     # ties (3 images each): a and d, the first of their groups, stay; but a lost an outlier and has 2 left
     assert removed == {b: "near-duplicate", c: "near-duplicate", e: "near-duplicate", a: "too few images",
                        f: "too few images"}
-    assert curation["removed_samples"] == []
+    assert curation.removed_samples == []
     curation = decide(dataset, report, min_images=1)
-    assert {r["identity"] for r in curation["removed_identities"]} == {b, c, e}
-    assert [s["key"] for s in curation["removed_samples"]] == [by_id[f][0].key, by_id[a][1].key]
+    assert {r["identity"] for r in curation.removed_identities} == {b, c, e}
+    assert [s["key"] for s in curation.removed_samples] == [by_id[f][0].key, by_id[a][1].key]
+    assert curation.report_created == report.created and curation.decisions()["min_images"] == 1
+    # the file written is read back as the same record; a damaged or foreign one is one line
+    assert Curation.from_dict(json.loads(curation.to_json())) == curation
+    for bad in ([], {"removed_identities": [{"reason": "x"}]}, {"dedup": "high"}):
+        with pytest.raises(RecordError):
+            Curation.from_dict(bad)
+    assert QualityReport.from_dict(json.loads(report.to_json())) == report
+    assert QualityReport.read(tmp_path / "missing.json") is None
 
 
 def test_dlib_recognizer_detects_faces_in_large_images_and_finds_none_in_a_flat_one():

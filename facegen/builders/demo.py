@@ -22,9 +22,9 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from facegen.errors import UsageError
+from facegen.messages import info
 
 RANDOM_WEIGHTS_WARNING = (
     "NOTE: the demo models have RANDOM weights, so the generated faces are noise. "
@@ -52,7 +52,7 @@ class DemoResult:
 
 
 def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overwrite: bool = False,
-             echo: Callable[[str], None] = print, progress: bool = False) -> DemoResult:
+             progress: bool = False) -> DemoResult:
     from facegen.builders.quality.identities import FaceEmbedder, embed_source, open_source, select_least_similar, write_ids
     from facegen.builders.engine.options import BuildConfig
     from facegen.builders.engine.run import build
@@ -67,7 +67,7 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overw
         if not (out / "models").is_dir() or not (out / "source").is_dir():
             raise UsageError(f"{out} is not empty and holds no earlier demo; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    echo(RANDOM_WEIGHTS_WARNING)
+    info(RANDOM_WEIGHTS_WARNING)
     result = DemoResult(out=out, dataset=out / "dataset")
 
     # 1-2. data and models
@@ -75,7 +75,7 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overw
                                      images_per_identity=settings.images_per_identity)
     real_dir = write_folder_source(out / "real", identities=3, images_per_identity=2, size=256, start=1000)
     model_dir = write_tiny_arc2face(out / "models", seed=settings.seed)
-    echo(f"wrote a generated folder source ({settings.identities} identities x {settings.images_per_identity} "
+    info(f"wrote a generated folder source ({settings.identities} identities x {settings.images_per_identity} "
          f"images) to {source_dir}, random-weight models to {model_dir}")
 
     # 3. prototypes, selection, shift
@@ -85,13 +85,13 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overw
     prototypes.save(prototypes_path)
     result.commands.append(f"facegen embed --source folder --source-path {q(source_dir)} --model-dir {q(model_dir)} "
                            f"--out {q(prototypes_path)}")
-    echo(f"embed: {len(prototypes.ids)} prototypes -> {prototypes_path}")
+    info(f"embed: {len(prototypes.ids)} prototypes -> {prototypes_path}")
 
     selection = select_least_similar(prototypes.ids, prototypes.embeddings, settings.keep)
     write_ids(ids_path, selection, [f"facegen demo: {settings.keep} of {selection.total} identities"])
     result.commands.append(f"facegen select-identities --prototypes {q(prototypes_path)} --count {settings.keep} "
                            f"--out {q(ids_path)}")
-    echo(f"select-identities: kept {len(selection.ids)} of {selection.total} -> {ids_path}")
+    info(f"select-identities: kept {len(selection.ids)} of {selection.total} -> {ids_path}")
 
     estimate = estimate_shift([parse_source_spec(f"folder:{real_dir}")], [parse_source_spec(f"folder:{source_dir}")],
                               model_dir=str(model_dir), max_images=8, seed=settings.seed, device="cpu",
@@ -99,7 +99,7 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overw
     estimate.save(delta_path)
     result.commands.append(f"facegen estimate-shift --real folder:{q(real_dir)} --synthetic folder:{q(source_dir)} "
                            f"--model-dir {q(model_dir)} --max-images 8 --out {q(delta_path)}")
-    echo(f"estimate-shift: {estimate.real_count} real, {estimate.synthetic_count} synthetic images, "
+    info(f"estimate-shift: {estimate.real_count} real, {estimate.synthetic_count} synthetic images, "
          f"|delta| = {estimate.norms()['delta_norm']:.3f} -> {delta_path}")
 
     # 4. the build
@@ -114,14 +114,14 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overw
     summary = build(config)
     if summary is not None:
         for line in summary.lines():
-            echo(line)
+            info(line)
     result.seconds = time.perf_counter() - start
-    echo("")
-    echo("The same, step by step:")
+    info("")
+    info("The same, step by step:")
     for command in result.commands:
-        echo(f"  {command}")
-    echo(f"Load it: datasets.load_dataset({str(result.dataset)!r}, split='train')")
-    echo(RANDOM_WEIGHTS_WARNING)
+        info(f"  {command}")
+    info(f"Load it: datasets.load_dataset({str(result.dataset)!r}, split='train')")
+    info(RANDOM_WEIGHTS_WARNING)
     return result
 
 

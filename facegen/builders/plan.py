@@ -70,18 +70,16 @@ class Plan:
     """The ordered identities (label ``cls`` = position) and their grouping into units of work."""
 
     ids: list[str]
-    shard_size: int  # identities per unit of work (--shard-size)
+    identities_per_unit: int  # --shard-size (the flag keeps its name)
 
     @property
     def num_units(self) -> int:
-        return math.ceil(len(self.ids) / self.shard_size)
+        return math.ceil(len(self.ids) / self.identities_per_unit)
 
     def unit(self, index: int) -> range:
         """Plan positions (= labels) of unit ``index``."""
-        return range(index * self.shard_size, min((index + 1) * self.shard_size, len(self.ids)))
-
-    def units_of(self, rank: int, world: int) -> list[int]:
-        return [i for i in range(self.num_units) if i % world == rank]
+        size = self.identities_per_unit
+        return range(index * size, min((index + 1) * size, len(self.ids)))
 
     def sha256(self) -> str:
         return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()
@@ -89,11 +87,11 @@ class Plan:
 
 def make_plan(
     source_ids: Sequence[str],
-    shard_size: int,
+    identities_per_unit: int,
     identities_file: str | None = None,
     limit_identities: int | None = None,
 ) -> Plan:
-    if shard_size < 1:
+    if identities_per_unit < 1:
         raise UsageError("--shard-size must be at least 1")
     ids = list(source_ids)
     if identities_file:
@@ -115,7 +113,7 @@ def make_plan(
         raise UsageError("the source lists some identity twice; identity ids must be unique")
     if not ids:
         raise EmptyPlan("the plan is empty: the source has no identities (after selection)")
-    return Plan(ids, shard_size)
+    return Plan(ids, identities_per_unit)
 
 
 # --- the published layout ---
@@ -157,7 +155,3 @@ def sample_order(num_samples: int, run_seed: int) -> np.ndarray:
     digest = hashlib.sha256(f"facegen-order:{run_seed}".encode()).digest()
     rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
     return rng.permutation(num_samples)
-
-
-def shards_of(num_shards: int, rank: int, world: int) -> list[int]:
-    return [j for j in range(num_shards) if j % world == rank]

@@ -6,6 +6,7 @@ exact example count), so ``load_dataset(OUT)`` never infers a schema from the fi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -20,32 +21,28 @@ from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.preview import preview_grid
 from facegen.cards.public import (
     OUT_PLACEHOLDER,
+    PLUGIN_OPTIONS,
     copy_provenance,
     known_paths,
+    path_options,
     public_options,
     scrub,
     source_placeholder,
 )
 from facegen.cards.quality import curation_context, quality_context
-from facegen.cards.stats import (
-    Statistics,
-    load_run,
-    load_shard_stats,
-    load_unit_stats,
-    size_category,
-    summarise,
-)
+from facegen.cards.stats import Statistics, size_category, summarise
 from facegen.errors import UsageError
+from facegen.fileio import atomic_write, sha256_file
 from facegen.layout import (
     CARD_FILES,
     CHECKSUMS_FILE,
     DATA_FILES,
-    INFO,
     LICENSE,
     PREVIEW,
     README,
     OutputFolder,
 )
+from facegen.layout.records import CardFilesRecord, RunRecord, ShardStats, load_run, load_shard_stats, load_unit_stats
 
 TEMPLATES = Path(__file__).parent / "templates"
 PLACEHOLDER_REPO = "ORG/NAME"
@@ -64,7 +61,7 @@ class CardFiles:
     card_data: DatasetCardData
     chain: LicenceChain
     statistics: Statistics
-    run: dict
+    run: RunRecord
 
 
 def _environment() -> jinja2.Environment:
@@ -102,19 +99,17 @@ def feature_type(feature: Any) -> str:
     return type(feature).__name__
 
 
-def _columns(run: dict, features) -> list[dict]:
-    """Rows of the column table. Plugins may describe their columns with a ``columns`` mapping
-    (``{"json.part": "…", "landmarks.npy": "…"}``) in their run record or their ``provenance()``; other plugin
-    columns get a generic line."""
-    image_column = run.get("image_column", "png")
-    quality = set(run.get("quality_fields") or [])
-    source = run.get("source") or {}
-    transform = run.get("transform") or {}
-    declared_by = f"declared by the {source.get('name', '?')} source or the {transform.get('name', '?')} transform"
+def _columns(run: RunRecord, features) -> list[dict]:
+    """Rows of the column table. Plugins describe their columns (``Plugin.column_descriptions()``, recorded as
+    ``columns`` in their run record: ``{"json.part": "…", "landmarks.npy": "…"}``); other plugin columns get a
+    generic line."""
+    image_column = run.image_column
+    quality = set(run.quality_fields)
+    source, transform = run.source, run.transform
+    declared_by = f"declared by the {source.name} source or the {transform.name} transform"
     described = {}
-    for record in (source, transform):  # a plugin may put them in its provenance() or its record
-        described.update((record.get("provenance") or {}).get("columns") or {})
-        described.update(record.get("columns") or {})
+    for record in (source, transform):
+        described.update(record.columns)
     image_kind = {"png": "PNG", "jpg": "JPEG"}.get(image_column, image_column)
     known = {
         image_column: f"the face image ({image_kind})",
@@ -145,7 +140,7 @@ def _columns(run: dict, features) -> list[dict]:
 
 def _option_args(flag: str, options: dict) -> list[str]:
     args = []
-    for name, value in (options or {}).items():
+    for name, value in options.items():
         if value is None:
             continue
         if isinstance(value, bool):
@@ -156,45 +151,50 @@ def _option_args(flag: str, options: dict) -> list[str]:
     return args
 
 
-def rebuild_command(run: dict, out: str = OUT_PLACEHOLDER) -> str:
+def rebuild_command(run: RunRecord, out: str = OUT_PLACEHOLDER) -> str:
     """The `facegen build` command with every option spelled out (the recipe's values included), local paths
     replaced by placeholders (``<digiface source folder>``) or the published provenance files."""
     o = public_options(run)
-    args = ["facegen", "build", "--source", o.get("source", "?")]
-    if o.get("source_path"):
+    args = ["facegen", "build", "--source", o["source"]]
+    if o["source_path"]:
         args += ["--source-path", o["source_path"]]
-    args += _option_args("--source-opt", o.get("source_opts"))
-    args += ["--plugin", o.get("plugin", "?")]
-    args += _option_args("--plugin-opt", o.get("plugin_opts"))
+    args += _option_args("--source-opt", o["source_opts"])
+    args += ["--plugin", o["plugin"]]
+    args += _option_args("--plugin-opt", o["plugin_opts"])
     for key, flag in (("limit_identities", "--limit-identities"), ("identities_file", "--identities-file"),
                       ("shard_size", "--shard-size"), ("shard_samples", "--shard-samples"),
                       ("shards_multiple_of", "--shards-multiple-of"), ("seed", "--seed"), ("format", "--format"),
                       ("verify", "--verify")):
-        if o.get(key) is not None:
+        if o[key] is not None:
             args += [flag, str(o[key])]
-    if o.get("strict"):
+    if o["strict"]:
         args.append("--strict")
     args += ["--out", out]
     return shlex.join(args)
 
 
-def from_card_command(run: dict, repo_id: str) -> str:
-    """The short rebuild: options, plan and model revisions are read from the card."""
+def from_card_command(run: RunRecord, repo_id: str) -> str:
+    """The short rebuild: options, plan and model revisions are read from the card; the local paths it used (other
+    than the published provenance files) are given again."""
     args = ["facegen", "build", "--from-card", repo_id]
-    if (run.get("options") or {}).get("source_path"):
+    if run.options.source_path:
         args += ["--source-path", source_placeholder(run)]
-    if ((run.get("options") or {}).get("plugin_opts") or {}).get("model_dir"):
-        args += ["--plugin-opt", "model_dir=<model folder>"]
+    public = public_options(run)
+    for (key, kind), flag in zip(PLUGIN_OPTIONS, ("--source-opt", "--plugin-opt")):
+        for name, declared in path_options(run, kind).items():
+            value = public[key].get(name)
+            if value and not declared.provenance_file:
+                args += [flag, f"{name}={value}"]
     args += ["--out", OUT_PLACEHOLDER]
     return shlex.join(args)
 
 
-def public_command(run: dict, out: Path) -> str:
+def public_command(run: RunRecord, out: Path) -> str:
     """The command as it was run, with its local paths replaced."""
-    return shlex.join(scrub(list(run.get("command") or []), known_paths(run, out)))
+    return shlex.join(scrub(list(run.command), known_paths(run, out)))
 
 
-def _citations(run: dict) -> list[dict]:
+def _citations(run: RunRecord) -> list[dict]:
     """BibTeX entries of the source, the method (transform) and the models, each once."""
     entries, seen = [], set()
 
@@ -204,32 +204,25 @@ def _citations(run: dict) -> list[dict]:
             seen.add(text)
             entries.append({"what": what, "bibtex": text})
 
-    source = run.get("source") or {}
-    transform = run.get("transform") or {}
-    add(f"source dataset: {source.get('name', '?')}", source.get("citation"))
-    add(f"method: {transform.get('name', '?')}", transform.get("citation"))
-    for model in transform.get("models") or []:
-        add(f"model: {scrub(model.get('id') or '?')}", model.get("citation"))
+    source, transform = run.source, run.transform
+    add(f"source dataset: {source.name}", source.citation)
+    add(f"method: {transform.name}", transform.citation)
+    for model in transform.models:
+        add(f"model: {scrub(model.id)}", model.citation)
     return entries
 
 
-def _pretty_name(run: dict) -> str:
-    source = (run.get("source") or {}).get("name") or run.get("options", {}).get("source", "?")
-    plugin = (run.get("transform") or {}).get("name") or run.get("options", {}).get("plugin", "?")
-    if plugin == "passthrough":
+def _pretty_name(run: RunRecord) -> str:
+    source, plugin = run.source.name, run.transform.name
+    if run.transform.copies_source_images:  # the faces are the source's own images
         return f"{source} faces (facegen)"
     return f"{source} faces through {plugin} (facegen)"
 
 
-def images_are_synthetic(run: dict) -> bool:
+def images_are_synthetic(run: RunRecord) -> bool:
     """Only when the transform generates the images or the source says its images are synthetic: a folder may
     hold photos of real people."""
-    return bool((run.get("transform") or {}).get("synthetic") or (run.get("source") or {}).get("synthetic"))
-
-
-def random_weight_models(run: dict) -> list[dict]:
-    """The models whose folder carries facegen's random-weights marker (demo and test builds)."""
-    return [m for m in (run.get("transform") or {}).get("models") or [] if (m.get("loaded") or {}).get("test_model")]
+    return bool(run.transform.synthetic or run.source.synthetic)
 
 
 def gating_fields(chain: LicenceChain) -> dict:
@@ -251,54 +244,30 @@ def needs_gating(chain: LicenceChain) -> bool:
     return not chain.commercial_use
 
 
-def sample_bytes(out: Path, shards: list[dict]) -> int:
-    """The samples' bytes: every tar member's payload (no tar headers), read from the tar headers only."""
-    import tarfile
-
-    total = 0
-    for stats in shards:
-        if "sample_bytes" in stats:
-            total += stats["sample_bytes"]
-            continue
-        path = out / stats.get("tar", "")
-        if not path.is_file():
-            continue
-        try:
-            with tarfile.open(path, "r:") as tar:  # random access: headers are read, data is skipped
-                total += sum(m.size for m in tar if m.isfile())
-        except (tarfile.TarError, OSError):
-            continue
-    return total
-
-
-def facegen_record(run: dict, provenance: list[str]) -> dict:
+def facegen_record(run: RunRecord, provenance: list[str]) -> dict:
     """The card's machine-readable `facegen:` YAML key: what `facegen build --from-card` needs to rebuild."""
-    models = []
-    for m in (run.get("transform") or {}).get("models") or []:
-        models.append({"id": scrub(m.get("id")), "role": m.get("role"), "revision": m.get("revision"),
-                       "loaded": scrub(m.get("loaded") or {})})
+    models = [{"id": scrub(m.id), "role": m.role, "revision": m.revision, "loaded": scrub(m.loaded)}
+              for m in run.transform.models]
     return {
-        "version": run.get("facegen_version"),
+        "version": run.facegen_version,
         "options": {k: v for k, v in public_options(run).items() if v is not None},
-        "plan": run.get("plan") or {},
+        "plan": dataclasses.asdict(run.plan),
         "models": models,
         "provenance": provenance,
     }
 
 
-def card_data(run: dict, statistics: Statistics, chain: LicenceChain, *, num_bytes: int = 0,
+def card_data(run: RunRecord, statistics: Statistics, chain: LicenceChain, *, num_bytes: int = 0,
               gated: bool = False, provenance: list[str] | None = None) -> DatasetCardData:
     """The card's YAML metadata."""
     from datasets import DatasetInfo, Features, SplitDict, SplitInfo
     from datasets.info import DatasetInfosDict
     from datasets.utils.metadata import MetadataConfigs
 
-    source = (run.get("source") or {}).get("name") or run["options"]["source"]
-    plugin = (run.get("transform") or {}).get("name") or run["options"]["plugin"]
+    source, plugin = run.source.name, run.transform.name
     tags = (["synthetic"] if images_are_synthetic(run) else []) + ["faces", "face-recognition", "webdataset", plugin]
     if source not in tags:
         tags.append(source)
-    hub_dataset = (run.get("source") or {}).get("hub_dataset")
     data = DatasetCardData(
         pretty_name=_pretty_name(run),
         license=chain.hub_id,
@@ -307,15 +276,13 @@ def card_data(run: dict, statistics: Statistics, chain: LicenceChain, *, num_byt
         task_categories=["image-classification", "image-feature-extraction"],
         tags=tags,
         size_categories=[size_category(statistics.images)],
-        # a Hub dataset id only: the source plugins name datasets that are not on the Hub
-        source_datasets=[hub_dataset] if hub_dataset else None,
     )
     if gated:
         for key, value in gating_fields(chain).items():
             setattr(data, key, value)
     # Declared features = the exact columns; the split's example count is checked by `load_dataset`.
     # num_bytes: the samples' bytes (tar payloads); datasets' own value would be the Arrow size, close to it.
-    features = Features.from_dict(run["features"])
+    features = Features.from_dict(run.features)
     splits = SplitDict()
     splits.add(SplitInfo(name="train", num_examples=statistics.images, num_bytes=num_bytes))
     info = DatasetInfo(features=features, splits=splits, download_size=statistics.tar_bytes or None,
@@ -347,36 +314,30 @@ def _repo_id(out: Path, repo_id: str | None) -> str | None:
 
 
 def remember_card_settings(out: Path, **settings) -> None:
-    path = OutputFolder(out).card_settings
-    path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**card_settings(out), **{k: v for k, v in settings.items() if v is not None}}
-    path.write_text(json.dumps(merged) + "\n")
+    atomic_write(OutputFolder(out).card_settings, (json.dumps(merged) + "\n").encode())
 
 
-def remember_repo_id(out: Path, repo_id: str) -> None:
-    remember_card_settings(out, repo_id=repo_id)
-
-
-def _models_for_card(run: dict) -> list[dict]:
+def _models_for_card(run: RunRecord) -> list[dict]:
     """The models table: what was loaded (Hub id@commit, or a local folder's name and its files' sha256)."""
     rows = []
-    for m in (run.get("transform") or {}).get("models") or []:
-        loaded = scrub(m.get("loaded") or {})
+    for m in run.transform.models:
+        loaded = scrub(m.loaded)
         if loaded.get("hub"):
             where = f"Hub `{loaded['hub']}@{loaded.get('commit', '?')}`"
         elif loaded.get("folder"):
             where = f"local folder `{loaded['folder']}` (sha256 of its weights below)"
         else:
             where = "not loaded in this run (nothing recorded)"
-        rows.append({"id": scrub(m.get("id") or "?"), "role": m.get("role") or "", "where": where,
-                     "requested": m.get("revision"), "license": m.get("license") or "",
+        rows.append({"id": scrub(m.id), "role": m.role, "where": where,
+                     "requested": m.revision, "license": m.license,
                      "sha256": loaded.get("sha256") or {}, "test_model": loaded.get("test_model"),
                      "folder": loaded.get("folder")})
     return rows
 
 
-def _checksums(shards: list[dict]) -> dict:
-    return {"algorithm": "xxh3_128", "files": {s["tar"]: s.get("tar_xxh3_128") for s in shards if s.get("tar")}}
+def _checksums(shards: list[ShardStats]) -> dict:
+    return {"algorithm": "xxh3_128", "files": {s.tar: s.tar_xxh3_128 for s in shards}}
 
 
 def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:
@@ -390,18 +351,18 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     out = Path(out_dir)
     run = load_run(out)
     shards = load_shard_stats(out)
-    statistics = summarise(shards, load_unit_stats(out), (run.get("plan") or {}).get("identities"))
+    statistics = summarise(shards, load_unit_stats(out), run.plan.identities)
     chain = licence_chain(run)
     if gating is None:
         gating = card_settings(out).get("gating", True)
     gated = bool(gating) and needs_gating(chain)
     provenance = sorted(rel for rel, _, _ in _provenance_inputs(run) if (out / rel).is_file())
-    data = card_data(run, statistics, chain, num_bytes=sample_bytes(out, shards), gated=gated,
+    data = card_data(run, statistics, chain, num_bytes=sum(s.sample_bytes for s in shards), gated=gated,
                      provenance=provenance + [CHECKSUMS_FILE])
-    features = Features.from_dict(run["features"])
+    features = Features.from_dict(run.features)
     repo = _repo_id(out, repo_id)
-    tar_paths = [out / s["tar"] for s in shards if (out / s.get("tar", "")).is_file()]
-    preview = preview_grid(tar_paths, run.get("image_column", "png"), out=out)
+    tar_paths = [out / s.tar for s in shards if (out / s.tar).is_file()]
+    preview = preview_grid(tar_paths, run.image_column, out=out)
     num_shards = len(shards)
     known = known_paths(run, out)
     models = _models_for_card(run)
@@ -410,26 +371,25 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         "pretty_name": data.pretty_name,
         "run": run,
         "options": public_options(run),
-        "source": run.get("source") or {},
-        "transform": run.get("transform") or {},
+        "source": run.source,
+        "transform": run.transform,
         "models": models,
         "random_weights": [m for m in models if m["test_model"]],
         "synthetic": images_are_synthetic(run),
         "gated": gated,
         "stats": statistics,
         "failures": scrub(statistics.failures, known),
-        "totals": run.get("totals", {}),
+        "totals": run.totals,
         "chain": chain,
         "columns": _columns(run, features),
-        "extras": [name for name in features if name not in
-                   (run.get("image_column", "png"), "cls", "json", "__key__", "__url__")],
-        "image_column": run.get("image_column", "png"),
+        "extras": [name for name in features if name not in (run.image_column, "cls", "json", "__key__", "__url__")],
+        "image_column": run.image_column,
         "repo_id": repo or PLACEHOLDER_REPO,
         "repo_known": repo is not None,
         "data_files": DATA_FILES,
         "last_shard": f"{max(num_shards - 1, 0):06d}",
-        "layout_lengths": _lengths_text([s.get("images", 0) for s in shards]),
-        "layout_mode": (run.get("layout") or {}).get("mode"),
+        "layout_lengths": _lengths_text([s.images for s in shards]),
+        "layout_mode": run.layout.mode,
         "shards": shards[:SHARD_CHECKSUMS_SHOWN],
         "shards_hidden": max(0, num_shards - SHARD_CHECKSUMS_SHOWN),
         "has_preview": preview is not None,
@@ -439,10 +399,8 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         "provenance_files": provenance,
         "checksums_file": CHECKSUMS_FILE,
         "options_json": json.dumps(public_options(run), indent=2, sort_keys=True),
-        "source_provenance_json": json.dumps(scrub((run.get("source") or {}).get("provenance") or {}, known),
-                                             indent=2, sort_keys=True),
-        "transform_provenance_json": json.dumps(scrub((run.get("transform") or {}).get("provenance") or {},
-                                                      known), indent=2, sort_keys=True),
+        "source_provenance_json": json.dumps(scrub(run.source.provenance, known), indent=2, sort_keys=True),
+        "transform_provenance_json": json.dumps(scrub(run.transform.provenance, known), indent=2, sort_keys=True),
         "citations": _citations(run),
         "license_marker": LICENSE_MARKER,
         "quality": quality_context(out),  # `facegen report`
@@ -468,7 +426,7 @@ def expected_licence(out_dir) -> tuple[LicenceChain, str | None]:
     return chain, text
 
 
-def _provenance_inputs(run: dict):
+def _provenance_inputs(run: RunRecord):
     from facegen.cards.public import provenance_files
 
     return provenance_files(run)
@@ -482,43 +440,15 @@ def _lengths_text(lengths: list[int]) -> str:
     return f"{high:,}" if low == high else f"{low:,} to {high:,}"
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write next to the target under a hidden name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-    except BaseException:  # a full disk leaves no half-written temporary behind
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-
-
-
-
-def _card_files_record(out: Path) -> dict | None:
-    """name -> sha256 of the versions facegen wrote; None for a build made before the record existed."""
-    try:
-        record = json.loads(OutputFolder(out).card_files_record.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def written_by_facegen(out, name: str) -> bool:
     """Whether ``OUT/name`` (a card file) is exactly what facegen wrote, so that facegen may replace or remove it."""
     out = Path(out)
     path = out / name
     if not path.is_file():
         return False
-    data = path.read_bytes()
-    if name == LICENSE and LICENSE_MARKER in data.decode("utf-8", errors="replace"):
+    if name == LICENSE and LICENSE_MARKER in path.read_text(encoding="utf-8", errors="replace"):
         return True
-    record = _card_files_record(out)
-    if record is None:  # a build from before the record: its README.md, preview.jpg and _info.json were its own
-        return name in (README, PREVIEW, INFO) and OutputFolder(out).run_json.is_file()
-    return hashlib.sha256(data).hexdigest() in (record.get(name) or [])
+    return CardFilesRecord.read(OutputFolder(out).card_files_record).wrote(name, sha256_file(path))
 
 
 def foreign_card_files(out, names=CARD_FILES) -> list[str]:
@@ -536,19 +466,16 @@ def write_recorded(out, name: str, data: bytes) -> None:
         raise UsageError(f"{out / name} was not written by facegen (or changed since): move it out of the folder so "
                          "that the build can write it there")
     _record_card_files(out, {name: data})
-    _write(out / name, data)
+    atomic_write(out / name, data)
 
 
 def _record_card_files(out: Path, files: dict[str, bytes]) -> None:
-    """Record the new versions before writing them (the previous one stays listed: a crash between the two
-    writes leaves either version recognised)."""
-    record = _card_files_record(out) or {}
-    for name, data in files.items():
-        previous = [h for h in (record.get(name) or []) if isinstance(h, str)][-1:]
-        record[name] = previous + [hashlib.sha256(data).hexdigest()]
+    """Record the new versions before writing them (see :meth:`CardFilesRecord.adding`)."""
     path = OutputFolder(out).card_files_record
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write(path, json.dumps(record, indent=1, sort_keys=True).encode())
+    record = CardFilesRecord.read(path)
+    for name, data in files.items():
+        record = record.adding(name, hashlib.sha256(data).hexdigest())
+    record.write(path)
 
 
 def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:
@@ -562,9 +489,8 @@ def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) 
     run = load_run(out)
     try:  # first: the card lists the provenance files present
         copy_provenance(out, run)
-        checksums = OutputFolder(out).file(CHECKSUMS_FILE)
-        checksums.parent.mkdir(parents=True, exist_ok=True)
-        _write(checksums, (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
+        atomic_write(OutputFolder(out).file(CHECKSUMS_FILE),
+                     (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
     except OSError as exc:
         raise UsageError(f"cannot write the dataset card in {out}: {exc.strerror or exc}") from None
     files = render_card(out, repo_id, gating)
@@ -584,7 +510,7 @@ def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) 
             remember_card_settings(out, repo_id=repo_id, gating=gating)
         _record_card_files(out, new)
         for name, data in new.items():
-            _write(out / name, data)
+            atomic_write(out / name, data)
         for name in (LICENSE, PREVIEW):  # ours from an earlier render that has none now
             if name not in new and written_by_facegen(out, name):
                 (out / name).unlink()

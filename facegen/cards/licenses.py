@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from facegen.layout.records import ModelRecord, PluginRecord, RunRecord
+
 # Hub licence ids (https://huggingface.co/docs/hub/repositories-licenses) whose terms put no restriction on using
 # or sharing derived data beyond attribution; with these as the only inputs, commercial use is allowed.
 PERMISSIVE = {
@@ -157,51 +159,46 @@ def _hub_id_of(name: str) -> str | None:
     return key if key in PERMISSIVE or key in NON_COMMERCIAL else None
 
 
-def _plugin_input(role: str, record: dict) -> LicenceInput:
-    lic = record.get("license") or None
-    name = record.get("name") or "?"
+def _plugin_input(role: str, record: PluginRecord) -> LicenceInput:
+    lic, name = record.license, record.name
     if lic is None:
         return LicenceInput(role=role, name=name, licence="", hub_id=None, commercial_use=None)
-    hub_id = lic.get("id") or None
-    stated = lic.get("name") or hub_id or ""
-    commercial = lic.get("commercial_use")
+    hub_id = lic.id or None
+    stated = lic.name or hub_id or ""
+    commercial = lic.commercial_use
     if commercial is None:
-        commercial = classify(stated, lic.get("note", ""), hub_id)
-    elif commercial and NON_COMMERCIAL_WORDS.search(f"{stated} {lic.get('note', '')}"):
+        commercial = classify(stated, lic.note, hub_id)
+    elif commercial and NON_COMMERCIAL_WORDS.search(f"{stated} {lic.note}"):
         commercial = False  # an explicit "non-commercial" note wins over a flag set by mistake
     return LicenceInput(role=role, name=name, licence=stated, hub_id=None if hub_id == "other" else hub_id,
-                        link=lic.get("link", ""), note=lic.get("note", ""), commercial_use=bool(commercial),
-                        text=lic.get("text", ""))
+                        link=lic.link, note=lic.note, commercial_use=bool(commercial), text=lic.text)
 
 
-def _model_input(model: dict) -> LicenceInput:
-    stated = model.get("license") or ""
+def _model_input(model: ModelRecord) -> LicenceInput:
+    stated = model.license
     hub_id = _hub_id_of(stated)
-    commercial = model.get("commercial_use")
+    commercial = model.commercial_use
     if commercial is None:
-        commercial = classify(stated, model.get("note", ""), hub_id)
-    role = f"model: {model['role']}" if model.get("role") else "model"
+        commercial = classify(stated, model.note, hub_id)
+    role = f"model: {model.role}" if model.role else "model"
     from facegen.cards.public import scrub
 
-    return LicenceInput(role=role, name=scrub(model.get("id") or "?"), licence=stated, hub_id=hub_id,
-                        link=model.get("license_link", ""), note=model.get("note", ""), commercial_use=commercial)
+    return LicenceInput(role=role, name=scrub(model.id), licence=stated, hub_id=hub_id,
+                        link=model.license_link, note=model.note, commercial_use=commercial)
 
 
-def licence_chain(run: dict) -> LicenceChain:
+def licence_chain(run: RunRecord) -> LicenceChain:
     """Compose the licences of the source, the transform and its models into the dataset's terms."""
     chain = LicenceChain()
-    source = run.get("source") or {}
-    transform = run.get("transform") or {}
+    source, transform = run.source, run.transform
     source_input = _plugin_input("source dataset", source)
-    parent = (source.get("provenance") or {}).get("parent") if source.get("name") == "facegen" else None
-    if parent:  # the `facegen` source reads another facegen dataset: name that dataset, not the plugin
-        source_input.name = f"{parent} (facegen dataset)"
+    source_input.name = source.dataset_name or source_input.name  # what the source says it reads
     chain.inputs.append(source_input)
-    if transform.get("license"):
+    if transform.license:
         chain.inputs.append(_plugin_input("transform", transform))
     seen = set()
-    for model in transform.get("models") or []:
-        key = (model.get("id"), model.get("revision"))
+    for model in transform.models:
+        key = (model.id, model.revision)
         if key in seen:
             continue
         seen.add(key)
@@ -236,6 +233,6 @@ def licence_chain(run: dict) -> LicenceChain:
         elif len(chain.governing) == 1:
             chain.name = short_id(chain.governing[0].licence)
         else:
-            chain.name = short_id(f"{source.get('name', 'source')}-{transform.get('name', 'transform')}-terms")
+            chain.name = short_id(f"{source.name}-{transform.name}-terms")
         chain.link = "LICENSE"
     return chain

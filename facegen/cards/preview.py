@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from facegen.layout import OutputFolder
+from facegen.tarfiles import TarDamaged, block_members, list_members
 
 IDENTITIES = 8
 IMAGES_PER_IDENTITY = 4
@@ -22,10 +22,12 @@ def _first_samples(tar_paths: list[Path], image_column: str, identities: int, pe
     suffix = "." + image_column
     found: dict[str, list[bytes]] = {}
     for path in tar_paths:
+        # a damaged shard gives the tiles before the damage; `facegen publish` reports it as a problem
+        members = list_members(path).members
         try:
-            with tarfile.open(path, "r:") as tar:  # members are read into memory, never extracted to disk
-                for member in tar:
-                    if not member.isfile() or not member.name.endswith(suffix):
+            with open(path, "rb") as f:
+                for member in members:
+                    if not member.name.endswith(suffix):
                         continue
                     key = member.name[: -len(suffix)].rsplit("/", 1)[-1]
                     label = key.split("_", 1)[0]
@@ -33,9 +35,9 @@ def _first_samples(tar_paths: list[Path], image_column: str, identities: int, pe
                         return found
                     images = found.setdefault(label, [])
                     if len(images) < per_identity:
-                        images.append(tar.extractfile(member).read())
-        except (tarfile.TarError, OSError, EOFError):
-            continue  # a damaged shard gives no preview tiles; `facegen publish` reports it as a problem
+                        images.append(os.pread(f.fileno(), member.size, member.offset))
+        except OSError:
+            continue
     return found
 
 
@@ -61,11 +63,9 @@ def _indexed_samples(out: Path, image_column: str, identities: int, per_identity
             try:
                 with open(out / tar, "rb") as f:
                     block = os.pread(f.fileno(), length, offset)
-                with tarfile.open(fileobj=io.BytesIO(block), mode="r:") as members:
-                    for member in members:
-                        if member.isfile() and member.name.endswith("." + image_column):
-                            images.append(members.extractfile(member).read())
-            except (tarfile.TarError, OSError, EOFError):
+                images += [block[m.offset:m.offset + m.size] for m in block_members(block)
+                           if m.name.endswith("." + image_column)]
+            except (TarDamaged, OSError):
                 continue  # a damaged shard gives no tile; `facegen publish` reports it
     return {label: images for label, images in found.items() if images}
 

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 from facegen.layout import CONSISTENCY_PLOT, SEPARABILITY_PLOT, WORST_IDENTITIES_PLOT, OutputFolder
+from facegen.layout.records import QualityReport, RunRecord
 
 SHOWN = 20  # near-duplicate pairs and outliers listed in the card (all are in report.json)
 PLOT_TITLES = {
@@ -22,38 +22,34 @@ def quality_context(out) -> dict | None:
     from facegen.published import shards_fingerprint
 
     out = Path(out)
-    try:
-        report = json.loads(OutputFolder(out).report_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if report.get("fingerprint") != shards_fingerprint(out):
-        return None  # the shards changed since: the figures are not this dataset's any more
-    summary = report.get("summary", {})
+    report = QualityReport.read(OutputFolder(out).report_json)
+    if report is None or report.fingerprint != shards_fingerprint(out):
+        return None  # none, damaged, or the shards changed since: the figures are not this dataset's
+    summary = report.summary
     return {
-        "settings": report.get("settings", {}),
-        "created": report.get("created", ""),
-        "dataset": report.get("dataset", {}),
+        "settings": report.settings,
+        "created": report.created,
+        "dataset": report.dataset,
         "consistency": summary.get("sample_consistency") or {},
         "identity_consistency": summary.get("identity_consistency") or {},
         "separability": summary.get("separability") or {},
-        "near_duplicates": report.get("near_duplicate_identities", [])[:SHOWN],
-        "near_duplicate_count": len(report.get("near_duplicate_identities", [])),
-        "outliers": report.get("outliers", [])[:SHOWN],
-        "outlier_count": len(report.get("outliers", [])),
+        "near_duplicates": report.near_duplicate_identities[:SHOWN],
+        "near_duplicate_count": len(report.near_duplicate_identities),
+        "outliers": report.outliers[:SHOWN],
+        "outlier_count": len(report.outliers),
         "without_face": summary.get("identities_without_a_face", 0),
-        "modes": report.get("image_modes", {}),
-        "sizes": dict(list(report.get("image_sizes", {}).items())[:5]),
-        "sizes_more": max(0, len(report.get("image_sizes", {})) - 5),
-        "skipped": report.get("skipped", {}),
-        "against": report.get("against"),
-        "plots": [{"path": p, "title": PLOT_TITLES.get(p, p)} for p in report.get("plots", [])
-                  if (out / p).is_file()],
+        "modes": report.image_modes,
+        "sizes": dict(list(report.image_sizes.items())[:5]),
+        "sizes_more": max(0, len(report.image_sizes) - 5),
+        "skipped": report.skipped,
+        "against": report.against,
+        "plots": [{"path": p, "title": PLOT_TITLES.get(p, p)} for p in report.plots if (out / p).is_file()],
     }
 
 
-def curation_context(run: dict) -> dict | None:
+def curation_context(run: RunRecord) -> dict | None:
     """What `facegen curate` removed, as the `facegen` source recorded it."""
-    curation = ((run.get("source") or {}).get("provenance") or {}).get("curation")
+    curation = run.source.provenance.get("curation")
     if not curation:
         return None
     identities = curation.get("removed_identities") or []
@@ -61,7 +57,7 @@ def curation_context(run: dict) -> dict | None:
     by_reason = Counter(str(r.get("reason") or "not given") for r in identities)
     samples_by_reason = Counter(str(r.get("reason") or "not given") for r in samples)
     return {
-        "parent": curation.get("parent") or (run.get("source") or {}).get("provenance", {}).get("parent", "?"),
+        "parent": curation.get("parent") or run.source.provenance.get("parent", "?"),
         "parent_identities": curation.get("parent_identities"),
         "settings": {k: curation[k] for k in ("recognizer", "dedup", "min_similarity", "min_images") if k in curation},
         "identities_by_reason": dict(by_reason.most_common()),

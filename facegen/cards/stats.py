@@ -1,14 +1,11 @@
-"""Read a build's own records (``OUT/.facegen``) and summarise them for the card."""
+"""A build's totals for the card, summed from its shard and unit stats (``facegen.layout.records``)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from facegen.errors import UsageError
-from facegen.layout import OutputFolder
+from facegen.layout.records import ShardStats, UnitStats
 
 FAILURES_SHOWN = 10
 
@@ -41,40 +38,8 @@ class Statistics:
         return sum(self.skipped.values())
 
 
-def load_run(out: Path) -> dict:
-    path = OutputFolder(out).run_json
-    if not path.is_file():
-        raise UsageError(f"{out} has no .facegen/run.json: not a finished facegen build (run `facegen build` first)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON ({exc}); rerun the build to rewrite it") from None
-
-
-def load_shard_stats(out: Path) -> list[dict]:
-    """Every published shard's stats file, in shard order."""
-    return _load_stats(OutputFolder(out).shard_stats_dir, "shard")
-
-
-def load_unit_stats(out: Path) -> list[dict]:
-    """Every unit of work's stats file (identity-level transforms; none for per-image ones), in unit order."""
-    return _load_stats(OutputFolder(out).units_dir, "unit")
-
-
-def _load_stats(folder: Path, what: str) -> list[dict]:
-    stats = []
-    for path in sorted(folder.glob("*.json")):
-        if path.name.startswith("."):
-            continue  # a temporary file of an unfinished write
-        try:
-            stats.append(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path} is not valid JSON ({exc}); delete it and rerun the build") from None
-    return sorted(stats, key=lambda s: s.get("shard", 0))
-
-
-def summarise(shards: list[dict], units: list[dict] | None = None, planned_identities: int | None = None
-              ) -> Statistics:
+def summarise(shards: list[ShardStats], units: list[UnitStats] | None = None,
+              planned_identities: int | None = None) -> Statistics:
     """Totals of a build. Images, bytes, image checks, modes, sizes and conversions come from the published shards
     (an assembled shard counts those of the samples it copied); identities, skips and quality from
     the units of work when there are some (identity-level transforms), else from the shards. A shard holds
@@ -89,30 +54,30 @@ def summarise(shards: list[dict], units: list[dict] | None = None, planned_ident
     verify: set[str] = set()
     for shard in shards:
         # image checks, modes, sizes and conversions of the published images (assembled shards carry their units')
-        converted.update(shard.get("converted") or {})
-        modes.update(shard.get("image_modes") or {})
-        sizes.update(shard.get("image_sizes") or {})
-        verify.add(shard.get("verify") or "header")  # shards written before --verify existed had PIL's check
-        stats.images += shard.get("images", 0)
-        stats.tar_bytes += shard.get("tar_bytes", 0)
-        stats.seconds += shard.get("seconds", 0.0)
+        converted.update(shard.converted)
+        modes.update(shard.image_modes)
+        sizes.update(shard.image_sizes)
+        verify.add(shard.verify)
+        stats.images += shard.images
+        stats.tar_bytes += shard.tar_bytes
+        stats.seconds += shard.seconds
     for work in (units or shards):
         if units:
-            stats.seconds += work.get("seconds", 0.0)
-        for identity, n in work.get("images_per_identity", {}).items():
+            stats.seconds += work.seconds
+        for identity, n in work.images_per_identity.items():
             per_identity[identity] += n
-        skipped.update(work.get("skipped", {}))
-        for failure in work.get("failures", []):
+        skipped.update(work.skipped)
+        for failure in work.failures:
             if len(stats.failures) < FAILURES_SHOWN:
                 stats.failures.append(failure)
-        for name, q in (work.get("quality") or {}).items():
+        for name, q in work.quality.items():
             total = quality.setdefault(name, {"sum": 0.0, "count": 0, "min": None, "max": None})
-            if not q.get("count"):
+            if not q.count:
                 continue
-            total["sum"] += q["sum"]
-            total["count"] += q["count"]
-            total["min"] = q["min"] if total["min"] is None else min(total["min"], q["min"])
-            total["max"] = q["max"] if total["max"] is None else max(total["max"], q["max"])
+            total["sum"] += q.sum
+            total["count"] += q.count
+            total["min"] = q.min if total["min"] is None else min(total["min"], q.min)
+            total["max"] = q.max if total["max"] is None else max(total["max"], q.max)
     counts = list(per_identity.values())
     if planned_identities is not None and planned_identities > len(counts):
         counts += [0] * (planned_identities - len(counts))  # identities the source listed no image for

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from facegen.generators.embeddings import normalize
+
 PROMPT = "photo of a id person"  # upstream spells it "a id" (arc2face/utils.py); the encoder was tuned on it
 ID_WORD = "id"
 ARCFACE_DIM = 512
@@ -116,28 +118,23 @@ def load_component(what: str, folder: str, load: Callable[[], Any]) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def normalize(vectors: np.ndarray, axis: int = -1) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float64)
-    norms = np.linalg.norm(vectors, axis=axis, keepdims=True)
-    if np.any(norms == 0):
-        raise ValueError("cannot normalise a zero vector")
-    return vectors / norms
-
-
 def prototype(unit_embeddings: np.ndarray) -> np.ndarray:
-    """The class prototype: the mean of the identity's unit embeddings, projected back onto the sphere."""
-    unit_embeddings = normalize(unit_embeddings)
-    return normalize(unit_embeddings.mean(axis=0)).astype(np.float32)
+    """The class prototype: the mean of the identity's unit embeddings, projected back onto the sphere (in float64;
+    the embeddings are normalised here again, so raw ones give the same prototype)."""
+    mean = normalize(unit_embeddings, dtype=np.float64).mean(axis=0)
+    if not np.any(mean):
+        raise ValueError("the embeddings cancel out: their mean has no direction")
+    return normalize(mean, dtype=np.float64).astype(np.float32)
 
 
 def slerp(start: np.ndarray, end: np.ndarray, t: float) -> np.ndarray:
     """Spherical interpolation between unit vectors: angle(start, result) = t * angle(start, end)."""
-    start, end = normalize(start), normalize(end)
+    start, end = normalize(start, dtype=np.float64), normalize(end, dtype=np.float64)
     theta = float(np.arccos(np.clip(np.dot(start, end), -1.0, 1.0)))
     if theta < 1e-6:  # same direction: every point of the arc is the start
         return start.astype(np.float32)
     result = (np.sin((1.0 - t) * theta) * start + np.sin(t * theta) * end) / np.sin(theta)
-    return normalize(result).astype(np.float32)
+    return normalize(result, dtype=np.float64).astype(np.float32)
 
 
 def variation_rng(identity_seed: int) -> np.random.Generator:
@@ -161,7 +158,7 @@ def sample_variations(proto: np.ndarray, sources: np.ndarray, count: int, alpha:
     Targets: a seeded permutation of the sources, cycled when ``count`` exceeds their number, so every source is
     used before any is used twice. All draws come from ``variation_rng(seed)``.
     """
-    sources = normalize(np.atleast_2d(sources))
+    sources = normalize(np.atleast_2d(sources), dtype=np.float64)
     rng = variation_rng(seed)
     order = rng.permutation(len(sources))
     ts = rng.beta(alpha, alpha, size=count)
@@ -473,6 +470,60 @@ class Arc2FaceGenerator:
             decoded = (decoded.float() / 2 + 0.5).clamp(0, 1)
             images.append((decoded.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy())
         return np.concatenate(images)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU memory per micro-batch (what a CUDA out-of-memory error is answered with)
+# --------------------------------------------------------------------------------------------------------------
+
+# Peak GPU memory (GiB) of ``Arc2FaceGenerator.generate`` per images_per_batch, with guidance (the UNet runs 2 x
+# images_per_batch rows) and the VAE decoding ``vae_batch=8`` images at a time, the models loaded (MEMORY_WEIGHTS_GIB
+# of it): torch.cuda.max_memory_allocated in benchmarks/gpu_check.py's memory section, SD1.5/CLIP-L-size models
+# (random weights: the real ones' memory), benchmarks/results/gpu.json. Beyond 40 images the UNet dominates and
+# grows by 0.127 GiB per image at 512x512; up to 40 the VAE's 8-image decode (~4 GiB) does. The 768x768 rows are
+# 2.25 times the 512x512 ones above the weights, the pixel ratio: other sizes and dtypes are scaled so.
+MEMORY_MEASURED = "NVIDIA H200, torch 2.11.0+cu130, diffusers 0.42.1, 2026-12-04, benchmarks/gpu_check.py"
+MEMORY_WEIGHTS_GIB = 1.991
+MEMORY_TABLE = {  # (resolution, dtype): {images_per_batch: peak GiB}
+    (512, "float16"): {1: 2.587, 8: 5.996, 16: 6.024, 40: 7.087, 80: 12.182, 160: 22.372, 320: 42.753, 640: 83.514},
+    (768, "float16"): {8: 10.999, 40: 13.439, 160: 47.78},
+}
+MEMORY_MARGIN = 0.9  # of the free memory: the allocator's fragmentation and other GPUs' kernels' workspaces
+
+
+def memory_above_weights(resolution: int, dtype: str) -> tuple[dict[int, float], bool]:
+    """GiB above the loaded weights per images_per_batch at ``resolution`` and ``dtype`` (e.g. "float16"), and
+    whether they were scaled from 512x512 float16 (by pixel count and bytes per value) rather than measured."""
+    measured = MEMORY_TABLE.get((resolution, dtype))
+    if measured is not None:
+        return {n: peak - MEMORY_WEIGHTS_GIB for n, peak in measured.items()}, False
+    scale = (resolution / 512) ** 2 * (2 if dtype == "float32" else 1)
+    return {n: (peak - MEMORY_WEIGHTS_GIB) * scale for n, peak in MEMORY_TABLE[(512, "float16")].items()}, True
+
+
+def out_of_memory_message(images_per_batch: int, resolution: int, dtype: str, device: str,
+                          free_bytes: int | None) -> str:
+    """One line for an out-of-memory error at ``images_per_batch``: the largest size of the memory table that fits
+    in ``free_bytes`` (the device's free memory with the models loaded; None where it cannot be read)."""
+    above, estimated = memory_above_weights(resolution, dtype)
+    how = (f"{'estimated from the 512x512 float16 figures' if estimated else 'measured'} on an {MEMORY_MEASURED}")
+    what = f"out of memory generating images_per_batch={images_per_batch} at {resolution}x{resolution} {dtype}"
+    smaller = sorted(n for n in above if n < images_per_batch)
+    if free_bytes is None:
+        if not smaller:
+            return f"{what} on {device}: even images_per_batch=1 is too large here; free memory on {device}"
+        size = smaller[-1]
+        return (f"{what} on {device}: set images_per_batch={size}, the next size of the memory table "
+                f"({above[size]:.1f} GiB above the weights on a GPU, {how})")
+    free_gib = free_bytes / 2**30
+    fits = [n for n in smaller if above[n] <= MEMORY_MARGIN * free_gib]
+    where = f"{what} with {free_gib:.1f} GiB free on {device} beside the loaded models"
+    if not fits:
+        least = min(above)
+        return (f"{where}: even images_per_batch={least} needs {above[least]:.1f} GiB ({how}); free GPU memory "
+                "(other processes?) or lower the resolution")
+    size = fits[-1]
+    return f"{where}: set images_per_batch={size}, which needs {above[size]:.1f} GiB beside them ({how})"
 
 
 def describe(generator: Arc2FaceGenerator) -> dict[str, Any]:

@@ -12,7 +12,6 @@ API summary
 - ``ArcFaceEmbedder(onnx_path, providers=None, batch_size=64)``; ``.embed(images_rgb_112) -> (N, 512) float32``
   RAW embeddings (not unit length) for aligned RGB uint8 crops of shape (N, 112, 112, 3).
   ``.embed_unit(...)`` = ``normalize(embed(...))``.
-- ``normalize(x, axis=-1) -> x / ||x||`` (float32; zero rows stay zero).
 
 Preprocessing (checked against insightface 2.1 ``ArcFaceONNX.get_feat``): insightface is handed BGR crops and
 calls ``cv2.dnn.blobFromImages(imgs, 1/127.5, (112, 112), (127.5,)*3, swapRB=True)``, so the network itself sees
@@ -21,7 +20,8 @@ needed). Graphs exported from MXNet carry their own normalisation (a ``Sub``/``_
 node among the first eight); for those insightface feeds raw pixels (mean 0, std 1), and so do we.
 ``tests/test_arcface.py`` checks bit-equality with ``ArcFaceONNX.get_feat`` on the tiny test model.
 
-Arc2Face's README normalises the raw embedding (``emb / ||emb||``) before projecting it; ``normalize`` does that.
+Arc2Face's README normalises the raw embedding (``emb / ||emb||``) before projecting it;
+:func:`facegen.generators.embeddings.normalize` does that.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from facegen.errors import UsageError
+from facegen.generators.embeddings import normalize
 
 ARC2FACE_REPO_ID = "FoivosPar/Arc2Face"
 # A commit of the Hub repo that holds arcface.onnx (the one third-party code pins for arcface.onnx).
@@ -43,13 +44,6 @@ INPUT_SIZE = 112
 
 class MissingModelError(UsageError):
     """A model file is not where it should be and cannot be downloaded: one line saying how to provide it."""
-
-
-def normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Unit-length vectors along ``axis`` (float32). A zero vector stays zero instead of becoming NaN."""
-    x = np.asarray(x, dtype=np.float32)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, np.float32(1e-12))
 
 
 def resolve_arcface(model_dir: str | os.PathLike | None = None, repo_id: str = ARC2FACE_REPO_ID,

@@ -13,22 +13,15 @@ dataset card states what was used, not what a default names:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from facegen.fileio import sha256_file
+
 TEST_MODEL_MARKER = "FACEGEN_TEST_MODEL.txt"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack", ".dat", ".npz")
 MARKER_LEVELS = 3  # a weight file may sit a few folders below the model folder that holds the marker
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hub_snapshot(path: str | os.PathLike) -> tuple[str, str] | None:
@@ -67,11 +60,11 @@ def describe_loaded(path: str | os.PathLike, files: Iterable[str] | None = None)
     else:
         record["folder"] = path.name if path.is_dir() else path.parent.name
         if path.is_file():
-            record["sha256"] = {path.name: file_sha256(path)}
+            record["sha256"] = {path.name: sha256_file(path)}
         else:
             names = list(files) if files is not None else sorted(
                 p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-            record["sha256"] = {name: file_sha256(path / name) for name in names
+            record["sha256"] = {name: sha256_file(path / name) for name in names
                                 if name.endswith(WEIGHT_SUFFIXES) and (path / name).is_file()}
     note = random_weights_note(path)
     if note:

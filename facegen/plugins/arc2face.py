@@ -26,8 +26,6 @@ images_per_latent >> ``images_per_batch``).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +35,8 @@ from typing import Any
 import numpy as np
 from datasets import Value
 
-from facegen.api import LicenseInfo, ModelInfo, Option, Transform, to_bool
-from facegen.errors import UsageError
-from facegen.records import Face, IdentityResult, Skip
+from facegen.api import (Face, IdentityResult, LicenseInfo, ModelInfo, Option, Skip, Transform, UsageError, sha256_file,
+                         to_bool)
 
 SHIFT_KEY = "delta"  # tensor name in delta.safetensors (a file holding exactly one tensor is accepted too)
 SOURCE_THREADS = min(8, os.cpu_count() or 1)  # threads decoding (and detecting) source images while planning
@@ -64,13 +61,6 @@ def optional_str(value: Any) -> str | None:
     return None if text.lower() in ("", "none", "null", "off") else os.path.expanduser(text)
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 def encode_png(image_rgb: np.ndarray) -> bytes:
     import cv2  # releases the GIL while compressing, unlike a pure-Python path
 
@@ -78,6 +68,16 @@ def encode_png(image_rgb: np.ndarray) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
+
+
+def free_device_memory(device) -> int | None:
+    """Free bytes on a CUDA device once this process's cached blocks are released; None elsewhere."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
 
 
 @dataclass
@@ -187,7 +187,7 @@ class Arc2FaceTransform(Transform):
     options = {
         "model_dir": Option(None, "local folder laid out like the Hub repos (see MODEL_DIR_LAYOUT in "
                                   "facegen.generators.arc2face); default: Hub download at pinned revisions",
-                            type=optional_str),
+                            type=optional_str, path=True, placeholder="model folder", optional_on_rebuild=True),
         "base_revision": Option(None, "revision of stable-diffusion-v1-5/stable-diffusion-v1-5 (default: pinned)",
                                 type=optional_str),
         "arc2face_revision": Option(None, "revision of FoivosPar/Arc2Face (default: pinned)", type=optional_str),
@@ -199,10 +199,11 @@ class Arc2FaceTransform(Transform):
         "images_per_latent": Option(5, "images generated per latent", type=positive_int),
         "alpha": Option(2.0, "t ~ Beta(alpha, alpha) for the SLERP factor", type=positive_float),
         "shift": Option(None, "delta.safetensors from `facegen estimate-shift` (none = no shift)",
-                        type=optional_str),
+                        type=optional_str, provenance_file="shift.safetensors"),
         "shift_scale": Option(1.0, "multiplier of the shift Delta", type=float),
         "batch_size": Option(8, "identities per call (generated together)", type=positive_int),
-        "images_per_batch": Option(40, "images per UNet micro-batch (x2 with guidance)", type=positive_int),
+        "images_per_batch": Option(40, "images per UNet micro-batch (x2 with guidance); a CUDA out-of-memory "
+                                       "error names the size that fits", type=positive_int),
         "post_workers": Option(0, "threads detecting/aligning/embedding/encoding outputs while the GPU generates "
                                   "(0 = auto: 2 on CUDA, 1 on CPU)", type=int),
         "dtype": Option("auto", "model precision (auto: float16 on CUDA, float32 on CPU)",
@@ -217,7 +218,7 @@ class Arc2FaceTransform(Transform):
         "detector": Option("scrfd", "face detector for outputs (scrfd: antelopev2's SCRFD-10GF)",
                            choices=("scrfd", "dlib")),
         "detector_dir": Option(None, "folder holding antelopev2/scrfd_10g_bnkps.onnx (default: model_dir, then "
-                                     "~/.insightface/models)", type=optional_str),
+                                     "~/.insightface/models)", type=optional_str, path=True),
         "det_size": Option(640, "SCRFD input size (square)", type=positive_int),
         "det_thresh": Option(0.5, "detection score threshold", type=float),
     }
@@ -303,10 +304,8 @@ class Arc2FaceTransform(Transform):
             features["cosine_to_prototype"] = Value("float32")  # ArcFace cosine of the aligned output to the prototype
         return features
 
-    def provenance(self) -> dict[str, Any]:
-        from facegen.generators.arc2face import PROMPT, describe
-
-        facts: dict[str, Any] = {"prompt": PROMPT, "columns": {
+    def column_descriptions(self) -> dict[str, str]:
+        return {
             "json.source_ref": "the source image whose embedding this sample's latent was interpolated toward",
             "json.latent_index": "which SLERP variation of the identity's prototype (0 … latents − 1)",
             "json.t": "SLERP factor from the prototype (0) toward the source embedding (1), drawn from "
@@ -315,7 +314,12 @@ class Arc2FaceTransform(Transform):
             "json.seed": "seed of the image's initial noise, derived from (identity seed, latent, image)",
             "json.cosine_to_prototype": "ArcFace (arcface.onnx) cosine similarity of the aligned 112x112 output "
                                         "to the identity's prototype (not in align=off builds)",
-        }}
+        }
+
+    def provenance(self) -> dict[str, Any]:
+        from facegen.generators.arc2face import PROMPT, describe
+
+        facts: dict[str, Any] = {"prompt": PROMPT, "columns": self.column_descriptions()}
         facts["recipe"] = {k: self.opts[k] for k in ("latents", "images_per_latent", "alpha", "shift_scale",
                                                      "align", "realign", "detector", "det_size", "det_thresh")}
         facts["prototype"] = (
@@ -326,8 +330,7 @@ class Arc2FaceTransform(Transform):
         if self.generator is not None:
             facts["sampling"] = describe(self.generator)
         if self.opts["shift"]:
-            with open(self.opts["shift"], "rb") as f:
-                facts["shift_sha256"] = hashlib.sha256(f.read()).hexdigest()
+            facts["shift_sha256"] = sha256_file(self.opts["shift"])
             if getattr(self, "delta", None) is not None:
                 facts["shift_norm"] = float(self.delta.float().norm())
         return facts
@@ -485,77 +488,53 @@ class Arc2FaceTransform(Transform):
         for start in range(0, len(jobs), step):
             chunk = jobs[start:start + step]
             rows = torch.tensor([job.cond_row for job in chunk], device=cond.device)
-            images = self.generator.generate(cond[rows], [job.seed for job in chunk])
+            try:
+                images = self.generator.generate(cond[rows], [job.seed for job in chunk])
+            except torch.OutOfMemoryError:
+                images = None  # leaving the handler frees the failed batch's tensors before memory is read
+            if images is None:
+                raise UsageError(f"transform 'arc2face': {self._out_of_memory()}")
             pending.append(self._post.submit(self.postprocess, plans, chunk, images))
             yield from drain(block=False)
         yield from drain(block=True)
 
+    def _out_of_memory(self) -> str:
+        """The one line of a CUDA out-of-memory error: the images_per_batch that fits, from the memory table of
+        ``facegen.generators.arc2face`` (never a silent retry at a smaller size: the user sets it)."""
+        from facegen.generators.arc2face import out_of_memory_message
+
+        generator = self.generator
+        return out_of_memory_message(self.opts["images_per_batch"], generator.resolution,
+                                     str(generator.dtype).replace("torch.", ""), str(generator.device),
+                                     free_device_memory(generator.device))
+
     def plan_identities(self, batch) -> list[IdentityPlan]:
-        """Unit source embeddings (one recogniser call for the whole batch), prototypes and variations."""
-        from facegen.generators.arc2face import normalize, prototype, sample_variations
+        """Source embeddings (facegen.generators.embeddings' rule, one recogniser call for the whole batch),
+        prototypes and variations."""
+        from facegen.generators.arc2face import prototype, sample_variations
+        from facegen.generators.embeddings import embed_source_images, normalize
 
         plans = [IdentityPlan(identity) for identity in batch]
-        given: list[list] = [[] for _ in batch]  # per identity: (ref, embedding or None)
-        crops, crop_slots = [], []
-        images = [image for identity in batch for image in identity.images]
-        handed = [image.hints.get("embedding") if self.opts["source_embeddings"] else None for image in images]
-        # decoding (and detecting) up to 8 x 72 DigiFace images is most of planning: threads (PIL and ONNX Runtime
-        # release the GIL), results in input order
-        to_decode = [image for image, embedding in zip(images, handed) if embedding is None]
-        with ThreadPoolExecutor(max(1, min(SOURCE_THREADS, len(to_decode))), thread_name_prefix="arc2face-src") as pool:
-            decoded = iter(list(pool.map(self._source_crop, to_decode)))
-        handed_iter = iter(handed)
-        for p, identity in enumerate(batch):
-            for image in identity.images:
-                embedding = next(handed_iter)
-                if embedding is not None:
-                    given[p].append((image.ref, np.asarray(embedding, dtype=np.float32).reshape(-1)))
-                    continue
-                crop = next(decoded)
-                if isinstance(crop, Skip):
-                    plans[p].skipped.append(crop)
-                    continue
-                given[p].append((image.ref, None))
-                crops.append(crop)
-                crop_slots.append((p, len(given[p]) - 1))
-        if crops:
-            embeddings = self.embedder.embed(np.stack(crops))
-            for (p, slot), embedding in zip(crop_slots, embeddings):
-                given[p][slot] = (given[p][slot][0], embedding)
-
-        for p, plan in enumerate(plans):
-            usable = [(ref, e) for ref, e in given[p] if e is not None and np.linalg.norm(e) > 0]
-            if not usable:
+        # decoding (and detecting) up to 8 x 72 DigiFace images is most of planning: threads
+        embedded = embed_source_images([identity.images for identity in batch], self.embedder,
+                                       lambda: self.source_aligner, realign=self.opts["realign"],
+                                       use_given=self.opts["source_embeddings"], threads=SOURCE_THREADS)
+        for plan, sources in zip(plans, embedded):
+            plan.skipped += sources.skipped
+            if not sources.refs:
                 plan.skipped.append(Skip(plan.identity.id, "no usable source image",
                                          "no source image of this identity could be embedded"))
                 continue
-            plan.source_refs = [ref for ref, _ in usable]
-            sources = normalize(np.stack([e for _, e in usable]))
-            plan.prototype = prototype(sources)
-            plan.variations = sample_variations(plan.prototype, sources, self.opts["latents"], self.opts["alpha"],
+            plan.source_refs = sources.refs
+            units = normalize(sources.embeddings, dtype=np.float64)
+            plan.prototype = prototype(units)
+            plan.variations = sample_variations(plan.prototype, units, self.opts["latents"], self.opts["alpha"],
                                                 plan.identity.seed)
         return plans
 
-    def _source_crop(self, image):
-        """The crop of one source image to embed, or the Skip saying why there is none (runs on a worker thread)."""
-        from facegen.generators.alignment import crop_for_recognition
-
-        try:
-            rgb = decode_rgb(image.data)
-        except Exception as exc:  # PIL raises many types for broken files
-            return Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}")
-        try:
-            crop = crop_for_recognition(rgb, image.hints.get("landmarks5"), self.source_aligner,
-                                        realign=self.opts["realign"])
-        except ValueError as exc:  # e.g. a large image while align=off: no aligner to crop it
-            return Skip(image.ref, "source image not embeddable", str(exc))
-        if crop is None:
-            return Skip(image.ref, "no face detected in source image")
-        return crop
-
     def postprocess(self, plans: list[IdentityPlan], chunk: list[ImageJob], images: np.ndarray) -> list:
         """(job, Face or Skip) per generated image: align, embed, cosine to the prototype, encode (worker thread)."""
-        from facegen.generators.arcface import normalize
+        from facegen.generators.embeddings import normalize
 
         crops = self.aligner.align(list(images)) if self.aligner is not None else list(images)
         cosines: dict[int, float] = {}

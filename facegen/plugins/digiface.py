@@ -14,7 +14,7 @@ opened lazily, once per process (every process of a run constructs its own sourc
 
 Members are never used as paths (nothing is extracted). Members with unsafe names (absolute, ``..``), folders with
 non-numeric names and other unexpected entries are ignored and reported: one warning line per zip/folder and kind,
-logged at construction (``facegen.digiface`` logger), kept in ``source.warnings`` and in the run's provenance.
+said at construction (``facegen.api.warn``), kept in ``source.warnings`` and in the run's provenance.
 A member whose bytes fail their CRC becomes a ``Skip`` ("corrupt zip member"); a zip whose central directory
 cannot be read (truncated download) is a ``UsageError`` naming the file.
 
@@ -25,7 +25,6 @@ a per-member and a per-identity bound before anything is inflated.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import struct
@@ -39,11 +38,8 @@ from typing import Any
 import numpy as np
 from datasets import Value
 
-from facegen.api import LicenseInfo, Option, Source
-from facegen.errors import UsageError
-from facegen.records import SourceImage, Skip, printable_name
-
-log = logging.getLogger("facegen.digiface")
+from facegen.api import (DownloadFile, LicenseInfo, Option, Skip, Source, SourceImage, UsageError, printable_name,
+                         warn)
 
 # The eight published parts: (file stem, first id, last id, images per identity).
 PUBLISHED_PARTS = [
@@ -62,19 +58,19 @@ FIRST_ID_OF_5_IMAGE_SET = 100000  # ids 0-9999 have 72 images each, ids 100000-1
 # Sizes and sha256 of the 72-image parts, from the git-LFS pointers of the byte-identical HF mirror
 # lhoestq/digiface1m_720k (Microsoft publishes no checksums); the 5-image parts are checked as zips instead.
 DOWNLOAD_FILES = [
-    {"name": "subjects_0-1999_72_imgs.zip", "size": 2938553163,
-     "sha256": "29c5347f2287637c646eee7a760cbc392763ecd804e7bb5a9ba6d557fa94f9b3"},
-    {"name": "subjects_2000-3999_72_imgs.zip", "size": 2936098225,
-     "sha256": "0e0edb4f8ff7ddeced29aa3e1e734c62cc097b7a1f63eacbac09aa75f3fba989"},
-    {"name": "subjects_4000-5999_72_imgs.zip", "size": 2936895527,
-     "sha256": "d5237cc674351b08f708b0393d7ddea6778c3200a17115eee5a2fbea41e498fa"},
-    {"name": "subjects_6000-7999_72_imgs.zip", "size": 2940940004,
-     "sha256": "227ab9f733a7b2e4952b283774e83f461484c55d177a185e86d0b69e82d71964"},
-    {"name": "subjects_8000-9999_72_imgs.zip", "size": 2927632784,
-     "sha256": "9510e30f07eb3ec523df95cf83fa5401a3a8fd0c9c0970fbb548d1d2718b9651"},
-    {"name": "subjects_100000-133332_5_imgs.zip", "size": None, "sha256": None},
-    {"name": "subjects_133333-166665_5_imgs.zip", "size": None, "sha256": None},
-    {"name": "subjects_166666-199998_5_imgs.zip", "size": None, "sha256": None},
+    DownloadFile("subjects_0-1999_72_imgs.zip", 2938553163,
+                 "29c5347f2287637c646eee7a760cbc392763ecd804e7bb5a9ba6d557fa94f9b3"),
+    DownloadFile("subjects_2000-3999_72_imgs.zip", 2936098225,
+                 "0e0edb4f8ff7ddeced29aa3e1e734c62cc097b7a1f63eacbac09aa75f3fba989"),
+    DownloadFile("subjects_4000-5999_72_imgs.zip", 2936895527,
+                 "d5237cc674351b08f708b0393d7ddea6778c3200a17115eee5a2fbea41e498fa"),
+    DownloadFile("subjects_6000-7999_72_imgs.zip", 2940940004,
+                 "227ab9f733a7b2e4952b283774e83f461484c55d177a185e86d0b69e82d71964"),
+    DownloadFile("subjects_8000-9999_72_imgs.zip", 2927632784,
+                 "9510e30f07eb3ec523df95cf83fa5401a3a8fd0c9c0970fbb548d1d2718b9651"),
+    DownloadFile("subjects_100000-133332_5_imgs.zip"),
+    DownloadFile("subjects_133333-166665_5_imgs.zip"),
+    DownloadFile("subjects_166666-199998_5_imgs.zip"),
 ]
 
 LICENSE_NAME = "microsoft-research-use-of-data-agreement"
@@ -522,7 +518,7 @@ class DigiFaceSource(Source):
         self._ids = self._select(sorted(self._where, key=lambda i: (int(i), i)))
         if os.environ.get("RANK", "0") == "0":  # every process builds the index; one of them tells
             for line in self.warnings:
-                log.warning(line)
+                warn(line)
         self._fds: dict[int, int] = {}
         self._fd_pid = os.getpid()
         self._fd_lock = threading.Lock()

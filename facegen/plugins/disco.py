@@ -18,7 +18,6 @@ or in ``reference_path`` (the Langevin ensemble folder).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import threading
@@ -27,11 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from facegen.api import LicenseInfo, Option, Source
-from facegen.errors import UsageError
-from facegen.records import SourceImage, Skip
-
-log = logging.getLogger("facegen.disco")
+from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError, natural_key, warn
 
 MAGIC = "synthetics_collection"
 MAJOR = 2
@@ -39,11 +34,6 @@ EMBEDDING_DIM = LATENT_DIM = 512
 IDENTITY_GROUP = re.compile(r"\d{5}")
 DEFAULT_IMAGES_DIR = "images_arcface_112x112"
 MAX_IMAGE_BYTES = 16 << 20  # a published image is a ~25 KB 112x112 PNG
-
-
-def natural_key(name: str):
-    """'augmentation_2' < 'augmentation_10'."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 def label_key(label: str):
@@ -165,7 +155,8 @@ class DiscoSource(Source):
         "reference": Option("auto", "Include the 'reference' samples: auto (when their images exist), include "
                             "(missing images are skipped and counted), exclude", choices=("auto", "include",
                                                                                          "exclude")),
-        "reference_path": Option("", "Ensemble folder holding the reference images (the Langevin ensemble)"),
+        "reference_path": Option("", "Ensemble folder holding the reference images (the Langevin ensemble)",
+                                 path=True),
     }
 
     def __init__(self, path, **options):
@@ -203,8 +194,8 @@ class DiscoSource(Source):
             raise UsageError(f"source 'disco': {self.samples_path} holds no /<identity:05d>/ groups")
         if self.broken_links and os.environ.get("RANK", "0") == "0":
             first = next(iter(sorted(self.broken_links)))
-            log.warning(f"disco: {len(self.broken_links)} identity group(s) of samples.h5 are broken links and are "
-                        f"skipped (e.g. /{first}: {self.broken_links[first]})")
+            warn(f"disco: {len(self.broken_links)} identity group(s) of samples.h5 are broken links and are "
+                 f"skipped (e.g. /{first}: {self.broken_links[first]})")
         self.include_reference = self._decide_reference(first_labels)
         self._h5 = None
         self._h5_pid = None
@@ -250,7 +241,7 @@ class DiscoSource(Source):
             shown = _text(minor) if not isinstance(minor, np.ndarray) or minor.size <= 8 else f"an array {minor.shape}"
             header["minor_unreadable"] = shown[:80]
             if os.environ.get("RANK", "0") == "0":
-                log.warning(f"disco: samples.h5 attribute 'minor' is {shown[:80]!r}, not an integer; ignored")
+                warn(f"disco: samples.h5 attribute 'minor' is {shown[:80]!r}, not an integer; ignored")
         return header
 
     def _decide_reference(self, first_labels: list[str]) -> bool:
@@ -365,7 +356,7 @@ class DiscoSource(Source):
             ref = f"{identity_id}/{label}"
             if kind == "broken":
                 problem = link_problem(group, label)
-                log.warning(f"disco: samples.h5 /{ref} is skipped: {problem}")
+                warn(f"disco: samples.h5 /{ref} is skipped: {problem}")
                 items.append(Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}: {problem}"))
                 continue
             sample = self._read_sample(group[label], ref)
@@ -399,7 +390,7 @@ class DiscoSource(Source):
         for name, dim in (("embedding", EMBEDDING_DIM), ("w_latent", LATENT_DIM)):
             problem = link_problem(group, name) if name in group else None
             if problem:
-                log.warning(f"disco: samples.h5 /{ref}/{name} is skipped: {problem}")
+                warn(f"disco: samples.h5 /{ref}/{name} is skipped: {problem}")
                 return Skip(ref, "broken HDF5 link", f"samples.h5 /{ref}/{name}: {problem}")
             dataset = group.get(name)
             if dataset is None:
@@ -437,6 +428,16 @@ class DiscoSource(Source):
         }
         return vectors["embedding"], vectors["w_latent"], meta
 
+    def column_descriptions(self):
+        return {
+            "json.label": "sample label in samples.h5: 'reference' or 'augmentation_<n>'",
+            "json.network_type": "generator that made the image (samples.h5 attribute network_type)",
+            "json.embedding_type": "face-recognition network of the embedding (attribute embedding_type)",
+            "json.embedding_norm": "L2 norm of the raw embedding",
+            "embedding.npy": "raw face-recognition embedding from samples.h5, NOT L2-normalised",
+            "w_latent.npy": "StyleGAN2 W latent of the sample (samples.h5 w_latent)",
+        }
+
     def provenance(self):
         record: dict[str, Any] = {
             "samples_h5": dict(self.file_attrs),
@@ -445,14 +446,7 @@ class DiscoSource(Source):
             "reference_images_from": self.reference_images_dir,
             "embedding": "raw output of the embedding network (json.embedding_type), not L2-normalised",
             "non_identity_groups_ignored": self.other_groups,
-            "columns": {
-                "json.label": "sample label in samples.h5: 'reference' or 'augmentation_<n>'",
-                "json.network_type": "generator that made the image (samples.h5 attribute network_type)",
-                "json.embedding_type": "face-recognition network of the embedding (attribute embedding_type)",
-                "json.embedding_norm": "L2 norm of the raw embedding",
-                "embedding.npy": "raw face-recognition embedding from samples.h5, NOT L2-normalised",
-                "w_latent.npy": "StyleGAN2 W latent of the sample (samples.h5 w_latent)",
-            },
+            "columns": self.column_descriptions(),
         }
         # image folders of identities that samples.h5 does not have (not written: no embedding, no latent)
         known = set(self._ids)

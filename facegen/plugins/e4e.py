@@ -34,9 +34,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from facegen.api import LicenseInfo, ModelInfo, Option, Transform
-from facegen.errors import UsageError
-from facegen.records import Face, Identity, IdentityResult, Skip
+from facegen.api import Face, Identity, IdentityResult, LicenseInfo, ModelInfo, Option, Skip, Transform, UsageError
 
 ENCODER_SIZE = 256  # e4e's input resolution
 
@@ -190,7 +188,6 @@ class E4ETransform(Transform):
     homepage = "https://github.com/SelfishGene/SFHQ-dataset"
     citation = CITATION
     license = STYLEGAN2_LICENSE
-    quality_fields = ()
     options = {
         "checkpoint": Option(None, "e4e checkpoint (e4e_ffhq_encode.pt): local file or Hub file "
                                    "owner/repo/file.pt@revision (required)", type=optional_str),

@@ -17,15 +17,13 @@ labels stay contiguous. The file's decisions are recorded in the run's provenanc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 
-from facegen.api import LicenseInfo, Option, Source
-from facegen.errors import UsageError
+from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError, sha256_file
+# this source's format is facegen's own output folder (its layout and records, as published)
 from facegen.layout import LICENSE
+from facegen.layout.records import Curation, RecordError
 from facegen.published import PublishedDataset
-from facegen.records import SourceImage, Skip
 
 BIBTEX_BLOCK = re.compile(r"```bibtex\n(.*?)\n```", re.DOTALL)
 OWNED_FIELDS = ("identity", "source", "source_ref")  # set by the new build's shard writer
@@ -35,7 +33,8 @@ class FacegenSource(Source):
     name = "facegen"
     description = "A facegen dataset (folder or Hub id ORG/NAME): identities, images and json as they were"
     options = {
-        "curation": Option(None, "JSON file written by `facegen curate`: identities and samples to leave out"),
+        "curation": Option(None, "JSON file written by `facegen curate`: identities and samples to leave out",
+                           provenance_file="curation.json"),
     }
     columns = {
         "json.parent_cls": "the sample's label in the parent dataset",
@@ -50,12 +49,13 @@ class FacegenSource(Source):
         super().__init__(self.dataset.root, **options)
         self.image_format = self.dataset.image_column
         self.curation = self._read_curation(self.opts["curation"])
-        removed = {r["identity"] for r in (self.curation or {}).get("removed_identities", [])}
-        self._removed_samples = {r["key"] for r in (self.curation or {}).get("removed_samples", [])}
+        removed = {r["identity"] for r in self.curation.removed_identities} if self.curation else set()
+        self._removed_samples = {r["key"] for r in self.curation.removed_samples} if self.curation else set()
         self._ids = [i for i in self.dataset.identities if i not in removed]
         self.license = self._parent_license()
         self.citation = self._parent_citation()
         name = self.dataset.name
+        self.dataset_name = f"{name} (facegen dataset)"  # the licence table names the parent, not this plugin
         self.homepage = f"https://huggingface.co/datasets/{name}" if self.dataset.repo_id or "/" in name else ""
         self.card_description = (
             f"The facegen dataset **{name}**, read back from its shards: its identities, images (bytes as "
@@ -65,31 +65,27 @@ class FacegenSource(Source):
 
     # ------------------------------------------------------------------ the parent's card
 
-    def _read_curation(self, path):
+    def _read_curation(self, path) -> Curation | None:
         if path is None:
             return None
         try:
-            with open(path, encoding="utf-8") as f:
-                curation = json.load(f)
-        except (OSError, ValueError) as exc:
+            curation = Curation.read(path)
+        except (OSError, RecordError) as exc:
             raise UsageError(f"source 'facegen': cannot read curation file {path}: {exc}") from None
-        if not isinstance(curation, dict):
-            raise UsageError(f"source 'facegen': curation file {path} must hold a JSON object")
-        expected = curation.get("parent_fingerprint")
+        expected = curation.parent_fingerprint
         if expected and expected != self.dataset.fingerprint():
             raise UsageError(f"source 'facegen': the shards of {self.dataset.given} changed since the curation "
                              f"file {path} was made; run `facegen curate` again")
         known_ids, known_keys = set(self.dataset.identities), {s.key for s in self.dataset.samples}
-        for row in curation.get("removed_identities", []):
-            if row.get("identity") not in known_ids:
-                raise UsageError(f"source 'facegen': curation file names identity {row.get('identity')!r}, which "
+        for row in curation.removed_identities:
+            if row["identity"] not in known_ids:
+                raise UsageError(f"source 'facegen': curation file names identity {row['identity']!r}, which "
                                  f"is not in {self.dataset.given}")
-        for row in curation.get("removed_samples", []):
-            if row.get("key") not in known_keys:
-                raise UsageError(f"source 'facegen': curation file names sample {row.get('key')!r}, which is not "
+        for row in curation.removed_samples:
+            if row["key"] not in known_keys:
+                raise UsageError(f"source 'facegen': curation file names sample {row['key']!r}, which is not "
                                  f"in {self.dataset.given}")
-        with open(path, "rb") as f:
-            curation["sha256"] = hashlib.sha256(f.read()).hexdigest()
+        self._curation_sha256 = sha256_file(path)
         return curation
 
     def _parent_license(self) -> LicenseInfo | None:
@@ -186,5 +182,6 @@ class FacegenSource(Source):
             "parent_unreadable": dict(self.dataset.skipped),
         }
         if self.curation is not None:
-            record["curation"] = {k: v for k, v in self.curation.items() if k != "parent_fingerprint"}
+            record["curation"] = {**{k: v for k, v in self.curation.to_dict().items() if k != "parent_fingerprint"},
+                                  "sha256": self._curation_sha256}
         return record

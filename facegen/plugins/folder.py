@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import re
 
 from datasets import Value
 
-from facegen.api import Source
-from facegen.errors import UsageError
-from facegen.records import SourceImage, Skip, printable_name
-
-log = logging.getLogger("facegen.folder")
+from facegen.api import Skip, Source, SourceImage, UsageError, natural_key, printable_name, warn
 
 IMAGE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
-
-
-def natural_key(name: str):
-    """Sort key that puts 2 before 10 ("img2" < "img10")."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 class FolderSource(Source):
@@ -76,8 +65,8 @@ class FolderSource(Source):
                              "bytes are written as \\xNN; rename them")
         bad = [i for i, n in names.items() if i != n]
         if bad and os.environ.get("RANK", "0") == "0":
-            log.warning(f"folder: {len(bad)} identity folder name(s) are not UTF-8; their images are skipped "
-                        f"(e.g. {', '.join(bad[:3])})")
+            warn(f"folder: {len(bad)} identity folder name(s) are not UTF-8; their images are skipped "
+                 f"(e.g. {', '.join(bad[:3])})")
         return names
 
     def _files(self, identity_id: str) -> list[str]:
@@ -113,7 +102,7 @@ class FolderSource(Source):
             file_name = files[index]
             ref = f"{identity_id}/{file_name}"
             if printable_name(file_name) != file_name:
-                log.warning(f"folder: skipped {printable_name(ref)}: the file name is not UTF-8")
+                warn(f"folder: skipped {printable_name(ref)}: the file name is not UTF-8")
                 items.append(Skip(printable_name(ref), "name not UTF-8", "file name is not UTF-8"))
                 continue
             try:

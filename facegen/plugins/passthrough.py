@@ -8,8 +8,7 @@ the card. Modes (RGBA, greyscale, …) and sizes are kept as they are.
 
 from __future__ import annotations
 
-from facegen.api import Transform
-from facegen.records import Face, IdentityResult
+from facegen.api import Face, IdentityResult, Transform
 
 
 class Passthrough(Transform):

@@ -6,8 +6,7 @@ run seed and the id) is all a generating transform needs. No files are read, so 
 
 from __future__ import annotations
 
-from facegen.api import LicenseInfo, Option, Source
-from facegen.errors import UsageError
+from facegen.api import LicenseInfo, Option, Source, UsageError
 
 
 class SeedsSource(Source):

@@ -23,7 +23,6 @@ lacks one of those models (or has another dimension) makes that sample a skip ("
 from __future__ import annotations
 
 import io
-import logging
 import os
 import pickle
 import re
@@ -34,8 +33,18 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from facegen.api import LicenseInfo, Option, Source, to_bool, to_list
-from facegen.errors import UsageError
+from facegen.api import (
+    LicenseInfo,
+    Option,
+    Skip,
+    Source,
+    SourceImage,
+    UsageError,
+    printable_name,
+    to_bool,
+    to_list,
+    warn,
+)
 from facegen.generators.landmarks import (
     SFHQ_LEFT_EYE,
     SFHQ_MOUTH_LEFT,
@@ -51,9 +60,6 @@ from facegen.generators.landmarks import (
     warp,
 )
 from facegen.generators.safe_pickle import UnsafePickleError, load_array_dict
-from facegen.records import SourceImage, Skip, printable_name
-
-log = logging.getLogger("facegen.sfhq")
 
 STEM = re.compile(r"SFHQ_pt(\d+)_(\d+)")
 # the published extension of each kind of file, and its slot in the per-stem index
@@ -251,8 +257,8 @@ class SFHQSource(Source):
         self._exts = (".jpg", ".npz", ".png", ".pickle")
         if self.non_utf8_folders and os.environ.get("RANK", "0") == "0":
             shown = ", ".join(self.non_utf8_folders[:3])
-            log.warning(f"sfhq: {len(self.non_utf8_folders)} folder(s) with a name that is not UTF-8 hold SFHQ "
-                        f"files; their images are skipped (e.g. {shown})")
+            warn(f"sfhq: {len(self.non_utf8_folders)} folder(s) with a name that is not UTF-8 hold SFHQ "
+                 f"files; their images are skipped (e.g. {shown})")
 
     def _file(self, stem: str, slot: int) -> str | None:
         index = self._files[stem][slot]

@@ -156,13 +156,18 @@ def write_vae(folder: Path, seed: int, config=TINY_VAE) -> None:
     AutoencoderKL(**config).save_pretrained(folder)
 
 
-def write_face_models(root: Path, seed: int) -> None:
+def write_face_models(root: Path, seed: int, full_size: bool = False) -> None:
     """Recogniser and detector stand-in of ``facegen.testing.arcface``, where ``model_dir=root`` looks for them:
-    ``root/arc2face/arcface.onnx`` (as in the Arc2Face repo) and ``root/antelopev2/scrfd_10g_bnkps.onnx``."""
-    from facegen.testing.arcface import write_scrfd_standin, write_tiny_arcface
+    ``root/arc2face/arcface.onnx`` (as in the Arc2Face repo) and ``root/antelopev2/scrfd_10g_bnkps.onnx``;
+    ``full_size``: the R100 and SCRFD-10G-size networks instead of the tiny ones."""
+    from facegen.testing.arcface import write_arcface_r100, write_scrfd_10g, write_scrfd_standin, write_tiny_arcface
 
-    write_tiny_arcface(root / ARC2FACE_DIRNAME / "arcface.onnx", seed=seed)
-    write_scrfd_standin(root / "antelopev2" / "scrfd_10g_bnkps.onnx")
+    if full_size:
+        write_arcface_r100(root / ARC2FACE_DIRNAME / "arcface.onnx", seed=seed)
+        write_scrfd_10g(root / "antelopev2" / "scrfd_10g_bnkps.onnx", seed=seed + 1)
+    else:
+        write_tiny_arcface(root / ARC2FACE_DIRNAME / "arcface.onnx", seed=seed)
+        write_scrfd_standin(root / "antelopev2" / "scrfd_10g_bnkps.onnx")
 
 
 def write_tiny_arc2face(root: str | os.PathLike, seed: int = 0, face_models: bool = True,
@@ -170,7 +175,8 @@ def write_tiny_arc2face(root: str | os.PathLike, seed: int = 0, face_models: boo
     """Write the tiny model folder (layout above) and return ``root``. Writing takes about a second.
 
     ``full_size=True`` writes SD1.5's UNet/VAE and CLIP ViT-L/14's text-encoder architectures instead (random
-    weights, ~4.5 GB): same speed per image as the real Arc2Face, for GPU benchmarks; images stay noise.
+    weights, ~4.5 GB), and the R100 / SCRFD-10G-size face models (``facegen.testing.arcface``): same speed per
+    image as the real Arc2Face and its post-processing, for GPU benchmarks; images stay noise.
     """
     unet_config, vae_config, text_sizes = (SD15_UNET, SD15_VAE, SD15_TEXT) if full_size else (
         TINY_UNET, TINY_VAE, TINY_TEXT)
@@ -193,7 +199,7 @@ def write_tiny_arc2face(root: str | os.PathLike, seed: int = 0, face_models: boo
     write_text_encoder(arc / "encoder", len(vocab), vocab["<|startoftext|>"], vocab["<|endoftext|>"], seed + 3,
                        text_sizes)
     if face_models:
-        write_face_models(root, seed + 4)
+        write_face_models(root, seed + 4, full_size)
     from facegen.generators.weights import write_test_model_marker
 
     write_test_model_marker(root, "Arc2Face / SD1.5 / face models")

@@ -11,7 +11,10 @@ Each writer makes a small real file that, read naively, costs gigabytes of memor
 - :func:`add_huge_hdf5_dataset`: a compressed HDF5 dataset declaring gigabytes in a few hundred KB;
 - :func:`random_bytes_file`: what a truncated or mangled model download looks like;
 - :func:`write_malicious_torch_pickle`: a ``torch.save`` zip whose ``data.pkl`` calls a shell command;
-- :func:`non_utf8_name`: a file name with bytes that are not UTF-8 (as ``os.listdir`` returns it).
+- :func:`non_utf8_name`: a file name with bytes that are not UTF-8 (as ``os.listdir`` returns it);
+- :func:`crafted_tar_bytes`: a shard with one crafted tar header (:data:`TAR_CASES`: negative octal or base-256
+  sizes that send the reader back into a loop, sizes past the end, a bad checksum, pax records that do the same or
+  declare 2 GB).
 
 Inflating streams are built from one compressed block of zeros repeated (deflate blocks after a full flush stand
 alone), so writing a 3 GB bomb takes a moment and no memory.
@@ -205,3 +208,75 @@ def write_malicious_torch_pickle(path: str | os.PathLike, command: str, template
 def non_utf8_name(text: str, raw: bytes = b"\xff") -> str:
     """``text`` + bytes that are not UTF-8, as ``os.listdir`` returns such a name (surrogate escapes)."""
     return text + os.fsdecode(raw)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Crafted tar headers (a facegen dataset's shards as an attacker would make them)
+# --------------------------------------------------------------------------------------------------------------
+
+TAR_CASES = ("negative octal size", "negative base-256 size", "absurd base-256 size", "size past the end",
+             "bad checksum", "pax size going back", "huge pax record")
+
+
+def ustar_header(name: str, size_field: bytes, kind: bytes = b"0", checksum: bool = True) -> bytes:
+    """A USTAR header with any 12-byte size field and, unless ``checksum`` is False, a correct checksum."""
+    header = bytearray(512)
+    header[0:len(name)] = name.encode()
+    header[100:108] = b"0000444\0"
+    header[108:116] = header[116:124] = b"0000000\0"
+    header[124:136] = size_field.ljust(12, b"\0")[:12]
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b"        "
+    header[156:157] = kind
+    header[257:265] = b"ustar\x0000"
+    if checksum:
+        header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _member(name: str, data: bytes) -> bytes:
+    return ustar_header(name, b"%011o\0" % len(data)) + data + bytes(-len(data) % 512)
+
+
+def _pax_record(keyword: str, value: str) -> bytes:
+    """One pax record, ``"LEN KEYWORD=VALUE\\n"`` where LEN counts the whole record."""
+    body = f" {keyword}={value}\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return f"{length}{body}".encode()
+
+
+def crafted_tar_bytes(case: str, key: str = "999999_000", padding: int = 0) -> bytes:
+    """A tar of one good sample (``{key}.png``, ``.cls``, ``.json``), ``padding`` bytes of a good filler member,
+    then one crafted header (``case``, one of :data:`TAR_CASES`) and a sample behind it that must never be listed.
+
+    Read naively: each negative size sends the next header back to byte 1024 (a plain USTAR walk and ``tarfile``
+    then loop forever, listing the same members again and again); a size past the end asks for data that is not
+    there; a pax record declaring 2 GB asks ``tarfile`` to read 2 GB into memory."""
+    good = _member(f"{key}.png", b"\x89PNG not decoded here") + _member(f"{key}.cls", b"7") + _member(
+        f"{key}.json", b"{}")
+    if padding:
+        good += _member("filler.bin", bytes(padding))
+    bad = f"{key[:-3]}001.png"
+    behind = _member(f"{key[:-3]}002.png", b"after the damage")
+    back = len(good) + 512 - 1024  # a size of minus this sends the next header back to the .cls member's
+    if case == "negative octal size":
+        crafted = ustar_header(bad, b"-%010o\0" % back)
+    elif case == "negative base-256 size":  # two's complement, 0xff first (GNU tar's encoding)
+        crafted = ustar_header(bad, b"\xff" + ((1 << 88) - back).to_bytes(11, "big"))
+    elif case == "absurd base-256 size":
+        crafted = ustar_header(bad, b"\x80" + (1 << 80).to_bytes(11, "big"))
+    elif case == "size past the end":
+        crafted = ustar_header(bad, b"%011o\0" % (1 << 30))
+    elif case == "bad checksum":
+        crafted = ustar_header(bad, b"%011o\0" % 4, checksum=False)
+    elif case == "pax size going back":  # a valid pax record whose size sends the next header back
+        record = _pax_record("size", str(-(back + 1024)))  # the member's data starts 1024 bytes later
+        crafted = ustar_header("pax", b"%011o\0" % len(record), kind=b"x") + record + bytes(-len(record) % 512)
+        crafted += ustar_header(bad, b"%011o\0" % 4)
+    elif case == "huge pax record":
+        crafted = ustar_header("pax", b"%011o\0" % (2 << 30), kind=b"x")
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    return good + crafted + behind + bytes(1024)

@@ -11,13 +11,27 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 import xxhash
 
-from facegen.layout import OutputFolder
+from facegen.layout import OutputFolder, shard_path
+from facegen.layout.records import (
+    LayoutRecord,
+    LicenseRecord,
+    ModelRecord,
+    PlanRecord,
+    PluginRecord,
+    QualityTotals,
+    RunOptions,
+    RunRecord,
+    ShardStats,
+    Totals,
+    WrittenBy,
+)
 from facegen.testing.folder import draw_face, encode
 
 MIT = {"id": "mit", "name": "MIT", "link": "https://opensource.org/license/mit", "text": "MIT License (summary)",
@@ -59,6 +73,7 @@ def write_output_folder(out: str | os.PathLike, identities: int = 6, images_per_
     folder.train_dir.mkdir(parents=True, exist_ok=True)
     folder.shard_stats_dir.mkdir(parents=True, exist_ok=True)
     num_shards = (identities + shard_size - 1) // shard_size
+    per_shard = [min(shard_size, identities - j * shard_size) for j in range(num_shards)]  # identities
     total_images = 0
     for shard in range(num_shards):
         tar_path = folder.shard_tar(shard)
@@ -85,39 +100,49 @@ def write_output_folder(out: str | os.PathLike, identities: int = 6, images_per_
                     tar.write(sample)
                 per_identity[identity] = images_per_identity
         data = tar_path.read_bytes()
+        with tarfile.open(tar_path) as tar:
+            payload = sum(m.size for m in tar if m.isfile())
         images = sum(per_identity.values())
         total_images += images
-        stats = {"shard": shard, "identities": len(per_identity), "images": images,
-                 "images_per_identity": per_identity, "skipped": {}, "failures": [], "quality": quality_stats,
-                 "seconds": 0.01, "tar": f"data/train/train-{shard:06d}.tar", "tar_bytes": len(data),
-                 "tar_xxh3_128": xxhash.xxh3_128(data).hexdigest()}
-        folder.shard(shard).stats.write_text(json.dumps(stats))
-    run = {
-        "facegen_version": "0.1.0", "git_revision": None,
-        "command": ["facegen", "build", "--source", "fixture", "--source-path", "/data/fixture", "--plugin",
-                    "fixture-transform", "--out", str(out)],
-        "created": "2026-01-01T00:00:00+00:00",
-        "options": {"source": "fixture", "source_path": "/data/fixture", "source_opts": {"parts": ["a", "b"]},
-                    "plugin": "fixture-transform", "plugin_opts": {"steps": 25, "guidance": 3.0, "fp16": True},
-                    "recipe": None, "limit_identities": None, "identities_file": None,
-                    "identities_file_sha256": None, "shard_size": shard_size, "seed": 7, "format": "png",
-                    "strict": False},
-        "plan": {"identities": identities, "shards": num_shards, "plan_sha256": "0" * 64},
-        "source": {"name": "fixture", "description": "A fixture source",
-                   "card_description": "Drawn faces standing in for a synthetic-face dataset.",
-                   "homepage": "https://example.org/fixture", "citation": FIXTURE_CITATION,
-                   "distribution": "facegen", "version": "0.1.0",
-                   "license": MIT if source_license is None else source_license, "provenance": {"parts": ["a", "b"]}},
-        "transform": {"name": "fixture-transform", "description": "A fixture transform",
-                      "card_description": "Stands in for a realism transform.", "homepage": "", "citation": "",
-                      "distribution": "facegen", "version": "0.1.0", "license": transform_license,
-                      "provenance": {}, "models": models or []},
-        "features": _features(embedding, quality),
-        "image_column": "png",
-        "quality_fields": ["cosine_to_prototype"] if quality else [],
-        "totals": {"identities": identities, "images": total_images, "skipped": {}, "shards": num_shards},
-    }
-    folder.run_json.write_text(json.dumps(run, indent=1))
+        ShardStats(
+            shard=shard, identities=len(per_identity), images=images, images_per_identity=per_identity, skipped={},
+            failures=[], quality={name: QualityTotals(**q) for name, q in quality_stats.items()}, verify="full",
+            converted={}, image_modes={"RGB": images}, image_sizes={"48x48": images}, seconds=0.01,
+            started_at=0.0, finished_at=0.01, written_by=WrittenBy(process=0, processes=1, pid=0),
+            tar=shard_path(shard), tar_bytes=len(data), tar_xxh3_128=xxhash.xxh3_128(data).hexdigest(),
+            sample_bytes=payload, redone_because=None,
+        ).write(folder.shard(shard).stats)
+    run = RunRecord(
+        facegen_version="0.1.0", git_revision=None,
+        command=["facegen", "build", "--source", "fixture", "--source-path", "/data/fixture", "--plugin",
+                 "fixture-transform", "--out", str(out)],
+        created="2026-01-01T00:00:00+00:00", python="3.11.0",
+        options=RunOptions(source="fixture", source_path="/data/fixture", source_opts={"parts": ["a", "b"]},
+                           plugin="fixture-transform", plugin_opts={"steps": 25, "guidance": 3.0, "fp16": True},
+                           recipe=None, limit_identities=None, identities_file=None, identities_file_sha256=None,
+                           shard_size=shard_size, shard_samples=shard_size * images_per_identity,
+                           shards_multiple_of=1, seed=7, format="png", strict=False, verify="full"),
+        plan=PlanRecord(identities=identities, shards=num_shards, plan_sha256="0" * 64),
+        layout=LayoutRecord(mode="per-image", units=None, identities_per_unit=None,
+                            planned_shard_lengths=[n * images_per_identity for n in per_shard],
+                            order="identities in plan order", units_xxh3_128=None, identities_without_images=[]),
+        source=PluginRecord(name="fixture", description="A fixture source",
+                            card_description="Drawn faces standing in for a synthetic-face dataset.",
+                            homepage="https://example.org/fixture", citation=FIXTURE_CITATION,
+                            distribution="facegen", version="0.1.0",
+                            license=LicenseRecord(**(MIT if source_license is None else source_license)),
+                            provenance={"parts": ["a", "b"]}),
+        transform=PluginRecord(name="fixture-transform", description="A fixture transform",
+                               card_description="Stands in for a realism transform.", distribution="facegen",
+                               version="0.1.0",
+                               license=LicenseRecord(**transform_license) if transform_license else None,
+                               models=[ModelRecord(**m) for m in models or []]),
+        features=_features(embedding, quality),
+        image_column="png",
+        quality_fields=["cosine_to_prototype"] if quality else [],
+        totals=Totals(identities=identities, images=total_images, skipped={}, shards=num_shards),
+    )
+    run.write(folder.run_json)
     if card:
         from facegen.cards import write_card
 

@@ -17,7 +17,6 @@ moved into the image by a per-image similarity transform (``fixture_similarity``
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import shutil
@@ -233,8 +232,3 @@ def write_sfhq_source(
             orphan = sfhq_name(part, numbers[-1] + 10 + k)
             np.savez(folders["landmarks"] / f"{orphan}.npz", landmarks=canonical_landmarks())
     return root
-
-
-def read_fixture_image(path: str | os.PathLike) -> np.ndarray:
-    with open(path, "rb") as f:
-        return np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))

@@ -23,7 +23,6 @@ import datetime as _dt
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -31,8 +30,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from facegen.errors import UsageError
+from facegen.errors import FolderBusy, UsageError
 from facegen.layout import OutputFolder
+from facegen.messages import warn
 
 DEFAULT_LEASE_SECONDS = 120.0  # the longest a requeued job waits for a lock left by a holder on another node
 LEASE_ENV = "FACEGEN_LOCK_LEASE"  # seconds; tests and impatient clusters shorten it
@@ -118,10 +118,6 @@ class Holder:
         if self.process_start and start and start != self.process_start:
             return True  # the pid now belongs to another process
         return False
-
-
-def _say(message: str) -> None:
-    print(f"facegen: {message}", file=sys.stderr, flush=True)
 
 
 def _cannot_write(out: Path, exc: OSError) -> UsageError:
@@ -233,14 +229,14 @@ class OutputLock:
             who = holder.describe() if holder else "an unreadable lock file"
             if break_lock:
                 if self._remove_if_unchanged(seen, check_mtime=False):
-                    _say(f"--break-lock: removed the lock of {self.out} held by {who}")
+                    warn(f"facegen: --break-lock: removed the lock of {self.out} held by {who}")
                 continue
             gone = holder.is_gone() if holder else None
             if gone is False:
                 raise self._held(holder)
             if gone:
                 if self._remove_if_unchanged(seen, check_mtime=True):
-                    _say(f"taking over the lock of {self.out} left by {who}, which is no longer running")
+                    warn(f"facegen: taking over the lock of {self.out} left by {who}, which is no longer running")
                 continue
             lease = holder.lease if holder else self.lease
             try:
@@ -249,26 +245,26 @@ class OutputLock:
                 raise _cannot_write(self.out, exc) from None
             if age > lease:
                 if self._remove_if_unchanged(seen, check_mtime=True):
-                    _say(f"taking over the lock of {self.out} held by {who}: its lease expired "
+                    warn(f"facegen: taking over the lock of {self.out} held by {who}: its lease expired "
                          f"{age - lease:.0f} s ago (not renewed for {age:.0f} s)")
                 continue
             if watched is None:
                 watched = (seen[1], time.monotonic())
-                _say(f"{self.out} is locked by {who}; waiting up to {lease:.0f} s to see whether that build "
+                warn(f"facegen: {self.out} is locked by {who}; waiting up to {lease:.0f} s to see whether that build "
                      "still renews its lease")
             elif seen[1] != watched[0]:
                 raise self._held(holder, "it renewed its lease just now")
             elif time.monotonic() - watched[1] > lease:
                 if self._remove_if_unchanged(seen, check_mtime=True):
-                    _say(f"taking over the lock of {self.out} held by {who}: not renewed for {lease:.0f} s")
+                    warn(f"facegen: taking over the lock of {self.out} held by {who}: not renewed for {lease:.0f} s")
                 continue
             time.sleep(min(1.0, lease / 10))
         self._thread = threading.Thread(target=self._heartbeat, name="facegen-lock-lease", daemon=True)
         self._thread.start()
 
-    def _held(self, holder: Holder | None, why: str = "") -> UsageError:
+    def _held(self, holder: Holder | None, why: str = "") -> FolderBusy:
         who = holder.describe() if holder else "another process"
-        return UsageError(f"{self.out} is being built by another facegen process ({who}{'; ' + why if why else ''}):"
+        return FolderBusy(f"{self.out} is being built by another facegen process ({who}{'; ' + why if why else ''}):"
                           " wait for it to finish; if that process is gone, rerun with --break-lock")
 
     def _heartbeat(self) -> None:
@@ -295,7 +291,7 @@ class OutputLock:
     def check(self) -> None:
         """Raise when another process has taken this lock (--break-lock, or a lease that expired meanwhile)."""
         if self.lost:
-            raise UsageError(f"lost the lock of {self.out} ({self.lost}); stopped without writing more: rerun the "
+            raise FolderBusy(f"lost the lock of {self.out} ({self.lost}); stopped without writing more: rerun the "
                              "same command once the other build is done")
 
     def release(self) -> None:
@@ -317,13 +313,13 @@ class OutputLock:
 def output_lock(out: Path, state=None, break_lock: bool = False):
     """Hold ``out``'s lock for the block. In a distributed run the main process takes it and every rank learns the
     outcome (one broadcast) before anything is written, so no rank waits for a lock that was refused."""
-    lock, refusal = None, None
+    lock, refusal, kind = None, None, UsageError
     if state is None or state.is_main_process:
         try:
             lock = OutputLock(out)
             lock.acquire(break_lock=break_lock)
         except UsageError as exc:
-            lock, refusal = None, str(exc)
+            lock, refusal, kind = None, str(exc), type(exc)
         except OSError as exc:  # every rank must hear of it, or the others would wait for the main forever
             lock, refusal = None, f"cannot take the lock of {out}: {exc.strerror or exc}"
     if state is not None and state.num_processes > 1:
@@ -333,7 +329,7 @@ def output_lock(out: Path, state=None, break_lock: bool = False):
     if refusal:
         if lock is not None:
             lock.release()
-        raise UsageError(refusal)
+        raise kind(refusal)
     try:
         yield lock
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
 
@@ -34,9 +34,6 @@ class BuildConfig:
     overwrite: bool = False
     break_lock: bool = False
     command: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "break_lock", "command"}

@@ -9,13 +9,10 @@ touched; a user's file under one of those names stops the build with one line na
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
-from facegen.builders.engine.writer import write_atomic
 from facegen.errors import UsageError
 from facegen.layout import (
     CHECKSUMS_FILE,
@@ -23,9 +20,9 @@ from facegen.layout import (
     LOCK_FILES,
     OUTPUT_FILES,
     SHARD_FILE,
-    SHIFT_FILE,
     OutputFolder,
 )
+from facegen.layout.records import BuildSignature, RecordError, load_run
 
 NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file too large for a file-size limit (ulimit -f)"}
@@ -39,6 +36,12 @@ def resolve_out(out_arg: str | os.PathLike) -> Path:
         loop = isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP
         raise UsageError(f"--out {out_arg} " + ("is a symbolic link loop" if loop else
                                                 f"cannot be resolved: {exc.strerror or exc}")) from None
+
+
+def abspath(path: str | None) -> str | None:
+    """A local path made absolute; a path that is not on this machine (a Hub id given to the `facegen` source) is
+    kept as it was given."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
 
 
 def create_output_folder(out: Path) -> None:
@@ -88,6 +91,17 @@ def _names(names: list[str]) -> str:
     return shown + (" is" if len(names) == 1 else " are")
 
 
+def _recorded_provenance(out: Path) -> list[str]:
+    """The provenance files the previous build's card copies (the identity list, the plugins' declared files)."""
+    from facegen.cards.public import provenance_files
+
+    try:
+        run = load_run(out)
+    except UsageError:  # no run.json (an interrupted build): its card was never written
+        return []
+    return [rel for rel, _, _ in provenance_files(run)]
+
+
 def remove_facegen_outputs(out: Path) -> None:
     """What --overwrite removes: only the files a build writes, never anything else in the folder."""
     from facegen.cards.card import written_by_facegen
@@ -96,7 +110,7 @@ def remove_facegen_outputs(out: Path) -> None:
     for name in OUTPUT_FILES:  # before .facegen/, which holds the record of what facegen wrote
         if written_by_facegen(out, name):
             (out / name).unlink()
-    for rel in (CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE):  # the rebuild inputs the card copies (only those)
+    for rel in {CHECKSUMS_FILE, IDENTITIES_FILE, *_recorded_provenance(out)}:  # the rebuild inputs the card copies
         folder.file(rel).unlink(missing_ok=True)
     if folder.provenance_dir.is_dir() and not any(folder.provenance_dir.iterdir()):
         folder.provenance_dir.rmdir()
@@ -119,7 +133,7 @@ def remove_facegen_outputs(out: Path) -> None:
                 empty.rmdir()
 
 
-def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state) -> None:
+def prepare_output(out: Path, signature: BuildSignature, overwrite: bool, state) -> None:
     """Refuse a folder that holds a different build or the user's files (unless --overwrite, which still never
     removes a file facegen did not write); record the build's signature."""
     folder = OutputFolder(out)
@@ -142,11 +156,12 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
             state.wait_for_everyone()
     if config_path.exists():
         try:
-            existing = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise UsageError(f"{config_path} is damaged; pass --overwrite to start this build again") from None
-        if existing != signature:
-            changed = sorted(k for k in set(existing) | set(signature) if existing.get(k) != signature.get(k))
+            existing = BuildSignature.parse(config_path)
+        except (OSError, RecordError):
+            raise UsageError(f"{config_path} is damaged (or written by another version of facegen); pass "
+                             "--overwrite to start this build again") from None
+        changed = existing.differences(signature)
+        if changed:
             raise UsageError(
                 f"{out} holds a different build (differs in: {', '.join(changed)}); rerun the same command to "
                 "resume it, or pass --overwrite to replace it, or choose another --out"
@@ -161,7 +176,7 @@ def prepare_output(out: Path, signature: dict[str, Any], overwrite: bool, state)
         raise UsageError(f"{out} is not empty ({shown}) and holds no facegen build: choose a new or empty --out, "
                          "or pass --overwrite to write the build beside those files (they are kept)")
     try:
-        write_atomic(config_path, json.dumps(signature, indent=1, sort_keys=True).encode())
+        signature.write(config_path)
     except OSError as exc:
         raise UsageError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 

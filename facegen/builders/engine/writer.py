@@ -1,104 +1,78 @@
-"""The tar writer: one tar per published shard or hidden unit of work, written under a hidden name, renamed when
-complete, then its sample index, then its stats last.
+"""The tar writer: one tar per published shard or hidden unit of work (:class:`TarWriter`), written under a hidden
+name, renamed when complete, then its sample index, then its stats last.
 
-Published shards are ``data/train/train-{j:06d}.tar`` with ``.facegen/shards/{j:06d}.json`` (stats) and
-``.facegen/shards/index/{j:06d}.json`` (where each sample lies); units of work of identity-level transforms are
-``.facegen/units/{i:06d}.tar`` with the same two records under ``.facegen/units/``. Every sample a file skipped
-is listed in ``.facegen/skipped/{j:06d}.jsonl`` (shards) or ``.facegen/units/skipped/{i:06d}.jsonl`` (units),
-written before the stats. A file is complete when its
-stats exist and its size and XXH3-128 match them; a kill at any moment leaves at most a hidden temporary file,
-which the next attempt at that file removes.
+Published shards are ``data/train/train-{j:06d}.tar`` with ``.facegen/shards/{j:06d}.json`` (:class:`ShardStats`) and
+``.facegen/shards/index/{j:06d}.json`` (:class:`SampleIndex`: where each sample lies); units of work of
+identity-level transforms are ``.facegen/units/{i:06d}.tar`` with the same two records (:class:`UnitStats`) under
+``.facegen/units/``. Every sample a tar skipped is listed in ``.facegen/skipped/{j:06d}.jsonl`` (shards) or
+``.facegen/units/skipped/{i:06d}.jsonl`` (units), written before the stats. A tar is complete when its stats exist
+and its size and XXH3-128 match them (:func:`check_complete`); a kill at any moment leaves at most a hidden
+temporary file, which the next attempt at that tar removes.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from collections import Counter
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from facegen.layout import OutputFolder, Place
 from facegen.builders.engine.images import IMAGE_FIELD_EXTENSIONS, ImageError, prepare_image
+from facegen.builders.engine.skipped import write_skipped_list
+from facegen.fileio import fsync_folder, temporary_name, xxh3_128_file
+from facegen.layout import OutputFolder, Place
+from facegen.layout.records import (
+    QualityTotals,
+    SampleIndex,
+    ShardStats,
+    TarStats,
+    UnitStats,
+    WrittenBy,
+    dumps,
+)
 from facegen.records import Face, IdentityResult, Skip, printable_name
+from facegen.tarfiles import payload_bytes
 
 MAX_FAILURES_LISTED = 100
 MAX_SIZES_LISTED = 64  # distinct image sizes counted per shard; more are counted as "other"
 
+SHARD, UNIT = "shard", "unit"  # the two kinds of tar a build writes
+STATS = {SHARD: ShardStats, UNIT: UnitStats}
+
 ImageInfo = tuple[str, str, list[str]]  # a stored image's PIL mode, "WxH" and the changes made on its way in
 
 
-INDEX_FORMAT = "facegen-sample-index-1"
+def read_stats(place: Place, kind: str) -> TarStats | None:
+    """A tar's stats, or None when they are missing or damaged (a damaged file means: redo that tar)."""
+    return STATS[kind].read(place.stats)
 
 
-def file_xxh3_128(path: Path, chunk: int = 8 << 20) -> str:
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_stats(path: Path) -> dict | None:
-    """A stats file, or None when it is missing or damaged (a damaged one means: redo that file)."""
-    try:
-        stats = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return None
-    return stats if isinstance(stats, dict) else None
-
-
-def check_place(place: Place, verify: bool = True) -> str | None:
+def check_complete(place: Place, kind: str, checksum: bool = True) -> str | None:
     """None when the tar is complete; otherwise why not ("missing", or what failed the check).
 
-    Complete = stats and index exist, and the tar's size (and, with ``verify``, its XXH3-128) match the stats.
+    Complete = stats and index exist, and the tar's size (and, with ``checksum``, its XXH3-128) match the stats.
     """
-    stats = read_stats(place.stats)
+    stats = read_stats(place, kind)
     if stats is None:
         return "missing" if not place.stats.exists() else "unreadable stats"
     try:
         size = place.tar.stat().st_size
     except OSError:
         return "tar missing"
-    if size != stats.get("tar_bytes"):
-        return f"{size} bytes, its stats say {stats.get('tar_bytes')}"
+    if size != stats.tar_bytes:
+        return f"{size} bytes, its stats say {stats.tar_bytes}"
     if not place.index.exists():
         return "index missing"
-    if verify and file_xxh3_128(place.tar) != stats.get("tar_xxh3_128"):
+    if checksum and xxh3_128_file(place.tar) != stats.tar_xxh3_128:
         return "checksum (XXH3-128) differs from its stats"
+    if checksum and SampleIndex.read(place.index) is None:
+        return "unreadable sample index"
     return None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write bytes under a hidden temporary name, fsync, rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:  # a full disk leaves no half-written temporary behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
-def json_default(value: Any):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def dumps(value: Any) -> bytes:
-    return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def encode_extra(field: str, value: Any) -> bytes:
@@ -119,21 +93,6 @@ def encode_extra(field: str, value: Any) -> bytes:
     if isinstance(value, (int, np.integer)):
         return str(int(value)).encode()
     raise TypeError(f"cannot encode extra field {field!r} of type {type(value).__name__}")
-
-
-def payload_bytes(block: bytes) -> int:
-    """The data bytes of the members laid out in ``block`` (USTAR headers as :class:`UstarWriter` writes them),
-    read from the headers' size fields alone."""
-    total, pos = 0, 0
-    view = memoryview(block)
-    while pos + 512 <= len(block):
-        field = bytes(view[pos + 124:pos + 136]).rstrip(b"\0 ")
-        if not field:  # an end-of-archive block
-            break
-        size = int(field, 8)
-        total += size
-        pos += 512 + size + (-size % 512)
-    return total
 
 
 class UstarWriter:
@@ -203,54 +162,70 @@ class UstarWriter:
         self.size += end
 
 
-class ShardWriter:
-    """Writes one tar: samples keyed ``{cls:06d}_{n:03d}``, then the tar rename, then its index, then its stats.
+@dataclass(frozen=True)
+class SampleFormat:
+    """How every sample of a build is stored: the same for all its tars."""
 
-    ``unit=True`` writes a hidden unit of work (``.facegen/units/``) instead of published shard ``index``; its
-    sample index then also records each sample's image mode, size and conversions, so that the published shards
-    assembled from it count them in their stats without decoding anything again.
+    image_format: str  # png or jpg: the image column
+    source_name: str  # the `source` field of every sample's json
+    quality_fields: tuple[str, ...] = ()  # the transform's quality figures, summed in the stats
+    verify: str = "full"  # how images not checked on the loading threads are checked here
+    lossy_allowed: bool = False  # --format jpg given: a PNG may become a JPEG
+
+
+class TarWriter:
+    """Writes one tar of the build (a published shard or a unit of work, ``kind``): samples keyed
+    ``{cls:06d}_{n:03d}`` under the tar's hidden name; :meth:`commit` renames it and writes its sample index, its
+    skipped list and its stats, last.
+
+    A unit's sample index also records each sample's image mode, size and conversions, so that the published shards
+    assembled from it count them in their stats without decoding anything again. ``stats_fields`` are what the
+    caller records in the stats besides the counts (why the file is redone, what it was planned from).
     """
 
-    def __init__(self, out: Path, index: int, fmt: str, source_name: str, quality_fields=(), rank=(0, 1),
-                 unit: bool = False, verify: str = "full", lossy_allowed: bool = False):
-        self.out, self.index, self.fmt, self.source_name = out, index, fmt, source_name
-        self.verify = verify  # how images not checked on the loading threads are checked here
-        self.lossy_allowed = lossy_allowed  # --format jpg given: a PNG may become a JPEG
+    def __init__(self, folder: OutputFolder, kind: str, index: int, samples: SampleFormat,
+                 rank: tuple[int, int] = (0, 1), redone_because: str | None = None, **stats_fields: Any):
+        self.folder, self.kind, self.index = folder, kind, index
+        self.place = folder.unit(index) if kind == UNIT else folder.shard(index)
+        self.samples = samples
         self.rank = rank
-        self.quality_fields = tuple(quality_fields)
-        folder = OutputFolder(out)
-        self.place = folder.unit(index) if unit else folder.shard(index)
-        self.final = self.place.tar
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.final.parent.glob(f".{self.final.name}.tmp-*"):
+        self.redone_because = redone_because  # said in the stats, so that the main process's summary counts it
+        self.stats_fields = stats_fields
+        final = self.place.tar
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):
             stale.unlink(missing_ok=True)  # left by a killed attempt at this file
-        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
-        self._file = open(self.tmp, "wb", buffering=1 << 20)
+        self._tmp = temporary_name(final)
+        self._file = open(self._tmp, "wb", buffering=1 << 20)
         self._tar = UstarWriter(self._file)  # deterministic bytes: the same samples give the same tar anywhere
-        self.started = time.perf_counter()
-        self.started_at = time.time()
+        self._started = time.perf_counter()
+        self._started_at = time.time()
+        self._finished_at = 0.0
+        self._seconds = 0.0
         self.images = 0
-        self.per_identity: dict[str, int] = {}
-        self.skipped: Counter = Counter()
-        self.failures: list[dict] = []
-        self.all_failures: list[dict] = []  # the full list, written beside the stats (which keep the first few)
-        self.quality: dict[str, dict] = {}
-        self.converted: Counter = Counter()  # re-encode reason -> images
-        self.modes: Counter = Counter()  # PIL mode of the stored images
-        self.sizes: Counter = Counter()  # "WxH" of the stored images
-        self.extra_stats: dict[str, Any] = {}  # what the caller adds to the stats (e.g. the units a shard came from)
+        self._per_identity: dict[str, int] = {}
+        self._skipped: Counter = Counter()
+        self._failures: list[dict] = []  # every skip; the stats keep the first few, the skipped list all
+        self._quality: dict[str, dict] = {}
+        self._converted: Counter = Counter()  # re-encode reason -> images
+        self._modes: Counter = Counter()  # PIL mode of the stored images
+        self._sizes: Counter = Counter()  # "WxH" of the stored images
         # the sample index: where each sample lies in the tar (key, identity, label, offset, length)
-        self.keys: list[str] = []
-        self.identity_ids: list[str] = []
-        self.labels: list[int] = []
-        self.offsets: list[int] = []
-        self.lengths: list[int] = []
-        self.unit = unit
-        self.images_info: list[ImageInfo] = []  # units only: (mode, "WxH", changes) of each sample, for assembly
+        self._keys: list[str] = []
+        self._identity_ids: list[str] = []
+        self._labels: list[int] = []
+        self._offsets: list[int] = []
+        self._lengths: list[int] = []
+        self._images_info: list[ImageInfo] = []  # units only: (mode, "WxH", changes) of each sample, for assembly
 
     @property
     def identities(self) -> int:
-        return len(self.per_identity)
+        return len(self._per_identity)
+
+    @property
+    def bytes_written(self) -> int:
+        """The tar's size so far (what a full disk cut short, when it did)."""
+        return self._tar.size
 
     def write(self, result: IdentityResult, first: int = 0) -> None:
         """An identity's faces, numbered ``first``, ``first + 1`` … in their keys (dense: a face that cannot be
@@ -275,16 +250,13 @@ class ShardWriter:
         # names that are not UTF-8 (surrogate escapes from a file listing) are written as \xNN: the stats file
         # must always encode, or the shard would be renamed without its stats
         name = printable_name(ident.id)
-        self.per_identity[name] = self.per_identity.get(name, 0) + written
+        self._per_identity[name] = self._per_identity.get(name, 0) + written
         result.skipped = skipped
         for skip in skipped:
             reason = printable_name(skip.reason)
-            self.skipped[reason] += 1
-            failure = {"identity": printable_name(ident.id), "ref": printable_name(skip.ref), "reason": reason,
-                       "detail": printable_name(skip.detail)}
-            self.all_failures.append(failure)
-            if len(self.failures) < MAX_FAILURES_LISTED:
-                self.failures.append(failure)
+            self._skipped[reason] += 1
+            self._failures.append({"identity": printable_name(ident.id), "ref": printable_name(skip.ref),
+                                   "reason": reason, "detail": printable_name(skip.detail)})
 
     def copy(self, key: str, identity_id: str, cls: int, block: bytes, info: ImageInfo | None = None) -> None:
         """A sample copied as it lies in another tar of this build (its members' headers and padding included);
@@ -294,102 +266,108 @@ class ShardWriter:
             self._count_image(info)
         self.images += 1
         name = printable_name(identity_id)
-        self.per_identity[name] = self.per_identity.get(name, 0) + 1
+        self._per_identity[name] = self._per_identity.get(name, 0) + 1
 
     def _add(self, key: str, identity_id: str, cls: int, where: tuple[int, int]) -> None:
-        self.keys.append(key)
-        self.identity_ids.append(printable_name(identity_id))  # the index, too, must always encode
-        self.labels.append(cls)
-        self.offsets.append(where[0])
-        self.lengths.append(where[1])
+        self._keys.append(key)
+        self._identity_ids.append(printable_name(identity_id))  # the index, too, must always encode
+        self._labels.append(cls)
+        self._offsets.append(where[0])
+        self._lengths.append(where[1])
 
     def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> tuple[str, dict, ImageInfo]:
-        image = prepare_image(face.image, self.fmt, self.verify, self.lossy_allowed)
+        fmt, verify = self.samples.image_format, self.samples.verify
+        image = prepare_image(face.image, fmt, verify, self.samples.lossy_allowed)
         width, height = image.size  # of the stored pixels (before any EXIF orientation of a copied JPEG)
-        meta = {"identity": identity_id, "source": self.source_name, "source_ref": face.ref,
+        meta = {"identity": identity_id, "source": self.samples.source_name, "source_ref": face.ref,
                 "width": width, "height": height, **face.meta}
-        sample = {self.fmt: image.data, "cls": str(cls).encode(), "json": dumps(meta)}
+        sample = {fmt: image.data, "cls": str(cls).encode(), "json": dumps(meta)}
         changes = list(face.changes) + image.changes
         for field, value in face.extras.items():
             kind = IMAGE_FIELD_EXTENSIONS.get(field.rsplit(".", 1)[-1])
             if kind is None:
                 sample[field] = encode_extra(field, value)
                 continue
-            extra = prepare_image(value, kind, self.verify)  # an extra image is never made lossy
+            extra = prepare_image(value, kind, verify)  # an extra image is never made lossy
             sample[field] = extra.data
             changes += [f"{field}: {change}" for change in extra.changes]
         return f"{cls:06d}_{n:03d}", sample, (image.mode, f"{width}x{height}", changes)
 
     def _count_image(self, info: ImageInfo) -> None:
         mode, size, changes = info
-        self.converted.update(changes)
-        self.modes[mode] += 1
-        self.sizes[size if size in self.sizes or len(self.sizes) < MAX_SIZES_LISTED else "other"] += 1
-        if self.unit:
-            self.images_info.append(info)
+        self._converted.update(changes)
+        self._modes[mode] += 1
+        self._sizes[size if size in self._sizes or len(self._sizes) < MAX_SIZES_LISTED else "other"] += 1
+        if self.kind == UNIT:
+            self._images_info.append(info)
 
     def _count_quality(self, face: Face) -> None:
-        for name in self.quality_fields:  # counted once the sample is written
+        for name in self.samples.quality_fields:  # counted once the sample is written
             value = face.meta.get(name)
             if isinstance(value, (int, float, np.number)) and np.isfinite(value):
-                q = self.quality.setdefault(name, {"sum": 0.0, "count": 0, "min": float(value), "max": float(value)})
+                q = self._quality.setdefault(name, {"sum": 0.0, "count": 0, "min": float(value), "max": float(value)})
                 q["sum"] += float(value)
                 q["count"] += 1
                 q["min"], q["max"] = min(q["min"], float(value)), max(q["max"], float(value))
 
     def finish(self) -> None:
-        """All samples are written: end the tar. ``commit`` (fsync, rename, stats) may then run in another thread."""
+        """All samples are written: end the tar. ``commit`` (fsync, rename, records) may then run in another
+        thread."""
         self._tar.close()
         self._file.flush()
-        self.finished_at = time.time()
-        self.seconds = time.perf_counter() - self.started
+        self._finished_at = time.time()
+        self._seconds = time.perf_counter() - self._started
 
-    def commit(self) -> dict:
+    def commit(self) -> TarStats:
+        """Give the finished tar its name, then write its sample index, its skipped list and its stats (last: their
+        existence, and agreement with the tar, means complete)."""
         os.fsync(self._file.fileno())  # the bytes are on disk before the final name exists
         self._file.close()
         size = self._tar.size
-        os.replace(self.tmp, self.final)
-        tar = self.final.relative_to(self.out).as_posix()
-        index = {"format": INDEX_FORMAT, "tar": tar, "tar_bytes": size, "keys": self.keys,
-                 "identities": self.identity_ids, "cls": self.labels, "offsets": self.offsets,
-                 "lengths": self.lengths}
-        if self.unit:  # what the assembly counts in the published shards' stats, per sample
-            index["image_modes"] = [mode for mode, _, _ in self.images_info]
-            index["image_sizes"] = [size for _, size, _ in self.images_info]
-            index["changes"] = [changes for _, _, changes in self.images_info]
-        write_atomic(self.place.index, dumps(index))
-        stats = {
-            "shard": self.index,
-            "identities": self.identities,
-            "images": self.images,
-            "images_per_identity": self.per_identity,
-            "skipped": dict(sorted(self.skipped.items())),
-            "failures": self.failures,
-            "quality": self.quality,
-            "verify": self.verify,
-            "converted": dict(sorted(self.converted.items())),
-            "image_modes": dict(sorted(self.modes.items())),
-            "image_sizes": dict(self.sizes.most_common()),
-            "seconds": round(self.seconds, 3),
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "written_by": {"process": self.rank[0], "processes": self.rank[1], "pid": os.getpid()},
-            "tar": tar,
-            "tar_bytes": size,
-            "tar_xxh3_128": self._tar.digest.hexdigest(),
-            "sample_bytes": self._tar.payload,  # the members' data bytes (the card's num_bytes, no tar re-read)
-            **self.extra_stats,
-        }
-        from facegen.builders.engine.skipped import write_skipped_list
-
-        write_skipped_list(self.place.skipped, "unit" if self.unit else "shard", self.index, self.all_failures)
-        write_atomic(self.place.stats, dumps(stats))  # last: its existence (and agreement) means complete
+        os.replace(self._tmp, self.place.tar)
+        fsync_folder(self.place.tar.parent)
+        tar = self.place.tar.relative_to(self.folder.root).as_posix()
+        unit = self.kind == UNIT
+        index = SampleIndex(
+            tar=tar, tar_bytes=size, keys=self._keys, identities=self._identity_ids, cls=self._labels,
+            offsets=self._offsets, lengths=self._lengths,
+            # what the assembly counts in the published shards' stats, per sample
+            image_modes=[mode for mode, _, _ in self._images_info] if unit else None,
+            image_sizes=[size for _, size, _ in self._images_info] if unit else None,
+            changes=[changes for _, _, changes in self._images_info] if unit else None)
+        index.write(self.place.index)
+        stats = STATS[self.kind](
+            identities=self.identities,
+            images=self.images,
+            images_per_identity=self._per_identity,
+            skipped=dict(sorted(self._skipped.items())),
+            failures=self._failures[:MAX_FAILURES_LISTED],
+            quality={name: QualityTotals(**q) for name, q in self._quality.items()},
+            verify=self.samples.verify,
+            converted=dict(sorted(self._converted.items())),
+            image_modes=dict(sorted(self._modes.items())),
+            image_sizes=dict(self._sizes.most_common()),
+            seconds=round(self._seconds, 3),
+            started_at=self._started_at,
+            finished_at=self._finished_at,
+            written_by=WrittenBy(process=self.rank[0], processes=self.rank[1], pid=os.getpid()),
+            tar=tar,
+            tar_bytes=size,
+            tar_xxh3_128=self._tar.digest.hexdigest(),
+            sample_bytes=self._tar.payload,  # the members' data bytes (the card's num_bytes, no tar re-read)
+            redone_because=self.redone_because,
+            **{self.kind: self.index},
+            **self.stats_fields,
+        )
+        write_skipped_list(self.place.skipped, self.kind, self.index, self._failures)
+        stats.write(self.place.stats)  # last: its existence (and agreement) means complete
         return stats
 
     def abort(self) -> None:
+        """Discard the tar being written (a failure, Ctrl-C, a lost lock): nothing of it remains."""
         try:
             self._file.close()
         except OSError:  # the buffered rest cannot be flushed (a full disk): the file is discarded anyway
             pass
         finally:
-            self.tmp.unlink(missing_ok=True)
+            self._tmp.unlink(missing_ok=True)

@@ -1,9 +1,9 @@
 """Verified, resumable downloads of a source's published files (``facegen download SOURCE``).
 
-A source class that can be downloaded declares, as plain data (so plugins need not import this module):
+A source class that can be downloaded declares it (``facegen.api``; plugins never import this module):
 
     download_url = "https://host/path/"                  # base URL; a file's URL is base + name
-    download_files = [{"name": "part1.zip", "size": 123, "sha256": "ab…"}, …]   # size/sha256 may be None
+    download_files = [DownloadFile("part1.zip", size=123, sha256="ab…"), …]   # size/sha256 may be None
 
 For each file: the licence is shown first and must be accepted; the file streams into a hidden partial file
 ``.NAME.part`` next to its final place, with a progress bar; an interrupted transfer resumes from the partial
@@ -14,7 +14,6 @@ renamed to ``NAME``: nothing unverified or truncated ever sits under the final n
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import time
@@ -23,43 +22,32 @@ import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
 import facegen
-from facegen.errors import FacegenError, UsageError
+from facegen.api import DownloadFile, Source
+from facegen.errors import RemoteError, UsageError
+from facegen.fileio import sha256_file
+from facegen.messages import info, warn
 
 CHUNK = 1 << 20
 RETRYABLE_HTTP = {408, 429, 500, 502, 503, 504}
-
-
-class DownloadError(FacegenError):
-    """A download that failed or did not verify (network, server, checksum): one line, non-zero exit."""
 
 
 class Interrupted(Exception):
     """The transfer stopped early; what arrived is kept in the partial file."""
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str
-    size: int | None = None
-    sha256: str | None = None
+def remote_files(source_cls: type[Source]) -> list[DownloadFile]:
+    if not source_cls.download_files or not source_cls.download_url:
+        raise UsageError(f"source {source_cls.name!r} has no download; fetch its files from its homepage and pass "
+                         "the folder as --source-path")
+    return list(source_cls.download_files)
 
 
-def remote_files(source_cls: type) -> list[RemoteFile]:
-    files = getattr(source_cls, "download_files", None)
-    if not files or not getattr(source_cls, "download_url", None):
-        raise UsageError(f"source {getattr(source_cls, 'name', source_cls)!r} has no download; fetch its files "
-                         "from its homepage and pass the folder as --source-path")
-    return [RemoteFile(f["name"], f.get("size"), f.get("sha256")) for f in files]
-
-
-def select_files(files: Sequence[RemoteFile], names: Sequence[str] | None) -> list[RemoteFile]:
+def select_files(files: Sequence[DownloadFile], names: Sequence[str] | None) -> list[DownloadFile]:
     """The files named (with or without their extension), in the order given; None or empty means all."""
     if not names:
         return list(files)
@@ -78,11 +66,10 @@ def select_files(files: Sequence[RemoteFile], names: Sequence[str] | None) -> li
     return chosen
 
 
-def license_notice(source_cls: type) -> str:
-    lic = getattr(source_cls, "license", None)
-    name = getattr(source_cls, "name", "this source")
+def license_notice(source_cls: type[Source]) -> str:
+    lic, name = source_cls.license, source_cls.name
     if lic is None:
-        return f"{name}: no licence is declared; check its homepage {getattr(source_cls, 'homepage', '')}"
+        return f"{name}: no licence is declared; check its homepage {source_cls.homepage}"
     lines = [f"{name} is licensed under: {lic.name or lic.id}"]
     if lic.link:
         lines.append(f"  {lic.link}")
@@ -92,13 +79,9 @@ def license_notice(source_cls: type) -> str:
 
 
 def sha256_of(path: Path, desc: str, progress: bool) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=desc, disable=not progress, leave=False) as bar:
-        while chunk := f.read(CHUNK * 4):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
+    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+              disable=not progress, leave=False) as bar:
+        return sha256_file(path, progress=bar.update)
 
 
 def check_zip(path: Path) -> str | None:
@@ -111,7 +94,7 @@ def check_zip(path: Path) -> str | None:
     return None if bad is None else f"member {bad!r} fails its CRC"
 
 
-def _fetch(url: str, partial: Path, remote: RemoteFile, timeout: float, progress: bool) -> None:
+def _fetch(url: str, partial: Path, remote: DownloadFile, timeout: float, progress: bool) -> None:
     """Append the missing bytes to ``partial`` (Range from its length); raise Interrupted on a short transfer."""
     have = partial.stat().st_size if partial.exists() else 0
     if remote.size is not None and have > remote.size:
@@ -133,7 +116,7 @@ def _fetch(url: str, partial: Path, remote: RemoteFile, timeout: float, progress
             raise Interrupted(f"server refused to resume from byte {have}; starting over") from None
         if exc.code in RETRYABLE_HTTP:
             raise Interrupted(f"HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason} (check --base-url)") from None
+        raise RemoteError(f"{url}: HTTP {exc.code} {exc.reason} (check --base-url)") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, DNS, timeout, reset
         reason = getattr(exc, "reason", exc)
         raise Interrupted(f"cannot reach {urllib.parse.urlsplit(url).netloc}: {reason}") from None
@@ -141,15 +124,15 @@ def _fetch(url: str, partial: Path, remote: RemoteFile, timeout: float, progress
         if have and response.status == 206:
             start = (response.headers.get("Content-Range") or "").removeprefix("bytes ").partition("-")[0]
             if start != str(have):
-                raise DownloadError(f"{url}: server resumed at byte {start or '?'} instead of {have}")
+                raise RemoteError(f"{url}: server resumed at byte {start or '?'} instead of {have}")
             mode = "ab"
         else:  # 200: the whole file (a server that ignores Range sends it all again)
             have, mode = 0, "wb"
         length = response.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else remote.size
         if remote.size is not None and total is not None and total != remote.size:
-            raise DownloadError(f"{url}: server offers {total} bytes, the published file has {remote.size} "
-                                "(check --base-url)")
+            raise RemoteError(f"{url}: server offers {total} bytes, the published file has {remote.size} "
+                              "(check --base-url)")
         with open(partial, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
                                             unit_divisor=1024, desc=remote.name, disable=not progress) as bar:
             while True:
@@ -166,7 +149,7 @@ def _fetch(url: str, partial: Path, remote: RemoteFile, timeout: float, progress
             raise Interrupted(f"connection closed at byte {received} of {total}")
 
 
-def verify(partial: Path, remote: RemoteFile, progress: bool) -> None:
+def verify(partial: Path, remote: DownloadFile, progress: bool) -> None:
     """Size and sha256 where published, zip CRCs otherwise; a failing file is moved aside (never resumed)."""
     size = partial.stat().st_size
     problem = None
@@ -181,20 +164,20 @@ def verify(partial: Path, remote: RemoteFile, progress: bool) -> None:
     if problem:
         bad = partial.with_name(f".{remote.name}.failed")
         os.replace(partial, bad)
-        raise DownloadError(f"{remote.name}: {problem}; the download was kept as {bad} and will not be used; "
-                            "rerun to download it again")
+        raise RemoteError(f"{remote.name}: {problem}; the download was kept as {bad} and will not be used; "
+                          "rerun to download it again")
 
 
-def download_file(base_url: str, directory: Path, remote: RemoteFile, retries: int = 3, timeout: float = 60.0,
-                  progress: bool = True, echo: Callable[[str], Any] = print, backoff: float = 1.0) -> Path:
+def download_file(base_url: str, directory: Path, remote: DownloadFile, retries: int = 3, timeout: float = 60.0,
+                  progress: bool = True, backoff: float = 1.0) -> Path:
     """Download, verify and place one file; returns its final path. Resumes a partial file left by a rerun."""
     final = directory / remote.name
     partial = directory / f".{remote.name}.part"
     if final.exists():
         if remote.size is not None and final.stat().st_size != remote.size:
-            raise DownloadError(f"{final} exists with {final.stat().st_size} bytes, the published file has "
-                                f"{remote.size}; move it away and rerun")
-        echo(f"{remote.name}: already present (verified when it was downloaded), skipped")
+            raise UsageError(f"{final} exists with {final.stat().st_size} bytes, the published file has "
+                             f"{remote.size}; move it away and rerun")
+        info(f"{remote.name}: already present (verified when it was downloaded), skipped")
         return final
     url = urllib.parse.urljoin(base_url if base_url.endswith("/") else base_url + "/", remote.name)
     attempt = 0
@@ -203,17 +186,17 @@ def download_file(base_url: str, directory: Path, remote: RemoteFile, retries: i
             _fetch(url, partial, remote, timeout, progress)
             break
         except OSError as exc:  # writing the partial file: disk full, permissions
-            raise DownloadError(f"{remote.name}: cannot write {partial}: {exc.strerror or exc}; free space or fix "
-                                "it, then rerun to resume") from None
+            raise UsageError(f"{remote.name}: cannot write {partial}: {exc.strerror or exc}; free space or fix "
+                             "it, then rerun to resume") from None
         except Interrupted as exc:
             attempt += 1
             if attempt > retries:
                 if partial.exists():
-                    raise DownloadError(f"{remote.name}: {exc}; {partial.stat().st_size} bytes kept in {partial}: "
-                                        "rerun the same command to resume") from None
-                raise DownloadError(f"{remote.name}: {exc}; nothing was downloaded: rerun the same command when "
-                                    "the server can be reached") from None
-            echo(f"{remote.name}: {exc}; resuming (retry {attempt} of {retries})")
+                    raise RemoteError(f"{remote.name}: {exc}; {partial.stat().st_size} bytes kept in {partial}: "
+                                      "rerun the same command to resume") from None
+                raise RemoteError(f"{remote.name}: {exc}; nothing was downloaded: rerun the same command when "
+                                  "the server can be reached") from None
+            warn(f"{remote.name}: {exc}; resuming (retry {attempt} of {retries})")
             time.sleep(backoff * min(2 ** (attempt - 1), 30))
     try:
         verify(partial, remote, progress)
@@ -221,12 +204,12 @@ def download_file(base_url: str, directory: Path, remote: RemoteFile, retries: i
             os.fsync(f.fileno())
         os.replace(partial, final)  # only now, verified, does the file get its name
     except OSError as exc:
-        raise DownloadError(f"{remote.name}: cannot verify or place {partial}: {exc.strerror or exc}") from None
+        raise UsageError(f"{remote.name}: cannot verify or place {partial}: {exc.strerror or exc}") from None
     return final
 
 
 def download_source(
-    source_cls: type,
+    source_cls: type[Source],
     directory: str | os.PathLike,
     parts: Sequence[str] | None = None,
     base_url: str | None = None,
@@ -235,7 +218,6 @@ def download_source(
     retries: int = 3,
     timeout: float = 60.0,
     progress: bool = True,
-    echo: Callable[[str], Any] = print,
 ) -> list[Path]:
     """Download the chosen files of ``source_cls`` into ``directory`` after the licence is accepted.
 
@@ -243,9 +225,9 @@ def download_source(
     UsageError telling to pass --accept-license).
     """
     files = select_files(remote_files(source_cls), parts)
-    echo(license_notice(source_cls))
+    info(license_notice(source_cls))
     if not accept_license:
-        question = f"Do you accept the licence of {getattr(source_cls, 'name', 'this source')}?"
+        question = f"Do you accept the licence of {source_cls.name}?"
         if confirm is None:
             raise UsageError("the licence must be accepted first: pass --accept-license (or answer yes when run "
                              "in a terminal)")
@@ -260,9 +242,8 @@ def download_source(
     done = []
     for remote in files:
         present = (directory / remote.name).exists()
-        done.append(download_file(base, directory, remote, retries=retries, timeout=timeout, progress=progress,
-                                  echo=echo))
+        done.append(download_file(base, directory, remote, retries=retries, timeout=timeout, progress=progress))
         if not present:
             check = "size and sha256" if remote.sha256 else "zip CRCs" if remote.name.endswith(".zip") else "size"
-            echo(f"{remote.name}: downloaded and verified ({check}): {done[-1]}")
+            info(f"{remote.name}: downloaded and verified ({check}): {done[-1]}")
     return done

@@ -3,8 +3,13 @@ the rebuild is the same.
 
 What a card carries (see ``facegen.cards.card.facegen_record``): the build options with local paths replaced by
 placeholders, the plan's sha256, the models as they were loaded (Hub commit, or a folder name and each weight file's
-sha256), and the list of published ``provenance/`` files (the identity list, the shift Δ, the shards' checksums).
-A local build folder with ``.facegen/run.json`` is read from that record instead (it holds the same, unscrubbed).
+sha256), and the list of published ``provenance/`` files (the identity list, the files plugins declared such as the
+shift Δ, the shards' checksums). A local build folder with ``.facegen/run.json`` is read from that record instead
+(it holds the same, unscrubbed).
+
+A card's value for an option the plugin declared a path (``facegen.api.Option(path=True)``) is never used: the
+rebuild gets the published copy (``provenance_file``), the path given again on the command line, or leaves the
+option out (``optional_on_rebuild``); the plugin is asked through the registry, never known here by name.
 
 After the rebuild, :func:`compare` reports in one line what differs: the plan (the source's identities), a model, or
 the shards' bytes (the source files, or a GPU's float16 arithmetic).
@@ -12,6 +17,7 @@ the shards' bytes (the source files, or a GPU's float16 arithmetic).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,15 +26,11 @@ from typing import Any
 
 import yaml
 
+from facegen import registry
 from facegen.errors import UsageError
-from facegen.layout import (
-    CHECKSUMS_FILE,
-    IDENTITIES_FILE,
-    PUBLISHED_CURATION_FILE,
-    README,
-    SHIFT_FILE,
-    OutputFolder,
-)
+from facegen.hub_ids import dataset_id
+from facegen.layout import CHECKSUMS_FILE, IDENTITIES_FILE, README, OutputFolder, published_provenance
+from facegen.layout.records import RunRecord, load_run, load_shard_stats
 
 REBUILT_OPTIONS = ("source", "source_path", "source_opts", "plugin", "plugin_opts", "limit_identities",
                    "identities_file", "shard_size", "shard_samples", "shards_multiple_of", "seed", "format", "strict",
@@ -45,6 +47,7 @@ class CardRecord:
     models: list[dict] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)  # shard path -> XXH3-128
     files: dict[str, str] = field(default_factory=dict)  # provenance path -> local file
+    local: bool = False  # a build's own run.json on this machine: its paths are this machine's, not placeholders
 
 
 def _is_placeholder(value: Any) -> bool:
@@ -74,12 +77,10 @@ def _checksums_file(path: Path) -> dict[str, str]:
 def _from_folder(folder: Path, where: str) -> CardRecord:
     run_path = OutputFolder(folder).run_json
     if run_path.is_file():  # the build's own record: same facts, paths unscrubbed
-        from facegen.cards.stats import load_run, load_shard_stats
-
         run = load_run(folder)
-        record = CardRecord(where, dict(run.get("options") or {}), run.get("plan") or {},
-                            (run.get("transform") or {}).get("models") or [])
-        record.checksums = {s["tar"]: s.get("tar_xxh3_128") for s in load_shard_stats(folder) if s.get("tar")}
+        record = CardRecord(where, dataclasses.asdict(run.options), dataclasses.asdict(run.plan),
+                            [dataclasses.asdict(m) for m in run.transform.models], local=True)
+        record.checksums = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(folder)}
         for rel, local, _ in _provenance(run):
             if not Path(os.path.expanduser(local)).is_file() and (folder / rel).is_file():
                 record.files[rel] = str(folder / rel)  # the original moved away: the published copy
@@ -105,7 +106,7 @@ def _from_card_file(readme: Path, where: str) -> CardRecord:
     return record
 
 
-def _provenance(run: dict):
+def _provenance(run: RunRecord):
     from facegen.cards.public import provenance_files
 
     return provenance_files(run)
@@ -134,14 +135,9 @@ def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
 
 
 def _use_provenance(record: CardRecord) -> None:
-    """Options that named a published provenance file now name its local copy."""
+    """The identity list named by the card now names its local copy (the plugins' files: :func:`build_values`)."""
     if IDENTITIES_FILE in record.files:
         record.options["identities_file"] = record.files[IDENTITIES_FILE]
-    if SHIFT_FILE in record.files:
-        record.options["plugin_opts"] = {**(record.options.get("plugin_opts") or {}), "shift": record.files[SHIFT_FILE]}
-    if PUBLISHED_CURATION_FILE in record.files:
-        record.options["source_opts"] = {**(record.options.get("source_opts") or {}),
-                                         "curation": record.files[PUBLISHED_CURATION_FILE]}
 
 
 def read_card(spec: str, revision: str | None = None) -> CardRecord:
@@ -151,8 +147,9 @@ def read_card(spec: str, revision: str | None = None) -> CardRecord:
         return _from_folder(path, spec)
     if path.is_file():
         return _from_card_file(path, spec)
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return _from_repo(spec, revision)
+    hub = dataset_id(spec)
+    if hub is not None:
+        return _from_repo(hub.repo_id, hub.revision or revision)
     raise UsageError(f"--from-card {spec}: not a folder, a README.md or a Hub dataset id ORG/NAME")
 
 
@@ -167,16 +164,34 @@ def build_values(record: CardRecord, given: dict[str, Any]) -> dict[str, Any]:
             values[key] = value
     if _is_placeholder(values.get("source_path")):
         raise UsageError(f"the card's build read {values['source_path']}: pass --source-path with your copy")
-    for key in ("source_opts", "plugin_opts"):
+    for key, kind, plugin, flag in (("source_opts", "source", "source", "--source-opt"),
+                                    ("plugin_opts", "transform", "plugin", "--plugin-opt")):
         opts = dict(values.get(key) or {})
+        given_names = set(given.get(key) or {})
+        declared = _path_options(kind, values.get(plugin))
         for name, value in list(opts.items()):
-            if name == "model_dir" and value == "<model folder>":
-                opts.pop(name)  # the models come from the Hub at the card's revisions instead
-            elif _is_placeholder(value):
-                flag = "--source-opt" if key == "source_opts" else "--plugin-opt"
-                raise UsageError(f"the card's build used a local file for {name} ({value}): pass {flag} {name}=PATH")
+            if name in given_names or value in (None, ""):
+                continue
+            option = declared.get(name)
+            published = published_provenance(option.provenance_file) if option and option.provenance_file else None
+            if published and published in record.files:
+                opts[name] = record.files[published]  # the copy published with the card
+            elif record.local:
+                continue  # the build's own run.json on this machine: the path it used
+            elif option is not None and option.optional_on_rebuild:
+                opts.pop(name)  # the plugin does the same without it (e.g. the models from the Hub)
+            elif option is not None or _is_placeholder(value):
+                shown = f" ({value})" if _is_placeholder(value) else ""
+                raise UsageError(f"the card's build used a local file for {name}{shown}: pass {flag} {name}=PATH")
         values[key] = opts
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _path_options(kind: str, name: str | None) -> dict:
+    """The options the card's ``kind`` plugin declares as local paths (``facegen.api.Option(path=True)``)."""
+    if not name:
+        return {}
+    return {n: option for n, option in registry.get(kind, name).options.items() if option.path}
 
 
 def _loaded_key(model: dict) -> tuple:
@@ -205,20 +220,18 @@ def _model_difference(card: dict, rebuilt: dict) -> str | None:
 
 def compare(record: CardRecord, out: Path) -> tuple[bool, str]:
     """(same, one line): the rebuild in ``out`` against the card."""
-    from facegen.cards.stats import load_run, load_shard_stats
-
     run = load_run(out)
-    plan_was, plan_now = (record.plan or {}).get("plan_sha256"), (run.get("plan") or {}).get("plan_sha256")
+    plan_was, plan_now = record.plan.get("plan_sha256"), run.plan.plan_sha256
     if plan_was and plan_was != plan_now:
-        return False, (f"the source's identities differ: the plan has {run['plan'].get('identities')} identities, "
+        return False, (f"the source's identities differ: the plan has {run.plan.identities} identities, "
                        f"sha256 {str(plan_now)[:12]}…; the card's has {record.plan.get('identities')}, "
                        f"{plan_was[:12]}… (another source folder or source version?)")
-    now_models = {_loaded_key(m): m for m in (run.get("transform") or {}).get("models") or []}
+    now_models = {_loaded_key(m): m for m in map(dataclasses.asdict, run.transform.models)}
     for model in record.models:
         difference = _model_difference(model, now_models.get(_loaded_key(model), {}))
         if difference:
             return False, difference
-    shards = {s["tar"]: s.get("tar_xxh3_128") for s in load_shard_stats(out) if s.get("tar")}
+    shards = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(out)}
     if not record.checksums:
         return True, f"rebuilt {len(shards)} shards; the card lists no checksums to compare with"
     differ = sorted(p for p in set(shards) | set(record.checksums) if shards.get(p) != record.checksums.get(p))

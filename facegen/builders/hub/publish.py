@@ -22,30 +22,29 @@ import json
 import os
 import re
 import shlex
-import tarfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
 
-from facegen.errors import FacegenError, UsageError
+from facegen.errors import CheckFailed, RemoteError, UsageError
+from facegen.hub_ids import check_repo_name
 from facegen.layout import (
     CHECKSUMS_FILE,
     DATA_DIR,
     FACEGEN_DIR,
-    IDENTITIES_FILE,
     INFO,
     LICENSE,
     PLOTS_DIR,
     PREVIEW,
     PROVENANCE_DIR,
     README,
-    SHIFT_FILE,
     OutputFolder,
-    shard_path,
 )
+from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats
+from facegen.messages import info
+from facegen.tarfiles import list_members
 
 # report/: the plots of `facegen report` (report.json itself stays in .facegen/)
 ALLOW_PATTERNS = [README, f"{LICENSE}*", PREVIEW, INFO, f"{DATA_DIR}/**", f"{PROVENANCE_DIR}/**", f"{PLOTS_DIR}/**"]
@@ -58,10 +57,6 @@ LAST_FILES = [README, INFO]
 # must not load old and new samples together).
 SYNCED_FOLDERS = [f"{DATA_DIR}/**", f"{PROVENANCE_DIR}/**"]
 PROBLEMS_SHOWN = 30
-
-
-class PublishError(FacegenError):
-    """The Hub refused or failed (network, permissions): one line, token masked, exit code 1."""
 
 
 @dataclass
@@ -87,7 +82,7 @@ class PublishResult:
 
 
 class _HashingReader:
-    """A read-only file wrapper that hashes every byte read (one pass gives both the tar walk and the checksum)."""
+    """A read-only file wrapper that hashes every byte read (one pass gives both the members and the checksum)."""
 
     def __init__(self, f):
         self._f = f
@@ -100,13 +95,19 @@ class _HashingReader:
         self.bytes_read += len(data)
         return data
 
+    def read_to(self, position: int) -> None:
+        """Hash the bytes up to ``position`` without keeping them."""
+        while self.bytes_read < position and self.read(min(1 << 20, position - self.bytes_read)):
+            pass
+
 
 DECODE_THREADS = min(8, os.cpu_count() or 4)  # PIL and zlib release the GIL while decoding
 DECODES_IN_FLIGHT = 64  # images read ahead of their decode: bounded memory
 
 
 def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[dict, str | None]:
-    """Walk a tar to its end, decoding every image member when ``verify`` is full.
+    """List a tar's members (:mod:`facegen.tarfiles`), then read it once to its end, hashing it and decoding every
+    image member when ``verify`` is full.
 
     Returns ({"images", "xxh3_128", "bytes"}, problem or None).
     """
@@ -114,7 +115,15 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
 
     from facegen.builders.engine.images import IMAGE_FIELD_EXTENSIONS, ImageError, check_image
 
-    images = 0
+    listing = list_members(path)
+    if listing.error is not None:
+        return {}, f"not a complete tar ({type(listing.error).__name__}: {listing.error})"
+    unexpected = listing.others + [m.name for m in listing.members
+                                   if m.name.startswith("/") or ".." in m.name.split("/")]
+    if unexpected:
+        return {}, f"unexpected member {unexpected[0]!r}"
+    columns = [m.name.rpartition("/")[2].partition(".")[2] for m in listing.members]
+    images = columns.count(image_column)
     pending: list = []
     broken: list[str] = []
 
@@ -125,28 +134,21 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
             return f"{name} ({exc})"
         return None
 
-    with open(path, "rb") as raw, ThreadPoolExecutor(DECODE_THREADS) as pool:
-        reader = _HashingReader(raw)
-        try:
-            # stream mode reads every member's data in order: a truncated or corrupt tar fails here
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    name = member.name
-                    if not member.isfile() or name.startswith("/") or ".." in name.split("/"):
-                        return {}, f"unexpected member {name!r}"
-                    field = name.rpartition("/")[2].partition(".")[2]
-                    if field == image_column:
-                        images += 1
-                    if verify == "full" and field.rsplit(".", 1)[-1] in IMAGE_FIELD_EXTENSIONS:
-                        pending.append(pool.submit(decoded, name, tar.extractfile(member).read()))
-                        if len(pending) >= DECODES_IN_FLIGHT:
-                            broken += filter(None, (f.result() for f in pending))
-                            pending = []
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
-        broken += filter(None, (f.result() for f in pending))
-        while reader.read(1 << 20):  # the end-of-archive padding, so that the checksum covers the whole file
-            pass
+    try:
+        with open(path, "rb") as raw, ThreadPoolExecutor(DECODE_THREADS) as pool:
+            reader = _HashingReader(raw)
+            for member, column in zip(listing.members, columns):
+                if verify == "full" and column.rsplit(".", 1)[-1] in IMAGE_FIELD_EXTENSIONS:
+                    reader.read_to(member.offset)
+                    pending.append(pool.submit(decoded, member.name, reader.read(member.size)))
+                    if len(pending) >= DECODES_IN_FLIGHT:
+                        broken += filter(None, (f.result() for f in pending))
+                        pending = []
+            broken += filter(None, (f.result() for f in pending))
+            while reader.read(1 << 20):  # to the end (the end-of-archive padding): the checksum covers the file
+                pass
+    except OSError as exc:
+        return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
     if broken:
         return {}, (f"{len(broken)} image(s) do not decode (`load_dataset` would fail on them), first: {broken[0]}; "
                     "rebuild with the default --verify full, which skips them")
@@ -154,7 +156,7 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
             "bytes": reader.bytes_read}, None
 
 
-def _check_card(out: Path, run: dict, problems: list[str]) -> None:
+def _check_card(out: Path, run: RunRecord, problems: list[str]) -> None:
     from datasets import Features
     from datasets.info import DatasetInfosDict
     from huggingface_hub import DatasetCard
@@ -189,23 +191,23 @@ def _check_card(out: Path, run: dict, problems: list[str]) -> None:
     if info is None or info.features is None:
         problems.append("README.md: no `dataset_info.features` in the YAML")
         return
-    if info.features != Features.from_dict(run["features"]):
+    if info.features != Features.from_dict(run.features):
         problems.append("README.md declares other columns than .facegen/run.json (run `facegen card OUT`)")
     if info.splits and "train" in info.splits:
         declared = info.splits["train"].num_examples
-        if declared != run.get("totals", {}).get("images"):
+        if declared != run.totals.images:
             problems.append(f"README.md declares {declared} train examples but the run has "
-                            f"{run.get('totals', {}).get('images')} (run `facegen card OUT`)")
+                            f"{run.totals.images} (run `facegen card OUT`)")
 
 
-def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full",
+def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = "full",
                   counted: dict[str, int] | None = None) -> None:
-    from facegen.cards.stats import load_shard_stats, load_unit_stats, summarise
+    from facegen.cards.stats import summarise
 
-    image_column = run.get("image_column", "png")
+    image_column = run.image_column
     shards = load_shard_stats(out)
-    expected = run.get("plan", {}).get("shards", len(shards))
-    indices = [s.get("shard") for s in shards]
+    expected = run.plan.shards
+    indices = [s.shard for s in shards]
     missing = sorted(set(range(expected)) - set(indices))
     if missing:
         problems.append(f"{len(missing)} of {expected} shards have no stats (not finished?): first is "
@@ -213,9 +215,9 @@ def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full
     listed = set()
     totals = Counter()
     for stats in shards:
-        rel = stats.get("tar") or shard_path(stats.get("shard", 0))
+        rel = stats.tar
         listed.add(rel)
-        totals["images"] += stats.get("images", 0)
+        totals["images"] += stats.images
         path = out / rel
         if not path.is_file():
             problems.append(f"{rel}: missing (its stats file exists)")
@@ -224,20 +226,20 @@ def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full
         if problem:
             problems.append(f"{rel}: {problem}")
             continue
-        if "tar_bytes" in stats and found["bytes"] != stats["tar_bytes"]:
-            problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats['tar_bytes']}")
-        if stats.get("tar_xxh3_128") and found["xxh3_128"] != stats["tar_xxh3_128"]:
+        if found["bytes"] != stats.tar_bytes:
+            problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats.tar_bytes}")
+        if found["xxh3_128"] != stats.tar_xxh3_128:
             problems.append(f"{rel}: checksum (XXH3-128) differs from its stats (the file changed after the build)")
         if counted is not None:
             counted[rel] = found["images"]
-        if found["images"] != stats.get("images"):
-            problems.append(f"{rel}: {found['images']} images but its stats say {stats.get('images')}")
+        if found["images"] != stats.images:
+            problems.append(f"{rel}: {found['images']} images but its stats say {stats.images}")
     # a shard holds samples of many identities: identities are counted across the shards (or the units of work)
-    totals["identities"] = summarise(shards, load_unit_stats(out), run.get("plan", {}).get("identities")).identities
-    run_totals = run.get("totals", {})
+    totals["identities"] = summarise(shards, load_unit_stats(out), run.plan.identities).identities
     for name in ("images", "identities"):
-        if name in run_totals and run_totals[name] != totals[name]:
-            problems.append(f"run.json counts {run_totals[name]} {name} but the shard stats add up to {totals[name]}")
+        if getattr(run.totals, name) != totals[name]:
+            problems.append(f"run.json counts {getattr(run.totals, name)} {name} but the shard stats add up to "
+                            f"{totals[name]}")
     # every visible file under data/ must be a listed shard: `datasets` would load anything else ending in .tar
     data_dir = out / "data"
     if not data_dir.is_dir():
@@ -251,13 +253,13 @@ def _check_shards(out: Path, run: dict, problems: list[str], verify: str = "full
             problems.append(f"{rel}: not a shard of this build (remove it or rerun the build)")
 
 
-def _check_loads(out: Path, run: dict, problems: list[str]) -> None:
+def _check_loads(out: Path, run: RunRecord, problems: list[str]) -> None:
     """``load_dataset(OUT, split="train", streaming=True)`` must yield the declared columns, every row once."""
     import datasets
 
     try:
         stream = datasets.load_dataset(str(out), split="train", streaming=True)
-        declared = list(datasets.Features.from_dict(run["features"]))
+        declared = list(datasets.Features.from_dict(run.features))
         rows = 0
         # images are not decoded (the tar walk checked them); every json row is still cast to its features
         for example in stream.decode(False):
@@ -268,8 +270,8 @@ def _check_loads(out: Path, run: dict, problems: list[str]) -> None:
     except Exception as exc:  # datasets raises many types (DatasetGenerationError, ValueError, ArrowInvalid…)
         problems.append(f"load_dataset(OUT, streaming=True) fails: {type(exc).__name__}: {exc}".splitlines()[0])
         return
-    if rows != run.get("totals", {}).get("images"):
-        problems.append(f"load_dataset yields {rows} rows, the run counts {run.get('totals', {}).get('images')}")
+    if rows != run.totals.images:
+        problems.append(f"load_dataset yields {rows} rows, the run counts {run.totals.images}")
 
 
 def _check_licence(out: Path, problems: list[str]) -> None:
@@ -337,8 +339,6 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
     ``verify="full"`` decodes every image (so that a build made before images were checked, or with
     ``--verify header``, is caught before upload); ``"header"`` only walks the tars.
     """
-    from facegen.cards.stats import load_run
-
     out = Path(out_dir)
     if not out.is_dir():
         return [f"{out} is not a folder"]
@@ -354,17 +354,19 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
     _check_links(out, problems)
     _check_shards(out, run, problems, verify, counted)
     _check_info(out, counted, problems)
-    _check_upload_files(out, problems)
+    _check_upload_files(out, run, problems)
     if not problems:  # loading is slow and pointless when the files are already known to be wrong
         _check_loads(out, run, problems)
     return problems
 
 
-def _check_upload_files(out: Path, problems: list[str]) -> None:
+def _check_upload_files(out: Path, run: RunRecord, problems: list[str]) -> None:
     """Publish sends regular files of the build only: no symbolic link (it could point anywhere on this machine),
-    and under provenance/ only the rebuild inputs the card writes there."""
+    and under provenance/ only the rebuild inputs the card writes there (the identity list, the shards' checksums
+    and the files the build's plugins declared)."""
+    from facegen.cards.public import provenance_files
 
-    known = {CHECKSUMS_FILE, IDENTITIES_FILE, SHIFT_FILE}
+    known = {CHECKSUMS_FILE, *(rel for rel, _, _ in provenance_files(run))}
     for f in files_to_upload(out):
         path = out / f.path
         parts = Path(f.path).parts
@@ -459,20 +461,9 @@ def hf_upload_command(repo_id: str, out_dir, private: bool = False, revision: st
     return " && ".join(hf_upload_commands(repo_id, out_dir, private, revision))
 
 
-def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not repo_id or repo_id.count("/") != 1:
-        raise UsageError(f"--repo must be ORG/NAME (a user or organisation, a slash, a name), got {repo_id!r}")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise UsageError(f"--repo {repo_id!r} is not a valid repository id: {str(exc).splitlines()[0]}") from None
-
-
 def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | None = None, dry_run: bool = False,
-            token: str | None = None, endpoint: str | None = None, gating: bool = True, verify: str = "full",
-            echo: Callable[[str], None] = print) -> PublishResult:
+            token: str | None = None, endpoint: str | None = None, gating: bool = True, verify: str = "full"
+            ) -> PublishResult:
     """Check ``out_dir`` and upload it to the dataset repo ``repo_id`` (see the module docstring).
 
     ``gating``: for data that is not free to use (non-commercial, research-only, undeclared), the card carries the
@@ -483,19 +474,19 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     from facegen.cards.card import PLACEHOLDER_REPO, card_settings, write_card
 
     out = Path(out_dir).expanduser().resolve()
-    check_repo_id(repo_id)
+    check_repo_name(repo_id)
     if not out.is_dir():
         raise UsageError(f"{out_dir} is not a folder")
     branch = revision or constants.DEFAULT_REVISION
 
     # 1. local checks; refuse with every problem found
-    echo(f"checking {out} …" + (" (every image decoded)" if verify == "full" else " (images not decoded)"))
+    info(f"checking {out} …" + (" (every image decoded)" if verify == "full" else " (images not decoded)"))
     problems = check_folder(out, verify)
     if problems:
         shown = problems[:PROBLEMS_SHOWN]
         more = f"\n  … and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
-        raise UsageError(f"refusing to publish {out_dir}: {len(problems)} problem(s):\n  - "
-                         + "\n  - ".join(shown) + more)
+        raise CheckFailed(f"refusing to publish {out_dir}: {len(problems)} problem(s):\n  - "
+                          + "\n  - ".join(shown) + more)
 
     token_value, token_source = resolve_token(token)
     if token_value is None and not dry_run:
@@ -508,7 +499,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     named = PLACEHOLDER_REPO not in readme.read_text(encoding="utf-8") and settings.get("repo_id") == repo_id
     if not dry_run and (not named or settings.get("gating", True) != gating):
         write_card(out, repo_id=repo_id, gating=gating)
-        echo(f"README.md: loading examples name {repo_id}" + ("" if gating else "; no access form (--no-gating)"))
+        info(f"README.md: loading examples name {repo_id}" + ("" if gating else "; no access form (--no-gating)"))
     from facegen.cards.card import expected_licence, needs_gating
 
     # what the card carries after this publish (a dry run leaves it as it is, so ask the inputs)
@@ -519,22 +510,22 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     result = PublishResult(repo_id=repo_id, revision=branch, files=upload, dry_run=dry_run)
     hub = (endpoint or constants.ENDPOINT).rstrip("/")
     visibility = "private" if private else "public, unless the repo exists or its owner defaults to private"
-    echo(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility}"
+    info(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility}"
          + (", gated: users accept the terms first)" if gated else ")"))
-    echo(f"token: {token_source}")
-    echo(f"{len(upload)} files, {result.total_bytes:,} bytes (README.md and _info.json last):")
+    info(f"token: {token_source}")
+    info(f"{len(upload)} files, {result.total_bytes:,} bytes (README.md and _info.json last):")
     for f in upload:
-        echo(f"  {f.path}  ({f.size:,} bytes)")
+        info(f"  {f.path}  ({f.size:,} bytes)")
     if dry_run:
         if gated:  # before any upload, or the research-only files are public until the gate goes on
-            echo("first create the repo and turn its gate on: python -c 'from huggingface_hub import HfApi; "
+            info("first create the repo and turn its gate on: python -c 'from huggingface_hub import HfApi; "
                  f"api = HfApi(); api.create_repo(\"{repo_id}\", repo_type=\"dataset\", exist_ok=True"
                  f"{', private=True' if private else ''}); "
                  f"api.update_repo_settings(\"{repo_id}\", gated=\"auto\", repo_type=\"dataset\")'")
-        echo("same upload with the hf CLI (huggingface_hub >= 1.0)" + (", after that" if gated else "") + ": "
+        info("same upload with the hf CLI (huggingface_hub >= 1.0)" + (", after that" if gated else "") + ": "
              + hf_upload_command(repo_id, out_dir, private, revision))
-        echo("with huggingface_hub 0.x: " + " && ".join(legacy_upload_commands(repo_id, out_dir, private, revision)))
-        echo("dry run: nothing was uploaded")
+        info("with huggingface_hub 0.x: " + " && ".join(legacy_upload_commands(repo_id, out_dir, private, revision)))
+        info("dry run: nothing was uploaded")
         return result
 
     # 4. repository (and branch) and its gate, then the resumable uploads: data first, the card last
@@ -545,24 +536,21 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
             api.update_repo_settings(repo_id, gated="auto", repo_type="dataset")
         if branch != constants.DEFAULT_REVISION:
             api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True)
-        info = None
+        commit = None
         for step, (allow, deletes) in enumerate(((_first_patterns(), SYNCED_FOLDERS), (LAST_FILES, [])), 1):
             count = len(files_to_upload(out, allow))
             if not count and not deletes:
                 continue
             # huggingface_hub >= 1.20 with hf_xet: a streamed pipeline of several commits, resumed by a rerun
-            info = api.upload_folder(
+            commit = api.upload_folder(
                 repo_id=repo_id, repo_type="dataset", folder_path=str(out), revision=branch,
                 allow_patterns=allow, ignore_patterns=list(IGNORE_PATTERNS), delete_patterns=deletes or None,
                 commit_message=(f"facegen: dataset files ({count})" if step == 1 else "facegen: dataset card"),
-            ) or info
-    except KeyboardInterrupt:
-        echo("interrupted: rerun the same command to resume the upload (files already committed are skipped)")
-        raise
+            ) or commit
     except Exception as exc:  # HfHubHTTPError, network errors…: one masked line, and how to resume
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PublishError(mask(f"upload to {repo_id} failed: {type(exc).__name__}: {message}; rerun the same "
-                                "command to resume (files already committed are skipped)", token_value)) from None
-    result.commit_url = getattr(info, "commit_url", None)
-    echo(f"published: {hub}/datasets/{repo_id}" + (f" (commit {result.commit_url})" if result.commit_url else ""))
+        raise RemoteError(mask(f"upload to {repo_id} failed: {type(exc).__name__}: {message}; rerun the same "
+                               "command to resume (files already committed are skipped)", token_value)) from None
+    result.commit_url = getattr(commit, "commit_url", None)
+    info(f"published: {hub}/datasets/{repo_id}" + (f" (commit {result.commit_url})" if result.commit_url else ""))
     return result

@@ -19,15 +19,15 @@ OUT may be a Hub dataset (``ORG/NAME``, ``hf://datasets/ORG/NAME``): it is read 
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
 
 from facegen.builders.engine.options import BuildConfig
 from facegen.errors import UsageError
+from facegen.fileio import atomic_write
 from facegen.layout import OutputFolder
+from facegen.layout.records import Curation, QualityReport, RecordError
+from facegen.messages import info
 from facegen.published import PublishedDataset
 
 
@@ -52,18 +52,18 @@ def near_duplicate_groups(pairs: list[list], order: dict[str, int]) -> list[list
     return sorted((sorted(g, key=order.get) for g in groups.values() if len(g) > 1), key=lambda g: order[g[0]])
 
 
-def decide(dataset: PublishedDataset, report: dict, min_images: int) -> dict:
+def decide(dataset: PublishedDataset, report: QualityReport, min_images: int) -> Curation:
     """What to remove from ``dataset`` given its ``report``; the curation file's content."""
     order = {identity: i for i, identity in enumerate(dataset.identities)}
     images = {identity: len(samples) for identity, samples in dataset.by_identity.items()}
-    settings = report["settings"]
+    settings = report.settings
     removed_identities: list[dict] = []
     best_pair: dict[str, tuple[str, float]] = {}
-    for a, b, cosine in report["near_duplicate_identities"]:
+    for a, b, cosine in report.near_duplicate_identities:
         for x, y in ((a, b), (b, a)):
             if x not in best_pair or cosine > best_pair[x][1]:
                 best_pair[x] = (y, cosine)
-    for group in near_duplicate_groups(report["near_duplicate_identities"], order):
+    for group in near_duplicate_groups(report.near_duplicate_identities, order):
         keep = max(group, key=lambda x: (images[x], -order[x]))  # most images; ties: first in the plan
         for identity in group:
             if identity != keep:
@@ -76,7 +76,7 @@ def decide(dataset: PublishedDataset, report: dict, min_images: int) -> dict:
     by_key = {s.key: s for s in dataset.samples}
     removed_samples = [{"identity": o["identity"], "key": o["key"], "source_ref": dataset.ref(by_key[o["key"]]),
                         "reason": "outlier", "cosine": o["cosine"]}
-                       for o in report["outliers"] if o["identity"] not in gone]
+                       for o in report.outliers if o["identity"] not in gone]
     dropped_per_identity: dict[str, int] = {}
     for sample in removed_samples:
         dropped_per_identity[sample["identity"]] = dropped_per_identity.get(sample["identity"], 0) + 1
@@ -90,24 +90,24 @@ def decide(dataset: PublishedDataset, report: dict, min_images: int) -> dict:
     gone |= {r["identity"] for r in too_few}
     removed_samples = [s for s in removed_samples if s["identity"] not in gone]  # their identity went entirely
     removed_identities.sort(key=lambda r: order[r["identity"]])
-    return {
-        "parent": dataset.name,
-        "parent_fingerprint": dataset.fingerprint(),
-        "parent_identities": len(dataset.identities),
-        "parent_samples": len(dataset.samples),
-        "recognizer": settings["recognizer"],
-        "dedup": settings["dedup"],
-        "min_similarity": settings["min_similarity"],
-        "min_images": min_images,
-        "report_created": report.get("created"),
-        "counts": {"near_duplicate": len(removed_identities) - len(too_few), "too_few_images": len(too_few),
-                   "outlier": len(removed_samples), "identities_kept": len(dataset.identities) - len(gone)},
-        "removed_identities": removed_identities,
-        "removed_samples": removed_samples,
-    }
+    return Curation(
+        parent=dataset.name,
+        parent_fingerprint=dataset.fingerprint(),
+        parent_identities=len(dataset.identities),
+        parent_samples=len(dataset.samples),
+        recognizer=settings.recognizer,
+        dedup=settings.dedup,
+        min_similarity=settings.min_similarity,
+        min_images=min_images,
+        report_created=report.created,
+        counts={"near_duplicate": len(removed_identities) - len(too_few), "too_few_images": len(too_few),
+                "outlier": len(removed_samples), "identities_kept": len(dataset.identities) - len(gone)},
+        removed_identities=removed_identities,
+        removed_samples=removed_samples,
+    )
 
 
-def _prepare_new(new: Path, curation: dict, overwrite: bool) -> Path:
+def _prepare_new(new: Path, curation: Curation, overwrite: bool) -> Path:
     """Write NEW/.facegen/curation.json, refusing to change the decisions under an existing build."""
     from facegen.builders.engine.outputs import remove_facegen_outputs
 
@@ -118,63 +118,51 @@ def _prepare_new(new: Path, curation: dict, overwrite: bool) -> Path:
         remove_facegen_outputs(new)
     elif OutputFolder(new).config_json.is_file():
         try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            previous = Curation.read(path).decisions()
+        except (OSError, RecordError):
             previous = None
-        if not isinstance(previous, dict) or _decisions(previous) != _decisions(curation):
+        if previous != curation.decisions():
             raise UsageError(f"{new} holds another build or other curation decisions; pass --overwrite to replace "
                              "it, or choose another --out")
     _write_curation(path, curation)
     return path
 
 
-def _decisions(curation: dict) -> dict:
-    """What a build depends on (not when the report was made)."""
-    return {k: v for k, v in curation.items() if k != "report_created"}
-
-
-def _write_curation(path: Path, curation: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(curation, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+def _write_curation(path: Path, curation: Curation) -> None:
+    atomic_write(path, curation.to_json())
 
 
 def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
            dedup: float | None = None, min_similarity: float | None = None, min_images: int = 1,
-           batch_size: int = 64, overwrite: bool = False, progress: bool = True, command: list[str] | None = None,
-           echo: Callable[[str], Any] | None = None):
+           batch_size: int = 64, overwrite: bool = False, progress: bool = True, command: list[str] | None = None):
     """Curate the facegen dataset in folder ``out`` into the new dataset ``new``; returns (curation, summary)."""
     from facegen.builders.quality.report import run_report
     from facegen.builders.engine.run import build
 
-    echo = echo or (lambda line: None)
     if min_images < 1:
         raise UsageError("--min-images must be at least 1")
-    from facegen.published import parse_hub_id
+    from facegen.published import hub_dataset
 
     new_path = Path(new).resolve()
-    if Path(out).is_dir():
+    if hub_dataset(out) is None:
         out_path = Path(out).resolve()
         if new_path == out_path or out_path in new_path.parents:
             raise UsageError("--out must be a folder outside the dataset being curated")
         source_path, report_dir = str(out_path), None
-    elif parse_hub_id(str(out)) is not None:
+    else:
         # the id as given: the build reads it; its report goes beside NEW's records (the Hub cache is not ours)
         source_path, report_dir = str(out), OutputFolder(new_path).parent_report_dir
-    else:
-        raise UsageError(f"{out} is neither a folder nor a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
     if new_path.exists() and not new_path.is_dir():
         raise UsageError(f"--out {new} is a file, not a folder")
     report = run_report(source_path, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
-                        min_similarity=min_similarity, batch_size=batch_size, progress=progress, echo=echo,
+                        min_similarity=min_similarity, batch_size=batch_size, progress=progress,
                         report_dir=report_dir)
     dataset = PublishedDataset(source_path)
     curation = decide(dataset, report, min_images)
-    counts = curation["counts"]
+    counts = curation.counts
     if counts["identities_kept"] == 0:
         raise UsageError("curation would remove every identity; nothing to build (lower --min-images?)")
-    echo(f"curate: keeping {counts['identities_kept']} of {len(dataset.identities)} identities; removing "
+    info(f"curate: keeping {counts['identities_kept']} of {len(dataset.identities)} identities; removing "
          f"{counts['near_duplicate']} near-duplicate identities, {counts['too_few_images']} with fewer than "
          f"{min_images} images, {counts['outlier']} outlier samples")
     curation_path = _prepare_new(new_path, curation, overwrite)

@@ -4,15 +4,16 @@ API summary
 -----------
 - ``open_source(name, path, options) -> Source``: a source plugin through the registry.
 - ``FaceEmbedder(model_dir=None, detector="scrfd", det_size=640, batch_size=64, providers=None,
-  arc2face_revision=None, realign=False)``: Arc2Face's
-  recogniser plus a face aligner created only when an image needs one. ``.embed_images(images) ->
-  (embeddings (K, 512) unit float32, refs, skips)`` for one identity's ``SourceImage`` list, the same rules as the
-  arc2face transform: ``hints["embedding"]`` used as it is (DisCo), 112x112 images embedded as they are (DigiFace;
-  ``realign=True``: detected and aligned again first, as Arc2Face's demo treats any input),
-  ``hints["landmarks5"]`` warped (SFHQ), anything else detected and aligned; undecodable images and images without
-  a face are skipped with their reason. ``.embed_batch(list of image lists)`` runs one recogniser pass for many.
-- ``embed_source(source, embedder, limit=None, progress=True) -> Prototypes``: per identity, the normalised mean
-  of its unit embeddings (the transform's prototype). Identities with no usable image are left out and counted.
+  arc2face_revision=None, realign=False)``: Arc2Face's recogniser plus a face aligner created only when an image
+  needs one, applying the arc2face transform's own rule for a source image
+  (:func:`facegen.generators.embeddings.embed_source_images`: ``hints["embedding"]`` used as it is (DisCo), 112x112
+  images embedded as they are (DigiFace; ``realign=True``: detected and aligned again first), ``hints["landmarks5"]``
+  warped (SFHQ), anything else detected and aligned; an image it cannot use is skipped with its reason).
+  ``.embed_sources(list of image lists)`` gives each list's raw embeddings in one recogniser pass;
+  ``.embed_images(images) -> (unit embeddings (K, 512) float32, refs, skips)`` one list's, normalised.
+- ``embed_source(source, embedder, limit=None, progress=True) -> Prototypes``: per identity, the transform's
+  prototype (:func:`facegen.generators.arc2face.prototype` of the same embeddings, so equal to the last bit).
+  Identities with no usable image are left out and counted.
 - ``Prototypes(ids, embeddings, num_images, skipped)``; ``.save(path)`` writes ``prototypes.npz`` with ``ids``
   (unicode strings), ``embeddings`` (N x 512 float32 unit rows) and ``num_images`` (int32);
   ``load_prototypes(path)`` reads it back without pickle.
@@ -30,7 +31,6 @@ API summary
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -42,6 +42,8 @@ import numpy as np
 from facegen import registry
 from facegen.api import Source
 from facegen.errors import UsageError
+from facegen.fileio import atomic_file, atomic_write
+from facegen.generators.embeddings import SourceEmbeddings, normalize
 from facegen.records import SourceImage, Skip
 
 LOAD_THREADS = 4  # identities are read ahead by threads (file and zip reads release the GIL)
@@ -55,15 +57,9 @@ def open_source(name: str, path: str, options: dict | None = None) -> Source:
     return registry.get_source(name)(path, **(options or {}))
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
 class FaceEmbedder:
-    """Unit ArcFace embeddings of source images with Arc2Face's recogniser (see the module docstring)."""
+    """Source images embedded with Arc2Face's recogniser by the transform's own rule
+    (:mod:`facegen.generators.embeddings`); see the module docstring."""
 
     def __init__(self, model_dir: str | None = None, detector: str = "scrfd", det_size: int = 640,
                  batch_size: int = 64, providers: list | None = None, arc2face_revision: str | None = None,
@@ -91,53 +87,17 @@ class FaceEmbedder:
                                         det_size=(self.det_size, self.det_size), providers=self.providers)
         return self._aligner
 
-    def embed_batch(self, image_lists: Sequence[Sequence[SourceImage]]
-                    ) -> list[tuple[np.ndarray, list[str], list[Skip]]]:
-        """For each list of images: (unit embeddings (K, 512), their refs, skips); one recogniser pass in all."""
-        from facegen.generators.alignment import crop_for_recognition
-        from facegen.generators.arcface import normalize
+    def embed_sources(self, image_lists: Sequence[Sequence[SourceImage]]) -> list[SourceEmbeddings]:
+        """For each list of images: the raw embeddings of the images used, their refs and skips (one recogniser
+        pass in all)."""
+        from facegen.generators.embeddings import embed_source_images
 
-        results = []
-        crops, slots = [], []
-        for images in image_lists:
-            rows: list[np.ndarray | None] = []
-            refs: list[str] = []
-            skips: list[Skip] = []
-            for image in images:
-                given = image.hints.get("embedding")
-                if given is not None:
-                    rows.append(np.asarray(given, dtype=np.float32).reshape(-1))
-                    refs.append(image.ref)
-                    continue
-                try:
-                    rgb = decode_rgb(image.data)
-                except Exception as exc:  # PIL raises many exception types for broken files
-                    skips.append(Skip(image.ref, "corrupt image", f"{type(exc).__name__}: {exc}"))
-                    continue
-                landmarks = image.hints.get("landmarks5")
-                needs_aligner = landmarks is None and (self.realign or rgb.shape[:2] != (112, 112))
-                crop = crop_for_recognition(rgb, landmarks, self.aligner if needs_aligner else None,
-                                            realign=self.realign)
-                if crop is None:
-                    skips.append(Skip(image.ref, "no face detected"))
-                    continue
-                slots.append((len(results), len(rows)))
-                crops.append(crop)
-                rows.append(None)
-                refs.append(image.ref)
-            results.append((rows, refs, skips))
-        if crops:
-            embedded = self.recogniser.embed(np.stack(crops))
-            for (i, j), vector in zip(slots, embedded):
-                results[i][0][j] = vector
-        out = []
-        for rows, refs, skips in results:
-            matrix = np.stack(rows) if rows else np.zeros((0, 512), np.float32)
-            out.append((normalize(matrix), refs, skips))
-        return out
+        return embed_source_images(image_lists, self.recogniser, lambda: self.aligner, realign=self.realign)
 
     def embed_images(self, images: Sequence[SourceImage]) -> tuple[np.ndarray, list[str], list[Skip]]:
-        return self.embed_batch([images])[0]
+        """(unit embeddings (K, 512) float32, their refs, skips) of one list of images."""
+        sources = self.embed_sources([images])[0]
+        return normalize(sources.embeddings), sources.refs, sources.skipped
 
 
 @dataclass
@@ -149,13 +109,9 @@ class Prototypes:
     identities_without_images: list[str] = field(default_factory=list)
 
     def save(self, path: str | os.PathLike) -> None:
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, ids=np.array(self.ids, dtype=str), embeddings=self.embeddings.astype(np.float32),
-                 num_images=self.num_images.astype(np.int32))
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            np.savez(f, ids=np.array(self.ids, dtype=str), embeddings=self.embeddings.astype(np.float32),
+                     num_images=self.num_images.astype(np.int32))
 
 
 def load_prototypes(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -184,7 +140,7 @@ def embed_source(source: Source, embedder: FaceEmbedder, limit: int | None = Non
     """Prototype of every identity of ``source`` (in the source's order)."""
     from tqdm.auto import tqdm
 
-    from facegen.generators.arcface import normalize
+    from facegen.generators.arc2face import prototype
 
     ids = list(source.identities())
     if limit is not None:
@@ -197,16 +153,15 @@ def embed_source(source: Source, embedder: FaceEmbedder, limit: int | None = Non
             loaded = list(pool.map(lambda i: _load_identity(source, i), chunk))
             for _, load_skips in loaded:
                 skipped.extend(load_skips)
-            results = embedder.embed_batch([images for images, _ in loaded])
-            for identity_id, (unit, _refs, skips) in zip(chunk, results):
-                skipped.extend(skips)
-                usable = unit[np.linalg.norm(unit, axis=1) > 0]
-                if len(usable) == 0:
+            results = embedder.embed_sources([images for images, _ in loaded])
+            for identity_id, sources in zip(chunk, results):
+                skipped.extend(sources.skipped)
+                if not sources.refs:
                     empty.append(identity_id)
                     continue
                 kept_ids.append(identity_id)
-                vectors.append(normalize(usable.mean(axis=0)))
-                counts.append(len(usable))
+                vectors.append(prototype(sources.embeddings))  # the transform's prototype, to the last bit
+                counts.append(len(sources.refs))
             bar.update(len(chunk))
     bar.close()
     embeddings = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 512), np.float32)
@@ -225,8 +180,6 @@ def max_similarity(embeddings: np.ndarray, block: int = 2048) -> np.ndarray:
     of its rows and of its columns. Memory: one ``block x block`` float32 tile (16 MiB at 2048) besides the input;
     compute: N^2 / 2 * D multiply-adds in BLAS matrix products.
     """
-    from facegen.generators.arcface import normalize
-
     unit = np.ascontiguousarray(normalize(embeddings))
     n = len(unit)
     best = np.full(n, -np.inf, dtype=np.float32)
@@ -331,8 +284,6 @@ def nearest_neighbors(embeddings: np.ndarray, k: int, block: int = 2048) -> tupl
     top-k per row instead of a running maximum. Memory: one tile plus the (N, k) results. Cosines are float32
     matrix products: the same pair may differ in its last bit between tiles (see :func:`select_greedy`).
     """
-    from facegen.generators.arcface import normalize
-
     unit = np.ascontiguousarray(normalize(embeddings))
     n = len(unit)
     k = min(k, n - 1)
@@ -366,8 +317,6 @@ def select_greedy(ids: Sequence[str], embeddings: np.ndarray, count: int, block:
     and rounded to float32, so a pair has one value from either side (float32 tiles may differ in the last bit).
     """
     import heapq
-
-    from facegen.generators.arcface import normalize
 
     _check_count(ids, count)
     start = time.perf_counter()
@@ -442,12 +391,5 @@ def select_identities(ids: Sequence[str], embeddings: np.ndarray, count: int, me
 
 def write_ids(path: str | os.PathLike, selection: Selection, header: Iterable[str] = ()) -> None:
     """One id per line, most distinct first, after ``#`` comment lines (ignored by --identities-file)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in header:
-            f.write(f"# {line}\n")
-        for identity_id in selection.ids:
-            f.write(f"{identity_id}\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join([*(f"# {line}\n" for line in header),
+                                *(f"{identity_id}\n" for identity_id in selection.ids)]).encode("utf-8"))

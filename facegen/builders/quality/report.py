@@ -45,12 +45,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
 import facegen
 from facegen.errors import UsageError
+from facegen.fileio import atomic_file, sha256_file
+from facegen.generators.embeddings import normalize
 from facegen.layout import (
     CONSISTENCY_PLOT,
     FACEGEN_DIR,
@@ -60,6 +61,8 @@ from facegen.layout import (
     WORST_IDENTITIES_PLOT,
     OutputFolder,
 )
+from facegen.layout.records import QualityReport, ReportSettings
+from facegen.messages import info
 from facegen.published import PublishedDataset
 
 DEFAULTS = {
@@ -70,11 +73,6 @@ RECOGNIZERS = tuple(DEFAULTS)
 WORST_IDENTITIES = 6
 WORST_IMAGES = 8
 LISTED = 1000  # skipped samples listed by name in report.json (all are counted)
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
 
 
 # ----------------------------------------------------------------------------------------------- recognisers
@@ -117,10 +115,7 @@ class ArcFaceReportRecognizer(Recognizer):
 
         self._embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, batch_size=batch_size)
         self.model = f"arcface.onnx ({'--model-dir' if model_dir else 'Hub'}), detector {detector}"
-        import hashlib
-
-        with open(self._embedder.recogniser_path, "rb") as f:  # the weights, not where they lie
-            self._weights = hashlib.sha256(f.read()).hexdigest()
+        self._weights = sha256_file(self._embedder.recogniser_path)  # the weights, not where they lie
 
     def identity(self):
         return {"name": self.name, "model": "arcface.onnx", "sha256": self._weights,
@@ -229,13 +224,11 @@ def embed_dataset(dataset: PublishedDataset, recognizer: Recognizer, batch_size:
 
 
 def _save_embeddings(path: Path, embeddings: Embeddings, identity: dict, fingerprint: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, keys=np.array(embeddings.keys, dtype=str), vectors=embeddings.vectors,
-             reasons=np.array(embeddings.reasons, dtype=str), modes=np.array(embeddings.modes, dtype=str),
-             sizes=np.array(embeddings.sizes, dtype=str),
-             recognizer=np.array(json.dumps(identity, sort_keys=True)), fingerprint=np.array(fingerprint))
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        np.savez(f, keys=np.array(embeddings.keys, dtype=str), vectors=embeddings.vectors,
+                 reasons=np.array(embeddings.reasons, dtype=str), modes=np.array(embeddings.modes, dtype=str),
+                 sizes=np.array(embeddings.sizes, dtype=str),
+                 recognizer=np.array(json.dumps(identity, sort_keys=True)), fingerprint=np.array(fingerprint))
 
 
 def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[str]) -> Embeddings | None:
@@ -360,8 +353,10 @@ def _figures(values: np.ndarray) -> dict:
             "max": float(values.max()), "count": int(len(values))}
 
 
-def analyse(dataset: PublishedDataset, embeddings: Embeddings, dedup: float, min_similarity: float) -> dict:
-    """Everything report.json holds except the settings, the plots and --against."""
+def analyse(dataset: PublishedDataset, embeddings: Embeddings, dedup: float,
+            min_similarity: float) -> tuple[dict, Analysis]:
+    """The report's fields about the dataset (all but the settings, the plots and --against), and the analysis
+    behind them."""
     a = identity_prototypes(dataset, embeddings)
     by_id = {identity: i for i, identity in enumerate(a.ids)}
     near = [[a.ids[i], a.ids[j], round(c, 6)] for i, j, c in pairs_at_least(a.prototypes, dedup)]
@@ -408,18 +403,15 @@ def analyse(dataset: PublishedDataset, embeddings: Embeddings, dedup: float, min
         "near_duplicate_identities": near,
         "outliers": outliers,
         "identities": per_identity,
-        "_analysis": a,  # removed before writing
-    }
+    }, a
 
 
 # ----------------------------------------------------------------------------------------------- plots
 
 
 def _save_figure(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
 
 
 def _pyplot():
@@ -433,11 +425,11 @@ def _pyplot():
     return plt
 
 
-def write_plots(out: Path, dataset: PublishedDataset, report: dict, recognizer: str) -> list[str]:
+def write_plots(out: Path, dataset: PublishedDataset, a: Analysis, identities: list[dict],
+                settings: ReportSettings) -> list[str]:
     """report/consistency.png, report/separability.png, report/worst-identities.png; their relative paths."""
     plt = _pyplot()
-    a: Analysis = report["_analysis"]
-    settings = report["settings"]
+    recognizer = settings.recognizer
     written = []
 
     def histogram(values, threshold, label, title, name):
@@ -453,29 +445,28 @@ def write_plots(out: Path, dataset: PublishedDataset, report: dict, recognizer: 
         plt.close(figure)
         written.append(name)
 
-    histogram(a.cosine, settings["min_similarity"], f"outlier below {settings['min_similarity']}",
+    histogram(a.cosine, settings.min_similarity, f"outlier below {settings.min_similarity}",
               "Consistency: each sample's cosine to its identity's prototype", CONSISTENCY_PLOT)
     if len(a.ids) > 1:
-        histogram(a.separability, settings["dedup"], f"near-duplicate from {settings['dedup']}",
+        histogram(a.separability, settings.dedup, f"near-duplicate from {settings.dedup}",
                   "Separability: each identity's highest cosine to another", SEPARABILITY_PLOT)
-    worst = _worst_identities(out, dataset, report, plt)
+    worst = _worst_identities(out, dataset, a, identities, settings.min_similarity, plt)
     if worst:
         written.append(worst)
     return written
 
 
-def _worst_identities(out: Path, dataset: PublishedDataset, report: dict, plt) -> str | None:
+def _worst_identities(out: Path, dataset: PublishedDataset, a: Analysis, identities: list[dict], minimum: float,
+                      plt) -> str | None:
     """A grid: the identities with the lowest consistency (rows), some of their images with their cosines."""
     from PIL import Image
 
-    rows = [r for r in report["identities"] if "consistency_min" in r and r["embedded"] > 1]
+    rows = [r for r in identities if "consistency_min" in r and r["embedded"] > 1]
     rows.sort(key=lambda r: (r["consistency_min"], r["cls"]))
     rows = rows[:WORST_IDENTITIES]
     if not rows:
         return None
-    a: Analysis = report["_analysis"]
     index = {id(s): k for k, s in enumerate(dataset.samples)}
-    minimum = report["settings"]["min_similarity"]
     figure, axes = plt.subplots(len(rows), WORST_IMAGES, figsize=(WORST_IMAGES * 1.2, len(rows) * 1.45),
                                 squeeze=False)
     for r, row in enumerate(rows):
@@ -560,15 +551,12 @@ class ReportPlace:
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
                dedup: float | None = None, min_similarity: float | None = None, against: str | None = None,
                batch_size: int = 64, progress: bool = True, card: bool = True,
-               echo: Callable[[str], Any] | None = None, report_dir: str | os.PathLike | None = None) -> dict:
+               report_dir: str | os.PathLike | None = None) -> QualityReport:
     """Compute (or reuse the embeddings of) the report of the facegen dataset ``out`` (a folder or a Hub id);
     write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours)."""
-    from facegen.published import parse_hub_id
+    from facegen.published import hub_dataset
 
-    echo = echo or (lambda line: None)
-    if not Path(out).is_dir():
-        if parse_hub_id(str(out)) is None:
-            raise UsageError(f"{out} is neither a folder nor a Hub dataset id (ORG/NAME or hf://datasets/ORG/NAME)")
+    if hub_dataset(out) is not None:
         if report_dir is None:
             raise UsageError(f"{out} is a Hub dataset: pass --out DIR, a local folder for report.json and the "
                              "plots (the dataset itself is read from the Hub cache)")
@@ -583,64 +571,50 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size)
     embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
                                             path=place.embeddings)
-    report = {
-        "facegen_version": facegen.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"recognizer": recognizer, "model": model.model, "dedup": dedup,
-                     "min_similarity": min_similarity, "defaults": DEFAULTS[recognizer]},
-        "fingerprint": dataset.fingerprint(),
-        "embedding": {"reused": reused, "seconds": round(embeddings.seconds, 3),
-                      "samples_per_second": round(len(dataset.samples) / embeddings.seconds, 2)
-                      if embeddings.seconds > 0 else None},
-    }
-    if not place.in_dataset:
-        report["dataset_name"] = dataset.name
-    report.update(analyse(dataset, embeddings, dedup, min_similarity))
-    if against:
-        report["against"] = against_matches(report["_analysis"], PublishedDataset(against, progress=progress),
-                                            model, dedup, batch_size, progress)
-    report["plots"] = write_plots(place.folder, dataset, report, recognizer)
-    report.pop("_analysis")
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    write_report(place.folder, report, place.json)
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    settings = ReportSettings(recognizer, model.model, dedup, min_similarity, DEFAULTS[recognizer])
+    found, analysis = analyse(dataset, embeddings, dedup, min_similarity)
+    matches = against_matches(analysis, PublishedDataset(against, progress=progress), model, dedup, batch_size,
+                              progress) if against else None
+    plots = write_plots(place.folder, dataset, analysis, found["identities"], settings)
+    report = QualityReport(
+        facegen_version=facegen.__version__, created=created, settings=settings, fingerprint=dataset.fingerprint(),
+        embedding={"reused": reused, "seconds": round(embeddings.seconds, 3),
+                   "samples_per_second": round(len(dataset.samples) / embeddings.seconds, 2)
+                   if embeddings.seconds > 0 else None},
+        **found, plots=plots, seconds=round(time.perf_counter() - started, 3),
+        dataset_name=None if place.in_dataset else dataset.name, against=matches)
+    report.write(place.json)
     if card and place.in_dataset and OutputFolder(dataset.root).run_json.is_file():
         from facegen.cards import write_card
 
         write_card(dataset.root)
     for line in summary_lines(report, place):
-        echo(line)
+        info(line)
     return report
 
 
-def write_report(out: Path, report: dict, path: Path | None = None) -> None:
-    path = path or OutputFolder(out).report_json
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def summary_lines(report: dict, place: ReportPlace | None = None) -> list[str]:
-    s, d, settings = report["summary"], report["dataset"], report["settings"]
+def summary_lines(report: QualityReport, place: ReportPlace | None = None) -> list[str]:
+    s, d, settings = report.summary, report.dataset, report.settings
     consistency = s["sample_consistency"].get("median")
     separability = s["separability"].get("median")
     lines = [
-        f"facegen report ({settings['recognizer']}): {d['identities']} identities, {d['samples']} samples, "
-        f"{d['embedded']} embedded" + (f" ({report['embedding']['samples_per_second']} samples/s)"
-                                       if report["embedding"].get("samples_per_second") else " (reused)"),
+        f"facegen report ({settings.recognizer}): {d['identities']} identities, {d['samples']} samples, "
+        f"{d['embedded']} embedded" + (f" ({report.embedding['samples_per_second']} samples/s)"
+                                       if report.embedding.get("samples_per_second") else " (reused)"),
         f"  consistency (median cosine to own prototype): "
-        f"{'n/a' if consistency is None else f'{consistency:.4f}'}; outliers (< {settings['min_similarity']}): "
+        f"{'n/a' if consistency is None else f'{consistency:.4f}'}; outliers (< {settings.min_similarity}): "
         f"{s['outliers']}",
         f"  separability (median highest cosine to another identity): "
         f"{'n/a' if separability is None else f'{separability:.4f}'}; near-duplicate pairs "
-        f"(>= {settings['dedup']}): {s['near_duplicate_pairs']}",
+        f"(>= {settings.dedup}): {s['near_duplicate_pairs']}",
     ]
-    if report["skipped"]:
-        lines.append("  not embedded: " + ", ".join(f"{n} {r}" for r, n in report["skipped"].items()))
-    if "against" in report:
-        lines.append(f"  identities matching {report['against']['dataset']}: {len(report['against']['matches'])}")
+    if report.skipped:
+        lines.append("  not embedded: " + ", ".join(f"{n} {r}" for r, n in report.skipped.items()))
+    if report.against is not None:
+        lines.append(f"  identities matching {report.against['dataset']}: {len(report.against['matches'])}")
     if place is None or place.in_dataset:
-        lines.append(f"  -> {FACEGEN_DIR}/{REPORT_JSON}, " + ", ".join(report["plots"]))
+        lines.append(f"  -> {FACEGEN_DIR}/{REPORT_JSON}, " + ", ".join(report.plots))
     else:
-        lines.append(f"  -> {place.json}, " + ", ".join(str(place.folder / p) for p in report["plots"]))
+        lines.append(f"  -> {place.json}, " + ", ".join(str(place.folder / p) for p in report.plots))
     return lines

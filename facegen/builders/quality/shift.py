@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facegen.errors import UsageError
+from facegen.fileio import atomic_write
 from facegen.records import SourceImage, Skip
 
 SHIFT_KEY = "delta"  # the tensor the arc2face transform reads (its SHIFT_KEY)
@@ -112,7 +113,6 @@ def sample_unit_embeddings(specs: list[SourceSpec], embedder, max_images: int, s
         picked = [images[j] for j in sorted(rng.choice(len(images), size=want, replace=False))]
         unit, _refs, skips = embedder.embed_images(picked)
         skipped.extend(skips)
-        unit = unit[np.linalg.norm(unit, axis=1) > 0]
         vectors.append(unit)
         counts[str(specs[k])] += len(unit)
         taken += len(unit)
@@ -213,18 +213,14 @@ class ShiftEstimate:
 
     def save(self, path: str | os.PathLike) -> None:
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tensors = {
             SHIFT_KEY: torch.from_numpy(np.ascontiguousarray(self.delta, dtype=np.float32)),
             "mean_real": torch.from_numpy(np.ascontiguousarray(self.mean_real, dtype=np.float32)),
             "mean_synthetic": torch.from_numpy(np.ascontiguousarray(self.mean_synthetic, dtype=np.float32)),
         }
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata=self.metadata())
-        os.replace(tmp, path)
+        atomic_write(path, save(tensors, metadata=self.metadata()))
 
     def lines(self) -> list[str]:
         norms = self.norms()

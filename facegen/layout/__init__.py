@@ -5,8 +5,8 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
     OUT/README.md, LICENSE, preview.jpg          the card's files (``cards``)
     OUT/_info.json                               shard names and lengths, timm's WebDataset format
     OUT/data/train/train-{j:06d}.tar             published shards
-    OUT/provenance/                              rebuild inputs: identities.txt, shift.safetensors, checksums.json,
-                                                 curation.json (published with the card)
+    OUT/provenance/                              rebuild inputs: identities.txt, checksums.json and the files plugins
+                                                 declare (shift.safetensors, curation.json), published with the card
     OUT/report/*.png                             quality plots (`facegen report`, published)
     OUT/.facegen/                                facegen's records, never uploaded:
         run.json        provenance of the build       config.json   the build's signature (resume or refuse)
@@ -18,7 +18,9 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
         skipped.jsonl   every skipped sample           report.json, report_embeddings.npz   the quality report
         curation.json   a curated build's decisions    parent-report/   the report of a Hub dataset being curated
 
-``FACEGEN_DIR`` and the names below are the only spellings of these files in the code.
+``FACEGEN_DIR`` and the names below are the only spellings of these files in the code. What the records hold
+(run.json, config.json, the shard and unit stats, the sample index, report.json, the curation file, card_files.json)
+is typed in :mod:`facegen.layout.records`.
 """
 
 from __future__ import annotations
@@ -46,9 +48,23 @@ SHARD_FILE = re.compile(r"\.?train-\d{6}\.tar(\.tmp-\d+)?")  # a published shard
 
 PROVENANCE_DIR = "provenance"
 IDENTITIES_FILE = f"{PROVENANCE_DIR}/identities.txt"
-SHIFT_FILE = f"{PROVENANCE_DIR}/shift.safetensors"
 CHECKSUMS_FILE = f"{PROVENANCE_DIR}/checksums.json"
-PUBLISHED_CURATION_FILE = f"{PROVENANCE_DIR}/curation.json"  # the curation file as published with the card
+OWN_PROVENANCE_FILES = (IDENTITIES_FILE, CHECKSUMS_FILE)  # facegen's own; plugins declare theirs (api.Option)
+
+
+PROVENANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a plugin's provenance file: a plain, visible name
+
+
+def published_provenance(name: str) -> str:
+    """Where a plugin's declared provenance file (``Option(provenance_file=NAME)``) is published: ``provenance/NAME``."""
+    return f"{PROVENANCE_DIR}/{name}"
+
+
+def is_plugin_provenance(rel: str) -> bool:
+    """``rel`` is a path a plugin's provenance file may have (``provenance/NAME``, not one of facegen's own)."""
+    folder, _, name = rel.partition("/")
+    return folder == PROVENANCE_DIR and bool(PROVENANCE_NAME.fullmatch(name)) and rel not in OWN_PROVENANCE_FILES
+
 
 PLOTS_DIR = "report"
 CONSISTENCY_PLOT = f"{PLOTS_DIR}/consistency.png"
@@ -78,10 +94,6 @@ class Place:
     stats: Path
     index: Path
     skipped: Path  # every skipped sample of this file, one JSON line each (absent when none was skipped)
-
-    def temporary(self, pid: int | None = None) -> Path:
-        """The hidden name the tar is written under until it is complete."""
-        return self.tar.with_name(f".{self.tar.name}.tmp-{os.getpid() if pid is None else pid}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,388 @@
+"""The work of a build, in this process: three steps, each made with what it needs and then run once.
+
+- :class:`ShardWork` (per-image transforms such as passthrough): the published shards are the units of work; each
+  reads its samples from the source, in the shuffled order, and transforms and writes them.
+- :class:`UnitWork` (identity-level transforms such as arc2face and e4e): units of ``--shard-size`` identities
+  under ``.facegen/units/``, transformed in batches.
+- :class:`Assembly`: once every unit is complete, the published shards are copied together from the units, each a
+  series of preads of whole samples in the shuffled order.
+
+Process ``r`` of ``W`` takes the units and shards ``i ≡ r (mod W)`` that are not complete yet. A full disk stops a
+step in one line that says how much space the rest needs, measured on the tars written so far.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+from tqdm.auto import tqdm
+
+from facegen.builders.engine.images import check_source_images
+from facegen.builders.engine.outputs import NO_SPACE, discard_partial_files, no_space_message
+from facegen.builders.engine.tars import CutShort, TarFiles, commit_each, filled
+from facegen.builders.engine.writer import SHARD, UNIT, ImageInfo, TarWriter
+from facegen.builders.plan import identity_seed, sample_order, shard_bounds
+from facegen.errors import OutOfSpace, SampleError, UsageError
+from facegen.layout.records import SampleIndex
+from facegen.records import Identity, SourceImage, Skip
+
+# identities are read ahead and their images checked by threads: file reads, zlib and PIL decodes release the GIL
+LOAD_THREADS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
+LOAD_CHUNK = 16  # single images (per-image transforms) are read ahead in chunks: a thread task costs ~20 µs
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the work leaves for the main process to finish: the published shards, and how they were made."""
+
+    shards: TarFiles
+    layout: list[int]  # planned samples per shard
+    units: TarFiles | None = None  # identity-level transforms: the units of work the shards were assembled from
+    units_xxh3_128: str | None = None
+    identities_without_images: tuple[str, ...] = ()  # per-image transforms: what the source listed no image for
+    assembly_seconds: float = 0.0  # this process's time assembling shards from units
+
+
+class Step:
+    """One step of the work. ``run`` turns a full disk into one line (the partial tar discarded); each step says
+    what is left and how much it weighs."""
+
+    what = "shard"  # the kind of file a full disk cuts short here
+
+    def __init__(self, build, lock):
+        self.build, self.lock = build, lock
+
+    def run(self):
+        try:
+            return self.work()
+        except (CutShort, OSError) as exc:
+            error = exc.error if isinstance(exc, CutShort) else exc
+            if error.errno not in NO_SPACE:
+                raise
+            discard_partial_files(self.build.out)
+            raise OutOfSpace(self.no_space(error, exc if isinstance(exc, CutShort) else None)) from None
+
+    def work(self):
+        raise NotImplementedError
+
+    def no_space(self, error: OSError, cut: CutShort | None) -> str:
+        raise NotImplementedError
+
+    def progress(self, total: int, unit: str):
+        return tqdm(total=total, unit=unit, dynamic_ncols=True, desc=f"facegen {self.build.options.plugin}",
+                    disable=not self.build.state.is_main_process)
+
+    def writer(self, files: TarFiles, i: int, redone_because: str | None, **stats_fields) -> TarWriter:
+        return TarWriter(self.build.folder, files.kind, i, self.build.samples, self.build.rank, redone_because,
+                         **stats_fields)
+
+    def space_left(self, error: OSError, files: TarFiles, amounts: dict[int, int], counted: str, cut_amount: int,
+                   cut: CutShort | None, noun: str, per: float | None = None, then: int = 0) -> str:
+        """The full-disk line: ``amounts`` (identities or images) of the tars not complete, at the bytes per
+        identity or image of those written so far (``per`` when known otherwise), plus ``then`` more of them for
+        what comes after."""
+        done = files.written()
+        cut_bytes = cut.bytes_written if cut else 0
+        sizes = [s.tar_bytes for s in done.values()]
+        left = sum(n for i, n in amounts.items() if i not in done)
+        largest = max(sizes + [cut_bytes]) or None
+        if per is None:
+            known = sum(getattr(s, counted) for s in done.values()) + cut_amount
+            per = (sum(sizes) + cut_bytes) / known if known else None
+        need = per * (left + then) if per else None
+        if need is not None and then:
+            noun += " (and the assembly of the shards)"
+        return no_space_message(self.build.out, error, f"the {left} {noun} left", need, largest, self.what)
+
+
+# --- reading and transforming the source ---
+
+
+def _read_ahead(pool: ThreadPoolExecutor, load, items, window: int) -> Iterator:
+    """``load(item)`` for each item, in order, with up to ``window`` loads running ahead in ``pool``."""
+    pending: deque = deque()
+    todo = iter(items)
+    for item in todo:
+        pending.append(pool.submit(load, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        future = pending.popleft()
+        nxt = next(todo, None)
+        if nxt is not None:
+            pending.append(pool.submit(load, nxt))
+        yield future.result()
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _identity(build, pos: int, items: list) -> Identity:
+    """Plan position ``pos`` with the images (and skips) the source gave for it; when the transform writes the
+    source's images as they are, each is checked here, on the loading thread (PIL and zlib release the GIL), and
+    not again by the writer."""
+    identity_id = build.plan.ids[pos]
+    if build.transform.copies_source_images:
+        items = check_source_images(items, build.options.verify)
+    return Identity(id=identity_id, cls=pos, seed=identity_seed(build.options.seed, identity_id),
+                    images=[i for i in items if isinstance(i, SourceImage)],
+                    skipped=[i for i in items if isinstance(i, Skip)])
+
+
+def transform_into(build, writer: TarWriter, identities: Iterator[tuple[Identity, int]], progress) -> None:
+    """Transform ``identities`` (each with the number of its first sample) in the transform's batches and write
+    the results in order; under --strict the first skip stops the build (the tar is then discarded)."""
+    transform = build.transform
+    for batch in _batches(identities, transform.batch_size):
+        results = iter(transform([identity for identity, _ in batch]))
+        for identity, first in batch:
+            result = next(results, None)
+            if result is None or result.identity.id != identity.id:
+                raise RuntimeError(f"transform {transform.name!r} did not return identity {identity.id} in order")
+            result.skipped = identity.skipped + result.skipped
+            writer.write(result, first)  # adds a skip for a sample it cannot encode
+            if build.options.strict and result.skipped:
+                bad = result.skipped[0]
+                raise SampleError(bad.ref, f"{bad.reason}{': ' + bad.detail if bad.detail else ''}")
+            progress.update(1)
+
+
+# --- per-image transforms: the published shards from the source ---
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every source image of the plan, from the source's listing (no image is read): one row per image, in plan
+    order, with its label and its position among its identity's images."""
+
+    cls: np.ndarray
+    number: np.ndarray
+    xxh3_128: str  # of every listed ref: a shard planned from another listing is not reused
+    identities_without_images: tuple[str, ...]
+
+    @classmethod
+    def of(cls, source, plan) -> Listing:
+        digest = xxhash.xxh3_128()
+
+        def count(identity_id: str) -> int:
+            refs = source.image_refs(identity_id)
+            digest.update("\0".join([identity_id, *refs]).encode("utf-8", "surrogateescape") + b"\n")
+            return len(refs)
+
+        counts = np.fromiter((count(i) for i in plan.ids), dtype=np.int64, count=len(plan.ids))
+        labels = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        starts = np.cumsum(counts) - counts
+        number = np.arange(len(labels), dtype=np.int64) - np.repeat(starts, counts)
+        without = tuple(plan.ids[i] for i in np.flatnonzero(counts == 0))
+        return cls(labels, number, digest.hexdigest(), without)
+
+    def __len__(self) -> int:
+        return len(self.cls)
+
+
+class ShardWork(Step):
+    """Per-image transforms: process r of W writes the published shards j ≡ r (mod W) that are not complete, each
+    reading its samples from the source in the shuffled order."""
+
+    def __init__(self, build, lock):
+        super().__init__(build, lock)
+        self.listing = Listing.of(build.source, build.plan)
+        if not len(self.listing):
+            raise UsageError("the source lists no image for the identities of the plan")
+        self.layout = build.layout(len(self.listing))
+        self.shards = TarFiles.of(build.folder, SHARD, len(self.layout), build.state.is_main_process)
+        self.planned_from = ("listing_xxh3_128", self.listing.xxh3_128)
+
+    def work(self) -> Published:
+        build, state = self.build, self.build.state
+        if build.options.strict:
+            self.shards.refuse_kept_skips(state, self.planned_from)
+        todo = self.shards.todo(self.shards.drop_stale_shards(state, self.planned_from))
+        order = sample_order(len(self.listing), build.options.seed)
+        bounds = shard_bounds(self.layout)
+        if todo:
+            build.models.load()  # before the progress bar: a model that fails to load says so in one line
+        with self.progress(sum(self.layout[j] for j in todo), "img") as progress, \
+                ThreadPoolExecutor(LOAD_THREADS) as pool:
+
+            def shard(j: int) -> TarWriter:
+                writer = self.writer(self.shards, j, todo[j], listing_xxh3_128=self.listing.xxh3_128)
+                rows = order[bounds[j][0]:bounds[j][1]]
+                return filled(writer, lambda: transform_into(build, writer, self.images(rows, pool), progress))
+
+            commit_each((shard(j) for j in todo), self.lock, progress)
+        return Published(self.shards, self.layout, identities_without_images=self.listing.identities_without_images)
+
+    def images(self, rows: np.ndarray, pool: ThreadPoolExecutor) -> Iterator[tuple[Identity, int]]:
+        """One identity holding one image per sample of ``rows``, in that (the published) order."""
+        build, listing = self.build, self.listing
+
+        def load(chunk: list[int]) -> list[tuple[Identity, int]]:
+            loaded = []
+            for row in chunk:
+                pos, number = int(listing.cls[row]), int(listing.number[row])
+                items = build.source.load_images(build.plan.ids[pos], [number])
+                loaded.append((_identity(build, pos, items), number))
+            return loaded
+
+        rows = rows.tolist()
+        chunks = [rows[k:k + LOAD_CHUNK] for k in range(0, len(rows), LOAD_CHUNK)]  # one thread task per chunk
+        for loaded in _read_ahead(pool, load, chunks, max(2 * build.transform.batch_size // LOAD_CHUNK, 8)):
+            yield from loaded
+
+    def no_space(self, error: OSError, cut: CutShort | None) -> str:
+        # skipped samples make a shard shorter: its planned length is an upper bound
+        return self.space_left(error, self.shards, dict(enumerate(self.layout)), "images",
+                               cut.samples if cut else 0, cut, "images")
+
+
+# --- identity-level transforms: units of work, then the assembly ---
+
+
+class UnitWork(Step):
+    """Identity-level transforms: process r of W writes the units i ≡ r (mod W) that are not complete (identities
+    ``[i·S, (i+1)·S)``, ``S = --shard-size``), then waits until every process's units are."""
+
+    what = "unit of work"
+
+    def __init__(self, build, lock):
+        super().__init__(build, lock)
+        self.units = TarFiles.of(build.folder, UNIT, build.plan.num_units, build.state.is_main_process)
+
+    def work(self) -> TarFiles:
+        build, state, plan = self.build, self.build.state, self.build.plan
+        if build.options.strict:  # the units hold the skips (an assembled shard copies samples and skips none)
+            self.units.refuse_kept_skips(state)
+        todo = self.units.todo(self.units.mine(state.process_index, state.num_processes))
+        if todo:
+            build.models.load()  # before the progress bar: a model that fails to load says so in one line
+        with self.progress(sum(len(plan.unit(i)) for i in todo), "id") as progress, \
+                ThreadPoolExecutor(LOAD_THREADS) as pool:
+
+            def unit(i: int) -> TarWriter:
+                writer = self.writer(self.units, i, todo[i])
+                return filled(writer, lambda: transform_into(build, writer, self.identities(i, pool), progress))
+
+            commit_each((unit(i) for i in todo), self.lock, progress)
+        self.units.wait(self.lock)
+        return self.units
+
+    def identities(self, i: int, pool: ThreadPoolExecutor) -> Iterator[tuple[Identity, int]]:
+        """Unit ``i``'s identities in plan order (each numbering its samples from 0), loaded ahead by threads."""
+        build = self.build
+
+        def load(pos: int) -> tuple[Identity, int]:
+            return _identity(build, pos, build.source.load(build.plan.ids[pos])), 0
+
+        return _read_ahead(pool, load, build.plan.unit(i), max(2 * build.transform.batch_size, 8))
+
+    def no_space(self, error: OSError, cut: CutShort | None) -> str:
+        plan = self.build.plan
+        # the assembly then copies every sample into the published shards: as much again
+        return self.space_left(error, self.units, {i: len(plan.unit(i)) for i in range(plan.num_units)},
+                               "identities", cut.identities if cut else 0, cut, "identities", then=len(plan.ids))
+
+
+@dataclass(frozen=True)
+class UnitSamples:
+    """Every sample of every unit, in unit order: where it lies (unit, offset, length), its key and label, and its
+    image's (mode, "WxH", changes) as the unit recorded them."""
+
+    unit: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    cls: np.ndarray
+    keys: list[str]
+    images: list[ImageInfo]
+    xxh3_128: str  # of the units' checksums: shards assembled from other units are redone
+    tar_bytes: int  # of all units (sizes what the assembly needs)
+
+    @classmethod
+    def read(cls, units: TarFiles) -> UnitSamples:
+        digest, indexes, tar_bytes = xxhash.xxh3_128(), [], 0
+        for i in range(units.count):
+            place, stats = units.place(i), units.stats(i)
+            index = SampleIndex.read(place.index)
+            if stats is None or index is None or index.image_modes is None:
+                raise UsageError(f"unit of work {i} changed while the build ran ({place.index} or its stats are "
+                                 "unreadable): rerun the same command to redo it")
+            digest.update(stats.tar_xxh3_128.encode())
+            tar_bytes += stats.tar_bytes
+            indexes.append((i, index))
+        return cls(
+            unit=np.array([i for i, ix in indexes for _ in ix.keys], dtype=np.int64),
+            offset=np.array([o for _, ix in indexes for o in ix.offsets], dtype=np.int64),
+            length=np.array([n for _, ix in indexes for n in ix.lengths], dtype=np.int64),
+            cls=np.array([c for _, ix in indexes for c in ix.cls], dtype=np.int64),
+            keys=[k for _, ix in indexes for k in ix.keys],
+            images=[info for _, ix in indexes for info in zip(ix.image_modes, ix.image_sizes, ix.changes)],
+            xxh3_128=digest.hexdigest(), tar_bytes=tar_bytes)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class Assembly(Step):
+    """The published shards from the units: process r of W assembles shards j ≡ r (mod W), each a series of preads
+    of whole samples (headers included: keys do not change) in the shuffled order."""
+
+    def __init__(self, build, lock, units: TarFiles):
+        super().__init__(build, lock)
+        self.started = time.perf_counter()
+        self.units = units
+        self.samples = UnitSamples.read(units)
+        # every sample skipped: no shard (those of an earlier build are removed); the run says so in one line
+        self.layout = build.layout(len(self.samples))
+        self.shards = TarFiles.of(build.folder, SHARD, len(self.layout), build.state.is_main_process)
+        self.planned_from = ("units_xxh3_128", self.samples.xxh3_128)
+
+    def work(self) -> Published:
+        build, samples = self.build, self.samples
+        todo = self.shards.todo(self.shards.drop_stale_shards(build.state, self.planned_from))
+        order = sample_order(len(samples), build.options.seed)
+        bounds = shard_bounds(self.layout)
+        ids = build.plan.ids
+        fds = {i: os.open(self.units.place(i).tar, os.O_RDONLY) for i in range(self.units.count)}
+        try:
+            with self.progress(sum(self.layout[j] for j in todo), "img") as progress:
+
+                def copy(writer: TarWriter, rows: list[int]) -> None:
+                    for row in rows:
+                        block = os.pread(fds[int(samples.unit[row])], int(samples.length[row]),
+                                         int(samples.offset[row]))
+                        label = int(samples.cls[row])
+                        writer.copy(samples.keys[row], ids[label], label, block, samples.images[row])
+                        progress.update(1)
+
+                def shard(j: int) -> TarWriter:
+                    writer = self.writer(self.shards, j, todo[j], assembled_from_units=self.units.count,
+                                         units_xxh3_128=samples.xxh3_128)
+                    return filled(writer, lambda: copy(writer, order[bounds[j][0]:bounds[j][1]].tolist()))
+
+                commit_each((shard(j) for j in todo), self.lock, progress)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return Published(self.shards, self.layout, units=self.units, units_xxh3_128=samples.xxh3_128,
+                         assembly_seconds=time.perf_counter() - self.started)
+
+    def no_space(self, error: OSError, cut: CutShort | None) -> str:
+        # every sample is in a unit: the shards take about as much again
+        per = self.samples.tar_bytes / len(self.samples) if len(self.samples) else None
+        return self.space_left(error, self.shards, dict(enumerate(self.layout)), "images",
+                               cut.samples if cut else 0, cut, "images", per=per)

@@ -1,0 +1,622 @@
+"""The typed records a build keeps under ``OUT/.facegen/``: what each file holds, its schema version, and the one
+way to write and read it.
+
+    run.json                      :class:`RunRecord`     provenance of the finished build (the card reads it)
+    config.json                   :class:`BuildSignature` what makes two builds the same build (resume or refuse)
+    shards/{j:06d}.json           :class:`ShardStats`    a published shard: its tar, checksum, counts, skips
+    units/{i:06d}.json            :class:`UnitStats`     the same for a unit of work (identity-level transforms)
+    shards/index/, units/index/   :class:`SampleIndex`   where each sample lies in its tar
+    report.json                   :class:`QualityReport` what `facegen report` measured
+    curation.json                 :class:`Curation`      what `facegen curate` removed (no schema field: see there)
+    card_files.json               :class:`CardFilesRecord` the versions facegen wrote of its own card files
+
+Every record is a frozen dataclass written as JSON with its ``schema`` (``facegen-run-1``) first. Reading checks the
+schema, that every required field is there with its type, and that nothing else is: a damaged, foreign or
+other-version record is never half-read (``read`` gives None, :func:`load_run` and the stats loaders one clear
+line), so no caller needs ``.get`` chains. A field with a default is one a record may really lack (``None``: not
+applicable, e.g. the units of a per-image build).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, Union
+
+import numpy as np
+
+from facegen.errors import UsageError
+from facegen.fileio import atomic_write
+from facegen.layout import OutputFolder, is_plugin_provenance
+
+R = TypeVar("R", bound="Record")
+
+
+class RecordError(ValueError):
+    """A record that does not match its schema (damaged, written by something else, or by another version)."""
+
+
+def json_default(value: Any):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON (numpy scalars and arrays as plain numbers and lists)."""
+    return json.dumps(value, default=json_default, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, numpy numbers as numbers)."""
+    return json.loads(dumps(value)) if value is not None else None
+
+
+# --- reading a JSON value as a declared type ---
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _typed(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed JSON) checked against the type ``tp``; nested dataclasses are built."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _typed(option, value, where)
+            except RecordError as exc:
+                errors.append(str(exc))
+        raise RecordError(errors[0] if len(errors) == 1 else f"{where}: unexpected {type(value).__name__}")
+    if dataclasses.is_dataclass(tp):
+        return _fields(tp, value, where)
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise RecordError(f"{where}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp) or (Any,)
+        if item in _SCALAR:  # a sample index holds columns of 10,000s: checked without a call per value
+            return _scalars(item, value, where)
+        return value if item is Any else [_typed(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecordError(f"{where}: expected an object, got {type(value).__name__}")
+        _, item = typing.get_args(tp) or (str, Any)
+        if item in _SCALAR:
+            _scalars(item, list(value.values()), where)
+            return value
+        return value if item is Any else {k: _typed(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp in _SCALAR:
+        if _SCALAR[tp](value):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise RecordError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {type(value).__name__}")
+
+
+_SCALAR = {  # JSON scalars by declared type (a bool is not a number here; an int is a float)
+    str: lambda v: type(v) is str,
+    int: lambda v: type(v) is int,
+    float: lambda v: type(v) in (int, float),
+    bool: lambda v: type(v) is bool,
+}
+_SCALAR_TYPES = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
+
+
+def _scalars(tp: type, values: list, where: str) -> list:
+    types = _SCALAR_TYPES[tp]
+    if not all(type(v) in types for v in values):
+        i, bad = next((i, v) for i, v in enumerate(values) if type(v) not in types)
+        raise RecordError(f"{where}[{i}]: expected {tp.__name__}, got {type(bad).__name__}")
+    return values
+
+
+def _fields(cls: type, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise RecordError(f"{where}: unknown field {unknown[0]!r}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            values[f.name] = _typed(hints[f.name], data[f.name], f"{where}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecordError(f"{where}: {f.name} is missing")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A file under ``.facegen/`` with a schema: ``to_dict``/``from_dict``, ``write``/``read``."""
+
+    SCHEMA: ClassVar[str]  # name and version, e.g. "facegen-run-1"; a change of meaning bumps the number
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": self.SCHEMA, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls: type[R], data: Any, where: str | None = None) -> R:
+        where = where or cls.__name__
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: expected an object, got {type(data).__name__}")
+        if data.get("schema") != cls.SCHEMA:
+            raise RecordError(f"{where}: schema {data.get('schema')!r}, expected {cls.SCHEMA!r} (written by another "
+                              "version of facegen, or not by facegen)")
+        return _fields(cls, {k: v for k, v in data.items() if k != "schema"}, where)
+
+    def to_json(self) -> bytes:
+        return dumps(self.to_dict())
+
+    def write(self, path: Path) -> None:
+        atomic_write(path, self.to_json())
+
+    @classmethod
+    def parse(cls: type[R], path: Path) -> R:
+        """The record in ``path``; OSError when it cannot be read, RecordError when it is not this record."""
+        raw = path.read_bytes()
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise RecordError(f"{path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def read(cls: type[R], path: Path) -> R | None:
+        """The record in ``path``, or None when it is missing, damaged or not this record."""
+        try:
+            return cls.parse(path)
+        except (OSError, RecordError):
+            return None
+
+
+# --- run.json ---
+
+
+@dataclass(frozen=True)
+class LicenseRecord:
+    """A plugin's licence (``facegen.api.LicenseInfo``)."""
+
+    id: str
+    name: str = ""
+    link: str = ""
+    text: str = ""
+    commercial_use: bool | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A model a transform used (``facegen.api.ModelInfo``), with what this run loaded."""
+
+    id: str
+    revision: str | None = None
+    role: str = ""
+    license: str = ""
+    license_link: str = ""
+    citation: str = ""
+    note: str = ""
+    source: str = ""
+    commercial_use: bool | None = None
+    loaded: dict[str, Any] = field(default_factory=dict)  # {"hub", "commit"} or {"folder", "sha256"}; {}: none
+
+
+@dataclass(frozen=True)
+class PathOptionRecord:
+    """A plugin option declared as a local path (``facegen.api.Option(path=True)``; ``facegen.api.declared_paths``):
+    the card shows a placeholder or the published provenance file instead of its value, publish allows that file,
+    ``--from-card`` asks for the path again or hands the published file back."""
+
+    placeholder: str = ""  # "": the value's file name
+    optional_on_rebuild: bool = False
+    provenance_file: str | None = None  # provenance/NAME: the published copy of the file the build read
+    sha256: str | None = None  # of the file this build read (the card copies it only while it still matches)
+
+    def __post_init__(self):
+        # where the card writes the copy: read from run.json, so checked rather than trusted
+        if self.provenance_file is not None and not is_plugin_provenance(self.provenance_file):
+            raise RecordError(f"provenance file {self.provenance_file!r} is not provenance/NAME of a plugin")
+
+
+@dataclass(frozen=True)
+class PluginRecord:
+    """A source or transform as the build used it: its card text, licence, options and provenance."""
+
+    name: str
+    description: str = ""
+    card_description: str = ""
+    homepage: str = ""
+    citation: str = ""
+    distribution: str = "?"
+    version: str | None = None
+    license: LicenseRecord | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # the plugin's own facts (its provenance())
+    synthetic: bool | None = None  # the card calls images synthetic only when stated
+    path_options: dict[str, PathOptionRecord] = field(default_factory=dict)  # what cards, publish, --from-card hide
+    dataset_name: str | None = None  # sources only: what the licence table calls the data the source reads
+    models: list[ModelRecord] = field(default_factory=list)  # transforms only
+    copies_source_images: bool | None = None  # transforms only: the faces are the source's own images
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The build's options as given (recipe values included); paths as on this machine."""
+
+    source: str
+    source_path: str | None
+    source_opts: dict[str, Any]
+    plugin: str
+    plugin_opts: dict[str, Any]
+    recipe: str | None
+    limit_identities: int | None
+    identities_file: str | None
+    identities_file_sha256: str | None
+    shard_size: int  # identities per unit of work (the --shard-size flag)
+    shard_samples: int
+    shards_multiple_of: int
+    seed: int
+    format: str
+    strict: bool
+    verify: str
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    identities: int
+    shards: int
+    plan_sha256: str
+
+
+@dataclass(frozen=True)
+class LayoutRecord:
+    mode: str  # "per-image" (the shards are the units of work) or "units"
+    units: int | None  # units of work (None: per-image)
+    identities_per_unit: int | None
+    planned_shard_lengths: list[int]
+    order: str
+    units_xxh3_128: str | None  # the units the shards were assembled from (None: per-image)
+    identities_without_images: list[str]  # the first 100
+
+
+@dataclass(frozen=True)
+class Totals:
+    identities: int
+    images: int
+    skipped: dict[str, int]
+    shards: int
+
+
+@dataclass(frozen=True)
+class RunRecord(Record):
+    """``.facegen/run.json``: everything the card, publish and ``--from-card`` know about a finished build."""
+
+    SCHEMA: ClassVar[str] = "facegen-run-1"
+
+    facegen_version: str
+    git_revision: str | None
+    command: list[str]
+    created: str  # UTC, ISO 8601
+    python: str
+    options: RunOptions
+    plan: PlanRecord
+    layout: LayoutRecord
+    source: PluginRecord
+    transform: PluginRecord
+    features: dict[str, Any]  # datasets.Features.to_dict() of every column
+    image_column: str
+    quality_fields: list[str]
+    totals: Totals
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
+
+
+def load_run(out: str | Path) -> RunRecord:
+    """A finished build's run.json; a missing or damaged one is one line (UsageError)."""
+    path = OutputFolder(out).run_json
+    if not path.is_file():
+        raise UsageError(f"{out} has no .facegen/run.json: not a finished facegen build (run `facegen build` first)")
+    try:
+        return RunRecord.parse(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except RecordError as exc:
+        raise UsageError(f"{exc}; rerun the build to rewrite it") from None
+
+
+# --- config.json ---
+
+
+@dataclass(frozen=True)
+class BuildSignature(Record):
+    """``.facegen/config.json``: what a rerun must match to resume this build (else it is refused)."""
+
+    SCHEMA: ClassVar[str] = "facegen-build-1"
+
+    source: str
+    source_path: str | None
+    source_opts: dict[str, Any]
+    plugin: str
+    plugin_opts: dict[str, Any]
+    plan_sha256: str
+    identities: int
+    shard_size: int
+    shard_samples: int
+    shards_multiple_of: int
+    seed: int
+    format: str
+    verify: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True).encode()
+
+    def differences(self, other: BuildSignature) -> list[str]:
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in mine if mine[k] != theirs[k])
+
+
+# --- shard and unit stats ---
+
+
+@dataclass(frozen=True)
+class WrittenBy:
+    process: int
+    processes: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class QualityTotals:
+    """A quality figure over a file's samples (its mean is sum / count)."""
+
+    sum: float
+    count: int
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class TarStats:
+    """What a tar of the build holds, written last: it exists and agrees with the tar = the tar is complete."""
+
+    identities: int
+    images: int
+    images_per_identity: dict[str, int]
+    skipped: dict[str, int]  # reason -> samples
+    failures: list[dict[str, str]]  # the first few skips: identity, ref, reason, detail (all in the skipped list)
+    quality: dict[str, QualityTotals]
+    verify: str  # the image check the samples passed: full or header
+    converted: dict[str, int]  # re-encode reason -> images
+    image_modes: dict[str, int]
+    image_sizes: dict[str, int]  # "WxH" -> images (the most frequent ones, then "other")
+    seconds: float
+    started_at: float  # time.time() when the file was started: tells this run's files from earlier ones
+    finished_at: float
+    written_by: WrittenBy
+    tar: str  # relative to OUT
+    tar_bytes: int
+    tar_xxh3_128: str
+    sample_bytes: int  # the members' data bytes, no tar headers (the card's num_bytes)
+    redone_because: str | None  # the check an earlier version of this file failed
+
+
+@dataclass(frozen=True)
+class ShardStats(TarStats, Record):
+    """``.facegen/shards/{j:06d}.json``: a published shard."""
+
+    SCHEMA: ClassVar[str] = "facegen-shard-stats-1"
+
+    shard: int = 0
+    listing_xxh3_128: str | None = None  # per-image: the source listing the shard was planned from
+    assembled_from_units: int | None = None  # identity-level: the units its samples were copied from
+    units_xxh3_128: str | None = None
+
+
+@dataclass(frozen=True)
+class UnitStats(TarStats, Record):
+    """``.facegen/units/{i:06d}.json``: a unit of work of an identity-level transform."""
+
+    SCHEMA: ClassVar[str] = "facegen-unit-stats-1"
+
+    unit: int = 0
+
+
+def _load_all(paths: list[Path], kind: type[R]) -> list[R]:
+    records = []
+    for path in paths:
+        try:
+            records.append(kind.parse(path))
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except RecordError as exc:
+            raise UsageError(f"{exc}; delete it and rerun the build") from None
+    return records
+
+
+def load_shard_stats(out: str | Path) -> list[ShardStats]:
+    """Every published shard's stats, in shard order; a damaged one is one line (UsageError)."""
+    return sorted(_load_all(OutputFolder(out).shard_stats_files(), ShardStats), key=lambda s: s.shard)
+
+
+def load_unit_stats(out: str | Path) -> list[UnitStats]:
+    """Every unit of work's stats (none for per-image transforms), in unit order."""
+    return sorted(_load_all(OutputFolder(out).unit_stats_files(), UnitStats), key=lambda s: s.unit)
+
+
+# --- the sample index ---
+
+
+@dataclass(frozen=True)
+class SampleIndex(Record):
+    """``.facegen/{shards,units}/index/{n:06d}.json``: where each sample of a tar lies, in tar order, so that the
+    assembly and readers of the dataset seek to a sample without reading the tar's headers."""
+
+    SCHEMA: ClassVar[str] = "facegen-sample-index-2"
+
+    tar: str  # relative to OUT
+    tar_bytes: int
+    keys: list[str]
+    identities: list[str]
+    cls: list[int]
+    offsets: list[int]  # of the sample's first header
+    lengths: list[int]  # of its members, headers and padding included
+    # units only: each sample's image mode, "WxH" and changes, counted again in the stats of the shards made from it
+    image_modes: list[str] | None = None
+    image_sizes: list[str] | None = None
+    changes: list[list[str]] | None = None
+
+    def __post_init__(self):
+        columns = [self.identities, self.cls, self.offsets, self.lengths]
+        columns += [c for c in (self.image_modes, self.image_sizes, self.changes) if c is not None]
+        if any(len(c) != len(self.keys) for c in columns):
+            raise RecordError(f"sample index of {self.tar}: its columns differ in length")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+# --- the records of the commands around a build: report.json, the curation file, card_files.json ---
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    recognizer: str
+    model: str
+    dedup: float
+    min_similarity: float
+    defaults: dict  # the recogniser's default thresholds
+
+
+@dataclass(frozen=True)
+class QualityReport(Record):
+    """``.facegen/report.json`` (or ``DIR/report.json``), written by `facegen report`. Figures are cosine
+    similarities of the recogniser's unit embeddings; ``summary`` holds {mean, median, min, p05, p95, max, count}
+    per figure, ``identities`` one row per identity (identity, cls, images, embedded, consistency_mean/min,
+    separability, nearest), ``outliers`` {identity, key, source_ref, cosine}, ``near_duplicate_identities``
+    [a, b, cosine]."""
+
+    SCHEMA: ClassVar[str] = "facegen-report-1"
+
+    facegen_version: str
+    created: str  # ISO 8601, UTC
+    settings: ReportSettings
+    fingerprint: str  # of the shards the report describes (facegen.published.shards_fingerprint)
+    embedding: dict  # {reused, seconds, samples_per_second}
+    dataset: dict  # {name, identities, samples, embedded, shards, unreadable}
+    summary: dict
+    image_modes: dict
+    image_sizes: dict
+    skipped: dict  # reason -> samples not embedded
+    skipped_samples: list  # the first LISTED of them: {identity, key, reason}
+    near_duplicate_identities: list
+    outliers: list
+    identities: list
+    plots: list[str]  # relative to the report's folder: report/*.png
+    seconds: float
+    dataset_name: str | None = None  # a report written outside the dataset names it
+    against: dict | None = None  # --against: {dataset, identities, threshold, matches}
+
+    def to_json(self) -> bytes:  # read by people too
+        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Curation:
+    """A curated build's decisions (``.facegen/curation.json``, written by `facegen curate`; published as
+    ``provenance/curation.json``). Only the removals are required (a hand-written file may hold just those, and
+    other fields, which are ignored): ``removed_identities`` rows are {identity, reason, detail}, ``removed_samples``
+    rows {identity, key, source_ref, reason, cosine}; ``identity`` and ``key`` are required in them.
+
+    Not a :class:`Record`: the file has no ``schema`` field, since its published copy must not change; it is read
+    with the same typed checks."""
+
+    parent: str | None = None  # the parent dataset's name
+    parent_fingerprint: str | None = None  # its shards when the decisions were made
+    parent_identities: int | None = None
+    parent_samples: int | None = None
+    recognizer: str | None = None
+    dedup: float | None = None
+    min_similarity: float | None = None
+    min_images: int | None = None
+    report_created: str | None = None
+    counts: dict | None = None  # {near_duplicate, too_few_images, outlier, identities_kept}
+    removed_identities: list[dict] = field(default_factory=list)
+    removed_samples: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name, required in (("removed_identities", "identity"), ("removed_samples", "key")):
+            for i, row in enumerate(getattr(self, name)):
+                if not isinstance(row.get(required), str):
+                    raise RecordError(f"{name}[{i}] has no {required!r} string")
+
+    def to_dict(self) -> dict:
+        """The file's JSON object, in field order, leaving out what is not known (None)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")
+
+    def decisions(self) -> dict:
+        """What a build depends on (not when the report was made)."""
+        return {k: v for k, v in self.to_dict().items() if k != "report_created"}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "curation file") -> Curation:
+        if isinstance(data, dict):
+            known = {f.name for f in dataclasses.fields(cls)}
+            data = {k: v for k, v in data.items() if k in known}
+        return _fields(cls, data, where)
+
+    @classmethod
+    def read(cls, path: Path) -> Curation:
+        """The curation file at ``path``; OSError or RecordError (one line) when it cannot be read."""
+        try:
+            data = json.loads(Path(path).read_bytes())
+        except ValueError as exc:
+            raise RecordError(f"{path} is not valid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+@dataclass(frozen=True)
+class CardFilesRecord(Record):
+    """``.facegen/card_files.json``: the sha256 of every version facegen wrote of its own files in OUT (README.md,
+    LICENSE, preview.jpg, _info.json). facegen replaces or removes such a file only while it is one of these."""
+
+    SCHEMA: ClassVar[str] = "facegen-card-files-1"
+
+    files: dict[str, list[str]] = field(default_factory=dict)  # name -> sha256 of the last versions, newest last
+
+    def wrote(self, name: str, sha256: str) -> bool:
+        return sha256 in self.files.get(name, [])
+
+    def adding(self, name: str, sha256: str) -> CardFilesRecord:
+        """This record with a new version of ``name``; the previous one stays listed (a crash between recording and
+        writing leaves either version recognised)."""
+        return CardFilesRecord({**self.files, name: self.files.get(name, [])[-1:] + [sha256]})
+
+    @classmethod
+    def read(cls, path: Path) -> CardFilesRecord:
+        """The record at ``path``; an empty one (nothing is facegen's) when there is none or it is damaged."""
+        return super().read(path) or cls()

@@ -276,21 +276,21 @@ def embed_command(source, source_path, source_opts, model_dir, detector, det_siz
 
 @main.command("select-identities")
 @click.option("--prototypes", required=True, type=click.Path(), help="prototypes.npz from `facegen embed`.")
-@click.option("--count", required=True, type=int, help="How many identities to keep.")
+@click.option("--count", "keep", required=True, type=int, help="How many identities to keep.")
 @click.option("--block", type=int, default=2048, show_default=True, help="Rows/columns per similarity tile.")
 @click.option("--method", type=click.Choice(["one-pass", "greedy"]), default="one-pass", show_default=True,
               help="one-pass: rank by highest similarity to any other identity, keep the first COUNT (the paper's "
                    "sorted list; drops both members of a near-duplicate pair). greedy: drop the identity most "
                    "similar to another remaining one, one at a time, until COUNT remain (keeps one of each pair).")
 @click.option("--out", required=True, type=click.Path(), help="Output ids.txt (for --identities-file).")
-def select_identities_command(prototypes, count, block, method, out):
+def select_identities_command(prototypes, keep, block, method, out):
     """Keep the COUNT most distinct identities (see --method), for --identities-file."""
     from facegen.builders.quality.identities import load_prototypes, select_identities, write_ids
 
     if block < 1:
         raise UsageError("--block must be at least 1")
     ids, embeddings = load_prototypes(prototypes)
-    selection = select_identities(ids, embeddings, count, method=method, block=block)
+    selection = select_identities(ids, embeddings, keep, method=method, block=block)
     kept = (f"kept: highest cosine similarity to any other identity <= {selection.threshold:.6f}"
             if method == "one-pass" else
             f"kept (greedy: the most similar remaining identity dropped one at a time): highest cosine similarity "

@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 import click
 
 from facegen.errors import CheckFailed, RemoteError, SampleError, UsageError
-from facegen.messages import count
+from facegen.messages import count, skipped_line
 
 # The one mapping of facegen's errors to exit codes: 2 when the user's input, options or environment must change,
 # 1 when a check the command exists to make fails or a remote service fails.
@@ -263,13 +263,10 @@ def embed_command(source, source_path, source_opts, model_dir, detector, det_siz
     if not prototypes.ids:
         raise UsageError(f"no identity of {source_path} has a usable face image; nothing written")
     prototypes.save(out)
-    reasons: dict[str, int] = {}
-    for skip in prototypes.skipped:
-        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
     click.echo(f"{count(len(prototypes.ids), 'prototype')} from {count(int(prototypes.num_images.sum()), 'image')} "
                f"-> {out}")
-    if reasons:
-        click.echo("skipped images: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+    if prototypes.skipped:
+        click.echo(skipped_line([skip.reason for skip in prototypes.skipped]))
     if prototypes.identities_without_images:
         click.echo(f"{count(len(prototypes.identities_without_images), 'identity')} without a usable image left out")
 

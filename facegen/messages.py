@@ -68,6 +68,15 @@ def count(n: int, noun: str) -> str:
     return f"{n} {plural(noun, n)}"
 
 
+def skipped_line(reasons: list[str]) -> str:
+    """One line for skipped images by reason: "skipped 3 images (corrupt image: 2, no face detected: 1)"."""
+    by_reason: dict[str, int] = {}
+    for reason in reasons:
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return (f"skipped {count(len(reasons), 'image')} ("
+            + ", ".join(f"{reason}: {n}" for reason, n in sorted(by_reason.items())) + ")")
+
+
 @contextmanager
 def captured() -> Iterator[list[Message]]:
     """Collect every message said in the block (from any thread) instead of printing it."""

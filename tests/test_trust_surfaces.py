@@ -460,13 +460,16 @@ def test_against_takes_a_plain_identity_folder(template, built, monkeypatch, cap
 
 def test_counts_read_right():
     from facegen.builders.engine.finish import Summary
-    from facegen.messages import count
+    from facegen.messages import count, skipped_line
 
     assert [count(1, "shard"), count(2, "identity"), count(1, "unit of work"), count(3, "unit of work")] == [
         "1 shard", "2 identities", "1 unit of work", "3 units of work"]
     lines = "\n".join(Summary(identities=1, images=1, shards=1, shards_written=1, images_written=1, seconds=1.0,
                               out="x").lines())
     assert "1 image in 1 shard written now" in lines and "shards" not in lines.split("\n", 2)[2]
+    assert skipped_line(["corrupt image"]) == "skipped 1 image (corrupt image: 1)"
+    assert skipped_line(["no face", "corrupt image", "no face"]) == ("skipped 3 images (corrupt image: 1, "
+                                                                      "no face: 2)")
 
 
 # ------------------------------------------------------------------------------------------ provenance bytes

@@ -44,7 +44,7 @@ import numpy as np
 
 from facegen.errors import UsageError
 from facegen.fileio import atomic_write, sorted_safetensors
-from facegen.messages import count
+from facegen.messages import count, skipped_line
 from facegen.records import SourceImage, Skip
 
 SHIFT_KEY = "delta"  # the tensor the arc2face transform reads (its SHIFT_KEY)
@@ -230,10 +230,7 @@ class ShiftEstimate:
         out.append(f"synthetic: {count(self.synthetic_count, 'image')}")
         out += [f"  {k}: {v}" for k, v in self.synthetic_counts.items()]
         if self.skipped:
-            reasons: dict[str, int] = {}
-            for skip in self.skipped:
-                reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-            out.append("skipped images: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+            out.append(skipped_line([skip.reason for skip in self.skipped]))
         out.append(f"|mean real| = {norms['mean_real_norm']:.4f}   |mean synthetic| = "
                    f"{norms['mean_synthetic_norm']:.4f}")
         out.append(f"|delta| = {norms['delta_norm']:.4f} over {self.delta.shape[0]}x{self.delta.shape[1]}; "

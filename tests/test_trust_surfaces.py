@@ -424,6 +424,33 @@ def test_a_refused_curate_changes_nothing_anywhere(built, tmp_path, monkeypatch,
     assert snapshot(new) == curated
 
 
+def test_report_and_curate_on_a_full_disk_are_one_line(built, tmp_path, monkeypatch, capsys):
+    """A folder that cannot take what report or curate writes (ENOSPC here; EROFS and a quota alike): one line,
+    exit 2, and the dataset unchanged."""
+    import errno
+
+    from facegen.builders.quality import report
+
+    monkeypatch.setattr(report, "make_recognizer", lambda *a, **k: SameFace())
+    full = tmp_path / "full"
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):  # every file written under `full` finds the disk full
+        if str(dst).startswith(str(full)):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    before = snapshot(built)
+    code, _, err = run_cli(["report", built, "--out", full / "reports"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"cannot write the report in {full / 'reports'}: No space left on device" in line, line
+    code, _, err = run_cli(["curate", built, "--out", full / "curated", "--max-removed", "0.9"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "cannot write the curation's records in" in line and "No space left" in line, line
+    assert snapshot(built) == before
+
+
 # ------------------------------------------------------------------------------------------ §8 messages
 
 

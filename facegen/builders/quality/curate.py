@@ -178,6 +178,7 @@ def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, det
         summary_lines,
         thresholds,
         write_report,
+        writing_into,
     )
     from facegen.published import hub_dataset
 
@@ -223,10 +224,11 @@ def curate(out, new, recognizer: str = "dlib", model_dir: str | None = None, det
 
     # 3. NEW: the report (NEW/.facegen/parent-report/), the decisions, then the build through the `facegen` source
     def write_records() -> QualityReport:
-        place.check()
-        save_embeddings(place, dataset, model, embeddings)
-        written = write_report(place, dataset, report, analysis, started)
-        atomic_write(OutputFolder(new_path).curation_file, curation.to_json())
+        with writing_into(new_path, "the curation's records"):
+            place.check()
+            save_embeddings(place, dataset, model, embeddings)
+            written = write_report(place, dataset, report, analysis, started)
+            atomic_write(OutputFolder(new_path).curation_file, curation.to_json())
         return written
 
     for line in summary_lines(write_records(), place):

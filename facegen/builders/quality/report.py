@@ -42,13 +42,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import errno
 import io
 import json
 import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -628,6 +629,23 @@ class ReportPlace:
             record_files(self.folder, {REPORT_EMBEDDINGS: sha256_file(self.embeddings)})
 
 
+# what a folder that cannot take the report says while it is written (a read-only mount, a full disk, a quota)
+CANNOT_WRITE = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def writing_into(folder: Path, what: str):
+    """Writing ``what`` into ``folder``: a folder that cannot take it is one line, not a traceback. Each file is
+    written whole or not at all (``facegen.fileio``), so what was there before stays readable."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in CANNOT_WRITE:
+            raise
+        raise UsageError(f"cannot write {what} in {folder}: {exc.strerror or exc}; free some space or choose a "
+                         "writable folder, and rerun") from None
+
+
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
                dedup: float | None = None, min_similarity: float | None = None, against: str | None = None,
                batch_size: int = 64, progress: bool = True, card: bool = True,
@@ -649,7 +667,7 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     dataset = PublishedDataset(out)
     place = ReportPlace.of(dataset.root, report_dir)
     busy = output_lock(dataset.root, command_breaks_locks=False) if place.in_dataset else nullcontext()
-    with busy:  # not while a build (or a card, a publish) works in the dataset's folder
+    with writing_into(place.folder, "the report"), busy:  # not while a build (or a card, a publish) works there
         place.check()
         model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size)
         embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,

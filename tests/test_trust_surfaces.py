@@ -424,6 +424,25 @@ def test_a_refused_curate_changes_nothing_anywhere(built, tmp_path, monkeypatch,
     assert snapshot(new) == curated
 
 
+@pytest.mark.parametrize("content, said", [
+    ("[1, 2]", "expected an object, got list"),
+    ('{"removed": ["0"]}', "holds neither removed_identities nor removed_samples"),
+    ('{"removed_identities": [1]}', "removed_identities[0]: expected an object, got int"),
+    ('{"removed_identities": "0"}', "removed_identities: expected a list, got str"),
+    ('{"removed_samples": [{"identity": "0"}]}', "removed_samples[0] has no 'key' string"),
+    ("\xff\xfe", "is not valid JSON"),
+])
+def test_a_malformed_curation_file_is_one_line(tmp_path, capsys, content, said):
+    parent = write_output_folder(tmp_path / "parent", identities=2, shard_size=2)
+    curation = tmp_path / "curation.json"
+    curation.write_bytes(content.encode("latin-1"))
+    code, _, err = run_cli(["build", "--source", "facegen", "--source-path", parent, "--source-opt",
+                            f"curation={curation}", "--plugin", "passthrough", "--out", tmp_path / "new"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "cannot read curation file" in line and said in line, line
+    assert not (tmp_path / "new" / "data").exists()
+
+
 def test_report_and_curate_on_a_full_disk_are_one_line(built, tmp_path, monkeypatch, capsys):
     """A folder that cannot take what report or curate writes (ENOSPC here; EROFS and a quota alike): one line,
     exit 2, and the dataset unchanged."""

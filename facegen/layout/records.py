@@ -549,9 +549,10 @@ class QualityReport(Record):
 @dataclass(frozen=True)
 class Curation:
     """A curated build's decisions (``.facegen/curation.json``, written by `facegen curate`; published as
-    ``provenance/curation.json``). Only the removals are required (a hand-written file may hold just those, and
-    other fields, which are ignored): ``removed_identities`` rows are {identity, reason, detail}, ``removed_samples``
-    rows {identity, key, source_ref, reason, cosine}; ``identity`` and ``key`` are required in them.
+    ``provenance/curation.json``). Only the removals are required, one of the two lists at least (a hand-written
+    file may hold just those, and other fields, which are ignored): ``removed_identities`` rows are {identity,
+    reason, detail}, ``removed_samples`` rows {identity, key, source_ref, reason, cosine}; ``identity`` and ``key``
+    are required in them.
 
     Not a :class:`Record`: the file has no ``schema`` field, since its published copy must not change; it is read
     with the same typed checks."""
@@ -589,6 +590,8 @@ class Curation:
     @classmethod
     def from_dict(cls, data: Any, where: str = "curation file") -> Curation:
         if isinstance(data, dict):
+            if not {"removed_identities", "removed_samples"} & set(data):  # `removed: [...]` would remove nothing
+                raise RecordError(f"{where} holds neither removed_identities nor removed_samples")
             known = {f.name for f in dataclasses.fields(cls)}
             data = {k: v for k, v in data.items() if k in known}
         return _fields(cls, data, where)

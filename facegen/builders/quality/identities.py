@@ -231,7 +231,7 @@ def embed_source(source: Source, embedder: FaceEmbedder, limit: int | None = Non
 
         def load(path: Path, b: int) -> Piece:
             keys = ids[b * per_batch:(b + 1) * per_batch]
-            return _check_skips(load_arrays(path, signature, b, keys, SPECS, len(keys),
+            return _check_skips(load_arrays(path, signature, b, keys, SPECS,
                                             len(dumps(keys)) + len(keys) * RECORD_BYTES_PER_IDENTITY))
 
         result = run_pass(pieces, signature, count,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -84,11 +85,6 @@ class Ranks:
         count = torch.cuda.device_count()
         return self.local % count if count else None
 
-    def wait(self) -> None:
-        """Every process reaches this point before any goes on."""
-        if self.count > 1:
-            self.state.wait_for_everyone()
-
     def share(self, value):
         """The main process's ``value``, on every process."""
         if self.count == 1:
@@ -142,21 +138,25 @@ def save_arrays(path: Path, signature: dict, batch: int, piece: Piece) -> None:
     atomic_npz(path, {"record": np.frombuffer(record.to_json(), np.uint8), **piece.arrays})
 
 
-def load_arrays(path: Path, signature: dict, batch: int, keys: list[str] | None, specs: dict[str, ArraySpec],
-                rows: int, record_bytes: int) -> Piece:
-    """The embeddings file at ``path`` when it is the one expected; ValueError (one line) saying why not.
+def load_arrays(path: Path, signature: dict, batch: int, keys: list[str], specs: dict[str, ArraySpec],
+                record_bytes: int) -> Piece:
+    """The embeddings file at ``path`` when it is the one expected, with one row per key of ``keys`` (in order);
+    :class:`OtherPass` when it is another pass's, ValueError (one line) when it is damaged.
 
-    ``rows``: how many rows it must have (``keys``, when given, must be its keys, in order); ``record_bytes``: the
-    most its record may take. Sizes come first: the file's own, then each member's declared inflated size
+    ``record_bytes``: the most its record may take. Sizes come first: the file's own (a regular file, no larger
+    than its rows can take), then each member's declared inflated size
     (:func:`facegen.generators.landmarks.load_npz_array`), so nothing larger than the batch can hold is read.
     """
+    rows = len(keys)
     limit = record_bytes + sum(spec.bytes(rows) for spec in specs.values()) + NPY_HEADER
     try:
-        size = path.stat().st_size
+        info = path.stat()
     except OSError as exc:
         raise ValueError(f"cannot read it ({exc.strerror or exc})") from None
-    if size > limit:
-        raise ValueError(f"{size:,} bytes, more than the {limit:,} its {rows} rows can take")
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")
+    if info.st_size > limit:
+        raise ValueError(f"{info.st_size:,} bytes, more than the {limit:,} its {rows} rows can take")
     raw = load_npz_array(path, "record", record_bytes)
     if raw.dtype != np.uint8 or raw.ndim != 1:
         raise ValueError(f"'record' is {raw.dtype} {raw.shape}, expected uint8 bytes")
@@ -168,7 +168,7 @@ def load_arrays(path: Path, signature: dict, batch: int, keys: list[str] | None,
         raise OtherPass("made by another recogniser, from other data or with another batch size")
     if record.batch != batch:
         raise OtherPass(f"it holds batch {record.batch}, not {batch}")
-    if (keys is not None and record.keys != keys) or len(record.keys) != rows:
+    if record.keys != keys:
         raise OtherPass(f"its {len(record.keys)} keys are not the {rows} expected")
     for name, values in record.columns.items():
         if len(values) != rows:
@@ -224,7 +224,7 @@ def run_pass(folder: Path, signature: dict, count: int, compute: Compute, load: 
         if ranks.main:
             pieces[b] = piece
     if not ranks.main:
-        _wait(lambda: not any(folder.glob("*.npz")))  # the main process has joined them
+        wait_for(lambda: not any(folder.glob("*.npz")))  # the main process has joined them
         return None
     waiting = [b for b in range(count) if b not in pieces]
     while waiting:
@@ -245,7 +245,8 @@ def run_pass(folder: Path, signature: dict, count: int, compute: Compute, load: 
     return PassResult([pieces[b] for b in range(count)], kept, count - kept)
 
 
-def _wait(done: Callable[[], bool]) -> None:
+def wait_for(done: Callable[[], object]) -> None:
+    """Wait, on the files (a collective would time out during a long wait), until ``done()``."""
     while not done():
         time.sleep(WAIT_SECONDS)
 

@@ -61,6 +61,7 @@ from facegen.builders.quality.pieces import (
     remove_pieces,
     run_pass,
     save_arrays,
+    wait_for,
 )
 from facegen.errors import UsageError
 from facegen.fileio import atomic_file, sha256_file
@@ -416,7 +417,7 @@ def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[st
         return None
     try:
         piece = _check_columns(load_arrays(path, _cache_signature(identity, fingerprint), -1, keys, _specs(dim),
-                                           len(keys), _record_bytes(keys)))
+                                           _record_bytes(keys)))
     except OtherPass:
         return None
     except ValueError as exc:
@@ -450,7 +451,7 @@ def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_
     def load(piece: Path, b: int) -> Piece:
         batch_keys = [keys[i] for i in order[b * batch_size:(b + 1) * batch_size]]
         return _check_columns(load_arrays(piece, signature, b, batch_keys, _specs(recognizer.dim),
-                                          len(batch_keys), _record_bytes(batch_keys)))
+                                          _record_bytes(batch_keys)))
 
     started = time.perf_counter()
     mine = sum(len(order[b * batch_size:(b + 1) * batch_size]) for b in range(ranks.index, count, ranks.count))
@@ -763,7 +764,7 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
 
     On many processes (``accelerate launch``, ``torchrun``) every process takes part in the embedding pass
     (:func:`dataset_embeddings`); the main process then analyses and writes, and every process returns the
-    report it wrote."""
+    report it wrote (the others wait for it on the file)."""
     from facegen.published import hub_dataset
 
     if hub_dataset(out) is not None:
@@ -781,10 +782,11 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
         raise UsageError(f"--out {place.folder} is a file, not a folder")
     model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size,
                             ranks=ranks)
+    before = _file_identity(place.json)
     embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
                                             path=place.embeddings, ranks=ranks)
-    if not ranks.main:
-        ranks.wait()  # until the main process has written the report
+    if not ranks.main:  # the main process analyses and writes: wait for its report.json (a new file)
+        wait_for(lambda: _file_identity(place.json) not in (None, before))
         return QualityReport.read(place.json)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     settings = ReportSettings(recognizer, model.model, dedup, min_similarity, DEFAULTS[recognizer])
@@ -806,8 +808,16 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
         write_card(dataset.root)
     for line in summary_lines(report, place):
         info(line)
-    ranks.wait()
     return report
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time): a file written again atomically has another."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
 
 
 def summary_lines(report: QualityReport, place: ReportPlace | None = None) -> list[str]:

@@ -49,6 +49,22 @@ def make_dataset(workdir: Path, samples: int) -> Path:
     return out
 
 
+def arcface_models(args) -> Path | None:
+    """The --model-dir of an arcface run (the tiny or the R100-size random weights), written once; None for dlib."""
+    if args.recognizer != "arcface":
+        return None
+    model_dir = args.workdir / ("tiny-models" if args.tiny else "r100-models")
+    if args.tiny:
+        from facegen.testing.arcface import write_tiny_face_models
+
+        write_tiny_face_models(model_dir)
+    elif not (model_dir / "arc2face" / "arcface.onnx").is_file():
+        from facegen.testing.arcface import write_arcface_r100
+
+        write_arcface_r100(model_dir / "arc2face" / "arcface.onnx")
+    return model_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recognizer", choices=["dlib", "arcface"], default="dlib")
@@ -67,17 +83,7 @@ def main() -> None:
 
     print(f"cpu cores visible: {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")
     dataset = PublishedDataset(make_dataset(args.workdir, args.samples))
-    model_dir = None
-    if args.recognizer == "arcface":
-        model_dir = args.workdir / ("tiny-models" if args.tiny else "r100-models")
-        if args.tiny:
-            from facegen.testing.arcface import write_tiny_face_models
-
-            write_tiny_face_models(model_dir)
-        elif not (model_dir / "arc2face" / "arcface.onnx").is_file():
-            from facegen.testing.arcface import write_arcface_r100
-
-            write_arcface_r100(model_dir / "arc2face" / "arcface.onnx")
+    model_dir = arcface_models(args)
     recognizer = make_recognizer(args.recognizer, model_dir=str(model_dir) if model_dir else None,
                                  batch_size=args.batch_size)
     what = {"dlib": "dlib ResNet (real weights)",
@@ -108,6 +114,7 @@ def processes(args, counts: list[int]) -> None:
     import sys
 
     dataset = make_dataset(args.workdir, args.samples)
+    model_dir = arcface_models(args)
     bin_dir = Path(sys.executable).parent
     print(f"cpu cores visible: {os.cpu_count()}, load average before: {os.getloadavg()[0]:.2f}")
     first = None
@@ -118,10 +125,8 @@ def processes(args, counts: list[int]) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         extra = ["--recognizer", args.recognizer, "--batch-size", str(args.batch_size)]
-        if args.recognizer == "arcface":
-            from facegen.testing.arcface import write_tiny_face_models
-
-            extra += ["--model-dir", str(write_tiny_face_models(args.workdir / "tiny-models"))]
+        if model_dir is not None:
+            extra += ["--model-dir", str(model_dir)]
         started = time.perf_counter()
         subprocess.run([str(bin_dir / "torchrun"), "--nproc_per_node", str(n), "--master_port", str(port),
                         "--no-python", str(bin_dir / "facegen"), "report", str(dataset), "--out", str(folder),

@@ -244,19 +244,42 @@ def download_command(source, directory, parts, base_url, accept_license, retries
 @click.option("--realign", is_flag=True,
               help="Detect and align 112x112 crops (DigiFace) again before embedding, as Arc2Face's demo does with "
                    "any input (default: embed them as they are, as Digi2Real does).")
+@click.option("--identities-per-batch", type=int, default=16, show_default=True,
+              help="Identities per recogniser pass; a rerun after an interruption resumes from the last whole batch.")
 @click.option("--out", required=True, type=click.Path(), help="Output prototypes.npz.")
-def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, realign, out):
-    """Identity prototypes (normalised mean unit ArcFace embedding) -> prototypes.npz (ids, embeddings)."""
-    from facegen.builders.quality.identities import FaceEmbedder, embed_source, open_source
-    from facegen.builders.engine.options import parse_pairs
+def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, realign,
+                  identities_per_batch, out):
+    """Identity prototypes (normalised mean unit ArcFace embedding) -> prototypes.npz (ids, embeddings).
 
+    On many processes (`accelerate launch`, `torchrun`) the identities are shared out by batches; the result is the
+    same bytes as on one process."""
+    import os
+
+    from facegen.builders.engine.options import parse_pairs
+    from facegen.builders.quality.identities import FaceEmbedder, embed_source, open_source
+    from facegen.builders.quality.pieces import Ranks, remove_pieces
+    from facegen.generators.arcface import default_providers
+    from facegen.layout import pieces_folder
+
+    if identities_per_batch < 1:
+        raise UsageError("--identities-per-batch must be at least 1")
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out} is a folder; give the prototypes file's name, e.g. {out}/prototypes.npz")
+    ranks = Ranks.current()
     src = open_source(source, source_path, parse_pairs(source_opts, "--source-opt"))
-    embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, realign=realign)
-    prototypes = embed_source(src, embedder, limit=limit_identities)
+    embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, realign=realign,
+                            providers=default_providers(device_id=ranks.gpu() if ranks.count > 1 else None))
+    pieces = pieces_folder(os.path.abspath(out))
+    prototypes = embed_source(src, embedder, limit=limit_identities, identities_per_batch=identities_per_batch,
+                              pieces=pieces, ranks=ranks)
     src.close()
+    if prototypes is None:  # another process: the main one writes
+        return
     if not prototypes.ids:
+        remove_pieces(pieces)
         raise UsageError(f"no identity of {source_path} has a usable face image; nothing written")
     prototypes.save(out)
+    remove_pieces(pieces)
     reasons: dict[str, int] = {}
     for skip in prototypes.skipped:
         reasons[skip.reason] = reasons.get(skip.reason, 0) + 1

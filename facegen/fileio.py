@@ -4,6 +4,8 @@
   temporary beside the target (``.NAME.tmp-PID``, which ``--overwrite`` and a full disk's clean-up know), are
   flushed and fsynced, renamed over the target, and the folder is fsynced so that the rename survives a crash.
   A failure (a full disk, Ctrl-C) removes the temporary and leaves the previous file as it was.
+- :func:`atomic_npz`: an ``.npz`` written atomically whose bytes depend on its arrays alone (``np.savez`` dates
+  each zip entry with the current time, so the same arrays saved twice differ).
 - :func:`sha256_file`, :func:`xxh3_128_file`: streamed in 8 MiB blocks, never the whole file in memory.
 """
 
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import xxhash
 
 BLOCK = 8 << 20
@@ -63,6 +67,19 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
     with atomic_file(path) as f:
         f.write(data)
+
+
+NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold, as reproducible builds use
+
+
+def atomic_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez(path, **arrays)`` (uncompressed, no pickle) atomically, with every entry dated :data:`NPZ_DATE`:
+    the same arrays give the same bytes."""
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_DATE)
+            with archive.open(entry, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 Progress = Callable[[int], object]  # called with the bytes of each block read (e.g. a tqdm bar's update)

@@ -16,7 +16,12 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
         shards/{j:06d}.json, shards/index/{j:06d}.json, skipped/{j:06d}.jsonl       per published shard
         units/{i:06d}.tar, units/{i:06d}.json, units/index/, units/skipped/         identity-level units of work
         skipped.jsonl   every skipped sample           report.json, report_embeddings.npz   the quality report
+        .report_embeddings.npz.pieces/{b:06d}.npz      the report's embedding pass in pieces, one per batch, while
+                                                       it runs (removed once report_embeddings.npz is written)
         curation.json   a curated build's decisions    parent-report/   the report of a Hub dataset being curated
+
+A file made by an embedding pass in pieces (the report's embeddings, `facegen embed`'s ``prototypes.npz``) has its
+pieces in the hidden folder beside it, :func:`pieces_folder` (``.NAME.pieces/``), file :func:`piece_path`.
 
 ``FACEGEN_DIR`` and the names below are the only spellings of these files in the code. What the records hold
 (run.json, config.json, the shard and unit stats, the sample index, report.json, the curation file, card_files.json)
@@ -231,6 +236,18 @@ class OutputFolder:
         records, units = self.records, self.units_dir
         return (self.train_dir, self.shard_stats_dir, self.shard_index_dir, self.shard_skipped_dir, units,
                 units / "index", units / "skipped", records, self.provenance_dir, self.plots_dir, self.root)
+
+
+def pieces_folder(result: str | os.PathLike) -> Path:
+    """Where the pieces of an embedding pass that makes the file ``result`` are kept until it is written: the hidden
+    folder ``.NAME.pieces/`` beside it (inside ``.facegen/`` for a dataset's own report)."""
+    result = Path(result)
+    return result.with_name(f".{result.name}.pieces")
+
+
+def piece_path(folder: str | os.PathLike, batch: int) -> Path:
+    """The piece of batch ``batch`` in a :func:`pieces_folder`."""
+    return Path(folder) / f"{batch:06d}.npz"
 
 
 def shard_path(index: int) -> str:

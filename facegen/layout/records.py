@@ -7,6 +7,7 @@ way to write and read it.
     units/{i:06d}.json            :class:`UnitStats`     the same for a unit of work (identity-level transforms)
     shards/index/, units/index/   :class:`SampleIndex`   where each sample lies in its tar
     report.json                   :class:`QualityReport` what `facegen report` measured
+    report_embeddings.npz, pieces :class:`EmbeddingsRecord` what an embeddings file holds besides its arrays
     curation.json                 :class:`Curation`      what `facegen curate` removed (no schema field: see there)
     card_files.json               :class:`CardFilesRecord` the versions facegen wrote of its own card files
 
@@ -540,6 +541,24 @@ class QualityReport(Record):
 
     def to_json(self) -> bytes:  # read by people too
         return json.dumps(self.to_dict(), indent=1, ensure_ascii=False).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class EmbeddingsRecord(Record):
+    """What an embeddings file holds besides its numeric arrays, stored in it as the member ``record`` (this JSON as
+    a uint8 array: the file stays a plain npz, read without pickle): the report's ``report_embeddings.npz``
+    (``batch`` -1) and each piece of an embedding pass (``.NAME.pieces/{b:06d}.npz``, see
+    :mod:`facegen.builders.quality.pieces`). ``signature`` is what must match for the file to be reused (the
+    recogniser, the dataset's shards or the source, and for a piece the batch size); ``keys`` names the rows (the
+    report's samples, `facegen embed`'s identities); ``columns`` holds the per-row values that are not numbers,
+    one list per name with one value per key (the report: reasons, modes, sizes; embed: skips)."""
+
+    SCHEMA: ClassVar[str] = "facegen-embeddings-1"
+
+    signature: dict
+    batch: int
+    keys: list[str]
+    columns: dict[str, list]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from conftest import build, run_cli, run_facegen
+from conftest import build, facegen, run_cli
 from facegen.builders.plan import sample_order, shard_lengths
 from facegen.errors import UsageError
 from facegen.testing.folder import write_folder_source
@@ -249,16 +249,14 @@ def test_sfhq_recipe_output_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_sfhq_truncation_recipe_output_trains(tmp_path):
+def test_sfhq_truncation_recipe_output_trains(tmp_path, stylegan_checkpoints):
     """e4e (identity-level): units of work, then the published shards assembled from them; a damaged unit is
     redone and the shards stay byte-identical."""
-    from facegen.testing.stylegan import write_checkpoints
-
-    e4e_path, _ = write_checkpoints(tmp_path / "ckpt", size=32)
+    e4e_path, _ = stylegan_checkpoints
     out = tmp_path / "out"
     args = ["build", "--recipe", "sfhq-truncation", "--source-opt", "count=12", "--plugin-opt",
             f"checkpoint={e4e_path}", "--shard-size", 5, "--shards-multiple-of", 4, "--out", out]
-    proc = run_facegen(*args)
+    proc = facegen(*args)
     assert proc.returncode == 0, proc.stderr
     assert "units of work 3 (3 written now); assembling the shards took" in proc.stdout
     assert sorted(p.name for p in (out / ".facegen" / "units").glob("*.tar")) == [
@@ -269,18 +267,17 @@ def test_sfhq_truncation_recipe_output_trains(tmp_path):
     reference = [p.read_bytes() for p in shard_paths(out)]
     unit = out / ".facegen" / "units" / "000001.tar"
     subprocess.run(["truncate", "-s", "2048", str(unit)], check=True)
-    proc = run_facegen(*args)
+    proc = facegen(*args)
     assert proc.returncode == 0 and "1 unit failed its check" in proc.stdout
     assert [p.read_bytes() for p in shard_paths(out)] == reference
 
 
 @pytest.mark.slow
-def test_digi2real_recipe_output_trains(tmp_path):
+def test_digi2real_recipe_output_trains(tmp_path, tiny_arc2face):
     """Arc2Face (identity-level, tiny random-weight models) through the digi2real recipe."""
-    from facegen.testing.arc2face import write_tiny_arc2face
     from facegen.testing.digiface import write_digiface_part
 
-    tiny = write_tiny_arc2face(tmp_path / "tiny")
+    tiny = tiny_arc2face
     src = tmp_path / "digiface"
     write_digiface_part(src, ids=range(4), images_per_identity=5, name="subjects_0-1999_72_imgs")
     ids = tmp_path / "ids.txt"
@@ -291,7 +288,7 @@ def test_digi2real_recipe_output_trains(tmp_path):
     for opt in (f"model_dir={tiny}", "shift=none", "steps=2", "latents=1", "images_per_latent=2",
                 "batch_size=2"):
         args += ["--plugin-opt", opt]
-    proc = run_facegen(*args, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    proc = facegen(*args, env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     check_training_readers(out, "png")
 

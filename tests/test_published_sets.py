@@ -18,10 +18,10 @@ import pytest
 from huggingface_hub import DatasetCard
 from PIL import Image
 
-from conftest import cli
+from conftest import cli, facegen
 from facegen.api import UsageError
 from facegen.builders.engine.options import load_recipe, recipe_names
-from facegen.plugins.published_sets import PUBLISHED_SETS
+from facegen.plugins.published_sets import CC_BY_NC_SA, PUBLISHED_SETS
 from facegen.testing.folder import draw_face, encode
 from facegen.testing.vec2face import write_vec2face_lmdb
 
@@ -46,6 +46,47 @@ def test_every_preset_names_a_set_its_source_reads():
     licences = {key: row.license.name or "not declared" for key, row in PUBLISHED_SETS.items()}
     assert licences == {"dcface": "not declared", "hsface10k": "MIT", "hsface20k": "MIT", "synface": "not declared",
                         "sface": "CC BY-NC-SA 4.0", "idiff-face": "CC BY-NC-SA 4.0"}
+
+
+LICENCE_ROWS = {  # preset -> (card metadata, its licence summary, its row in the Licence table)
+    "dcface": ("license_name: undeclared", "The licence of DCFace is not declared",
+               "| source dataset | `DCFace` | [not declared](https://github.com/mk-minchul/dcface) |"),
+    "hsface10k": ("license_name: mit", "HSFace10K: MIT.",
+                  "| source dataset | `HSFace10K` | [MIT](https://github.com/HaiyuWu/Vec2Face/blob/main/LICENSE) |"),
+    "hsface20k": ("license_name: mit", "HSFace20K: MIT.",
+                  "| source dataset | `HSFace20K` | [MIT](https://github.com/HaiyuWu/Vec2Face/blob/main/LICENSE) |"),
+    "synface": ("license_name: undeclared", "The licence of SynFace is not declared",
+                "| source dataset | `SynFace` | [not declared](https://github.com/haibo-qiu/SynFace) |"),
+    "sface": ("license: cc-by-nc-sa-4.0", "SFace: CC BY-NC-SA 4.0.",
+              f"| source dataset | `SFace` | [CC BY-NC-SA 4.0]({CC_BY_NC_SA}) |"),
+    "idiff-face": ("license: cc-by-nc-sa-4.0", "IDiff-Face: CC BY-NC-SA 4.0.",
+                   f"| source dataset | `IDiff-Face` | [CC BY-NC-SA 4.0]({CC_BY_NC_SA}) |"),
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """One tiny input per published layout: an image folder with SynFace's file names, an LMDB, a DCFace rec."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "folder" / "00001").mkdir(parents=True)
+    for n in range(2):
+        (root / "folder" / "00001" / f"00{n + 1}_00001x0.700_(00042)x0.300.jpg").write_bytes(
+            encode(draw_face(0, n, size=16), "jpg"))
+    lmdb = write_vec2face_lmdb(root / "set.lmdb", identities=1, images_per_identity=2)
+    return {"folder": root / "folder", "lmdb": lmdb, "rec": FIXTURES / "dcface"}
+
+
+@pytest.mark.parametrize("preset", sorted(LICENCE_ROWS))
+def test_each_preset_s_card_names_its_licence_and_is_gated(preset, inputs, tmp_path):
+    out = tmp_path / "out"
+    facegen("build", "--recipe", preset, "--source-path", inputs[PUBLISHED_SETS[preset].reader], "--out", out,
+            check=True)
+    card = (out / "README.md").read_text()
+    metadata, summary, row = LICENCE_ROWS[preset]
+    assert f"\n{metadata}\n" in card.split("\n---\n")[0] and "extra_gated_fields" in card
+    licence_line = next(line for line in card.splitlines() if line.startswith("**Licence: "))
+    assert summary in licence_line and "Access is gated" in licence_line
+    assert row in card
 
 
 def test_a_set_is_read_only_by_its_own_source(tmp_path):

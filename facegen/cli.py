@@ -25,6 +25,7 @@ AFTER_A_STOP = {
     "curate": "complete shards are kept; rerun the same command to resume",
     "demo": "complete shards are kept; rerun the same command to resume",
     "download": "what arrived is kept in a partial file; rerun the same command to resume",
+    "export": "what was exported is kept; rerun the same command to resume",
     "publish": "rerun the same command to resume the upload (files already committed are skipped)",
 }
 
@@ -421,6 +422,28 @@ def card_command(out, repo_id, gating):
                + (f" ({files.card_data.license_name})" if files.card_data.license == "other" else "")
                + f" — {files.chain.summary}")
 
+# --- export (issue 20) ---
+
+
+@main.command("export")
+@click.argument("out", metavar="OUT", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(["rec", "imagefolder"]),
+              help="rec: train.rec + train.idx + property, insightface's layout (arcface_torch's MXFaceDataset); "
+                   "imagefolder: DIR/{identity}/{n}.{ext} (torchvision's ImageFolder).")
+@click.option("--to", "directory", required=True, type=click.Path(file_okay=False),
+              help="Folder to export into (new or empty; rerun the same command to resume).")
+@click.option("--shuffle", is_flag=True,
+              help="rec: the header-less flavour in a shuffled order, as DALI's mxnet reader wants it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --shuffle's order.")
+def export_command(out, fmt, directory, shuffle, seed):
+    """Export the facegen dataset OUT (a folder, ORG/NAME or hf://datasets/ORG/NAME) for face-recognition trainers;
+    image bytes are copied, never re-encoded, and the dataset's card and LICENSE go beside them."""
+    from facegen.builders.export import export
+
+    summary = export(out, directory, fmt, shuffle=shuffle, seed=seed)
+    for line in summary.lines():
+        click.echo(line)
+
 # --- quality report and curation (issue 13) ---
 
 
@@ -446,7 +469,9 @@ def _recognizer_options(command):
 @click.argument("out", metavar="OUT", type=click.Path())
 @_recognizer_options
 @click.option("--against", metavar="PATH_OR_REPO",
-              help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its.")
+              help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its; "
+                   "or a verification .bin (lfw.bin): list identities of OUT whose prototype matches one of its "
+                   "images (cosine >= --min-similarity).")
 @click.option("--out", "report_dir", type=click.Path(), metavar="DIR",
               help="Write report.json, report_embeddings.npz and report/*.png into DIR (required when OUT is a "
                    "Hub id; a local OUT's card is then left unchanged).")

@@ -46,26 +46,37 @@ def fsync_folder(folder: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """``with atomic_file(path) as f: f.write(...)``: the file gets its name only when the block ends normally."""
+def atomic_file(path: str | os.PathLike, durable: bool = True) -> Iterator[BinaryIO]:
+    """``with atomic_file(path) as f: f.write(...)``: the file gets its name only when the block ends normally.
+
+    ``durable=False`` skips the fsyncs: the file still appears whole or not at all to any process, and a killed
+    process never leaves a partial file under the name, but a power loss may (for many small files, such as an
+    image-folder export, whose writer makes everything durable once at the end with :func:`sync_all`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)
+    if durable:
+        fsync_folder(path.parent)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+def sync_all() -> None:
+    """Make every write so far durable (after many :func:`atomic_file` writes with ``durable=False``)."""
+    os.sync()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path) as f:
+    with atomic_file(path, durable) as f:
         f.write(data)
 
 

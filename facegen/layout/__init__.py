@@ -23,6 +23,11 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
 A file made by an embedding pass in pieces (the report's embeddings, `facegen embed`'s ``prototypes.npz``) has its
 pieces in the hidden folder beside it, :func:`pieces_folder` (``.NAME.pieces/``), file :func:`piece_path`.
 
+An export's folder (`facegen export OUT --to DIR`) is laid out by :class:`ExportFolder`: ``DIR/train.rec``,
+``train.idx``, ``property`` (``--format rec``) or ``DIR/{identity}/{n}.{ext}`` (``--format imagefolder``), the source
+dataset's README.md and LICENSE, and the export's own record and partial files as hidden *files* in DIR itself
+(never a folder: torchvision's ``ImageFolder`` takes every sub-folder, hidden ones included, for a class).
+
 ``FACEGEN_DIR`` and the names below are the only spellings of these files in the code. What the records hold
 (run.json, config.json, the shard and unit stats, the sample index, report.json, the curation file, card_files.json)
 is typed in :mod:`facegen.layout.records`.
@@ -248,6 +253,45 @@ def pieces_folder(result: str | os.PathLike) -> Path:
 def piece_path(folder: str | os.PathLike, batch: int) -> Path:
     """The piece of batch ``batch`` in a :func:`pieces_folder`."""
     return Path(folder) / f"{batch:06d}.npz"
+
+
+# an export's folder (`facegen export`)
+REC_FILE = "train.rec"
+IDX_FILE = "train.idx"
+PROPERTY_FILE = "property"  # insightface's "classes,height,width"
+EXPORT_RECORD = ".facegen-export.json"
+
+
+@dataclass(frozen=True)
+class ExportFolder:
+    """The paths of one export's folder (``facegen export … --to DIR``)."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def record(self) -> Path:
+        """The export's record (:class:`facegen.layout.records.ExportRecord`): what is exported, how far it got."""
+        return self.root / EXPORT_RECORD
+
+    def file(self, name: str) -> Path:
+        """A final file of the export: ``train.rec``, ``train.idx``, ``property``, ``README.md``, ``LICENSE``."""
+        return self.root / name
+
+    def partial(self, name: str) -> Path:
+        """Where ``train.rec``/``train.idx`` are written until they are complete: ``.train.rec.partial``."""
+        return self.root / f".{name}.partial"
+
+    def own_names(self) -> tuple[str, ...]:
+        """The names of DIR's entries that an export itself writes besides the images' folders."""
+        return (EXPORT_RECORD, REC_FILE, IDX_FILE, PROPERTY_FILE, README, LICENSE,
+                f".{REC_FILE}.partial", f".{IDX_FILE}.partial")
+
+    def identity_folder(self, name: str) -> Path:
+        """An identity's folder of an image-folder export (``name`` is already a safe single path part)."""
+        return self.root / name
 
 
 def shard_path(index: int) -> str:

@@ -11,7 +11,9 @@ Steps (each a function below):
    cosine to another identity's prototype. Near-duplicate identities: prototype cosine >= ``dedup``. Outliers:
    samples whose consistency is < ``min_similarity``. Image modes and sizes are counted from the decoded images.
 4. ``--against``: the prototypes of another facegen dataset; identities of this one whose prototype reaches
-   ``dedup`` with any of them are listed (identity leakage, e.g. evaluation identities in a training set).
+   ``dedup`` with any of them are listed (identity leakage, e.g. evaluation identities in a training set). An
+   insightface verification file (``lfw.bin``) is compared image by image instead
+   (:mod:`facegen.builders.quality.leakage`).
 5. Write ``.facegen/report.json``, the plots ``report/*.png`` and re-render the card (its Quality section).
 
 Where the report goes: into the dataset's folder (above) for a local dataset; for a Hub dataset (``ORG/NAME`` or
@@ -791,8 +793,14 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     settings = ReportSettings(recognizer, model.model, dedup, min_similarity, DEFAULTS[recognizer])
     found, analysis = analyse(dataset, embeddings, dedup, min_similarity)
-    matches = against_matches(analysis, PublishedDataset(against, progress=progress), model, dedup, batch_size,
-                              progress) if against else None
+    matches = None
+    if against:
+        from facegen.builders.quality.leakage import benchmark_leakage, is_verification_file
+
+        matches = (benchmark_leakage(analysis.ids, analysis.prototypes, against, model, min_similarity, batch_size,
+                                     progress) if is_verification_file(against) else
+                   against_matches(analysis, PublishedDataset(against, progress=progress), model, dedup, batch_size,
+                                   progress))
     plots = write_plots(place.folder, dataset, analysis, found["identities"], settings)
     report = QualityReport(
         facegen_version=facegen.__version__, created=created, settings=settings, fingerprint=dataset.fingerprint(),
@@ -838,7 +846,9 @@ def summary_lines(report: QualityReport, place: ReportPlace | None = None) -> li
     if report.skipped:
         lines.append("  not embedded: " + ", ".join(f"{n} {r}" for r, n in report.skipped.items()))
     if report.against is not None:
-        lines.append(f"  identities matching {report.against['dataset']}: {len(report.against['matches'])}")
+        what = "an image of" if report.against.get("kind") == "verification images" else ""
+        lines.append(f"  identities matching {what + ' ' if what else ''}{report.against['dataset']} (cosine >= "
+                     f"{report.against['threshold']}): {len(report.against['matches'])}")
     if place is None or place.in_dataset:
         lines.append(f"  -> {FACEGEN_DIR}/{REPORT_JSON}, " + ", ".join(report.plots))
     else:

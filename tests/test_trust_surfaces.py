@@ -394,13 +394,16 @@ def test_report_writes_only_its_own_files(built, tmp_path, capsys):
 class SameFace:
     """A recogniser that sees the same face in every image (cartoon faces through a real-face threshold)."""
 
-    name, model = "dlib", "same face"
+    name, model, dim = "dlib", "same face", 8
 
     def identity(self):
         return {"name": self.name, "model": self.model}
 
-    def embed(self, images):
-        return [np.ones(8, np.float32) / np.sqrt(8) for _ in images]
+    def crop(self, image_rgb):
+        return image_rgb
+
+    def embed_crops(self, crops):
+        return np.ones((len(crops), self.dim), np.float32) / np.sqrt(self.dim)
 
 
 def test_a_refused_curate_changes_nothing_anywhere(built, tmp_path, monkeypatch, capsys):
@@ -486,10 +489,11 @@ def test_against_takes_a_plain_identity_folder(template, built, monkeypatch, cap
     from facegen.builders.quality import report
 
     class Pixels(SameFace):
-        model = "pixels"
+        model, dim = "pixels", 6 * 6 * 3  # every eighth pixel of a 48x48 image
 
-        def embed(self, images):  # the same image gives the same vector: an identity matches its own images
-            return [(v := np.asarray(i, np.float32)[::8, ::8].ravel() - 128) / np.linalg.norm(v) for i in images]
+        def embed_crops(self, crops):  # the same image gives the same vector: an identity matches its own images
+            vectors = np.stack([np.asarray(c, np.float32)[::8, ::8].ravel() - 128 for c in crops])
+            return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
     monkeypatch.setattr(report, "make_recognizer", lambda *a, **k: Pixels())
     evaluation = template / "evaluation"

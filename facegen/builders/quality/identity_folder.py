@@ -3,7 +3,8 @@
 FOLDER is not a facegen dataset (an evaluation set's identities, say, to find them in a training set).
 
 Only what the report's embedding pass and analysis read is provided: ``samples`` (identity order, then image
-order), ``identities``, ``by_identity``, ``image(sample)``, ``name``, ``root``, ``repo_id`` (None) and
+order), ``identities``, ``by_identity``, ``image(sample)``, ``members(sample)`` and ``read(sample, column,
+length)`` (the image's size and first bytes, checked before decoding), ``name``, ``root``, ``repo_id`` (None) and
 ``fingerprint()``. Images are read through the `folder` source on request; an unreadable one is an OSError, which
 the report counts as a sample it could not embed.
 """
@@ -35,6 +36,7 @@ class IdentityFolder:
 
     repo_id = None
     skipped: dict = {}
+    image_column = "image"
 
     def __init__(self, path: str | Path):
         self.root = Path(path).resolve()
@@ -60,6 +62,17 @@ class IdentityFolder:
         if isinstance(item, Skip):
             raise OSError(f"{item.ref}: {item.reason}")
         return item.data
+
+    def members(self, sample: FolderSample) -> dict[str, tuple[int, int]]:
+        """The sample's one member, its image file, as (offset, size)."""
+        return {self.image_column: (0, (self.root / self._refs[sample.position]).stat().st_size)}
+
+    def read(self, sample: FolderSample, field_name: str, length: int | None = None) -> bytes:
+        """The image's bytes (the first ``length`` of them: its header, read from the file alone)."""
+        if length is None:
+            return self.image(sample)
+        with open(self.root / self._refs[sample.position], "rb") as f:
+            return f.read(length)
 
     def fingerprint(self) -> str:
         return hashlib.sha256("\n".join(self._refs).encode()).hexdigest()

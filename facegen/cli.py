@@ -150,7 +150,8 @@ def plugins_command():
 @click.option("--shard-samples", type=int,
               help="Target samples per published shard (default 10000; recipes set their own).")
 @click.option("--shards-multiple-of", type=int,
-              help="Round the shard count up to a multiple of this, e.g. ranks x DataLoader workers (default 1).")
+              help="Round the shard count up to a multiple of this, e.g. ranks x DataLoader workers (default: a "
+                   "multiple of 32 from 16,000 samples on, else an even count of shards of at least 500 samples).")
 @click.option("--seed", type=int, help="Run seed; per-identity seeds derive from it (default 0).")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), help="Image encoding of the output.")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad sample instead of skipping it.")

@@ -114,6 +114,27 @@ class HubStandIn:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
+    def serve_this_process(self, monkeypatch, home, token: str | None = None) -> None:
+        """Point this process's huggingface_hub at the stand-in for one test, as ``HF_ENDPOINT`` and ``HF_HOME``
+        would a new process (both are read at import): its endpoint and download URLs, an empty cache and no
+        saved login under ``home``, ``token`` as ``HF_TOKEN``, no telemetry or progress bars."""
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "ENDPOINT", self.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            self.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HOME", str(home))
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_PROGRESS_BARS", True)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        else:
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+
     # ---- views for tests -------------------------------------------------------------------------------
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:

@@ -18,7 +18,7 @@ from facegen.generators.alignment import (
     umeyama,
     warp_face,
 )
-from facegen.testing.arcface import STANDIN_FACE_FRACTION, write_tiny_face_models
+from facegen.testing.arcface import STANDIN_FACE_FRACTION
 from facegen.testing.folder import draw_face
 
 
@@ -97,8 +97,8 @@ def test_template_landmarks_land_on_the_template():
 
 
 @pytest.fixture(scope="module")
-def face_models(tmp_path_factory):
-    return write_tiny_face_models(tmp_path_factory.mktemp("models"))
+def face_models(tiny_face_models):
+    return tiny_face_models
 
 
 def test_resolve_scrfd_layouts_and_missing(tmp_path, face_models):

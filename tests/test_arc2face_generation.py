@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from facegen.generators import arc2face as a2f
-from facegen.testing.arc2face import tiny_vocab, write_tiny_arc2face
+from facegen.testing.arc2face import tiny_vocab
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_arc2face(tmp_path_factory.mktemp("tiny_arc2face"))
+def tiny_dir(tiny_arc2face):
+    return tiny_arc2face
 
 
 @pytest.fixture(scope="module")

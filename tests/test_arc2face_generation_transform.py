@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import run_facegen
+from conftest import facegen
 from facegen.errors import UsageError
 from facegen.generators import arc2face as a2f
 from facegen.plugins.arc2face import Arc2FaceTransform
 from facegen.plugins.folder import FolderSource
 from facegen.records import Identity, SourceImage
-from facegen.testing.arc2face import write_tiny_arc2face
 from facegen.testing.folder import write_folder_source
 
 FAST = {"steps": "3", "latents": "2", "images_per_latent": "2"}
@@ -29,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_arc2face(tmp_path_factory.mktemp("tiny_arc2face"))
+def tiny_dir(tiny_arc2face):
+    return tiny_arc2face
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +260,7 @@ def test_missing_weights_and_bad_options_are_one_line_usage_errors(tmp_path, tin
 
 
 @pytest.mark.slow
-def test_build_end_to_end_loads_with_datasets(tiny_dir, tmp_path):
+def test_build_end_to_end_loads_with_datasets(tiny_dir, tmp_path, monkeypatch):
     src = write_folder_source(tmp_path / "src", identities=5, images_per_identity=3)
     out = tmp_path / "out"
     opts = [f"model_dir={tiny_dir}", "steps=3", "latents=2", "images_per_latent=3", "batch_size=2"]
@@ -269,7 +268,7 @@ def test_build_end_to_end_loads_with_datasets(tiny_dir, tmp_path):
             "--shard-size", 3]
     for opt in opts:
         args += ["--plugin-opt", opt]
-    run_facegen(*args, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, check=True)
+    facegen(*args, env={"HF_HUB_OFFLINE": "1"}, check=True)
 
     ds = datasets.load_dataset(str(out), split="train")
     assert ds.num_rows == 5 * 2 * 3
@@ -290,8 +289,11 @@ def test_build_end_to_end_loads_with_datasets(tiny_dir, tmp_path):
     assert "FoivosPar/Arc2Face" in card and "stable-diffusion-v1-5" in card
 
     # offline with neither a model_dir nor a Hub cache: one line, exit 2
-    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "arc2face", "--out",
-                       tmp_path / "out2", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # an empty cache
+    proc = facegen("build", "--source", "folder", "--source-path", src, "--plugin", "arc2face", "--out",
+                   tmp_path / "out2", env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "hf download" in lines[0] and "Traceback" not in proc.stderr

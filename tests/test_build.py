@@ -8,7 +8,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from conftest import build, run_facegen
+from conftest import build, facegen
 from facegen.testing.folder import write_folder_source
 
 
@@ -119,16 +119,16 @@ def test_rerun_resumes_and_other_command_is_refused(tmp_path, folder_source):
     out = tmp_path / "out"
     args = ["build", "--source", "folder", "--source-path", folder_source, "--plugin", "passthrough", "--out", out,
             "--shard-samples", "12", "--shard-size", "5"]
-    assert run_facegen(*args).returncode == 0
+    assert facegen(*args).returncode == 0
     before = {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train").iterdir()}
-    again = run_facegen(*args)
+    again = facegen(*args)
     assert again.returncode == 0 and "0 written now, 3 already complete" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data" / "train").iterdir()} == before
 
-    other = run_facegen(*args[:-1], "4")
+    other = facegen(*args[:-1], "4")
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert "different build" in other.stderr and "shard_size" in other.stderr
-    replaced = run_facegen(*args[:-1], "4", "--overwrite")
+    replaced = facegen(*args[:-1], "4", "--overwrite")
     assert replaced.returncode == 0
     assert len(list((out / "data" / "train").glob("*.tar"))) == 3  # 36 samples, 12 per shard
     assert datasets.load_dataset(str(out), split="train").num_rows == 36
@@ -155,7 +155,7 @@ def test_user_mistakes_are_one_line_exit_2(tmp_path, folder_source, args, messag
     for flag in ("--source-opt", "--plugin-opt"):
         if flag in given:
             argv += [flag, given[flag]]
-    proc = run_facegen("build", *argv)
+    proc = facegen("build", *argv)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr
@@ -163,12 +163,12 @@ def test_user_mistakes_are_one_line_exit_2(tmp_path, folder_source, args, messag
 
 def test_empty_source_and_missing_options(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_facegen("build", "--source", "folder", "--source-path", tmp_path / "empty", "--plugin",
-                       "passthrough", "--out", tmp_path / "o")
+    proc = facegen("build", "--source", "folder", "--source-path", tmp_path / "empty", "--plugin",
+                   "passthrough", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "plan is empty" in proc.stderr and proc.stderr.count("\n") == 1
-    proc = run_facegen("build", "--source", "folder")
+    proc = facegen("build", "--source", "folder")
     assert proc.returncode == 2 and "missing --plugin, --out" in proc.stderr
-    proc = run_facegen("build", "--source", "folder", "--plugin", "passthrough", "--out", tmp_path / "o")
+    proc = facegen("build", "--source", "folder", "--plugin", "passthrough", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "missing --source-path" in proc.stderr
 
 
@@ -177,8 +177,8 @@ def test_strict_stops_at_a_corrupt_image_and_keeps_complete_shards(tmp_path):
     victim = src / "4" / "1.png"
     victim.write_bytes(victim.read_bytes()[:100])
     out = tmp_path / "out"
-    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-                       "--shard-samples", "2", "--strict")
+    proc = facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+                   "--shard-samples", "2", "--strict")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "4/1.png" in proc.stderr and "corrupt image" in proc.stderr
     # the shards before the bad one are complete and intact, the bad one is not there; nothing hidden is left
@@ -188,8 +188,8 @@ def test_strict_stops_at_a_corrupt_image_and_keeps_complete_shards(tmp_path):
         assert all(n.split("_")[0] != "000004" or not n.startswith("000004_001")
                    for n, _ in tar_members(out / "data" / "train" / name))
     # without --strict the same folder is a different command only in strictness: it resumes and skips
-    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-                       "--shard-samples", "2")
+    proc = facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+                   "--shard-samples", "2")
     assert proc.returncode == 0 and "corrupt image: 1" in proc.stdout
     assert f"{len(names)} already complete" in proc.stdout
     assert datasets.load_dataset(str(out), split="train").num_rows == 11
@@ -199,7 +199,7 @@ def test_unreadable_file_is_skipped_and_counted(tmp_path):
     src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
     (src / "1" / "7.png").mkdir()  # listed like an image, but reading it fails (runs as root too, unlike chmod 0)
     out = tmp_path / "out"
-    proc = run_facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out)
+    proc = facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "skipped 1 (unreadable file: 1)" in proc.stdout
     stats = json.loads((out / ".facegen" / "shards" / "000000.json").read_text())  # 7 samples: one shard
@@ -249,13 +249,13 @@ def test_out_folder_of_the_user_is_protected(tmp_path, folder_source):
     (project / "README.md").write_text("# my project\n")
     (project / "LICENSE").write_text("MIT, my own\n")
     (project / "data" / "labels.csv").write_text("a,b\n")
-    proc = run_facegen(*args, "--out", project)
+    proc = facegen(*args, "--out", project)
     assert proc.returncode == 2 and "is not empty" in proc.stderr and proc.stderr.count("\n") == 1
     assert (project / "README.md").read_text() == "# my project\n"
     assert "README.md, LICENSE are yours" in proc.stderr
     # a README.md or LICENSE that is not facegen's is never written over, even with --overwrite: the card needs
     # those names
-    proc = run_facegen(*args, "--out", project, "--overwrite")
+    proc = facegen(*args, "--out", project, "--overwrite")
     assert proc.returncode == 2 and "README.md, LICENSE are not facegen's" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert (project / "LICENSE").read_text() == "MIT, my own\n"
@@ -263,21 +263,21 @@ def test_out_folder_of_the_user_is_protected(tmp_path, folder_source):
     (project / "LICENSE").unlink()
     (project / "README.md").unlink()
     # --overwrite writes the build beside the user's files and removes only what facegen writes
-    assert run_facegen(*args, "--out", project, "--overwrite").returncode == 0
-    assert run_facegen(*args, "--out", project, "--overwrite", "--seed", "3").returncode == 0
+    assert facegen(*args, "--out", project, "--overwrite").returncode == 0
+    assert facegen(*args, "--out", project, "--overwrite", "--seed", "3").returncode == 0
     assert (project / "data" / "labels.csv").read_text() == "a,b\n"
     assert "written by facegen" in (project / "LICENSE").read_text()
 
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     for out, message in ((a_file, "is a file"), ("/proc/facegen-out", "cannot create --out")):
-        proc = run_facegen(*args, "--out", out)
+        proc = facegen(*args, "--out", out)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
     out = tmp_path / "out"
-    assert run_facegen(*args, "--out", out).returncode == 0
+    assert facegen(*args, "--out", out).returncode == 0
     (out / ".facegen" / "config.json").write_text("{bad")
-    proc = run_facegen(*args, "--out", out)
+    proc = facegen(*args, "--out", out)
     assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -293,12 +293,12 @@ def test_recipe_values_are_typed_like_the_cli(tmp_path, folder_source):
     assert json.loads((out / ".facegen" / "run.json").read_text())["options"]["shard_size"] == 5
     bad = tmp_path / "bad.yaml"
     bad.write_text("source: folder\nplugin: passthrough\nshard_size: ten\n")
-    proc = run_facegen("build", "--recipe", bad, "--source-path", folder_source, "--out", tmp_path / "o2")
+    proc = facegen("build", "--recipe", bad, "--source-path", folder_source, "--out", tmp_path / "o2")
     assert proc.returncode == 2 and "bad value 'ten' for shard_size" in proc.stderr and "Traceback" not in proc.stderr
     strict = tmp_path / "strict.yaml"
     strict.write_text("source: folder\nplugin: passthrough\nstrict: true\n")
-    proc = run_facegen("build", "--recipe", strict, "--source-path", folder_source, "--out", tmp_path / "o3")
+    proc = facegen("build", "--recipe", strict, "--source-path", folder_source, "--out", tmp_path / "o3")
     assert proc.returncode == 2 and "1/0.png" in proc.stderr
-    proc = run_facegen("build", "--recipe", strict, "--source-path", folder_source, "--out", tmp_path / "o3",
-                       "--no-strict")
+    proc = facegen("build", "--recipe", strict, "--source-path", folder_source, "--out", tmp_path / "o3",
+                   "--no-strict")
     assert proc.returncode == 0 and "corrupt image: 1" in proc.stdout

@@ -284,8 +284,9 @@ def _recipe_run(recipe: Path, tmp_path: Path) -> dict:
                         "plugin": values["plugin"], "plugin_opts": values.get("plugin_opts", {}),
                         "recipe": recipe.stem, "limit_identities": None, "identities_file": None,
                         "identities_file_sha256": None, "shard_size": values.get("shard_size", 100),
-                        "shard_samples": values.get("shard_samples", 10_000), "shards_multiple_of": 1,
-                        "seed": values.get("seed", 0), "format": fmt, "strict": False, "verify": "full"},
+                        "shard_samples": values.get("shard_samples", 10_000),
+                        "shards_multiple_of": values.get("shards_multiple_of"), "seed": values.get("seed", 0),
+                        "format": fmt, "strict": False, "verify": "full"},
             "plan": {"identities": 0, "shards": 0, "plan_sha256": "0" * 64},
             "layout": {"mode": "units", "units": 0, "identities_per_unit": values.get("shard_size", 100),
                        "planned_shard_lengths": [], "order": "", "units_xxh3_128": None,
@@ -447,7 +448,7 @@ def test_random_weight_models_are_announced_at_the_top(tmp_path):
     assert describe_loaded(snapshot) == {"hub": "org/unet", "commit": "f" * 40}
 
 
-def test_card_of_a_single_shard_says_ranks_read_all_of_it(tmp_path):
+def test_card_of_a_single_shard_says_what_it_serves(tmp_path):
     from conftest import cli
     from facegen.testing.folder import write_folder_source
 
@@ -455,5 +456,6 @@ def test_card_of_a_single_shard_says_ranks_read_all_of_it(tmp_path):
     out = tmp_path / "one"
     assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out) == 0
     card = (out / "README.md").read_text()
-    assert "this dataset is a single shard, so every rank reads all of it" in card
-    assert "the 1 shards" not in card and "shards are split between the ranks" not in card
+    assert "This build is a single shard of 6 samples: it serves one rank with one `DataLoader` worker" in card
+    assert "rebuild with `--shards-multiple-of` ranks × workers" in card
+    assert "1 shards" not in card and "ranks, max_workers, batch_size = 1, 4, 256" in card

@@ -1,4 +1,4 @@
-"""`facegen demo OUT`: the README's first command, end to end in a real subprocess, offline."""
+"""`facegen demo OUT`: the README's first command, end to end, offline."""
 
 import json
 import time
@@ -6,17 +6,17 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_facegen
+from conftest import facegen
 
 
 @pytest.mark.slow
 def test_demo_builds_a_loadable_dataset_and_says_the_weights_are_random(tmp_path):
     out = tmp_path / "demo"
     start = time.perf_counter()
-    proc = run_facegen("demo", out, env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    proc = facegen("demo", out, env={"HF_HUB_OFFLINE": "1"})
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
-    assert seconds < 120, f"demo took {seconds:.0f} s"
+    assert seconds < 600, f"demo took {seconds:.0f} s"  # a first command: about 20 s on 2 idle cores
     assert proc.stdout.count("RANDOM weights") == 2  # first and last thing said
     assert "facegen build done" in proc.stdout and "facegen select-identities" in proc.stdout
 
@@ -39,14 +39,14 @@ def test_demo_builds_a_loadable_dataset_and_says_the_weights_are_random(tmp_path
     assert "shift" in json.dumps(run)
 
     # running it again resumes: nothing is rebuilt
-    again = run_facegen("demo", out, env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    again = facegen("demo", out, env={"HF_HUB_OFFLINE": "1"})
     assert again.returncode == 0, again.stderr
     assert "0 written now, 1 already complete" in again.stdout
 
 
 def test_demo_refuses_a_foreign_non_empty_folder(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    proc = run_facegen("demo", tmp_path)
+    proc = facegen("demo", tmp_path)
     assert proc.returncode == 2
     assert "not empty" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"

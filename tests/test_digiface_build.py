@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import build, run_facegen
+from conftest import BIN, build, facegen
 from facegen.testing.digiface import truncate_file, write_digiface_part
 
 P72_A = "subjects_0-1999_72_imgs"
@@ -104,7 +104,7 @@ def test_part_and_image_options_reach_the_build(digiface_dir, tmp_path):
 def test_truncated_zip_fails_the_build_with_one_line_naming_it(digiface_dir, tmp_path):
     truncate_file(digiface_dir / f"{P5_A}.zip", 0.5)
     out = tmp_path / "out"
-    proc = run_facegen("build", "--recipe", "digiface", "--source-path", digiface_dir, "--out", out)
+    proc = facegen("build", "--recipe", "digiface", "--source-path", digiface_dir, "--out", out)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("facegen: error: ")
@@ -118,11 +118,9 @@ def test_two_processes_read_the_zips_and_write_the_same_bytes(digiface_dir, tmp_
     import socket
     import subprocess
 
-    from conftest import BIN
-
     args = ["build", "--recipe", "digiface", "--source-path", str(digiface_dir), "--shard-samples", "7"]
     one = tmp_path / "one"
-    proc = run_facegen(*args, "--out", one)
+    proc = facegen(*args, "--out", one)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("(unsafe path)") == 1
 
@@ -136,9 +134,12 @@ def test_two_processes_read_the_zips_and_write_the_same_bytes(digiface_dir, tmp_
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("(unsafe path)") == 1  # every process indexes the zips; only rank 0 tells
+    assert proc.stdout.count("facegen build done") == 1  # one summary, from the main process
     shards = sorted(p.name for p in (one / "data" / "train").iterdir())
     assert shards == sorted(p.name for p in (two / "data" / "train").iterdir()) and len(shards) == 4
     for name in shards:
         assert (one / "data" / "train" / name).read_bytes() == (two / "data" / "train" / name).read_bytes()
-    writers = {json.loads(p.read_text())["written_by"]["process"] for p in (two / ".facegen" / "shards").glob("*.json")}
-    assert writers == {0, 1}
+    writers = {(stats["written_by"]["process"], stats["written_by"]["processes"])
+               for stats in map(json.loads, (p.read_text() for p in (two / ".facegen" / "shards").glob("*.json")))}
+    assert writers == {(0, 2), (1, 2)}
+    assert datasets.load_dataset(str(two), split="train").num_rows == 24  # 26 listed, 2 skipped

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import build, run_facegen
+from conftest import build, facegen
 from facegen.errors import UsageError
 from facegen.plugins.disco import DiscoSource, natural_key
 from facegen.records import SourceImage, Skip
@@ -236,6 +236,6 @@ def test_build_disco_recipe_end_to_end(tmp_path):
 
 def test_cli_wrong_magic_exits_2_in_one_line(tmp_path):
     root = write_disco_source(tmp_path / "disco", identities=1, augmentations=1, magic="synthetics")
-    proc = run_facegen("build", "--recipe", "disco", "--source-path", root, "--out", tmp_path / "out")
+    proc = facegen("build", "--recipe", "disco", "--source-path", root, "--out", tmp_path / "out")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "magic is 'synthetics'" in proc.stderr

@@ -8,7 +8,7 @@ import subprocess
 import datasets
 import pytest
 
-from conftest import BIN, run_facegen
+from conftest import BIN, facegen, facegen_process
 from facegen.testing.folder import write_folder_source
 
 
@@ -32,7 +32,7 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     src = write_folder_source(root / "src", identities=23, images_per_identity=3, corrupt=1)
     out = root / "one"
-    proc = run_facegen(*common_args(src, out))
+    proc = facegen(*common_args(src, out))
     assert proc.returncode == 0, proc.stderr
     return src, out
 
@@ -40,20 +40,6 @@ def reference(tmp_path_factory):
 def common_args(src, out):
     return ["build", "--source", "folder", "--source-path", str(src), "--plugin", "passthrough", "--out", str(out),
             "--shard-samples", "10"]  # 69 listed images: 7 shards
-
-
-@pytest.mark.slow
-def test_torchrun_two_processes_byte_identical(reference, tmp_path):
-    src, one = reference
-    out = tmp_path / "two"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
-           str(BIN / "facegen"), *common_args(src, out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert writers(out) == {(0, 2), (1, 2)}
-    assert shard_bytes(out) == shard_bytes(one)
-    assert proc.stdout.count("facegen build done") == 1  # one summary, from the main process
-    assert datasets.load_dataset(str(out), split="train").num_rows == 23 * 3 - 1
 
 
 @pytest.mark.slow
@@ -70,8 +56,9 @@ def test_accelerate_launch_two_processes_byte_identical(reference, tmp_path):
 
 
 def test_world_size_without_a_launcher_is_one_line_exit_2(reference, tmp_path):
+    """A real process: accelerate's state is made once per process, from the environment it starts with."""
     src, _ = reference
-    proc = run_facegen(*common_args(src, tmp_path / "x"), env={"WORLD_SIZE": "2", "RANK": "0"})
+    proc = facegen_process(*common_args(src, tmp_path / "x"), env={"WORLD_SIZE": "2", "RANK": "0"})
     assert proc.returncode == 2 and "WORLD_SIZE=2" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1
 
@@ -94,12 +81,10 @@ def test_world_size_seen_as_one_process_is_refused(monkeypatch):
 
 
 @pytest.mark.slow
-def test_units_and_assembly_under_torchrun_byte_identical(tmp_path):
+def test_units_and_assembly_under_torchrun_byte_identical(tmp_path, stylegan_checkpoints):
     """Identity-level transform (e4e, tiny checkpoint): units of work and the assembly of the published shards
     are both spread over two processes; the shards equal one process's, byte for byte."""
-    from facegen.testing.stylegan import write_checkpoints
-
-    e4e_path, _ = write_checkpoints(tmp_path / "ckpt", size=32)
+    e4e_path, _ = stylegan_checkpoints
 
     def args(out):
         return ["build", "--source", "seeds", "--source-opt", "count=10", "--plugin", "e4e", "--plugin-opt",
@@ -107,7 +92,7 @@ def test_units_and_assembly_under_torchrun_byte_identical(tmp_path):
                 "--shard-samples", "4", "--out", str(out)]
 
     one = tmp_path / "one"
-    assert run_facegen(*args(one), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    assert facegen(*args(one)).returncode == 0
     two = tmp_path / "two"
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
            str(BIN / "facegen"), *args(two)]

@@ -12,12 +12,12 @@ from facegen.plugins.e4e import E4ETransform, arcface_box, arcface_to_ffhq, ffhq
 from facegen.plugins.seeds import SeedsSource
 from facegen.records import Identity, SourceImage
 from facegen.testing.folder import draw_face, encode
-from facegen.testing.stylegan import TINY_ENCODER_WIDTHS, write_checkpoints, write_stylegan2_checkpoint
+from facegen.testing.stylegan import TINY_ENCODER_WIDTHS, write_stylegan2_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return write_checkpoints(tmp_path_factory.mktemp("ckpt"), size=32, seed=0)
+def checkpoints(stylegan_checkpoints):
+    return stylegan_checkpoints
 
 
 @pytest.fixture(scope="module")

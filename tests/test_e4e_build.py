@@ -6,9 +6,8 @@ import datasets
 import numpy as np
 import pytest
 
-from conftest import build, run_facegen
+from conftest import build, facegen
 from facegen.testing.folder import write_folder_source
-from facegen.testing.stylegan import write_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -16,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return write_checkpoints(tmp_path_factory.mktemp("ckpt"), size=32, seed=0)
+def checkpoints(stylegan_checkpoints):
+    return stylegan_checkpoints
 
 
 def test_truncation_from_seeds_loads_and_does_not_depend_on_batch_size(tmp_path, checkpoints):
@@ -80,16 +79,16 @@ def test_project_from_a_folder_source_follows_its_identities(tmp_path, checkpoin
 
 
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
-    proc = run_facegen("build", "--source", "seeds", "--source-opt", "count=2",
-                       "--plugin", "e4e", "--plugin-opt", f"checkpoint={tmp_path / 'nothere.pt'}",
-                       "--out", tmp_path / "out")
+    proc = facegen("build", "--source", "seeds", "--source-opt", "count=2",
+                   "--plugin", "e4e", "--plugin-opt", f"checkpoint={tmp_path / 'nothere.pt'}",
+                   "--out", tmp_path / "out")
     assert proc.returncode == 2
     assert "nothere.pt not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
-def test_sfhq_truncation_recipe_needs_only_the_checkpoint(tmp_path):
-    e4e_path, _ = write_checkpoints(tmp_path / "ckpt")
+def test_sfhq_truncation_recipe_needs_only_the_checkpoint(tmp_path, checkpoints):
+    e4e_path, _ = checkpoints
     out = tmp_path / "out"
     build("--recipe", "sfhq-truncation", "--source-opt", "count=3", "--plugin-opt", f"checkpoint={e4e_path}",
           "--plugin-opt", "batch_size=3", "--out", out)

@@ -33,7 +33,6 @@ from facegen.generators.embeddings import normalize
 from facegen.plugins.arc2face import Arc2FaceTransform
 from facegen.plugins.digiface import DigiFaceSource
 from facegen.records import Identity, SourceImage
-from facegen.testing.arc2face import write_tiny_arc2face
 from facegen.testing.digiface import write_digiface_part
 from facegen.testing.folder import encode
 
@@ -41,8 +40,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return write_tiny_arc2face(tmp_path_factory.mktemp("tiny_arc2face"))
+def tiny_dir(tiny_arc2face):
+    return tiny_arc2face
 
 
 def make(tiny_dir, **opts):

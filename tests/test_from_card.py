@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import cli, run_cli, run_facegen
+from conftest import cli, facegen, run_cli
 from facegen.testing.folder import write_folder_source
 
 PUBLISHED = ("README.md", "LICENSE", "preview.jpg", "data", "provenance")
@@ -134,7 +134,7 @@ def test_what_the_card_cannot_give_is_asked_for_in_one_line(published, tmp_path,
 
 
 @pytest.mark.slow
-def test_an_arc2face_cpu_build_rebuilt_from_its_card(tmp_path):
+def test_an_arc2face_cpu_build_rebuilt_from_its_card(tmp_path, tiny_arc2face):
     """Tiny models, a shift Δ (with local paths in its metadata) and an identity list: the clone rebuilds
     byte-identically; a model folder with other weights is named in one line."""
     import torch
@@ -142,7 +142,7 @@ def test_an_arc2face_cpu_build_rebuilt_from_its_card(tmp_path):
 
     from facegen.testing.arc2face import TEXT_HIDDEN, write_tiny_arc2face
 
-    models = write_tiny_arc2face(tmp_path / "models")
+    models = tiny_arc2face
     shift = tmp_path / "delta.safetensors"
     save_file({"delta": torch.linspace(-0.1, 0.1, TEXT_HIDDEN)}, str(shift),
               metadata={"real_sources": f"folder:{tmp_path}/real"})
@@ -157,16 +157,14 @@ def test_an_arc2face_cpu_build_rebuilt_from_its_card(tmp_path):
     assert str(tmp_path).encode() not in (card / "provenance" / "shift.safetensors").read_bytes()
     assert "Test models: these images are noise." in (card / "README.md").read_text()
 
-    proc = run_facegen("build", "--from-card", card, "--source-path", tmp_path / "src", "--plugin-opt",
-                       f"model_dir={models}", "--out", tmp_path / "new",
-                       env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    proc = facegen("build", "--from-card", card, "--source-path", tmp_path / "src", "--plugin-opt",
+                   f"model_dir={models}", "--out", tmp_path / "new", env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "byte-identical" in proc.stdout and shards(tmp_path / "new") == shards(out)
 
     other = write_tiny_arc2face(tmp_path / "other-models", seed=1)
-    proc = run_facegen("build", "--from-card", card, "--source-path", tmp_path / "src", "--plugin-opt",
-                       f"model_dir={other}", "--out", tmp_path / "new2",
-                       env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    proc = facegen("build", "--from-card", card, "--source-path", tmp_path / "src", "--plugin-opt",
+                   f"model_dir={other}", "--out", tmp_path / "new2", env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1
     assert ("model stable-diffusion-v1-5/stable-diffusion-v1-5: vae/diffusion_pytorch_model.safetensors has "
             "sha256") in error_line(proc.stderr)
@@ -180,4 +178,4 @@ def _arc2face_build(tmp_path, models: Path, out: Path, *extra):
             "--shard-size", 2]
     for opt in (f"model_dir={models}", "steps=2", "latents=1", "images_per_latent=2", "batch_size=2"):
         args += ["--plugin-opt", opt]
-    return run_facegen(*args, *extra, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    return facegen(*args, *extra, env={"HF_HUB_OFFLINE": "1"})

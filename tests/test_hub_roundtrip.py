@@ -1,9 +1,11 @@
 """`facegen publish` then `load_dataset("org/x")`, end to end over HTTP against the Hub stand-in.
 
-Publishing and loading run in subprocesses with ``HF_ENDPOINT`` pointing at the stand-in (huggingface_hub and
-datasets read it at import), each with its own empty ``HF_HOME``: the real clients' upload path (preupload, NDJSON
-commits, LFS, settings, tree listings) and loading path (resolve with its headers, revision info, tree, paths-info,
-redirects) run unchanged.
+Loading runs in subprocesses with ``HF_ENDPOINT`` pointing at the stand-in (huggingface_hub and datasets read it at
+import; datasets' file systems are cached per process), each with its own empty ``HF_HOME``; so does an upload that
+is killed. The other facegen commands run in this process, with huggingface_hub's constants pointed at the stand-in
+as ``HF_ENDPOINT`` and ``HF_HOME`` would (`HubStandIn.serve_this_process`). The real clients' upload path
+(preupload, NDJSON commits, LFS, settings, tree listings) and loading path (resolve with its headers, revision info,
+tree, paths-info, redirects) run unchanged.
 """
 
 import hashlib
@@ -18,7 +20,7 @@ import time
 import pytest
 import yaml
 
-from conftest import BIN, cli
+from conftest import BIN, cli, facegen
 from facegen.testing.folder import write_folder_source
 from hub_standin import HubStandIn
 
@@ -40,8 +42,10 @@ for row in ds:
 
 
 @pytest.fixture
-def hub():
+def hub(monkeypatch, tmp_path):
+    """The stand-in; facegen commands run in this process talk to it, with TOKEN and their own HF_HOME."""
     with HubStandIn(tokens=(TOKEN,)) as standin:
+        standin.serve_this_process(monkeypatch, tmp_path / "hf-home", TOKEN)
         yield standin
 
 
@@ -55,9 +59,9 @@ def hub_env(hub, tmp_path, token=TOKEN, **extra):
     return env
 
 
-def publish(hub, tmp_path, out, *args, token=TOKEN, **extra):
-    return subprocess.run([str(BIN / "facegen"), "publish", str(out), *map(str, args)], capture_output=True,
-                          text=True, env=hub_env(hub, tmp_path, token, **extra), timeout=600)
+def publish(out, *args):
+    """`facegen publish OUT ARGS` in this process, to the stand-in of the `hub` fixture."""
+    return facegen("publish", out, *args)
 
 
 def load_rows(hub, tmp_path, repo, streaming=False, token=TOKEN, cache="cache"):
@@ -109,12 +113,12 @@ def build(tmp_path, name="out", identities=6, images=2, shard_samples=4, extra=(
 
 
 @pytest.mark.slow
-def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path, hub):
+def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path, hub, monkeypatch):
     ids = tmp_path / "ids.txt"
     ids.write_text("0\n1\n2\n4\n5\n")
     # 10 samples of at most 5 per shard would be 2 shards: --shards-multiple-of 3 makes 3, which the card must carry
     out = build(tmp_path, shard_samples=5, extra=("--identities-file", ids, "--shards-multiple-of", 3))
-    proc = publish(hub, tmp_path, out, "--repo", "org/x")
+    proc = publish(out, "--repo", "org/x")
     assert proc.returncode == 0, proc.stderr
     local = local_rows(out)
     same_rows(parsed(load_rows(hub, tmp_path, "org/x")), local)
@@ -131,15 +135,14 @@ def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path
 
     # a second publish uploads nothing new
     commits = len(hub.commits("org/x"))
-    proc = publish(hub, tmp_path, out, "--repo", "org/x")
+    proc = publish(out, "--repo", "org/x")
     assert proc.returncode == 0, proc.stderr
     assert len(hub.commits("org/x")) == commits
 
     # a stranger rebuilds it from the Hub card: options, identity list and checksums come from the repo
     ids.unlink()
-    proc = subprocess.run([str(BIN / "facegen"), "build", "--from-card", "org/x", "--source-path", tmp_path / "src",
-                           "--out", tmp_path / "rebuilt"], capture_output=True, text=True,
-                          env=hub_env(hub, tmp_path / "stranger"), timeout=600)
+    hub.serve_this_process(monkeypatch, tmp_path / "stranger" / "hf-home", TOKEN)  # an empty Hub cache
+    proc = facegen("build", "--from-card", "org/x", "--source-path", tmp_path / "src", "--out", tmp_path / "rebuilt")
     assert proc.returncode == 0, proc.stderr
     assert "all 3 shards are byte-identical to the card's" in proc.stdout
     for shard in (out / "data" / "train").glob("*.tar"):
@@ -147,12 +150,15 @@ def test_publish_then_load_dataset_from_the_hub_equals_the_local_folder(tmp_path
 
 
 @pytest.mark.slow
-def test_lfs_uploads_and_redirected_downloads(tmp_path, hub):
+def test_lfs_uploads_and_redirected_downloads(tmp_path, hub, monkeypatch):
     """Without hf_xet the client uploads large files through the LFS batch API; downloads follow the Hub's
     redirect with X-Linked-Etag/X-Linked-Size."""
+    from huggingface_hub import constants
+
     hub.lfs_threshold = 20_000  # shards and the preview are LFS files, the card, LICENSE and _info.json regular
     out = build(tmp_path)
-    proc = publish(hub, tmp_path, out, "--repo", "org/lfs", HF_HUB_DISABLE_XET="1")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # HF_HUB_DISABLE_XET=1
+    proc = publish(out, "--repo", "org/lfs")
     assert proc.returncode == 0, proc.stderr
     assert any(path == "/datasets/org/lfs.git/info/lfs/objects/batch" for _, path, _ in hub.requests)
     repo = hub.repos["org/lfs"]
@@ -167,7 +173,7 @@ def test_lfs_uploads_and_redirected_downloads(tmp_path, hub):
 def test_gated_and_private_repos_load_with_a_token_and_fail_clearly_without(tmp_path, hub):
     out = build(tmp_path)
     # the folder source declares no licence: the card carries the access form and the repo is gated
-    assert publish(hub, tmp_path, out, "--repo", "org/gated").returncode == 0
+    assert publish(out, "--repo", "org/gated").returncode == 0
     assert hub.repos["org/gated"].gated == "auto"
     meta = yaml.safe_load(hub.files("org/gated")["README.md"].decode().split("---\n", 2)[1])
     assert meta["extra_gated_fields"] and "not declared" in meta["extra_gated_prompt"]
@@ -176,7 +182,7 @@ def test_gated_and_private_repos_load_with_a_token_and_fail_clearly_without(tmp_
     assert "gated" in denied.stderr.lower()
     same_rows(parsed(load_rows(hub, tmp_path, "org/gated")), local_rows(out))
 
-    assert publish(hub, tmp_path, out, "--repo", "org/private", "--private", "--no-gating").returncode == 0
+    assert publish(out, "--repo", "org/private", "--private", "--no-gating").returncode == 0
     assert hub.repos["org/private"].private and not hub.repos["org/private"].gated
     denied = load_rows(hub, tmp_path, "org/private", token=None, cache="anon2")
     assert denied.returncode != 0 and "DatasetNotFoundError" in denied.stderr
@@ -187,10 +193,10 @@ def test_gated_and_private_repos_load_with_a_token_and_fail_clearly_without(tmp_
 @pytest.mark.slow
 def test_republishing_a_rebuilt_dataset_deletes_the_shards_it_no_longer_has(tmp_path, hub):
     out = build(tmp_path, shard_samples=4)  # 12 samples: 3 shards
-    assert publish(hub, tmp_path, out, "--repo", "org/re").returncode == 0
+    assert publish(out, "--repo", "org/re").returncode == 0
     assert len([p for p in hub.files("org/re") if p.startswith("data/")]) == 3
     build(tmp_path, shard_samples=6, extra=("--overwrite",))  # the same folder rebuilt into 2 shards
-    proc = publish(hub, tmp_path, out, "--repo", "org/re")
+    proc = publish(out, "--repo", "org/re")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p for p in hub.files("org/re") if p.startswith("data/")) == [
         "data/train/train-000000.tar", "data/train/train-000001.tar"]
@@ -219,7 +225,7 @@ def test_an_upload_of_2000_shards_killed_midway_is_completed_by_the_rerun(tmp_pa
     hub.hold_commits_after = None
     hub.release()
     before = len(hub.commits("org/big"))
-    rerun = publish(hub, tmp_path, out, "--repo", "org/big")
+    rerun = publish(out, "--repo", "org/big")
     assert rerun.returncode == 0, rerun.stderr
     remote = hub.files("org/big")
     assert sorted(p for p in remote if p.startswith("data/")) == files

@@ -21,13 +21,12 @@ from facegen.generators.alignment import ARCFACE_TEMPLATE
 from facegen.generators.arcface import ArcFaceEmbedder
 from facegen.generators.embeddings import normalize
 from facegen.records import SourceImage
-from facegen.testing.arcface import write_tiny_face_models
 from facegen.testing.folder import draw_face, encode, write_folder_source
 
 
 @pytest.fixture(scope="module")
-def face_models(tmp_path_factory):
-    return write_tiny_face_models(tmp_path_factory.mktemp("models"))
+def face_models(tiny_face_models):
+    return tiny_face_models
 
 
 

@@ -24,8 +24,14 @@ def build_args(src, out, *extra):
             "--shard-size", "2", *map(str, extra)]
 
 
+def slow_build_args(src, out):
+    """80 samples of `slow_src` re-encoded to JPEG in 40 shards: the lock is held ~0.3 s after it appears (8 small
+    PNGs held it 0.13 s, which a loaded machine's scheduler could let pass before the test acts on the holder)."""
+    return build_args(src, out, "--shard-samples", 2, "--format", "jpg")
+
+
 def start_build(src, out):
-    return subprocess.Popen([str(BIN / "facegen"), *build_args(src, out)], stdout=subprocess.PIPE,
+    return subprocess.Popen([str(BIN / "facegen"), *slow_build_args(src, out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -57,13 +63,18 @@ def src(tmp_path):
     return write_folder_source(tmp_path / "src", identities=8, images_per_identity=2)
 
 
-def test_second_build_is_refused_with_one_line_naming_the_holder(src, tmp_path, capsys):
-    out = tmp_path / "out"
+@pytest.fixture
+def slow_src(tmp_path):
+    return write_folder_source(tmp_path / "src", identities=40, images_per_identity=2, size=448, noise=0)
+
+
+def test_second_build_is_refused_with_one_line_naming_the_holder(slow_src, tmp_path, capsys):
+    src, out = slow_src, tmp_path / "out"
     first = start_build(src, out)
     try:
         holder = wait_for_lock(out, first)
         first.send_signal(signal.SIGSTOP)  # a live holder in the middle of its build, deterministically
-        code, stdout, err = run_cli(build_args(src, out), capsys)
+        code, stdout, err = run_cli(slow_build_args(src, out), capsys)
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
         assert f"host {socket.gethostname()}, pid {first.pid}, started {holder.started}" in err
         assert "--break-lock" in err and "done" not in stdout
@@ -72,20 +83,20 @@ def test_second_build_is_refused_with_one_line_naming_the_holder(src, tmp_path, 
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err  # the first build was not disturbed
     assert not (out / ".facegen" / "lock").exists()  # released at the end
-    assert datasets.load_dataset(str(out), split="train").num_rows == 16
+    assert datasets.load_dataset(str(out), split="train").num_rows == 80
 
 
-def test_lock_left_by_a_killed_build_is_taken_over(src, tmp_path, capsys):
-    out = tmp_path / "out"
+def test_lock_left_by_a_killed_build_is_taken_over(slow_src, tmp_path, capsys):
+    src, out = slow_src, tmp_path / "out"
     first = start_build(src, out)
     wait_for_lock(out, first)
     first.kill()
     first.wait()
-    code, stdout, err = run_cli(build_args(src, out), capsys)
+    code, stdout, err = run_cli(slow_build_args(src, out), capsys)
     assert code == 0, err
     assert f"left by host {socket.gethostname()}, pid {first.pid}" in err and "no longer running" in err
     assert "facegen build done" in stdout
-    assert datasets.load_dataset(str(out), split="train").num_rows == 16
+    assert datasets.load_dataset(str(out), split="train").num_rows == 80
 
 
 def test_lock_of_another_node_is_taken_over_when_its_lease_expired(src, tmp_path, capsys):

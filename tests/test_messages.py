@@ -109,9 +109,11 @@ def test_strict_rerun_of_a_build_with_skips_is_not_a_strict_build(tmp_path, caps
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_interrupted_build_says_how_to_resume(tmp_path, capsys, sig, code, word):
-    src = write_folder_source(tmp_path / "src", identities=8, images_per_identity=2)
+    # 80 samples re-encoded to JPEG in 40 shards: the signal comes after the first shard, while ~0.25 s of shards
+    # are left (with 4 shards of small PNGs it was 25 ms, which a loaded machine's scheduler could let pass)
+    src = write_folder_source(tmp_path / "src", identities=40, images_per_identity=2, size=448, noise=0)
     out = tmp_path / "out"
-    args = build_args(src, out, "--shard-samples", 4)  # 16 samples: 4 shards, the signal comes after the first
+    args = build_args(src, out, "--shard-samples", 2, "--format", "jpg")
     proc = subprocess.Popen([str(BIN / "facegen"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     first = out / "data" / "train" / "train-000000.tar"
@@ -129,7 +131,7 @@ def test_interrupted_build_says_how_to_resume(tmp_path, capsys, sig, code, word)
     assert not [p for p in (out / "data" / "train").iterdir() if p.name.startswith(".")]
     code, stdout, err = run_cli(args, capsys)
     assert code == 0 and "already complete" in stdout, err
-    assert datasets.load_dataset(str(out), split="train").num_rows == 16
+    assert datasets.load_dataset(str(out), split="train").num_rows == 80
 
 
 def test_offline_download_names_no_missing_part_file(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """Plugin discovery through entry points, including a separate third-party distribution."""
 
+import sys
 import textwrap
 
 import datasets
+import pytest
 
-from conftest import run_facegen
+from conftest import facegen, facegen_process
 
 THIRD_PARTY_MODULE = '''
 from datasets import Value
@@ -46,7 +48,7 @@ BROKEN_MODULE = "raise ImportError('this plugin needs a package that is not inst
 
 
 def make_third_party(root):
-    """A tiny third-party distribution: a module plus a dist-info with entry points, on sys.path."""
+    """A tiny third-party distribution: a module plus a dist-info with entry points, to put on sys.path."""
     (root / "fg_colours.py").write_text(THIRD_PARTY_MODULE)
     (root / "fg_broken.py").write_text(BROKEN_MODULE)
     info = root / "fg_colours-0.3.dist-info"
@@ -63,9 +65,20 @@ def make_third_party(root):
     return {"PYTHONPATH": str(root)}
 
 
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    """The third-party distribution on this process's sys.path (entry points are read from sys.path at each
+    discovery); its modules are forgotten afterwards."""
+    monkeypatch.syspath_prepend(make_third_party(tmp_path)["PYTHONPATH"])
+    yield
+    for name in ("fg_colours", "fg_broken"):
+        sys.modules.pop(name, None)
+
+
 def test_plugins_lists_builtin_and_third_party(tmp_path):
+    """The installed console script in a real process (its entry point, PYTHONPATH at start-up)."""
     env = make_third_party(tmp_path)
-    proc = run_facegen("plugins", env=env)
+    proc = facegen_process("plugins", env=env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     by_name = {line.split()[0]: line for line in lines[1:]}
@@ -78,12 +91,11 @@ def test_plugins_lists_builtin_and_third_party(tmp_path):
     assert "FAILED TO LOAD" in by_name["broken"] and "not installed" in by_name["broken"]
 
 
-def test_third_party_plugins_build_a_loadable_dataset(tmp_path):
-    env = make_third_party(tmp_path)
+def test_third_party_plugins_build_a_loadable_dataset(tmp_path, third_party):
     out = tmp_path / "out"
     (tmp_path / "colours").mkdir()  # an --out inside --source-path is refused
-    proc = run_facegen("build", "--source", "colours", "--source-path", tmp_path / "colours", "--source-opt", "count=4",
-                       "--plugin", "paint", "--out", out, env=env)
+    proc = facegen("build", "--source", "colours", "--source-path", tmp_path / "colours", "--source-opt", "count=4",
+                   "--plugin", "paint", "--out", out)
     assert proc.returncode == 0, proc.stderr
     ds = datasets.load_dataset(str(out), split="train").sort("__key__")  # published shuffled
     assert ds.num_rows == 8
@@ -96,16 +108,15 @@ def test_third_party_plugins_build_a_loadable_dataset(tmp_path):
 
 
 def test_unknown_plugin_is_one_line_exit_2(tmp_path, folder_source):
-    proc = run_facegen("build", "--source", "folder", "--source-path", folder_source, "--plugin", "nope",
-                       "--out", tmp_path / "o")
+    proc = facegen("build", "--source", "folder", "--source-path", folder_source, "--plugin", "nope",
+                   "--out", tmp_path / "o")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "unknown transform plugin 'nope'" in proc.stderr and "passthrough" in proc.stderr
 
 
-def test_broken_plugin_named_with_its_error(tmp_path, folder_source):
-    env = make_third_party(tmp_path)
-    proc = run_facegen("build", "--source", "folder", "--source-path", folder_source, "--plugin", "broken",
-                       "--out", tmp_path / "o", env=env)
+def test_broken_plugin_named_with_its_error(tmp_path, folder_source, third_party):
+    proc = facegen("build", "--source", "folder", "--source-path", folder_source, "--plugin", "broken",
+                   "--out", tmp_path / "o")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "'broken'" in proc.stderr and "not installed" in proc.stderr

@@ -6,6 +6,7 @@ huggingface_hub 2.x skips files already committed when an interrupted upload is 
 """
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -44,13 +45,20 @@ def api_calls(hub):
     return [r for r in hub.requests if r[1] != "/api/agent-harnesses"]
 
 
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory):
+    """A real `facegen build`: 6 identities x 3 images in 3 shards (built once; tests change copies)."""
+    root = tmp_path_factory.mktemp("built")
+    src = write_folder_source(root / "src", identities=6, images_per_identity=3)
+    assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out",
+               root / "out", "--shard-samples", 6) == 0
+    return root / "out"
+
+
 @pytest.fixture
-def built(tmp_path):
-    """A real `facegen build`: 6 identities x 3 images in 3 shards, plus a hidden leftover and a stray note."""
-    src = write_folder_source(tmp_path / "src", identities=6, images_per_identity=3)
-    out = tmp_path / "out"
-    assert cli("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
-               "--shard-samples", 6) == 0
+def built(built_once, tmp_path):
+    """A copy of the module's build in this test's folder, plus a hidden leftover and a stray note."""
+    out = shutil.copytree(built_once, tmp_path / "out")
     (out / "data" / "train" / ".train-000009.tar.tmp-123").write_bytes(b"half a shard")  # a killed writer's file
     (out / ".DS_Store").write_bytes(b"finder")
     (out / "notes.txt").write_text("my notes, not part of the dataset\n")
@@ -325,19 +333,18 @@ def test_a_real_build_of_each_recipe_passes_the_publish_checks(recipe, tmp_path,
 
 
 @pytest.mark.slow
-def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
+def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path, tiny_arc2face):
     """A generative transform's output (models, quality figures, non-commercial inputs) through card and checks."""
-    from conftest import run_facegen
-    from facegen.testing.arc2face import write_tiny_arc2face
+    from conftest import facegen
 
-    tiny = write_tiny_arc2face(tmp_path / "tiny")
+    tiny = tiny_arc2face
     src = write_folder_source(tmp_path / "src", identities=3, images_per_identity=2)
     out = tmp_path / "out"
     args = ["build", "--source", "folder", "--source-path", src, "--plugin", "arc2face", "--out", out,
             "--shard-size", 2, "--shard-samples", 3]
     for opt in (f"model_dir={tiny}", "steps=2", "latents=1", "images_per_latent=2", "batch_size=2"):
         args += ["--plugin-opt", opt]
-    run_facegen(*args, env={"HF_HUB_OFFLINE": "1"}, check=True)
+    facegen(*args, env={"HF_HUB_OFFLINE": "1"}, check=True)
     assert check_folder(out) == []
     meta = yaml.safe_load((out / "README.md").read_text().split("---\n", 2)[1])
     text = (out / "README.md").read_text()
@@ -357,8 +364,9 @@ def test_an_arc2face_build_with_tiny_models_passes_the_publish_checks(tmp_path):
         in text
     assert "> **Test models: these images are noise.**" in text and "@451f4fe" not in text
     for f in files_to_upload(out):
-        assert str(tmp_path).encode() not in (out / f.path).read_bytes(), f.path
-    proc = run_facegen("publish", out, "--repo", "org/digi2real-test", "--dry-run", check=True)
+        for local in (tmp_path, tiny):
+            assert str(local).encode() not in (out / f.path).read_bytes(), (f.path, local)
+    proc = facegen("publish", out, "--repo", "org/digi2real-test", "--dry-run", check=True)
     assert "data/train/train-000001.tar" in proc.stdout and "dry run: nothing was uploaded" in proc.stdout
 
 

@@ -19,7 +19,7 @@ from facegen.builders.quality.curate import decide, near_duplicate_groups
 from facegen.layout.records import Curation, QualityReport, RecordError, ReportSettings
 from facegen.published import PublishedDataset
 from facegen.testing.output import write_output_folder
-from conftest import build, run_cli
+from conftest import build, facegen, run_cli
 
 IMAGES = 6
 
@@ -135,11 +135,9 @@ def test_against_lists_the_identities_another_dataset_holds(real, tmp_path, caps
     assert "identity leakage" in (out / "README.md").read_text()
 
 
-def test_arcface_recognizer_plumbing_with_tiny_random_weights(tmp_path, capsys):
+def test_arcface_recognizer_plumbing_with_tiny_random_weights(tmp_path, capsys, tiny_face_models):
     """Random weights: only the path is checked (112x112 crops embedded as they are, a corrupt image counted)."""
-    from facegen.testing.arcface import write_tiny_face_models
-
-    models = write_tiny_face_models(tmp_path / "models")
+    models = tiny_face_models
     out = write_output_folder(tmp_path / "out", identities=4, images_per_identity=3, shard_size=2)
     with tarfile.open(out / "data" / "train" / "train-000001.tar", "a") as tar:  # a sample that does not decode
         for name, data in (("000003_009.png", b"\x89PNG broken"), ("000003_009.cls", b"3"),
@@ -211,23 +209,15 @@ def test_dlib_recognizer_detects_faces_in_large_images_and_finds_none_in_a_flat_
 
 
 @pytest.fixture
-def hub():
+def hub(monkeypatch, tmp_path):
+    """The Hub stand-in, with this process's huggingface_hub talking to it: its endpoint, an empty cache of the
+    test's own, the stand-in's token, no saved login."""
     from hub_standin import HubStandIn
     from test_hub_roundtrip import TOKEN
 
     with HubStandIn(tokens=(TOKEN,)) as standin:
+        standin.serve_this_process(monkeypatch, tmp_path / "hf-home", TOKEN)
         yield standin
-
-
-def hub_run(hub, tmp_path, *args):
-    """A facegen command in a subprocess whose huggingface_hub talks to the stand-in (HF_ENDPOINT, own HF_HOME)."""
-    import subprocess
-
-    from conftest import BIN
-    from test_hub_roundtrip import hub_env
-
-    return subprocess.run([str(BIN / "facegen"), *map(str, args)], capture_output=True, text=True,
-                          env=hub_env(hub, tmp_path), timeout=900)
 
 
 def no_local_paths(folder, *private):
@@ -243,14 +233,24 @@ def no_local_paths(folder, *private):
 def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub):
     """Publish the real-face dataset to the Hub stand-in as org/x, then: build from it with `--source facegen
     --source-path org/x`, `facegen report org/x --out DIR` (same findings as on the folder), `--against org/x`,
-    and `facegen curate hf://datasets/org/x --out NEW`, whose card names no local path and cites org/x."""
-    out, planted, src = real
-    proc = hub_run(hub, tmp_path, "publish", out, "--repo", "org/x")
+    and `facegen curate hf://datasets/org/x --out NEW`, whose card names no local path and cites org/x.
+
+    org/x holds five of the module's identities (what is tested here is the Hub plumbing; the folder tests above
+    find the flaws among all of them): the planted duplicate pair, the identity holding the outlier, and the two
+    identities of the evaluation list."""
+    _, planted, src = real
+    identities = [*planted.duplicate, planted.outlier_identity, "t1-0", "t1-4"]
+    ids = tmp_path / "subset.txt"
+    ids.write_text("\n".join(identities) + "\n")
+    out = tmp_path / "out"
+    build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough", "--out",
+          out, "--shard-size", 3)
+    proc = facegen("publish", out, "--repo", "org/x")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # 1. the facegen source reads the Hub dataset
     child = tmp_path / "child"
-    proc = hub_run(hub, tmp_path, "build", "--source", "facegen", "--source-path", "org/x", "--plugin",
+    proc = facegen("build", "--source", "facegen", "--source-path", "org/x", "--plugin",
                    "passthrough", "--out", child)
     assert proc.returncode == 0, proc.stderr[-3000:]
     parent = tar_members(out)
@@ -265,10 +265,10 @@ def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub)
     no_local_paths(child, tmp_path)
 
     # 2. the report of a Hub id goes to --out DIR (required) and finds what it finds on the folder
-    code = hub_run(hub, tmp_path, "report", "org/x")
+    code = facegen("report", "org/x")
     assert code.returncode == 2 and "--out DIR" in code.stderr and code.stderr.count("\n") == 1
     reports = tmp_path / "reports"
-    proc = hub_run(hub, tmp_path, "report", "org/x", "--out", reports)
+    proc = facegen("report", "org/x", "--out", reports)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((reports / "report.json").read_text())
     assert report["dataset_name"] == "org/x"
@@ -277,7 +277,7 @@ def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub)
     assert sorted(p.name for p in (reports / "report").glob("*.png")) == [
         "consistency.png", "separability.png", "worst-identities.png"]
     assert (reports / "report_embeddings.npz").is_file()
-    rerun = hub_run(hub, tmp_path, "report", "hf://datasets/org/x", "--out", reports, "--dedup", "0.99")
+    rerun = facegen("report", "hf://datasets/org/x", "--out", reports, "--dedup", "0.99")
     assert rerun.returncode == 0 and "(reused)" in rerun.stdout, rerun.stderr[-3000:]
 
     # 3. --against a Hub id: the evaluation identities are found in org/x
@@ -286,7 +286,7 @@ def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub)
     evaluation = tmp_path / "evaluation"
     build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough",
           "--out", evaluation)
-    proc = hub_run(hub, tmp_path, "report", evaluation, "--against", "org/x")
+    proc = facegen("report", evaluation, "--against", "org/x")
     assert proc.returncode == 0, proc.stderr[-3000:]
     against = json.loads((evaluation / ".facegen" / "report.json").read_text())["against"]
     assert against["dataset"] == "org/x"
@@ -294,11 +294,11 @@ def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub)
 
     # 4. curate a Hub id: the report is kept in NEW, the card cites org/x and names no local path
     new = tmp_path / "curated"
-    proc = hub_run(hub, tmp_path, "curate", "hf://datasets/org/x", "--out", new)
+    proc = facegen("curate", "hf://datasets/org/x", "--out", new)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (new / ".facegen" / "parent-report" / "report.json").is_file()
     rows = list(load_dataset(str(new), split="train", streaming=True))
-    kept = [i for i in planted.identities if i != planted.duplicate[1]]
+    kept = [i for i in identities if i != planted.duplicate[1]]
     assert sorted({r["json"]["identity"] for r in rows}) == sorted(kept) and len(rows) == len(kept) * IMAGES
     readme = (new / "README.md").read_text()
     assert "--source-path hf://datasets/org/x" in readme and "curation=provenance/curation.json" in readme

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import build, run_facegen
+from conftest import build, facegen
 from facegen.errors import UsageError
 from facegen.generators.landmarks import ARCFACE_TEMPLATE_112
 from facegen.plugins.sfhq import SFHQSource
@@ -295,7 +295,7 @@ def test_build_aligned_sfhq_without_extras(tmp_path):
 
 def test_cli_reports_unusable_input_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    proc = run_facegen("build", "--recipe", "sfhq", "--source-path", tmp_path / "empty", "--out", tmp_path / "o")
+    proc = facegen("build", "--recipe", "sfhq", "--source-path", tmp_path / "empty", "--out", tmp_path / "o")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no SFHQ images" in proc.stderr
     assert "Traceback" not in proc.stderr

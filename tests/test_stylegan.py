@@ -14,12 +14,12 @@ from facegen.generators.stylegan_checkpoints import (
     read_checkpoint,
     resolve_checkpoint,
 )
-from facegen.testing.stylegan import write_checkpoints, write_stylegan2_checkpoint
+from facegen.testing.stylegan import write_stylegan2_checkpoint
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return write_checkpoints(tmp_path_factory.mktemp("ckpt"), size=32, seed=0)
+def checkpoints(stylegan_checkpoints):
+    return stylegan_checkpoints
 
 
 def naive_upfirdn2d(x, kernel, up, down, pad):

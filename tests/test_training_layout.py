@@ -11,7 +11,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from conftest import build, run_cli, run_facegen
+from conftest import build, facegen, run_cli
 from facegen.builders.plan import sample_order, shard_lengths
 from facegen.errors import UsageError
 from facegen.testing.folder import write_folder_source
@@ -76,6 +76,27 @@ def test_fewest_shards_of_at_most_n_samples_differing_by_one(samples, target, mu
     lengths = shard_lengths(samples, target, multiple)
     assert lengths == expected and sum(lengths) == samples
     assert max(lengths) - min(lengths) <= 1 and max(lengths) <= target and len(lengths) % multiple == 0
+
+
+@pytest.mark.parametrize("samples, target, expected_count", [
+    (20_000, 10_000, 32),  # a default build of 20,000 samples: 32 shards of 625 (8 ranks x 4 workers)
+    (16_000, 10_000, 32),  # from 32 x 500 samples on: a multiple of 32
+    (15_999, 10_000, 30),  # below: the largest even count of shards of at least 500 samples
+    (1_000, 10_000, 2),
+    (999, 10_000, 1),  # too few for two shards of 500
+    (1_219_995, 20_000, 64),  # DigiFace-1M through the digiface recipe: 61 shards of at most 20,000 -> 64
+    (400_000, 20_000, 32),  # digi2real: 20,000 identities x 20 images
+    (425_258, 1_600, 288),  # SFHQ parts 1-4 through the sfhq recipe: 266 -> 288 shards of ~1,477
+    (8_000, 100, 80),  # more shards asked for: their count, even
+    (24, 5, 5),  # a small build: as asked
+    (20_000, 1, 20_000),  # one sample per shard: no rounding past the samples
+])
+def test_the_default_layout_serves_a_node(samples, target, expected_count):
+    lengths = shard_lengths(samples, target)
+    assert len(lengths) == expected_count and sum(lengths) == samples and max(lengths) - min(lengths) <= 1
+    assert max(lengths) <= target
+    if samples >= 2 * 500 and expected_count > 1:
+        assert min(lengths) >= 500 or target < 500
 
 
 def test_layout_options_are_checked():
@@ -228,16 +249,14 @@ def test_sfhq_recipe_output_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_sfhq_truncation_recipe_output_trains(tmp_path):
+def test_sfhq_truncation_recipe_output_trains(tmp_path, stylegan_checkpoints):
     """e4e (identity-level): units of work, then the published shards assembled from them; a damaged unit is
     redone and the shards stay byte-identical."""
-    from facegen.testing.stylegan import write_checkpoints
-
-    e4e_path, _ = write_checkpoints(tmp_path / "ckpt", size=32)
+    e4e_path, _ = stylegan_checkpoints
     out = tmp_path / "out"
     args = ["build", "--recipe", "sfhq-truncation", "--source-opt", "count=12", "--plugin-opt",
             f"checkpoint={e4e_path}", "--shard-size", 5, "--shards-multiple-of", 4, "--out", out]
-    proc = run_facegen(*args)
+    proc = facegen(*args)
     assert proc.returncode == 0, proc.stderr
     assert "units of work 3 (3 written now); assembling the shards took" in proc.stdout
     assert sorted(p.name for p in (out / ".facegen" / "units").glob("*.tar")) == [
@@ -248,18 +267,17 @@ def test_sfhq_truncation_recipe_output_trains(tmp_path):
     reference = [p.read_bytes() for p in shard_paths(out)]
     unit = out / ".facegen" / "units" / "000001.tar"
     subprocess.run(["truncate", "-s", "2048", str(unit)], check=True)
-    proc = run_facegen(*args)
+    proc = facegen(*args)
     assert proc.returncode == 0 and "1 unit failed its check" in proc.stdout
     assert [p.read_bytes() for p in shard_paths(out)] == reference
 
 
 @pytest.mark.slow
-def test_digi2real_recipe_output_trains(tmp_path):
+def test_digi2real_recipe_output_trains(tmp_path, tiny_arc2face):
     """Arc2Face (identity-level, tiny random-weight models) through the digi2real recipe."""
-    from facegen.testing.arc2face import write_tiny_arc2face
     from facegen.testing.digiface import write_digiface_part
 
-    tiny = write_tiny_arc2face(tmp_path / "tiny")
+    tiny = tiny_arc2face
     src = tmp_path / "digiface"
     write_digiface_part(src, ids=range(4), images_per_identity=5, name="subjects_0-1999_72_imgs")
     ids = tmp_path / "ids.txt"
@@ -270,7 +288,7 @@ def test_digi2real_recipe_output_trains(tmp_path):
     for opt in (f"model_dir={tiny}", "shift=none", "steps=2", "latents=1", "images_per_latent=2",
                 "batch_size=2"):
         args += ["--plugin-opt", opt]
-    proc = run_facegen(*args, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    proc = facegen(*args, env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     check_training_readers(out, "png")
 
@@ -300,7 +318,7 @@ def test_shuffle_buffer_mixes_identities(tmp_path):
     print(f"distinct identities in 256: datasets shuffle(1000) {distinct}, webdataset shuffle(1000) "
           f"{wds_distinct}, no shuffle {len(set(unshuffled))}")
     counts = Counter(len(tar_keys(p)) for p in shard_paths(out))
-    assert counts == {1000: 8}
+    assert counts == {500: 16}  # 8,000 samples: the default layout's even count of shards of at least 500
 
 
 def test_a_changed_source_listing_redoes_the_shards_and_drops_surplus_ones(tmp_path, capsys):
@@ -322,3 +340,42 @@ def test_a_changed_source_listing_redoes_the_shards_and_drops_surplus_ones(tmp_p
     assert len(shard_paths(out)) == 4  # 20 samples: train-000004.tar is gone
     check_info_json_like_timm(out)
     assert sorted(check_index(out)) == sorted(f"{c:06d}_{n:03d}" for c in range(5) for n in range(4))
+
+
+# --- the steps every rank can run (facegen.training; the card's snippets compute the same, tests/test_ddp_steps.py) ---
+
+
+def rank_batches(order, ranks, workers, batch_size, reader):
+    """Each rank's full batches for one shard order, by the reader's rule (see facegen/training.py)."""
+    counts = []
+    for rank in range(ranks):
+        if reader == "webdataset" or len(order) % ranks == 0:
+            mine = order[rank::ranks]
+            per_worker = [sum(mine[w::workers]) for w in range(workers)]
+        else:  # datasets: every rank reads every shard, keeps one sample in `ranks`
+            per_worker = [len(range(rank, sum(order[w::workers]), ranks)) for w in range(workers)]
+        counts.append(sum(n // batch_size for n in per_worker))
+    return counts
+
+
+@pytest.mark.parametrize("lengths", [[60] * 5, [80, 78, 80, 77, 80, 75, 80, 70], [625] * 32, [9, 1, 5, 7, 3, 8]])
+def test_every_rank_gets_the_steps_whatever_the_shard_order(lengths):
+    import itertools
+    import random
+
+    from facegen import training
+
+    info = {"splits": {"train": {"num_samples": sum(lengths), "shard_lengths": lengths}}}
+    rng = random.Random(0)
+    orders = [lengths] + [rng.sample(lengths, len(lengths)) for _ in range(30)]
+    for ranks, workers, batch_size in itertools.product((1, 2, 3, 4), (1, 2, 4), (1, 4, 16, 29)):
+        steps = training.steps_per_epoch(info, ranks, workers, batch_size, "datasets")
+        assert all(min(rank_batches(o, ranks, workers, batch_size, "datasets")) >= steps for o in orders)
+        if len(set(lengths)) == 1 and len(lengths) % (ranks * workers) == 0:  # an even split: nothing to spare
+            assert rank_batches(lengths, ranks, workers, batch_size, "datasets") == [steps] * ranks
+        steps = training.steps_per_epoch(info, ranks, workers, batch_size, "webdataset")
+        assert min(rank_batches(lengths, ranks, workers, batch_size, "webdataset")) == steps  # a fixed split
+        if len(lengths) >= ranks * workers:  # timm: no worker's shards run short of its count (no repeats)
+            per_worker = training.timm_num_samples(info, ranks, workers, batch_size) // (ranks * workers)
+            assert per_worker % batch_size == 0
+            assert all(sum(o[g::ranks * workers]) >= per_worker for o in orders for g in range(ranks * workers))

@@ -17,8 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from facegen.errors import UsageError
+from facegen.training import NODE_SHARDS
 
 DEFAULT_SHARD_SAMPLES = 10_000  # img2dataset's default; recipes set their own so that shards weigh ~200 MB-1 GB
+# The default shard count serves a node: a multiple of NODE_SHARDS (8 ranks x 4 DataLoader workers) once the dataset
+# holds that many shards of MIN_SHARD_SAMPLES; below that, the largest even count keeping shards that long (2 ranks
+# or workers).
+MIN_SHARD_SAMPLES = 500
 
 
 def identity_seed(run_seed: int, identity_id: str) -> int:
@@ -119,21 +124,35 @@ def make_plan(
 # --- the published layout ---
 
 
-def check_layout_options(shard_samples: int, multiple_of: int) -> None:
+def check_layout_options(shard_samples: int, multiple_of: int | None) -> None:
     if shard_samples < 1:
         raise UsageError("--shard-samples must be at least 1")
-    if multiple_of < 1:
+    if multiple_of is not None and multiple_of < 1:
         raise UsageError("--shards-multiple-of must be at least 1")
 
 
-def shard_lengths(num_samples: int, shard_samples: int, multiple_of: int = 1) -> list[int]:
+def shard_lengths(num_samples: int, shard_samples: int, multiple_of: int | None = None) -> list[int]:
     """Samples per published shard: the fewest shards of at most ``shard_samples``, their count rounded up to a
-    multiple of ``multiple_of``, sizes differing by at most one (the longer ones first)."""
+    multiple of ``multiple_of``, sizes differing by at most one (the longer ones first).
+
+    ``multiple_of`` None is the default layout, which serves a node: from NODE_SHARDS x MIN_SHARD_SAMPLES samples
+    on, a multiple of NODE_SHARDS; below, at least the largest even count of shards of MIN_SHARD_SAMPLES or more
+    (and an even count); below 2 x MIN_SHARD_SAMPLES samples, no rounding."""
     check_layout_options(shard_samples, multiple_of)
     if num_samples < 1:
         return []
     count = math.ceil(num_samples / shard_samples)
-    count = math.ceil(count / multiple_of) * multiple_of
+    if multiple_of is None:
+        if num_samples >= NODE_SHARDS * MIN_SHARD_SAMPLES:
+            multiple = NODE_SHARDS
+        elif num_samples >= 2 * MIN_SHARD_SAMPLES:
+            multiple, count = 2, max(count, num_samples // (2 * MIN_SHARD_SAMPLES) * 2)
+        else:
+            multiple = 1
+        rounded = math.ceil(count / multiple) * multiple
+        count = rounded if rounded <= num_samples else count  # --shard-samples 1: one sample per shard
+    else:
+        count = math.ceil(count / multiple_of) * multiple_of
     if count > num_samples:
         raise UsageError(f"--shards-multiple-of {multiple_of} needs at least {count} samples (one per shard), and "
                          f"this build has {num_samples}: choose a smaller multiple")

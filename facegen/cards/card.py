@@ -18,6 +18,7 @@ import jinja2
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from facegen.cards.licenses import LicenceChain, licence_chain
+from facegen.cards.loading import loading_context
 from facegen.cards.preview import preview_grid
 from facegen.cards.public import (
     OUT_PLACEHOLDER,
@@ -387,9 +388,10 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         "repo_id": repo or PLACEHOLDER_REPO,
         "repo_known": repo is not None,
         "data_files": DATA_FILES,
-        "last_shard": f"{max(num_shards - 1, 0):06d}",
         "layout_lengths": _lengths_text([s.images for s in shards]),
         "layout_mode": run.layout.mode,
+        "loading": loading_context(run, [s.images for s in shards], statistics.image_sizes,
+                                   repo or PLACEHOLDER_REPO),  # training on several ranks: steps, splitting rules
         "shards": shards[:SHARD_CHECKSUMS_SHOWN],
         "shards_hidden": max(0, num_shards - SHARD_CHECKSUMS_SHOWN),
         "has_preview": preview is not None,

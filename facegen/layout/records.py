@@ -282,7 +282,7 @@ class RunOptions:
     identities_file_sha256: str | None
     shard_size: int  # identities per unit of work (the --shard-size flag)
     shard_samples: int
-    shards_multiple_of: int
+    shards_multiple_of: int | None  # None: the default layout (builders/plan.py)
     seed: int
     format: str
     strict: bool
@@ -371,7 +371,7 @@ class BuildSignature(Record):
     identities: int
     shard_size: int
     shard_samples: int
-    shards_multiple_of: int
+    shards_multiple_of: int | None  # None: the default layout (builders/plan.py)
     seed: int
     format: str
     verify: str

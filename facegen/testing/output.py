@@ -121,7 +121,7 @@ def write_output_folder(out: str | os.PathLike, identities: int = 6, images_per_
                            plugin="fixture-transform", plugin_opts={"steps": 25, "guidance": 3.0, "fp16": True},
                            recipe=None, limit_identities=None, identities_file=None, identities_file_sha256=None,
                            shard_size=shard_size, shard_samples=shard_size * images_per_identity,
-                           shards_multiple_of=1, seed=7, format="png", strict=False, verify="full"),
+                           shards_multiple_of=None, seed=7, format="png", strict=False, verify="full"),
         plan=PlanRecord(identities=identities, shards=num_shards, plan_sha256="0" * 64),
         layout=LayoutRecord(mode="per-image", units=None, identities_per_unit=None,
                             planned_shard_lengths=[n * images_per_identity for n in per_shard],

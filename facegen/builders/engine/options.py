@@ -26,7 +26,7 @@ class BuildConfig:
     identities_file: str | None = None
     shard_size: int = 100  # identities per unit of work
     shard_samples: int | None = None  # target samples per published shard (None: DEFAULT_SHARD_SAMPLES)
-    shards_multiple_of: int = 1  # published shard count rounded up to a multiple of this (ranks x workers)
+    shards_multiple_of: int | None = None  # shard count rounded up to a multiple of this (None: the default layout)
     seed: int = 0
     format: str | None = None
     strict: bool = False

@@ -237,3 +237,32 @@ def test_a_member_over_the_cap_is_never_read(tmp_path):
     [sample] = parent.by_identity["huge"]
     with pytest.raises(OSError, match="over the 16,777,216 a facegen dataset's member may hold"):
         parent.image(sample)
+
+
+def test_the_preview_never_decodes_an_image_over_the_builds_pixel_limit(tmp_path):
+    """A shard whose first image is a black PNG of 8192x4097 (just over MAX_PIXELS; small on the disk, 100 MB as RGB
+    once decoded) and whose second is a black 64x64: the first tile stays blank (white), the second is drawn."""
+    import io
+
+    from PIL import Image
+
+    from facegen.builders.engine.images import MAX_PIXELS
+    from facegen.cards.preview import GAP, TILE, preview_grid
+    from facegen.testing.hostile import ustar_header
+
+    def png(width, height):
+        buffer = io.BytesIO()
+        Image.new("L", (width, height)).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    assert 8192 * 4097 > MAX_PIXELS
+    shard = tmp_path / "train-000000.tar"
+    with open(shard, "wb") as f:
+        for key, data in (("000000_000", png(8192, 4097)), ("000001_000", png(64, 64))):
+            f.write(ustar_header(f"{key}.png", b"%011o\0" % len(data)) + data + bytes(-len(data) % 512))
+        f.write(bytes(1024))
+    with Image.open(io.BytesIO(preview_grid([shard], "png"))) as grid:
+        grid = grid.convert("L")
+        centre = 16 + GAP + TILE // 2
+        assert grid.getpixel((GAP + TILE // 2, centre)) > 225  # the huge image: no tile
+        assert grid.getpixel((2 * GAP + TILE + TILE // 2, centre)) < 30  # the small one: drawn

@@ -362,3 +362,31 @@ def test_when_a_rank_dies_the_other_stops_in_bounded_time_and_a_rerun_resumes(sl
     assert code == 0 and "already complete" in stdout, stdout + err
     assert writers(out) >= {(0, 1), (0, 2)}
     assert datasets.load_dataset(str(out), split="train").num_rows == 80
+
+
+def test_a_rank_that_failed_finished_without_its_file_or_belongs_to_an_earlier_run_is_judged_on_its_beat(tmp_path):
+    """The waiting process's judgement of another's beat file: failed stops it at once with that process's error,
+    done without the owed file stops it at once, a file completed meanwhile does not, and a beat of an earlier run
+    is no beat (silent: stopped after the timeout)."""
+    from facegen.builders.engine.ranks import Ranks
+    from facegen.errors import RankLost
+    from facegen.layout import OutputFolder
+
+    folder, owed = OutputFolder(tmp_path), {1: "shard 1"}
+    waiter = Ranks(folder, "run-a", 0, 2, timeout=600)
+    other = Ranks(folder, "run-a", 1, 2, timeout=600).start()
+    waiter.check(owed, lambda rank: "shard 1")  # running
+    other.stop(OSError("disk on fire\nsecond line"))
+    with pytest.raises(RankLost, match=rf"process 1 of 2 \(host .*, pid {os.getpid()}\) stopped on an error \(disk "
+                                       r"on fire\) before writing shard 1: .*rerun to resume"):
+        waiter.check(owed, lambda rank: "shard 1")
+    waiter.check(owed, lambda rank: None)  # the file was completed meanwhile
+    Ranks(folder, "run-a", 1, 2, timeout=600).stop()
+    with pytest.raises(RankLost, match="process 1 of 2 .* finished, but shard 1 is missing: .*rerun to resume"):
+        waiter.check(owed, lambda rank: "shard 1")
+    Ranks(folder, "run-old", 1, 2, timeout=600).stop(OSError("an earlier run's failure"))
+    waiter = Ranks(folder, "run-a", 0, 2, timeout=0.2)
+    waiter.check(owed, lambda rank: "shard 1")  # no beat of this run yet: silent from now on
+    time.sleep(0.3)
+    with pytest.raises(RankLost, match=r"process 1 of 2 has given no sign of life .* shard 1 is still missing"):
+        waiter.check(owed, lambda rank: "shard 1")

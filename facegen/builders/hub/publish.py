@@ -212,7 +212,7 @@ def _check_card(out: Path, run: RunRecord, problems: list[str]) -> None:
 
 
 def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = "full",
-                  counted: dict[str, int] | None = None) -> None:
+                  counted: dict[str, int | None] | None = None) -> None:
     from facegen.cards.stats import summarise
 
     image_column = run.image_column
@@ -237,6 +237,8 @@ def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = 
         found, problem = check_shard(path, image_column, verify)
         if problem:
             problems.append(f"{rel}: {problem}")
+            if counted is not None:
+                counted[rel] = None  # a shard of this build, reported: its count is unknown
             continue
         if found["bytes"] != stats.tar_bytes:
             problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats.tar_bytes}")
@@ -315,8 +317,9 @@ def _check_links(out: Path, problems: list[str]) -> None:
             problems.append(f"README.md links to {path}, which is missing")
 
 
-def _check_info(out: Path, counted: dict[str, int], problems: list[str]) -> None:
-    """`_info.json` (timm's shard list), when present, names exactly the shards with their sample counts."""
+def _check_info(out: Path, counted: dict[str, int | None], problems: list[str]) -> None:
+    """`_info.json` (timm's shard list), when present, names exactly the shards with their sample counts (those
+    counted: a shard whose check failed was reported already)."""
     path = out / "_info.json"
     if not path.is_file():
         return
@@ -332,9 +335,9 @@ def _check_info(out: Path, counted: dict[str, int], problems: list[str]) -> None
     for name in sorted(set(counted) - set(listed)):
         problems.append(f"_info.json does not list the shard {name}")
     for name in sorted(set(listed) & set(counted)):
-        if listed[name] != counted[name]:
+        if counted[name] is not None and listed[name] != counted[name]:
             problems.append(f"_info.json gives {name} {count(listed[name], 'sample')}; it holds {counted[name]}")
-    if num_samples != sum(counted.values()):
+    if None not in counted.values() and num_samples != sum(counted.values()):
         problems.append(f"_info.json: num_samples {num_samples}, the shards hold {sum(counted.values())}")
 
 
@@ -436,7 +439,7 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
     except UsageError as exc:
         return [str(exc)]
     problems: list[str] = []
-    counted: dict[str, int] = {}
+    counted: dict[str, int | None] = {}
     _check_card(out, run, problems)
     if not problems:
         _check_licence(out, problems)

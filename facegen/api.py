@@ -40,7 +40,8 @@ from facegen.records import Face, Identity, IdentityResult, SourceImage, Skip, p
 from facegen.streams import run_ahead, stop_if_closed
 
 __all__ = [
-    "DownloadFile", "Face", "Identity", "IdentityResult", "LicenseInfo", "ModelInfo", "Option", "Plugin",
+    "CHANNEL_ORDERS", "DownloadFile", "ExpectedCounts", "Face", "Identity", "IdentityResult", "LicenseInfo",
+    "ModelInfo", "Option", "Plugin",
     "SampleError", "Skip", "Source", "SourceImage", "Transform", "UsageError", "check_provenance_files",
     "declared_paths", "natural_key", "parse_options", "printable_name", "run_ahead", "sha256_file", "sniff_image",
     "stop_if_closed", "to_bool", "to_list", "warn",
@@ -131,7 +132,8 @@ def parse_options(spec: dict[str, Option], given: dict[str, Any], owner: str) ->
             value = raw if raw is None else option.type(raw)
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{owner}: bad value {raw!r} for option {name!r}: {exc}") from None
-        if option.choices is not None and value not in option.choices:
+        unset = value is None and option.default is None  # a card's `null` for an option left out
+        if option.choices is not None and value not in option.choices and not unset:
             choices = ", ".join(map(str, option.choices))
             raise UsageError(f"{owner}: option {name!r} must be one of {choices}, got {raw!r}")
         values[name] = value
@@ -199,6 +201,19 @@ class Plugin:
 
 
 @dataclass(frozen=True)
+class ExpectedCounts:
+    """What the publisher of a dataset states the complete set holds, and where it says so: a build that reads
+    the whole source and finds other counts is warned about (a partial download, another release)."""
+
+    identities: int | None = None  # None: not stated
+    images: int | None = None
+    stated_by: str = ""  # e.g. "the Vec2Face model card (huggingface.co/BooBooWu/Vec2Face)"
+
+
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+@dataclass(frozen=True)
 class DownloadFile:
     """One file of a source's published download: ``facegen download`` fetches ``Source.download_url + name`` and
     verifies it (size and sha256 where published, otherwise every zip member's CRC) before it gets its name."""
@@ -224,6 +239,13 @@ class Source(Plugin):
     dataset_name = ""
     download_url = ""  # base URL of the published files (`facegen download`); a file's URL is this + its name
     download_files: Sequence[DownloadFile] = ()
+    # what one identity of the plan is, for the card ("identity"; a verification set's rows are "pair"s)
+    identity_noun = "identity"
+    # channel order of the stored pixels when the source knows it (CHANNEL_ORDERS; None: not declared, the usual
+    # RGB of PNG and JPEG files). "bgr" images are copied as they are and marked in each sample's json and the
+    # card; only `--format png` converts them to RGB, losslessly. Transforms that decode the images refuse them.
+    channels: str | None = None
+    expected_counts: ExpectedCounts | None = None  # what the dataset's publisher states it holds
 
     def __init__(self, path: str | os.PathLike | None = None, **options: Any):
         super().__init__(**options)

@@ -25,6 +25,7 @@ AFTER_A_STOP = {
     "curate": "complete shards are kept; rerun the same command to resume",
     "demo": "complete shards are kept; rerun the same command to resume",
     "download": "what arrived is kept in a partial file; rerun the same command to resume",
+    "export": "what was exported is kept; rerun the same command to resume",
     "publish": "rerun the same command to resume the upload (files already committed are skipped)",
 }
 
@@ -244,19 +245,42 @@ def download_command(source, directory, parts, base_url, accept_license, retries
 @click.option("--realign", is_flag=True,
               help="Detect and align 112x112 crops (DigiFace) again before embedding, as Arc2Face's demo does with "
                    "any input (default: embed them as they are, as Digi2Real does).")
+@click.option("--identities-per-batch", type=int, default=16, show_default=True,
+              help="Identities per recogniser pass; a rerun after an interruption resumes from the last whole batch.")
 @click.option("--out", required=True, type=click.Path(), help="Output prototypes.npz.")
-def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, realign, out):
-    """Identity prototypes (normalised mean unit ArcFace embedding) -> prototypes.npz (ids, embeddings)."""
-    from facegen.builders.quality.identities import FaceEmbedder, embed_source, open_source
-    from facegen.builders.engine.options import parse_pairs
+def embed_command(source, source_path, source_opts, model_dir, detector, det_size, limit_identities, realign,
+                  identities_per_batch, out):
+    """Identity prototypes (normalised mean unit ArcFace embedding) -> prototypes.npz (ids, embeddings).
 
+    On many processes (`accelerate launch`, `torchrun`) the identities are shared out by batches; the result is the
+    same bytes as on one process."""
+    import os
+
+    from facegen.builders.engine.options import parse_pairs
+    from facegen.builders.quality.identities import FaceEmbedder, embed_source, open_source
+    from facegen.builders.quality.pieces import Ranks, remove_pieces
+    from facegen.generators.arcface import default_providers
+    from facegen.layout import pieces_folder
+
+    if identities_per_batch < 1:
+        raise UsageError("--identities-per-batch must be at least 1")
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out} is a folder; give the prototypes file's name, e.g. {out}/prototypes.npz")
+    ranks = Ranks.current()
     src = open_source(source, source_path, parse_pairs(source_opts, "--source-opt"))
-    embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, realign=realign)
-    prototypes = embed_source(src, embedder, limit=limit_identities)
+    embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, realign=realign,
+                            providers=default_providers(device_id=ranks.gpu() if ranks.count > 1 else None))
+    pieces = pieces_folder(os.path.abspath(out))
+    prototypes = embed_source(src, embedder, limit=limit_identities, identities_per_batch=identities_per_batch,
+                              pieces=pieces, ranks=ranks)
     src.close()
+    if prototypes is None:  # another process: the main one writes
+        return
     if not prototypes.ids:
+        remove_pieces(pieces)
         raise UsageError(f"no identity of {source_path} has a usable face image; nothing written")
     prototypes.save(out)
+    remove_pieces(pieces)
     reasons: dict[str, int] = {}
     for skip in prototypes.skipped:
         reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
@@ -398,6 +422,28 @@ def card_command(out, repo_id, gating):
                + (f" ({files.card_data.license_name})" if files.card_data.license == "other" else "")
                + f" — {files.chain.summary}")
 
+# --- export (issue 20) ---
+
+
+@main.command("export")
+@click.argument("out", metavar="OUT", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(["rec", "imagefolder"]),
+              help="rec: train.rec + train.idx + property, insightface's layout (arcface_torch's MXFaceDataset); "
+                   "imagefolder: DIR/{identity}/{n}.{ext} (torchvision's ImageFolder).")
+@click.option("--to", "directory", required=True, type=click.Path(file_okay=False),
+              help="Folder to export into (new or empty; rerun the same command to resume).")
+@click.option("--shuffle", is_flag=True,
+              help="rec: the header-less flavour in a shuffled order, as DALI's mxnet reader wants it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --shuffle's order.")
+def export_command(out, fmt, directory, shuffle, seed):
+    """Export the facegen dataset OUT (a folder, ORG/NAME or hf://datasets/ORG/NAME) for face-recognition trainers;
+    image bytes are copied, never re-encoded, and the dataset's card and LICENSE go beside them."""
+    from facegen.builders.export import export
+
+    summary = export(out, directory, fmt, shuffle=shuffle, seed=seed)
+    for line in summary.lines():
+        click.echo(line)
+
 # --- quality report and curation (issue 13) ---
 
 
@@ -423,7 +469,9 @@ def _recognizer_options(command):
 @click.argument("out", metavar="OUT", type=click.Path())
 @_recognizer_options
 @click.option("--against", metavar="PATH_OR_REPO",
-              help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its.")
+              help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its; "
+                   "or a verification .bin (lfw.bin): list identities of OUT whose prototype matches one of its "
+                   "images (cosine >= --min-similarity).")
 @click.option("--out", "report_dir", type=click.Path(), metavar="DIR",
               help="Write report.json, report_embeddings.npz and report/*.png into DIR (required when OUT is a "
                    "Hub id; a local OUT's card is then left unchanged).")

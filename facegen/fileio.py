@@ -4,6 +4,8 @@
   temporary beside the target (``.NAME.tmp-PID``, which ``--overwrite`` and a full disk's clean-up know), are
   flushed and fsynced, renamed over the target, and the folder is fsynced so that the rename survives a crash.
   A failure (a full disk, Ctrl-C) removes the temporary and leaves the previous file as it was.
+- :func:`atomic_npz`: an ``.npz`` written atomically whose bytes depend on its arrays alone (``np.savez`` dates
+  each zip entry with the current time, so the same arrays saved twice differ).
 - :func:`sha256_file`, :func:`xxh3_128_file`: streamed in 8 MiB blocks, never the whole file in memory.
 """
 
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import xxhash
 
 BLOCK = 8 << 20
@@ -42,27 +46,51 @@ def fsync_folder(folder: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """``with atomic_file(path) as f: f.write(...)``: the file gets its name only when the block ends normally."""
+def atomic_file(path: str | os.PathLike, durable: bool = True) -> Iterator[BinaryIO]:
+    """``with atomic_file(path) as f: f.write(...)``: the file gets its name only when the block ends normally.
+
+    ``durable=False`` skips the fsyncs: the file still appears whole or not at all to any process, and a killed
+    process never leaves a partial file under the name, but a power loss may (for many small files, such as an
+    image-folder export, whose writer makes everything durable once at the end with :func:`sync_all`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_folder(path.parent)
+    if durable:
+        fsync_folder(path.parent)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+def sync_all() -> None:
+    """Make every write so far durable (after many :func:`atomic_file` writes with ``durable=False``)."""
+    os.sync()
+
+
+def atomic_write(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
-    with atomic_file(path) as f:
+    with atomic_file(path, durable) as f:
         f.write(data)
+
+
+NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold, as reproducible builds use
+
+
+def atomic_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez(path, **arrays)`` (uncompressed, no pickle) atomically, with every entry dated :data:`NPZ_DATE`:
+    the same arrays give the same bytes."""
+    with atomic_file(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_DATE)
+            with archive.open(entry, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 Progress = Callable[[int], object]  # called with the bytes of each block read (e.g. a tqdm bar's update)

@@ -333,12 +333,13 @@ class PublishedDataset:
             out.append((cls, key, Sample(index, key, cls, identity, members)))
         return out
 
-    def read(self, sample: Sample, field_name: str) -> bytes:
-        """One member's bytes (opened per call, so threads may read concurrently)."""
+    def read(self, sample: Sample, field_name: str, length: int | None = None) -> bytes:
+        """One member's bytes, or its first ``length`` (opened per call, so threads may read concurrently)."""
         members = self.members(sample)
         if field_name not in members:
             raise OSError(f"sample {sample.key} has no {field_name!r} member")
         offset, size = members[field_name]
+        size = size if length is None else min(size, length)
         with open(self.shards[sample.shard], "rb") as f:
             f.seek(offset)
             data = f.read(size)

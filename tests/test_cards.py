@@ -263,6 +263,14 @@ def _recipe_run(recipe: Path, tmp_path: Path) -> dict:
                 "license": None if lic is None else dict(vars(lic)), "provenance": {}}
 
     transform = record(transform_cls)
+    source = record(source_cls)
+    dataset = (values.get("source_opts") or {}).get("dataset")
+    if dataset:  # a preset: the source declares the published set's metadata as its own (dataset= option)
+        from facegen.plugins.published_sets import PUBLISHED_SETS
+
+        row = PUBLISHED_SETS[dataset]
+        source.update(card_description=row.description, homepage=row.homepage, citation=row.citation,
+                      license=dict(vars(row.license)), dataset_name=row.name)
     options = dict(values.get("plugin_opts") or {})
     if values["plugin"] == "e4e":  # the weights are the user's to give: a tiny checkpoint in the real format
         from facegen.testing.stylegan import write_checkpoints
@@ -291,7 +299,7 @@ def _recipe_run(recipe: Path, tmp_path: Path) -> dict:
             "layout": {"mode": "units", "units": 0, "identities_per_unit": values.get("shard_size", 100),
                        "planned_shard_lengths": [], "order": "", "units_xxh3_128": None,
                        "identities_without_images": []},
-            "source": record(source_cls), "transform": transform, "features": features.to_dict(),
+            "source": source, "transform": transform, "features": features.to_dict(),
             "image_column": fmt, "quality_fields": list(getattr(transform_cls, "quality_fields", ())),
             "totals": {"identities": 0, "images": 0, "skipped": {}, "shards": 0}}
 

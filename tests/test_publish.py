@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub._upload_pipeline  # the commit budget the multi-commit test lowers; not imported by the package
 import pytest
 import xxhash
 import yaml
@@ -310,6 +311,20 @@ def _fixture_source(source: str, root: Path) -> Path | None:
 
         write_disco_source(root, identities=2, augmentations=2)
         return root
+    if source == "folder":  # file names in SynFace's pattern, which the other folder presets accept too
+        from facegen.testing.folder import draw_face, encode
+
+        for i, n in ((1, 1), (1, 2), (2, 1)):
+            (root / f"{i:05d}").mkdir(parents=True, exist_ok=True)
+            (root / f"{i:05d}" / f"{n:03d}_{i:05d}x0.700_(00042)x0.300.jpg").write_bytes(
+                encode(draw_face(i, n, size=32), "jpg"))
+        return root
+    if source == "lmdb":
+        from facegen.testing.vec2face import write_vec2face_lmdb
+
+        return write_vec2face_lmdb(root / "set.lmdb", identities=2, images_per_identity=2)
+    if source == "rec":
+        return Path(__file__).parent / "fixtures" / "recordio" / "dcface"
     return None
 
 

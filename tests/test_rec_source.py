@@ -93,11 +93,11 @@ def test_dcface_list_layout_takes_the_class_from_the_path_folder():
     assert "path" in source.json_features() and "path" not in RecSource(FIXTURES / "face").json_features()
 
 
-def test_channels_option_marks_the_samples_and_keeps_the_bytes():
+def test_channels_option_declares_the_order_and_keeps_the_bytes():
     rgb, bgr = RecSource(FIXTURES / "face"), RecSource(FIXTURES / "face", channels="bgr")
     a, b = rgb.load("1")[0], bgr.load("1")[0]
-    assert (a.meta["channels"], b.meta["channels"]) == ("rgb", "bgr") and a.data == b.data
-    assert set(bgr.json_features()) == {"record", "channels"}
+    assert (rgb.channels, bgr.channels) == ("rgb", "bgr") and a.data == b.data  # the build marks each json
+    assert set(bgr.json_features()) == {"record"}
     with pytest.raises(UsageError, match="channels"):
         RecSource(FIXTURES / "face", channels="yuv")
 

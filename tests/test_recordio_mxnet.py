@@ -63,3 +63,31 @@ def test_mxnet_reads_facegen_s_writer_as_facegen_s_reader_does(tmp_path):
                           for identity in source.identities() for item in source.load(identity))
     assert facegen_view == mxnet_view and len(mxnet_view) == 20
     assert sum(image(i, n).count(MAGIC_BYTES) == 2 for i in range(5) for n in range(4)) >= 6
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MXNET_PYTHON, reason="FACEGEN_MXNET_PYTHON names no interpreter with mxnet 1.9.1")
+@pytest.mark.parametrize("shuffle", [False, True], ids=["face-layout", "shuffled"])
+def test_mxnet_reads_facegen_export_as_arcface_torch_and_dali_do(tmp_path, shuffle):
+    """`facegen export --format rec` (and its header-less `--shuffle` flavour, read through the index's keys as
+    DALI's reader does): mxnet sees every published sample once, with its class and its exact bytes."""
+    import tarfile
+
+    from conftest import build, facegen
+    from facegen.testing.folder import write_folder_source
+
+    src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=3, size=16)
+    build("--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", tmp_path / "ds")
+    facegen("export", tmp_path / "ds", "--format", "rec", *(["--shuffle"] if shuffle else []), "--to",
+            tmp_path / "rec", check=True)
+    published = []
+    for tar in sorted((tmp_path / "ds" / "data" / "train").glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+        published += [(int(members[name]), hashlib.sha256(members[name[:-3] + "png"]).hexdigest())
+                      for name in members if name.endswith(".cls")]
+    result = subprocess.run([MXNET_PYTHON, "-c", MXFACE_DATASET, str(tmp_path / "rec")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted((label, digest) for _, label, digest in json.loads(result.stdout)) == sorted(published)
+    assert len(published) == 12

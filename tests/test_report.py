@@ -135,6 +135,40 @@ def test_against_lists_the_identities_another_dataset_holds(real, tmp_path, caps
     assert "identity leakage" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
+def test_against_a_verification_bin_finds_the_planted_leak(real, tmp_path, capsys):
+    """A training set of 3 real identities; a benchmark `.bin` (insightface's pickle of (bins, issame)) whose pairs
+    show people absent from it, one undecodable image, and one image of t1-1 (the planted leak): only t1-1 is
+    listed, with that benchmark image as its nearest."""
+    import pickle
+
+    _, _, src = real
+    ids = tmp_path / "ids.txt"
+    ids.write_text("t1-0\nt1-1\nt1-3\n")
+    train = tmp_path / "train"
+    build("--source", "folder", "--source-path", src, "--identities-file", ids, "--plugin", "passthrough",
+          "--out", train)
+    absent = [(src / name / "00.png").read_bytes() for name in ("astronaut", "t1-5", "hanks", "t1-2")]
+    leak = (src / "t1-1" / "03.png").read_bytes()
+    bins = [absent[0], absent[1], absent[2], leak, absent[3], b"not an image"]
+    lfw = tmp_path / "lfw.bin"
+    lfw.write_bytes(pickle.dumps((bins, [False, False, False])))
+    proc = facegen("report", train, "--against", lfw)
+    assert proc.returncode == 0, proc.stderr
+    against = json.loads((train / ".facegen" / "report.json").read_text())["against"]
+    assert (against["kind"], against["pairs"], against["images"], against["embedded"]) == \
+        ("verification images", 3, 6, 5)
+    assert [m[:2] for m in against["matches"]] == [["t1-1", "pair-000001/right"]]
+    assert against["matches"][0][2] >= against["threshold"] == 0.925
+    assert "identities matching an image of lfw.bin (cosine >= 0.925): 1" in proc.stdout
+    card = (train / "README.md").read_text()
+    assert "matches an image of the benchmark `lfw.bin` (both sides of its 3 pairs" in card
+    hostile = tmp_path / "hostile.bin"
+    hostile.write_bytes(b"\x80\x04cposix\nsystem\n\x94.")
+    proc = facegen("report", train, "--against", hostile)
+    assert proc.returncode == 2 and "--against hostile.bin is not a verification pickle" in proc.stderr
+
+
 def test_arcface_recognizer_plumbing_with_tiny_random_weights(tmp_path, capsys, tiny_face_models):
     """Random weights: only the path is checked (112x112 crops embedded as they are, a corrupt image counted)."""
     models = tiny_face_models

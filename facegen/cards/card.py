@@ -105,6 +105,7 @@ def _columns(run: RunRecord, features) -> list[dict]:
     ``columns`` in their run record: ``{"json.part": "…", "landmarks.npy": "…"}``); other plugin columns get a
     generic line."""
     image_column = run.image_column
+    noun = run.source.identity_noun or "identity"
     quality = set(run.quality_fields)
     source, transform = run.source, run.transform
     declared_by = f"declared by the {source.name} source or the {transform.name} transform"
@@ -114,13 +115,15 @@ def _columns(run: RunRecord, features) -> list[dict]:
     image_kind = {"png": "PNG", "jpg": "JPEG"}.get(image_column, image_column)
     known = {
         image_column: f"the face image ({image_kind})",
-        "cls": "integer identity label: the identity's position in the build plan (0 … identities − 1)",
+        "cls": f"integer {noun} label: the {noun}'s position in the build plan (0 … {_plural(noun)} − 1)",
         "json": "per-sample metadata (the fields below)",
         "json.identity": "the identity's id in the source dataset",
         "json.source": "the source plugin's name",
         "json.source_ref": "the source image (or seed) this sample was made from",
         "json.width": "width of the stored image in pixels (as decoded, before any EXIF orientation)",
         "json.height": "height of the stored image in pixels (as decoded, before any EXIF orientation)",
+        "json.channels": "channel order of the stored pixels: rgb, or bgr (red and blue swapped, as the source "
+                         "stores them)",
         "__key__": "sample key `{cls:06d}_{n:03d}` (identity label, image number)",
         "__url__": "the shard (tar file) the sample was read from",
     }
@@ -137,6 +140,32 @@ def _columns(run: RunRecord, features) -> list[dict]:
         if name == "json" and isinstance(feature, dict):
             rows += [row(f"json.{field}", sub, field in quality) for field, sub in feature.items()]
     return rows
+
+
+def _plural(noun: str) -> str:
+    return "identities" if noun == "identity" else noun + "s"
+
+
+def channels_text(run: RunRecord) -> str:
+    """The card's statement of the stored images' channel order ("" when the source declared none)."""
+    stored, declared = run.channels, run.source.channels
+    if stored == "bgr":
+        return ("BGR: red and blue are swapped, as the source stores them (`json.channels` is `bgr`); swap them back "
+                "(`image[..., ::-1]`) before use, or rebuild with `--format png` to store RGB")
+    if stored == "rgb" and declared == "bgr":
+        return "RGB, converted from the source's BGR by `--format png` (lossless; counted under conversions)"
+    return "RGB" if stored == "rgb" else ""
+
+
+def expected_text(run: RunRecord) -> str:
+    """What the dataset's publisher states it holds, as the card words it ("" when the source states nothing)."""
+    expected = run.source.expected_counts
+    if expected is None or (expected.identities is None and expected.images is None):
+        return ""
+    noun = run.source.identity_noun or "identity"
+    parts = ([f"{expected.identities:,} {_plural(noun)}"] if expected.identities is not None else []) + (
+        [f"{expected.images:,} images"] if expected.images is not None else [])
+    return " and ".join(parts) + (f" ({expected.stated_by})" if expected.stated_by else "")
 
 
 def _option_args(flag: str, options: dict) -> list[str]:
@@ -379,6 +408,9 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         "synthetic": images_are_synthetic(run),
         "gated": gated,
         "stats": statistics,
+        "noun": run.source.identity_noun or "identity",
+        "channels": channels_text(run),
+        "expected": expected_text(run),
         "failures": scrub(statistics.failures, known),
         "totals": run.totals,
         "chain": chain,

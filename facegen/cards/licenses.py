@@ -166,12 +166,14 @@ def _plugin_input(role: str, record: PluginRecord) -> LicenceInput:
     hub_id = lic.id or None
     stated = lic.name or hub_id or ""
     commercial = lic.commercial_use
-    if commercial is None:
-        commercial = classify(stated, lic.note, hub_id)
+    if not stated:  # declared without a licence (a publisher that states none): unknown unless its note says more
+        commercial = classify("", lic.note)
+    elif commercial is None:
+        commercial = bool(classify(stated, lic.note, hub_id))
     elif commercial and NON_COMMERCIAL_WORDS.search(f"{stated} {lic.note}"):
         commercial = False  # an explicit "non-commercial" note wins over a flag set by mistake
     return LicenceInput(role=role, name=name, licence=stated, hub_id=None if hub_id == "other" else hub_id,
-                        link=lic.link, note=lic.note, commercial_use=bool(commercial), text=lic.text)
+                        link=lic.link, note=lic.note, commercial_use=commercial, text=lic.text)
 
 
 def _model_input(model: ModelRecord) -> LicenceInput:

@@ -85,12 +85,16 @@ def _graph_normalises_itself(onnx_path: str) -> bool:
     return has_sub and has_mul
 
 
-def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, CPU always last."""
+def default_providers(device_id: int | None = None) -> list:
+    """CUDA first when this onnxruntime build has it, CPU always last; ``device_id``: the GPU to use (a process of
+    a run on many GPUs uses its own: its index on the machine)."""
     import onnxruntime
 
     available = onnxruntime.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    providers: list = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if device_id is not None and providers[0] == "CUDAExecutionProvider":
+        providers[0] = ("CUDAExecutionProvider", {"device_id": device_id})
+    return providers
 
 
 def session_options(threads: int | None = None):

@@ -7,8 +7,11 @@ way to write and read it.
     units/{i:06d}.json            :class:`UnitStats`     the same for a unit of work (identity-level transforms)
     shards/index/, units/index/   :class:`SampleIndex`   where each sample lies in its tar
     report.json                   :class:`QualityReport` what `facegen report` measured
+    report_embeddings.npz, pieces :class:`EmbeddingsRecord` what an embeddings file holds besides its arrays
     curation.json                 :class:`Curation`      what `facegen curate` removed (no schema field: see there)
     card_files.json               :class:`CardFilesRecord` the versions facegen wrote of its own card files
+
+and, in an export's folder (``facegen export … --to DIR``), ``DIR/.facegen-export.json`` (:class:`ExportRecord`).
 
 Every record is a frozen dataclass written as JSON with its ``schema`` (``facegen-run-1``) first. Reading checks the
 schema, that every required field is there with its type, and that nothing else is: a damaged, foreign or
@@ -239,6 +242,15 @@ class PathOptionRecord:
 
 
 @dataclass(frozen=True)
+class ExpectedCountsRecord:
+    """What a dataset's publisher states it holds (``facegen.api.ExpectedCounts``)."""
+
+    identities: int | None = None
+    images: int | None = None
+    stated_by: str = ""
+
+
+@dataclass(frozen=True)
 class PluginRecord:
     """A source or transform as the build used it: its card text, licence, options and provenance."""
 
@@ -256,6 +268,9 @@ class PluginRecord:
     synthetic: bool | None = None  # the card calls images synthetic only when stated
     path_options: dict[str, PathOptionRecord] = field(default_factory=dict)  # what cards, publish, --from-card hide
     dataset_name: str | None = None  # sources only: what the licence table calls the data the source reads
+    identity_noun: str | None = None  # sources only: what one identity of the plan is ("identity", "pair")
+    channels: str | None = None  # sources only: the channel order the source declared for its images (rgb, bgr)
+    expected_counts: ExpectedCountsRecord | None = None  # sources only: what the dataset's publisher states
     models: list[ModelRecord] = field(default_factory=list)  # transforms only
     copies_source_images: bool | None = None  # transforms only: the faces are the source's own images
 
@@ -328,6 +343,7 @@ class RunRecord(Record):
     image_column: str
     quality_fields: list[str]
     totals: Totals
+    channels: str | None = None  # channel order of the published images, when the source declared one
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=1).encode()
@@ -543,6 +559,24 @@ class QualityReport(Record):
 
 
 @dataclass(frozen=True)
+class EmbeddingsRecord(Record):
+    """What an embeddings file holds besides its numeric arrays, stored in it as the member ``record`` (this JSON as
+    a uint8 array: the file stays a plain npz, read without pickle): the report's ``report_embeddings.npz``
+    (``batch`` -1) and each piece of an embedding pass (``.NAME.pieces/{b:06d}.npz``, see
+    :mod:`facegen.builders.quality.pieces`). ``signature`` is what must match for the file to be reused (the
+    recogniser, the dataset's shards or the source, and for a piece the batch size); ``keys`` names the rows (the
+    report's samples, `facegen embed`'s identities); ``columns`` holds the per-row values that are not numbers,
+    one list per name with one value per key (the report: reasons, modes, sizes; embed: skips)."""
+
+    SCHEMA: ClassVar[str] = "facegen-embeddings-1"
+
+    signature: dict
+    batch: int
+    keys: list[str]
+    columns: dict[str, list]
+
+
+@dataclass(frozen=True)
 class Curation:
     """A curated build's decisions (``.facegen/curation.json``, written by `facegen curate`; published as
     ``provenance/curation.json``). Only the removals are required (a hand-written file may hold just those, and
@@ -620,3 +654,46 @@ class CardFilesRecord(Record):
     def read(cls, path: Path) -> CardFilesRecord:
         """The record at ``path``; an empty one (nothing is facegen's) when there is none or it is damaged."""
         return super().read(path) or cls()
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What makes two exports the same export (a rerun resumes it; anything else is refused)."""
+
+    dataset: str  # the dataset's public name (its Hub id, or its folder's name)
+    fingerprint: str  # of its shards (facegen.published.shards_fingerprint)
+    format: str  # rec or imagefolder
+    shuffle: bool
+    seed: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class ExportSkip:
+    """A sample of the dataset that could not be read, and so is not in the export."""
+
+    position: int  # in the export's sample order
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExportRecord(Record):
+    """``DIR/.facegen-export.json``: an export's plan and how far it got, written first (DIR is then known as an
+    export), at each checkpoint and last. A RecordIO export resumes from ``position``: its partial ``.rec`` and
+    ``.idx`` are cut back to ``rec_bytes`` and ``idx_bytes``, which held the records of the samples before it;
+    ``records_done`` means the partial files are whole and only their renaming and the small files remain."""
+
+    SCHEMA: ClassVar[str] = "facegen-export-1"
+
+    facegen_version: str
+    plan: ExportPlan
+    position: int = 0  # samples of the order handled (written or skipped)
+    written: int = 0  # images written
+    skipped: list[ExportSkip] = field(default_factory=list)
+    rec_bytes: int = 0
+    idx_bytes: int = 0
+    records_done: bool = False
+    complete: bool = False
+    identities: int = 0  # identities (classes) with at least one image written, once complete
+

@@ -1,4 +1,10 @@
-"""Source `folder`: one sub-folder per identity with its images inside (the layout DigiFace extracts to)."""
+"""Source `folder`: one sub-folder per identity with its images inside (the layout DigiFace extracts to).
+
+``--source-opt dataset=NAME`` names a published set in this layout (SynFace, SFace, IDiff-Face: see
+:mod:`facegen.plugins.published_sets`): the source then declares that set's licence, citation, description and
+counts for the card, and a set whose file names carry labels (SynFace's identity mixup) has them parsed into json
+columns; a file whose name does not follow the set's pattern is a counted skip.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,8 @@ import os
 
 from datasets import Value
 
-from facegen.api import Skip, Source, SourceImage, UsageError, natural_key, printable_name, warn
+from facegen.api import Option, Skip, Source, SourceImage, UsageError, natural_key, printable_name, warn
+from facegen.plugins.published_sets import declare, names_read_by
 
 IMAGE_EXTENSIONS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 
@@ -18,9 +25,15 @@ class FolderSource(Source):
     card_description = (
         "Images read from a local folder with one sub-folder per identity; the identity id is the folder name."
     )
+    options = {
+        "dataset": Option(None, "a published set this folder holds (its licence, citation and counts go to the "
+                          f"card): {', '.join(names_read_by('folder'))}", choices=names_read_by("folder")),
+    }
 
     def __init__(self, path, **options):
         super().__init__(path, **options)
+        published = declare(self, self.opts["dataset"])
+        self._name_fields = published.name_fields if published is not None else None
         if not os.path.isdir(self.path):
             raise UsageError(f"source 'folder': {self.path} is not a directory")
         with os.scandir(self.path) as entries:
@@ -105,6 +118,14 @@ class FolderSource(Source):
                 warn(f"folder: skipped {printable_name(ref)}: the file name is not UTF-8")
                 items.append(Skip(printable_name(ref), "name not UTF-8", "file name is not UTF-8"))
                 continue
+            meta = {"image_index": index}
+            if self._name_fields is not None:
+                fields = self._name_fields.parse(file_name)
+                if fields is None:
+                    items.append(Skip(ref, "file name not in the set's pattern",
+                                      f"{self.dataset_name} names its images {self._name_fields.pattern}"))
+                    continue
+                meta.update(fields)
             try:
                 with open(os.path.join(folder, file_name), "rb") as f:
                     data = f.read()
@@ -112,8 +133,15 @@ class FolderSource(Source):
                 items.append(Skip(ref, "unreadable file", str(exc.strerror or exc)))
                 continue
             ext = IMAGE_EXTENSIONS[os.path.splitext(file_name)[1].lower()]
-            items.append(SourceImage(ref=ref, data=data, ext=ext, meta={"image_index": index}))
+            items.append(SourceImage(ref=ref, data=data, ext=ext, meta=meta))
         return items
 
     def json_features(self):
-        return {"image_index": Value("int32")}
+        features = {"image_index": Value("int32")}
+        for field in self._name_fields.fields if self._name_fields is not None else ():
+            features[field.name] = Value(field.type)
+        return features
+
+    def column_descriptions(self):
+        return {f"json.{field.name}": field.description
+                for field in (self._name_fields.fields if self._name_fields is not None else ())}

@@ -38,7 +38,9 @@ import msgpack
 import numpy as np
 from datasets import Value
 
-from facegen.api import Option, Skip, Source, SourceImage, UsageError, printable_name, sniff_image, warn
+from facegen.api import (CHANNEL_ORDERS, Option, Skip, Source, SourceImage, UsageError, printable_name,
+                         sniff_image, warn)
+from facegen.plugins.published_sets import declare, names_read_by
 
 MAX_VALUE_BYTES = 8 << 20  # an HSFace value is a ~5 KB JPEG and a label
 MAX_KEY_BYTES = 511  # LMDB's own limit on a key
@@ -132,17 +134,20 @@ class LmdbSource(Source):
     )
     columns = {
         "json.index": "the image's position in the source LMDB's __keys__",
-        "json.channels": "channel order of the stored pixels: rgb, or bgr for files written with swapped channels",
     }
     options = {
         "mask": Option("", "a .npy array of positions in __keys__ to read (Vec2Face's hsface100k_mask.npy, "
                        "hsface200k_mask.npy): only those records", path=True),
         "channels": Option("rgb", "channel order of the stored images: rgb, or bgr (bytes kept, marked in the json)",
-                           choices=("rgb", "bgr")),
+                           choices=CHANNEL_ORDERS),
+        "dataset": Option(None, "a published set this file holds (its licence, citation and counts go to the card): "
+                          f"{', '.join(names_read_by('lmdb'))}", choices=names_read_by("lmdb")),
     }
 
     def __init__(self, path, **options):
         super().__init__(path, **options)
+        declare(self, self.opts["dataset"])
+        self.channels = self.opts["channels"]  # marked in each sample's json by the build, bytes kept
         self.lmdb_name = printable_name(os.path.basename(os.path.normpath(self.path)))
         self._env_value = None
         self._env_lock = threading.Lock()
@@ -349,10 +354,10 @@ class LmdbSource(Source):
         ext = sniff_image(image)
         if ext is None:
             return Skip(ref, "not an image", f"index {position}: neither JPEG nor PNG bytes")
-        return SourceImage(ref=ref, data=image, ext=ext, meta={"index": position, "channels": self.opts["channels"]})
+        return SourceImage(ref=ref, data=image, ext=ext, meta={"index": position})
 
     def json_features(self):
-        return {"index": Value("int64"), "channels": Value("string")}
+        return {"index": Value("int64")}
 
     def provenance(self):
         return {

@@ -40,8 +40,9 @@ from collections import Counter, defaultdict
 import numpy as np
 from datasets import Value
 
-from facegen.api import (Option, Skip, Source, SourceImage, UsageError, natural_key, printable_name, sniff_image,
-                         warn)
+from facegen.api import (CHANNEL_ORDERS, Option, Skip, Source, SourceImage, UsageError, natural_key,
+                         printable_name, sniff_image, warn)
+from facegen.plugins.published_sets import declare, names_read_by
 from facegen.plugins.recordio import (MAX_RECORD_BYTES, IdxError, RecordError, label_class, read_header, read_idx,
                                       read_record, unpack)
 
@@ -61,7 +62,6 @@ class RecSource(Source):
     )
     columns = {
         "json.record": "the image's record key in the source .rec file",
-        "json.channels": "channel order of the stored pixels: rgb, or bgr for files written with swapped channels",
         "json.path": "the image's path in the source's list.txt (DCFace layout only)",
     }
     options = {
@@ -70,11 +70,15 @@ class RecSource(Source):
         "list": Option("", "the index<TAB>path list of the list layout (default: list.txt beside the .rec)",
                        path=True),
         "channels": Option("rgb", "channel order of the stored images: rgb, or bgr (bytes kept, marked in the json)",
-                           choices=("rgb", "bgr")),
+                           choices=CHANNEL_ORDERS),
+        "dataset": Option(None, "a published set this file holds (its licence, citation and counts go to the card): "
+                          f"{', '.join(names_read_by('rec'))}", choices=names_read_by("rec")),
     }
 
     def __init__(self, path, **options):
         super().__init__(path, **options)
+        declare(self, self.opts["dataset"])
+        self.channels = self.opts["channels"]  # marked in each sample's json by the build, bytes kept
         self.rec_path, self.idx_path = self._find_files(self.path)
         self.rec_name = printable_name(os.path.basename(self.rec_path))
         idx_name = printable_name(os.path.basename(self.idx_path))
@@ -449,13 +453,13 @@ class RecSource(Source):
         ext = sniff_image(image)
         if ext is None:
             return Skip(ref, "not an image", f"record {key}'s bytes are neither JPEG nor PNG")
-        meta = {"record": key, "channels": self.opts["channels"]}
+        meta = {"record": key}
         if self.layout == "list":
             meta["path"] = self._row_paths[row]
         return SourceImage(ref=ref, data=bytes(image), ext=ext, meta=meta)
 
     def json_features(self):
-        features = {"record": Value("int64"), "channels": Value("string")}
+        features = {"record": Value("int64")}
         if self.layout == "list":
             features["path"] = Value("string")
         return features

@@ -33,6 +33,7 @@ class VerificationBinSource(Source):
         "not grouped by person: each pair is listed as `pair-NNNNNN` with its two images (`side` left, right), and "
         "`issame` says whether the two images show the same person."
     )
+    identity_noun = "pair"  # the card counts pairs, not people
     columns = {
         "json.pair": "the pair's number in the source .bin file",
         "json.side": "left (the pair's first image) or right (its second)",

@@ -24,6 +24,7 @@ from facegen.builders.engine.work import Published
 from facegen.errors import OutOfSpace, UsageError
 from facegen.layout import INFO, OutputFolder
 from facegen.layout.records import (
+    ExpectedCountsRecord,
     LayoutRecord,
     LicenseRecord,
     ModelRecord,
@@ -36,6 +37,7 @@ from facegen.layout.records import (
     Totals,
     json_safe,
 )
+from facegen.messages import warn
 
 
 def _count(n: int, noun: str) -> str:
@@ -109,6 +111,9 @@ def finish(build, published: Published, lock, started: float) -> Summary:
     """Wait until every shard is complete, then say what this run did and write the build's records and card."""
     published.shards.wait(lock)
     summary = summarise(build, published, time.perf_counter() - started)
+    differs = counts_differ(build, summary)
+    if differs:
+        warn(differs)
     check_lock(lock)  # another build took the folder over: its records are its own
     try:
         # the skips are listed by the tars that met them: the shards (per-image) or the units of work
@@ -154,6 +159,24 @@ def summarise(build, published: Published, seconds: float) -> Summary:
     return summary
 
 
+def counts_differ(build, summary: Summary) -> str | None:
+    """A line when the whole source was read and its counts (images written or skipped) differ from what the
+    dataset's publisher states it holds; None otherwise."""
+    expected, options = build.source.expected_counts, build.options
+    if expected is None or options.limit_identities is not None or options.identities_file:
+        return None
+    found = {"identities": summary.identities, "images": summary.images + sum(summary.skipped.values())}
+    stated = {what: getattr(expected, what) for what in found if getattr(expected, what) is not None}
+    if all(found[what] == count for what, count in stated.items()):
+        return None
+    name = build.source.dataset_name or build.source.name
+    holds = " and ".join(f"{found[what]:,} {what}" for what in stated)
+    states = " and ".join(f"{count:,} {what}" for what, count in stated.items())
+    return (f"{name}: the source holds {holds}, but its publisher states {states}"
+            + (f" ({expected.stated_by})" if expected.stated_by else "") + ": a partial download, or another "
+            "release? The card states the counts of this build.")
+
+
 # --- run.json ---
 
 
@@ -175,6 +198,10 @@ def _plugin_record(plugin: Source | Transform, kind: str) -> PluginRecord:
         # what cards, publish and --from-card hide, publish and ask again (never known by the option's name)
         path_options={name: PathOptionRecord(**declared) for name, declared in declared_paths(plugin).items()},
         dataset_name=(plugin.dataset_name or plugin.name) if isinstance(plugin, Source) else None,
+        identity_noun=plugin.identity_noun if isinstance(plugin, Source) else None,
+        channels=plugin.channels if isinstance(plugin, Source) else None,
+        expected_counts=ExpectedCountsRecord(**dataclasses.asdict(plugin.expected_counts))
+        if isinstance(plugin, Source) and plugin.expected_counts is not None else None,
         models=[ModelRecord(**json_safe(vars(m))) for m in plugin.models()] if isinstance(plugin, Transform) else [],
         copies_source_images=plugin.copies_source_images if isinstance(plugin, Transform) else None,
     )
@@ -198,6 +225,8 @@ def dataset_features(source: Source, transform: Transform, image_format: str):
 
     json_fields = {"identity": Value("string"), "source": Value("string"), "source_ref": Value("string"),
                    "width": Value("int32"), "height": Value("int32")}  # of the stored pixels
+    if source.channels is not None:
+        json_fields["channels"] = Value("string")  # of the stored pixels: rgb, or bgr as the source holds them
     json_fields.update(transform.json_features(source))
     columns: dict[str, Any] = {image_format: Image(), "cls": Value("int64"), "json": json_fields}
     columns.update(transform.extra_features(source))
@@ -241,6 +270,7 @@ def run_record(build, published: Published, summary: Summary) -> RunRecord:
         quality_fields=list(build.samples.quality_fields),
         totals=Totals(identities=summary.identities, images=summary.images, skipped=dict(summary.skipped),
                       shards=summary.shards),
+        channels=build.samples.channels and ("rgb" if build.samples.to_rgb else build.samples.channels),
     )
 
 

@@ -179,6 +179,22 @@ class PreparedImage:
     changes: list[str] = field(default_factory=list)  # readable re-encode reasons, counted in the shard stats
 
 
+BGR_TO_RGB = "channels bgr -> rgb (lossless)"
+
+
+def _bgr_to_rgb(image: Image.Image, changes: list[str]) -> Image.Image:
+    """The image with its first and third channels swapped (BGR stored as if RGB -> RGB); images without colour
+    channels (greyscale) are left as they are, with nothing to swap."""
+    if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    if image.mode not in ("RGB", "RGBA", "RGBX"):
+        return image
+    bands = list(image.split())
+    bands[0], bands[2] = bands[2], bands[0]
+    changes.append(BGR_TO_RGB)
+    return Image.merge(image.mode, bands)
+
+
 def _encode(image: Image.Image, fmt: str, changes: list[str]) -> PreparedImage:
     buf = io.BytesIO()
     if fmt == "jpg":
@@ -194,22 +210,25 @@ def _encode(image: Image.Image, fmt: str, changes: list[str]) -> PreparedImage:
     return PreparedImage(buf.getvalue(), image.mode, image.size, changes)
 
 
-def prepare_image(image: Any, fmt: str, level: str = "full", lossy_allowed: bool = False) -> PreparedImage:
+def prepare_image(image: Any, fmt: str, level: str = "full", lossy_allowed: bool = False,
+                  to_rgb: bool = False) -> PreparedImage:
     """The bytes to store for ``image`` in a ``fmt`` column.
 
     Encoded bytes are checked (unless already checked), then copied when they are in ``fmt``, else converted:
     JPEG to PNG losslessly, with the EXIF orientation applied first (as ``datasets`` shows it); PNG to JPEG only
-    when ``lossy_allowed`` (the user asked with ``--format jpg``). Arrays and PIL images (made by a transform)
-    are encoded once.
+    when ``lossy_allowed`` (the user asked with ``--format jpg``). ``to_rgb`` (a PNG column only): the bytes hold
+    BGR pixels, which are swapped to RGB and stored as a PNG (lossless). Arrays and PIL images (made by a
+    transform) are encoded once.
     """
     if isinstance(image, (bytes, bytearray, memoryview)):
         checked = check_image(image if isinstance(image, bytes) else bytes(image), level)
-        if checked.format == fmt:
+        if checked.format == fmt and not to_rgb:
             return PreparedImage(checked, checked.mode, checked.size)
         if fmt == "jpg" and not lossy_allowed:
             raise ImageError("never made lossy silently: pass --format png to keep it lossless, or --format jpg to "
                              "convert it", "PNG image in a JPEG dataset")
-        changes = [f"{checked.format} -> {fmt}" + (" (lossless)" if fmt == "png" else " (lossy, --format jpg)")]
+        changes = [] if checked.format == fmt else [
+            f"{checked.format} -> {fmt}" + (" (lossless)" if fmt == "png" else " (lossy, --format jpg)")]
         try:
             with Image.open(io.BytesIO(checked)) as im:
                 im.load()
@@ -220,6 +239,8 @@ def prepare_image(image: Any, fmt: str, level: str = "full", lossy_allowed: bool
                     pixels = im.copy()
         except Exception as exc:
             raise ImageError(readable(exc)) from None
+        if to_rgb:
+            pixels = _bgr_to_rgb(pixels, changes)
         return _encode(pixels, fmt, changes)
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)

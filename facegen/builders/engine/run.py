@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facegen import registry
-from facegen.api import Source, Transform, check_provenance_files
+from facegen.api import CHANNEL_ORDERS, Source, Transform, check_provenance_files
 from facegen.builders.engine.finish import Summary, finish
 from facegen.builders.engine.images import VERIFY_LEVELS
 from facegen.builders.engine.lock import output_lock
@@ -53,6 +53,22 @@ from facegen.layout.records import BuildSignature, json_safe
 def build(config: BuildConfig, state=None) -> Summary | None:
     """Run (or resume) a build in this process. Returns the summary on the main process, None elsewhere."""
     return Build.prepare(config, state).run()
+
+
+def _channels(source: Source, transform: Transform, options: BuildConfig) -> dict:
+    """How the source's declared channel order is stored: marked in each sample's json, and BGR converted to RGB
+    only when ``--format png`` asks for it. A transform that decodes the images would read BGR as RGB: refused."""
+    channels = source.channels
+    if channels is None:
+        return {}
+    if channels not in CHANNEL_ORDERS:
+        raise UsageError(f"source {source.name!r} declares channel order {channels!r}; expected one of "
+                         f"{', '.join(CHANNEL_ORDERS)}")
+    if channels == "bgr" and not transform.copies_source_images:
+        raise UsageError(f"source {source.name!r} holds BGR images and transform {transform.name!r} decodes them as "
+                         "RGB: convert them first (--plugin passthrough --format png writes them as RGB PNGs), then "
+                         "build from that dataset with --source facegen")
+    return {"channels": channels, "to_rgb": channels == "bgr" and options.format == "png"}
 
 
 def distributed_state():
@@ -138,7 +154,7 @@ class Build:
                 from None
         samples = SampleFormat(options.format or transform.output_format(source), source.name,
                                tuple(transform.quality_fields), options.verify,
-                               lossy_allowed=options.format == "jpg")
+                               lossy_allowed=options.format == "jpg", **_channels(source, transform, options))
         return cls(options, out, OutputFolder(out), state, source, transform, Models(transform, state.device), plan,
                    samples, bool(transform.per_image),
                    sha256_file(options.identities_file) if options.identities_file else None)

@@ -171,6 +171,9 @@ class SampleFormat:
     quality_fields: tuple[str, ...] = ()  # the transform's quality figures, summed in the stats
     verify: str = "full"  # how images not checked on the loading threads are checked here
     lossy_allowed: bool = False  # --format jpg given: a PNG may become a JPEG
+    # the channel order of the source's images, when it declared one: each sample's json says what is stored
+    channels: str | None = None
+    to_rgb: bool = False  # BGR source images converted to RGB (--format png asked for it), losslessly
 
 
 class TarWriter:
@@ -277,10 +280,12 @@ class TarWriter:
 
     def _sample(self, cls: int, n: int, identity_id: str, face: Face) -> tuple[str, dict, ImageInfo]:
         fmt, verify = self.samples.image_format, self.samples.verify
-        image = prepare_image(face.image, fmt, verify, self.samples.lossy_allowed)
+        image = prepare_image(face.image, fmt, verify, self.samples.lossy_allowed, self.samples.to_rgb)
         width, height = image.size  # of the stored pixels (before any EXIF orientation of a copied JPEG)
         meta = {"identity": identity_id, "source": self.samples.source_name, "source_ref": face.ref,
                 "width": width, "height": height, **face.meta}
+        if self.samples.channels is not None:
+            meta["channels"] = "rgb" if self.samples.to_rgb else self.samples.channels
         sample = {fmt: image.data, "cls": str(cls).encode(), "json": dumps(meta)}
         changes = list(face.changes) + image.changes
         for field, value in face.extras.items():

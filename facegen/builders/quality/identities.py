@@ -31,19 +31,24 @@ API summary
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from facegen import registry
 from facegen.api import Source
+from facegen.builders.quality.pieces import ArraySpec, Piece, Ranks, load_arrays, run_pass
 from facegen.errors import UsageError
-from facegen.fileio import atomic_file, atomic_write
-from facegen.generators.embeddings import SourceEmbeddings, normalize
+from facegen.fileio import atomic_npz, atomic_write, sha256_file
+from facegen.generators.embeddings import EMBEDDING_SIZE, SourceEmbeddings, normalize
+from facegen.layout.records import dumps, json_safe
+from facegen.messages import info
 from facegen.records import SourceImage, Skip
 
 LOAD_THREADS = 4  # identities are read ahead by threads (file and zip reads release the GIL)
@@ -94,6 +99,11 @@ class FaceEmbedder:
 
         return embed_source_images(image_lists, self.recogniser, lambda: self.aligner, realign=self.realign)
 
+    def identity(self) -> dict:
+        """What must match for embeddings made earlier to be reused: the recogniser's weights and the rule."""
+        return {"model": "arcface.onnx", "sha256": sha256_file(self.recogniser_path), "detector": self.detector,
+                "det_size": self.det_size, "realign": self.realign}
+
     def embed_images(self, images: Sequence[SourceImage]) -> tuple[np.ndarray, list[str], list[Skip]]:
         """(unit embeddings (K, 512) float32, their refs, skips) of one list of images."""
         sources = self.embed_sources([images])[0]
@@ -109,9 +119,9 @@ class Prototypes:
     identities_without_images: list[str] = field(default_factory=list)
 
     def save(self, path: str | os.PathLike) -> None:
-        with atomic_file(path) as f:
-            np.savez(f, ids=np.array(self.ids, dtype=str), embeddings=self.embeddings.astype(np.float32),
-                     num_images=self.num_images.astype(np.int32))
+        """The same prototypes give the same bytes (:func:`facegen.fileio.atomic_npz`)."""
+        atomic_npz(path, {"ids": np.array(self.ids, dtype=str), "embeddings": self.embeddings.astype(np.float32),
+                          "num_images": self.num_images.astype(np.int32)})
 
 
 def load_prototypes(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -135,37 +145,104 @@ def _load_identity(source: Source, identity_id: str):
     return [i for i in items if isinstance(i, SourceImage)], [i for i in items if isinstance(i, Skip)]
 
 
-def embed_source(source: Source, embedder: FaceEmbedder, limit: int | None = None, progress: bool = True,
-                 identities_per_batch: int = 16) -> Prototypes:
-    """Prototype of every identity of ``source`` (in the source's order)."""
-    from tqdm.auto import tqdm
-
+def _embed_batches(source: Source, embedder: FaceEmbedder, ids: list[str], per_batch: int, batches: Iterable[int],
+                   bar) -> Iterator[tuple[int, Piece]]:
+    """The piece of each batch of ``per_batch`` identities (``ids[b·P:(b+1)·P]``), in order: each identity's
+    prototype (a zero row and 0 images when none of its images could be used) and its skips. One recogniser pass
+    per batch, as one process has always cut them."""
     from facegen.generators.arc2face import prototype
+
+    with ThreadPoolExecutor(LOAD_THREADS) as pool:
+        for b in batches:
+            chunk = ids[b * per_batch:(b + 1) * per_batch]
+            loaded = list(pool.map(lambda i: _load_identity(source, i), chunk))
+            results = embedder.embed_sources([images for images, _ in loaded])
+            vectors = np.zeros((len(chunk), EMBEDDING_SIZE), np.float32)
+            counts = np.zeros(len(chunk), np.int32)
+            skips = []
+            for k, ((_, load_skips), sources) in enumerate(zip(loaded, results)):
+                skipped = [*load_skips, *sources.skipped]
+                if sources.refs:
+                    vector = prototype(sources.embeddings)  # the transform's prototype, to the last bit
+                    if np.isfinite(vector).all():
+                        vectors[k], counts[k] = vector, len(sources.refs)
+                    else:  # a broken model's output
+                        skipped.append(Skip(chunk[k], "embedding not finite"))
+                skips.append([[x.ref, x.reason, x.detail] for x in skipped])
+            bar.update(len(chunk))
+            yield b, Piece(chunk, {"vectors": vectors, "num_images": counts}, {"skipped": skips})
+
+
+def _join(pieces: list[Piece]) -> Prototypes:
+    kept_ids, vectors, counts, skipped, empty = [], [], [], [], []
+    for piece in pieces:
+        for identity_id, vector, count, skips in zip(piece.keys, piece.arrays["vectors"], piece.arrays["num_images"],
+                                                      piece.columns["skipped"]):
+            skipped.extend(Skip(*x) for x in skips)
+            if count == 0:
+                empty.append(identity_id)
+                continue
+            kept_ids.append(identity_id)
+            vectors.append(vector)
+            counts.append(count)
+    embeddings = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, EMBEDDING_SIZE), np.float32)
+    return Prototypes(kept_ids, embeddings, np.array(counts, dtype=np.int32), skipped, empty)
+
+
+SPECS = {"vectors": ArraySpec("float32", EMBEDDING_SIZE), "num_images": ArraySpec("int32")}
+RECORD_BYTES_PER_IDENTITY = 4 << 20  # an identity's skips in a piece's record, at most (~10,000 of them)
+
+
+def _check_skips(piece: Piece) -> Piece:
+    if set(piece.columns) != {"skipped"}:
+        raise ValueError(f"columns {sorted(piece.columns)}, expected skipped")
+    for skips in piece.columns["skipped"]:
+        if not isinstance(skips, list) or not all(
+                isinstance(x, list) and len(x) == 3 and all(type(v) is str for v in x) for x in skips):
+            raise ValueError("'skipped' holds something other than [ref, reason, detail] strings")
+    return piece
+
+
+def embed_source(source: Source, embedder: FaceEmbedder, limit: int | None = None, progress: bool = True,
+                 identities_per_batch: int = 16, pieces: Path | None = None,
+                 ranks: Ranks | None = None) -> Prototypes | None:
+    """Prototype of every identity of ``source`` (in the source's order), in batches of ``identities_per_batch``
+    identities cut at global positions.
+
+    ``pieces``: a folder (:func:`facegen.layout.pieces_folder` of the output) where each batch is kept as it is
+    done, so that a rerun resumes (:func:`facegen.builders.quality.pieces.run_pass`), on every process of the run
+    (``ranks``); the main process gets the prototypes, the others None. Without it, everything stays in memory."""
+    from tqdm.auto import tqdm
 
     ids = list(source.identities())
     if limit is not None:
         ids = ids[:limit]
-    kept_ids, vectors, counts, skipped, empty = [], [], [], [], []
-    bar = tqdm(total=len(ids), unit="id", desc="embed", disable=not progress)
-    with ThreadPoolExecutor(LOAD_THREADS) as pool:
-        for start in range(0, len(ids), identities_per_batch):
-            chunk = ids[start:start + identities_per_batch]
-            loaded = list(pool.map(lambda i: _load_identity(source, i), chunk))
-            for _, load_skips in loaded:
-                skipped.extend(load_skips)
-            results = embedder.embed_sources([images for images, _ in loaded])
-            for identity_id, sources in zip(chunk, results):
-                skipped.extend(sources.skipped)
-                if not sources.refs:
-                    empty.append(identity_id)
-                    continue
-                kept_ids.append(identity_id)
-                vectors.append(prototype(sources.embeddings))  # the transform's prototype, to the last bit
-                counts.append(len(sources.refs))
-            bar.update(len(chunk))
-    bar.close()
-    embeddings = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 512), np.float32)
-    return Prototypes(kept_ids, embeddings, np.array(counts, dtype=np.int32), skipped, empty)
+    per_batch = identities_per_batch
+    count = -(-len(ids) // per_batch)
+    ranks = ranks or Ranks()
+    mine = sum(len(ids[b * per_batch:(b + 1) * per_batch]) for b in range(ranks.index, count, ranks.count))
+    bar = tqdm(total=mine, unit="id", desc=f"embed{ranks.describe()}", disable=not progress)
+    with bar:
+        if pieces is None:
+            return _join([piece for _, piece in _embed_batches(source, embedder, ids, per_batch, range(count), bar)])
+        signature = json_safe({"pass": "embed", "source": source.name, "source_path": source.path and os.path.abspath(
+            source.path), "source_opts": source.opts, "recogniser": embedder.identity(),
+            "identities_per_batch": per_batch, "identities": hashlib.sha256("\n".join(ids).encode()).hexdigest()})
+
+        def load(path: Path, b: int) -> Piece:
+            keys = ids[b * per_batch:(b + 1) * per_batch]
+            return _check_skips(load_arrays(path, signature, b, keys, SPECS,
+                                            len(dumps(keys)) + len(keys) * RECORD_BYTES_PER_IDENTITY))
+
+        result = run_pass(pieces, signature, count,
+                          lambda batches: _embed_batches(source, embedder, ids, per_batch, batches, bar), load, ranks,
+                          reused=lambda b: bar.update(len(ids[b * per_batch:(b + 1) * per_batch])))
+    if result is None:
+        return None
+    if result.reused:
+        info(f"facegen embed: {result.reused} of {count} batches reused from an interrupted run, "
+             f"{result.computed} embedded")
+    return _join(result.pieces)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ Steps (each a function below):
    cosine to another identity's prototype. Near-duplicate identities: prototype cosine >= ``dedup``. Outliers:
    samples whose consistency is < ``min_similarity``. Image modes and sizes are counted from the decoded images.
 4. ``--against``: the prototypes of another facegen dataset; identities of this one whose prototype reaches
-   ``dedup`` with any of them are listed (identity leakage, e.g. evaluation identities in a training set).
+   ``dedup`` with any of them are listed (identity leakage, e.g. evaluation identities in a training set). An
+   insightface verification file (``lfw.bin``) is compared image by image instead
+   (:mod:`facegen.builders.quality.leakage`).
 5. Write ``.facegen/report.json``, the plots ``report/*.png`` and re-render the card (its Quality section).
 
 Where the report goes: into the dataset's folder (above) for a local dataset; for a Hub dataset (``ORG/NAME`` or
@@ -38,17 +40,31 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import json
 import os
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import facegen
+from facegen.builders.engine.images import MAX_PIXELS
+from facegen.builders.quality.pieces import (
+    ArraySpec,
+    OtherPass,
+    Piece,
+    Ranks,
+    load_arrays,
+    remove_pieces,
+    run_pass,
+    save_arrays,
+    wait_for,
+)
 from facegen.errors import UsageError
 from facegen.fileio import atomic_file, sha256_file
 from facegen.generators.embeddings import normalize
@@ -60,9 +76,10 @@ from facegen.layout import (
     SEPARABILITY_PLOT,
     WORST_IDENTITIES_PLOT,
     OutputFolder,
+    pieces_folder,
 )
-from facegen.layout.records import QualityReport, ReportSettings
-from facegen.messages import info
+from facegen.layout.records import QualityReport, ReportSettings, dumps, json_safe
+from facegen.messages import info, warn
 from facegen.published import PublishedDataset
 
 DEFAULTS = {
@@ -79,13 +96,27 @@ LISTED = 1000  # skipped samples listed by name in report.json (all are counted)
 
 
 class Recognizer:
-    """A face recogniser for the report: decoded RGB images in, unit embeddings (or None: no face) out."""
+    """A face recogniser for the report, in two steps: :meth:`crop` finds and aligns the face of one decoded RGB
+    image (on the loading threads, CPU), :meth:`embed_crops` embeds a batch of crops in one network call (on the
+    GPU when there is one: dlib built with CUDA, onnxruntime's CUDA provider for arcface)."""
 
     name = ""
     model = ""  # what the card names (never a local path)
+    dim = 0  # embedding size
+
+    def crop(self, image_rgb: np.ndarray) -> np.ndarray | None:
+        """The aligned face to embed, or None: no face."""
+        raise NotImplementedError
+
+    def embed_crops(self, crops: list[np.ndarray]) -> np.ndarray:
+        """(len(crops), dim) float32 unit rows."""
+        raise NotImplementedError
 
     def embed(self, images_rgb: list[np.ndarray]) -> list[np.ndarray | None]:
-        raise NotImplementedError
+        """Unit embeddings of decoded images (None: no face)."""
+        crops = [self.crop(image) for image in images_rgb]
+        vectors = iter(self.embed_crops([c for c in crops if c is not None]))
+        return [None if c is None else next(vectors) for c in crops]
 
     def identity(self) -> dict:
         """What must match for cached embeddings to be reused."""
@@ -93,61 +124,94 @@ class Recognizer:
 
 
 class DlibReportRecognizer(Recognizer):
+    """dlib's recogniser: the PyPI build (dlib-bin) runs on the CPU; a dlib built with CUDA batches the network on
+    this process's GPU (``local``: its index on the machine)."""
+
     name = "dlib"
 
-    def __init__(self):
-        from facegen.generators.dlib_recognizer import DlibRecognizer
+    def __init__(self, local: int = 0):
+        from facegen.generators.dlib_recognizer import EMBEDDING_SIZE, DlibRecognizer
 
         self._dlib = DlibRecognizer()
         self.model = DlibRecognizer.model_id
+        self.dim = EMBEDDING_SIZE
+        import dlib
 
-    def embed(self, images_rgb):
-        return [None if v is None else normalize(v) for v in self._dlib.embed(images_rgb)]
+        if getattr(dlib, "DLIB_USE_CUDA", False) and dlib.cuda.get_num_devices() > 1:
+            dlib.cuda.set_device(local % dlib.cuda.get_num_devices())
+
+    def crop(self, image_rgb):
+        return self._dlib.chip(image_rgb)
+
+    def embed_crops(self, crops):
+        return normalize(self._dlib.embed_chips(crops))
 
 
 class ArcFaceReportRecognizer(Recognizer):
-    """Arc2Face's recogniser (``FaceEmbedder``): 112x112 crops as they are, other images detected and aligned."""
+    """Arc2Face's recogniser (``FaceEmbedder``): 112x112 crops as they are, other images detected and aligned;
+    onnxruntime's CUDA provider (``onnxruntime-gpu``) on this process's GPU when it has one, else the CPU."""
 
     name = "arcface"
 
-    def __init__(self, model_dir: str | None, detector: str = "scrfd", det_size: int = 640, batch_size: int = 64):
+    def __init__(self, model_dir: str | None, detector: str = "scrfd", det_size: int = 640, batch_size: int = 64,
+                 gpu: int | None = None):
         from facegen.builders.quality.identities import FaceEmbedder
+        from facegen.generators.arcface import EMBEDDING_SIZE, default_providers
 
-        self._embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, batch_size=batch_size)
+        self._embedder = FaceEmbedder(model_dir, detector=detector, det_size=det_size, batch_size=batch_size,
+                                      providers=default_providers(device_id=gpu))
         self.model = f"arcface.onnx ({'--model-dir' if model_dir else 'Hub'}), detector {detector}"
+        self.dim = EMBEDDING_SIZE
         self._weights = sha256_file(self._embedder.recogniser_path)  # the weights, not where they lie
+        self._aligning = threading.Lock()  # one detection at a time (dlib's detector is not documented thread-safe)
 
     def identity(self):
         return {"name": self.name, "model": "arcface.onnx", "sha256": self._weights,
                 "detector": self._embedder.detector}
 
-    def embed(self, images_rgb):
+    def crop(self, image_rgb):
         from facegen.generators.alignment import crop_for_recognition
 
-        crops, slots = [], []
-        for i, image in enumerate(images_rgb):
-            aligner = None if image.shape[:2] == (112, 112) else self._embedder.aligner
-            crop = crop_for_recognition(image, None, aligner)
-            if crop is not None:
-                crops.append(crop)
-                slots.append(i)
-        out: list[np.ndarray | None] = [None] * len(images_rgb)
-        if crops:
-            for i, vector in zip(slots, self._embedder.recogniser.embed(np.stack(crops))):
-                out[i] = normalize(vector)
-        return out
+        if image_rgb.shape[:2] == (112, 112):
+            return crop_for_recognition(image_rgb, None, None)
+        with self._aligning:
+            return crop_for_recognition(image_rgb, None, self._embedder.aligner)
+
+    def embed_crops(self, crops):
+        if not crops:
+            return np.zeros((0, self.dim), np.float32)
+        return normalize(self._embedder.recogniser.embed(np.stack(crops)))
 
 
 def make_recognizer(name: str, model_dir: str | None = None, detector: str = "scrfd",
-                    batch_size: int = 64) -> Recognizer:
+                    batch_size: int = 64, ranks: Ranks | None = None) -> Recognizer:
+    """The recogniser ``name``, on this process's GPU (``ranks``: its index on its machine) when it has one."""
+    ranks = ranks or Ranks()
     if name == "dlib":
-        return DlibReportRecognizer()
+        return DlibReportRecognizer(ranks.local)
     if name == "arcface":
-        return ArcFaceReportRecognizer(model_dir, detector=detector, batch_size=batch_size)
+        return ArcFaceReportRecognizer(model_dir, detector=detector, batch_size=batch_size,
+                                       gpu=ranks.gpu() if ranks.count > 1 else None)
     raise UsageError(f"unknown recognizer {name!r} (one of: {', '.join(RECOGNIZERS)})")
 
 
 # ----------------------------------------------------------------------------------------------- embedding
+
+# Memory: a sample is read, decoded and cropped on a loading thread, and only its crop is kept for the batch, so a
+# batch holds crops (dlib's 150x150 chips, ArcFace's 112x112), never its decoded images. The images in flight on
+# the loading threads are bounded together by DECODE_BUDGET: each takes its encoded bytes plus what decoding may
+# allocate (BYTES_PER_PIXEL per pixel, from the size its header declares) before it is read; one image larger than
+# the budget runs alone. An image over the build's pixel limit (MAX_PIXELS), or whose member is over
+# MAX_IMAGE_BYTES, is a counted skip, never decoded. Two threads: each keeps the memory of the largest image it
+# decoded (glibc keeps a thread's freed blocks in its arena), so more threads mean more memory for large images.
+LOAD_THREADS = 2
+DECODE_BUDGET = 256 << 20
+BYTES_PER_PIXEL = 13  # up to 4 (RGBA, I, F) decoded, 3 for the RGB copy, 6 while numpy takes it (PIL's tobytes)
+MAX_IMAGE_BYTES = 4 * MAX_PIXELS + (1 << 20)  # a PNG of MAX_PIXELS RGBA pixels stored without compression
+HEADER_BYTES = 64 << 10  # read first to learn an image's size (a JPEG's after its EXIF and other APP segments)
+MAX_REASON = 200  # characters of a skip's reason kept
+MODE_AND_SIZE = 64  # JSON bytes of a sample's mode and "WxH", at most
+ROW_RECORD = 4 * MAX_REASON + 2 * MODE_AND_SIZE  # JSON bytes a sample's values may take in a record, besides its key
 
 
 @dataclass
@@ -166,101 +230,245 @@ class Embeddings:
         return np.array([not r for r in self.reasons], dtype=bool)
 
 
+class DecodeBudget:
+    """Bytes of images in flight over the loading threads: :meth:`hold` waits until ``size`` more fit under the
+    limit (or nothing else is held: one image larger than the limit runs alone)."""
+
+    def __init__(self, limit: int = DECODE_BUDGET):
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, size: int):
+        with self._changed:
+            self._changed.wait_for(lambda: self.used == 0 or self.used + size <= self.limit)
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= size
+                self._changed.notify_all()
+
+
+def _header(head: bytes) -> tuple[int, int] | None:
+    """(width, height) an image's first bytes declare, or None when they do not say."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(head)) as image:
+            return image.width, image.height
+    except Exception:  # cut short before the size (a JPEG with large APP segments), or not an image
+        return None
+
+
 def _decode(data: bytes) -> tuple[np.ndarray | None, str, str, str]:
-    """(RGB array or None, mode, size, reason)."""
+    """(RGB array or None, mode, size, reason); an image over the build's pixel limit is not decoded."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             mode, size = image.mode, f"{image.width}x{image.height}"
-            rgb = np.asarray(image.convert("RGB"))
+            if image.width * image.height > MAX_PIXELS:
+                return None, "", "", "image too large"
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except Image.DecompressionBombError:  # PIL's own limit, above the build's
+        return None, "", "", "image too large"
     except Exception as exc:  # PIL raises many types for broken files
         return None, "", "", f"corrupt image ({type(exc).__name__})"
-    return rgb, mode, size, ""
+    return rgb, mode[:16], size, ""
+
+
+@dataclass
+class Loaded:
+    """A sample as the batch keeps it: its crop (None: not embedded, see ``reason``), mode and size."""
+
+    crop: np.ndarray | None
+    mode: str = ""
+    size: str = ""
+    reason: str = ""
+
+
+def _load(dataset: PublishedDataset, sample, recognizer: Recognizer, budget: DecodeBudget) -> Loaded:
+    """Read, decode and crop one sample within the budget (see above)."""
+    try:
+        size = dataset.members(sample).get(dataset.image_column, (0, 0))[1]
+        if size > MAX_IMAGE_BYTES:
+            return Loaded(None, reason="image too large")
+        declared = _header(dataset.read(sample, dataset.image_column, length=HEADER_BYTES))
+        if declared is not None and declared[0] * declared[1] > MAX_PIXELS:
+            return Loaded(None, reason="image too large")
+        pixels = declared[0] * declared[1] if declared is not None else MAX_PIXELS
+        with budget.hold(size + BYTES_PER_PIXEL * pixels):
+            rgb, mode, shape, reason = _decode(dataset.image(sample))
+            if rgb is None:
+                return Loaded(None, reason=reason)
+            crop = recognizer.crop(rgb)
+    except OSError as exc:
+        return Loaded(None, reason=f"unreadable member ({exc})"[:MAX_REASON])
+    return Loaded(crop, mode, shape, "" if crop is not None else "no face detected")
+
+
+def _read_order(dataset: PublishedDataset) -> list[int]:
+    """The samples in shard order (sequential reads); batches are cut in this order."""
+    samples = dataset.samples
+    return sorted(range(len(samples)), key=lambda i: (samples[i].shard, samples[i].position))
+
+
+def _embed_batches(dataset: PublishedDataset, recognizer: Recognizer, order: list[int], batch_size: int,
+                   batches: Iterable[int], bar) -> Iterator[tuple[int, Piece]]:
+    """The piece of each batch, in order: batch ``b`` is ``order[b·B:(b+1)·B]``. The next batch is read and
+    cropped on the loading threads while this one is embedded."""
+    samples = dataset.samples
+    budget = DecodeBudget()
+
+    def finish(b: int, futures) -> tuple[int, Piece]:
+        loaded = [f.result() for f in futures]
+        vectors = np.zeros((len(loaded), recognizer.dim), np.float32)
+        found = [k for k, item in enumerate(loaded) if item.crop is not None]
+        if found:
+            vectors[found] = recognizer.embed_crops([loaded[k].crop for k in found])
+        for k in np.flatnonzero(~np.isfinite(vectors).all(axis=1)):  # a broken model's output is no embedding
+            vectors[k] = 0.0
+            loaded[k].reason = "embedding not finite"
+        bar.update(len(loaded))
+        rows = order[b * batch_size:(b + 1) * batch_size]
+        return b, Piece([samples[i].key for i in rows], {"vectors": vectors},
+                        {"reasons": [x.reason for x in loaded], "modes": [x.mode for x in loaded],
+                         "sizes": [x.size for x in loaded]})
+
+    with ThreadPoolExecutor(LOAD_THREADS) as pool:
+        ahead = None
+        for b in batches:
+            futures = [pool.submit(_load, dataset, samples[i], recognizer, budget)
+                       for i in order[b * batch_size:(b + 1) * batch_size]]
+            if ahead is not None:
+                yield finish(*ahead)
+            ahead = (b, futures)
+        if ahead is not None:
+            yield finish(*ahead)
+
+
+def _join(dataset: PublishedDataset, order: list[int], batch_size: int, pieces: list[Piece], dim: int,
+          seconds: float) -> Embeddings:
+    n = len(dataset.samples)
+    vectors = np.zeros((n, dim), np.float32)
+    reasons, modes, sizes = [""] * n, [""] * n, [""] * n
+    for b, piece in enumerate(pieces):
+        rows = order[b * batch_size:(b + 1) * batch_size]
+        vectors[rows] = piece.arrays["vectors"]
+        for i, reason, mode, size in zip(rows, piece.columns["reasons"], piece.columns["modes"],
+                                         piece.columns["sizes"]):
+            reasons[i], modes[i], sizes[i] = reason, mode, size
+    return Embeddings([s.key for s in dataset.samples], vectors, reasons, modes, sizes, seconds)
+
+
+def _bar(recognizer: Recognizer, total: int, progress: bool, ranks: Ranks | None = None):
+    from tqdm.auto import tqdm
+
+    where = ranks.describe() if ranks is not None else ""
+    return tqdm(total=total, unit="sample", desc=f"report ({recognizer.name}){where}", disable=not progress,
+                dynamic_ncols=True)
 
 
 def embed_dataset(dataset: PublishedDataset, recognizer: Recognizer, batch_size: int = 64,
                   progress: bool = True) -> Embeddings:
-    """Embed every sample; the bar shows samples/s. Samples are read in shard order (sequential reads)."""
-    from tqdm.auto import tqdm
-
-    samples = dataset.samples
-    n = len(samples)
-    vectors: np.ndarray | None = None
-    reasons = [""] * n
-    modes = [""] * n
-    sizes = [""] * n
-    order = sorted(range(n), key=lambda i: (samples[i].shard, samples[i].position))
-
-    def load(i: int):
-        try:
-            return _decode(dataset.image(samples[i]))
-        except OSError as exc:
-            return None, "", "", f"unreadable member ({exc})"
-
+    """Embed every sample in this process, nothing kept on disk (``--against``); the bar shows samples/s."""
+    order = _read_order(dataset)
     started = time.perf_counter()
-    bar = tqdm(total=n, unit="sample", desc=f"report ({recognizer.name})", disable=not progress, dynamic_ncols=True)
-    with bar, ThreadPoolExecutor(2) as pool:  # decoding overlaps the network
-        for start in range(0, n, batch_size):
-            chunk = order[start:start + batch_size]
-            decoded = list(pool.map(load, chunk))
-            images, slots = [], []
-            for i, (rgb, mode, size, reason) in zip(chunk, decoded):
-                modes[i], sizes[i], reasons[i] = mode, size, reason
-                if rgb is not None:
-                    images.append(rgb)
-                    slots.append(i)
-            for i, vector in zip(slots, recognizer.embed(images) if images else []):
-                if vector is None:
-                    reasons[i] = "no face detected"
-                    continue
-                if vectors is None:
-                    vectors = np.zeros((n, len(vector)), np.float32)
-                vectors[i] = vector
-            bar.update(len(chunk))
-    if vectors is None:
-        vectors = np.zeros((n, 0), np.float32)
-    return Embeddings([s.key for s in samples], vectors, reasons, modes, sizes, time.perf_counter() - started)
+    count = -(-len(order) // batch_size)
+    with _bar(recognizer, len(order), progress) as bar:
+        pieces = [piece for _, piece in _embed_batches(dataset, recognizer, order, batch_size, range(count), bar)]
+    return _join(dataset, order, batch_size, pieces, recognizer.dim, time.perf_counter() - started)
+
+
+def _specs(dim: int) -> dict[str, ArraySpec]:
+    return {"vectors": ArraySpec("float32", dim)}
+
+
+def _check_columns(piece: Piece) -> Piece:
+    """A report's columns: reasons, modes and sizes, short strings."""
+    if set(piece.columns) != {"reasons", "modes", "sizes"}:
+        raise ValueError(f"columns {sorted(piece.columns)}, expected reasons, modes, sizes")
+    for name, values in piece.columns.items():
+        if not all(type(v) is str and len(v) <= MAX_REASON for v in values):
+            raise ValueError(f"column {name!r} holds something other than short strings")
+    return piece
+
+
+def _record_bytes(keys: list[str]) -> int:
+    return len(dumps(keys)) + ROW_RECORD * len(keys) + (64 << 10)
 
 
 def _save_embeddings(path: Path, embeddings: Embeddings, identity: dict, fingerprint: str) -> None:
-    with atomic_file(path) as f:
-        np.savez(f, keys=np.array(embeddings.keys, dtype=str), vectors=embeddings.vectors,
-                 reasons=np.array(embeddings.reasons, dtype=str), modes=np.array(embeddings.modes, dtype=str),
-                 sizes=np.array(embeddings.sizes, dtype=str),
-                 recognizer=np.array(json.dumps(identity, sort_keys=True)), fingerprint=np.array(fingerprint))
+    piece = Piece(embeddings.keys, {"vectors": embeddings.vectors},
+                  {"reasons": embeddings.reasons, "modes": embeddings.modes, "sizes": embeddings.sizes})
+    save_arrays(path, _cache_signature(identity, fingerprint), -1, piece)
 
 
-def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[str]) -> Embeddings | None:
-    """Cached embeddings when the shards and the recogniser are the same; else None."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if str(data["fingerprint"]) != fingerprint:
-                return None
-            if json.loads(str(data["recognizer"])) != json.loads(json.dumps(identity, sort_keys=True)):
-                return None
-            cached = Embeddings([str(k) for k in data["keys"]], np.asarray(data["vectors"], np.float32),
-                                [str(r) for r in data["reasons"]], [str(m) for m in data["modes"]],
-                                [str(s) for s in data["sizes"]])
-    except (OSError, KeyError, ValueError):
+def _cache_signature(identity: dict, fingerprint: str) -> dict:
+    return json_safe({"recognizer": identity, "fingerprint": fingerprint})
+
+
+def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[str], dim: int) -> Embeddings | None:
+    """Cached embeddings when the shards and the recogniser are the same; else None. The file's declared sizes,
+    dtype and shape are checked before its arrays are read (:func:`facegen.builders.quality.pieces.load_arrays`);
+    a damaged one (NaN or infinite values, a wrong shape, sizes past what the dataset's samples can take) is said
+    in one line and computed again."""
+    if not path.is_file():
         return None
-    return cached if cached.keys == keys else None
+    try:
+        piece = _check_columns(load_arrays(path, _cache_signature(identity, fingerprint), -1, keys, _specs(dim),
+                                           _record_bytes(keys)))
+    except OtherPass:
+        return None
+    except ValueError as exc:
+        warn(f"facegen: cached embeddings {path} not used ({exc}); embedding again")
+        return None
+    c = piece.columns
+    return Embeddings(piece.keys, piece.arrays["vectors"], c["reasons"], c["modes"], c["sizes"])
 
 
 def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_size: int = 64,
-                       progress: bool = True, cache: bool = True, path: Path | None = None) -> tuple[Embeddings, bool]:
-    """(embeddings, reused): from the cache (``path``, default ``.facegen/`` of the dataset) when valid, else
-    computed (and cached)."""
+                       progress: bool = True, path: Path | None = None,
+                       ranks: Ranks | None = None) -> tuple[Embeddings | None, bool]:
+    """(embeddings, reused), on every process of the run (``ranks``): from the cache (``path``, default
+    ``.facegen/report_embeddings.npz`` of the dataset) when valid, else computed in pieces (:func:`run_pass`; a
+    rerun after an interruption reuses the pieces) and cached. The main process gets the embeddings, the others
+    None."""
+    ranks = ranks or Ranks()
     path = path or OutputFolder(dataset.root).report_embeddings
     fingerprint = dataset.fingerprint()
     keys = [s.key for s in dataset.samples]
-    if cache:
-        cached = _load_embeddings(path, recognizer.identity(), fingerprint, keys)
-        if cached is not None:
-            return cached, True
-    embeddings = embed_dataset(dataset, recognizer, batch_size=batch_size, progress=progress)
-    if cache:
-        _save_embeddings(path, embeddings, recognizer.identity(), fingerprint)
+    identity = recognizer.identity()
+    cached = _load_embeddings(path, identity, fingerprint, keys, recognizer.dim) if ranks.main else None
+    if ranks.share(cached is not None):
+        return cached, True
+    order = _read_order(dataset)
+    count = -(-len(order) // batch_size)
+    signature = json_safe({"pass": "report", "recognizer": identity, "fingerprint": fingerprint,
+                           "batch_size": batch_size, "samples": len(keys)})
+    folder = pieces_folder(path)
+
+    def load(piece: Path, b: int) -> Piece:
+        batch_keys = [keys[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+        return _check_columns(load_arrays(piece, signature, b, batch_keys, _specs(recognizer.dim),
+                                          _record_bytes(batch_keys)))
+
+    started = time.perf_counter()
+    mine = sum(len(order[b * batch_size:(b + 1) * batch_size]) for b in range(ranks.index, count, ranks.count))
+    with _bar(recognizer, mine, progress, ranks) as bar:
+        result = run_pass(folder, signature, count,
+                          lambda batches: _embed_batches(dataset, recognizer, order, batch_size, batches, bar),
+                          load, ranks, reused=lambda b: bar.update(len(order[b * batch_size:(b + 1) * batch_size])))
+    if result is None:
+        return None, False
+    if result.reused:
+        info(f"facegen report: {result.reused} of {count} batches reused from an interrupted run, "
+             f"{result.computed} embedded")
+    embeddings = _join(dataset, order, batch_size, result.pieces, recognizer.dim, time.perf_counter() - started)
+    _save_embeddings(path, embeddings, identity, fingerprint)
+    remove_pieces(folder)
     return embeddings, False
 
 
@@ -522,7 +730,8 @@ def against_matches(a: Analysis, other: PublishedDataset, recognizer: Recognizer
     """Identities of this dataset whose prototype reaches ``threshold`` with an identity of ``other``."""
     # a local folder's own cached embeddings are used when valid (never written: that folder is not ours)
     cached = None if other.repo_id else _load_embeddings(OutputFolder(other.root).report_embeddings, recognizer.identity(),
-                                                         other.fingerprint(), [s.key for s in other.samples])
+                                                         other.fingerprint(), [s.key for s in other.samples],
+                                                         recognizer.dim)
     embeddings = cached or embed_dataset(other, recognizer, batch_size=batch_size, progress=progress)
     b = identity_prototypes(other, embeddings)
     matches = cross_matches(a.prototypes, b.prototypes, threshold) if len(a.ids) and len(b.ids) else []
@@ -551,9 +760,13 @@ class ReportPlace:
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
                dedup: float | None = None, min_similarity: float | None = None, against: str | None = None,
                batch_size: int = 64, progress: bool = True, card: bool = True,
-               report_dir: str | os.PathLike | None = None) -> QualityReport:
+               report_dir: str | os.PathLike | None = None) -> QualityReport | None:
     """Compute (or reuse the embeddings of) the report of the facegen dataset ``out`` (a folder or a Hub id);
-    write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours)."""
+    write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours).
+
+    On many processes (``accelerate launch``, ``torchrun``) every process takes part in the embedding pass
+    (:func:`dataset_embeddings`); the main process then analyses and writes, and every process returns the
+    report it wrote (the others wait for it on the file)."""
     from facegen.published import hub_dataset
 
     if hub_dataset(out) is not None:
@@ -563,19 +776,31 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     dedup, min_similarity = thresholds(recognizer, dedup, min_similarity)
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    ranks = Ranks.current()
     started = time.perf_counter()
     dataset = PublishedDataset(out)
     place = ReportPlace.of(dataset.root, report_dir)
     if place.folder.exists() and not place.folder.is_dir():
         raise UsageError(f"--out {place.folder} is a file, not a folder")
-    model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size)
+    model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size,
+                            ranks=ranks)
+    before = _file_identity(place.json)
     embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
-                                            path=place.embeddings)
+                                            path=place.embeddings, ranks=ranks)
+    if not ranks.main:  # the main process analyses and writes: wait for its report.json (a new file)
+        wait_for(lambda: _file_identity(place.json) not in (None, before))
+        return QualityReport.read(place.json)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     settings = ReportSettings(recognizer, model.model, dedup, min_similarity, DEFAULTS[recognizer])
     found, analysis = analyse(dataset, embeddings, dedup, min_similarity)
-    matches = against_matches(analysis, PublishedDataset(against, progress=progress), model, dedup, batch_size,
-                              progress) if against else None
+    matches = None
+    if against:
+        from facegen.builders.quality.leakage import benchmark_leakage, is_verification_file
+
+        matches = (benchmark_leakage(analysis.ids, analysis.prototypes, against, model, min_similarity, batch_size,
+                                     progress) if is_verification_file(against) else
+                   against_matches(analysis, PublishedDataset(against, progress=progress), model, dedup, batch_size,
+                                   progress))
     plots = write_plots(place.folder, dataset, analysis, found["identities"], settings)
     report = QualityReport(
         facegen_version=facegen.__version__, created=created, settings=settings, fingerprint=dataset.fingerprint(),
@@ -592,6 +817,15 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     for line in summary_lines(report, place):
         info(line)
     return report
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, modification time): a file written again atomically has another."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns
 
 
 def summary_lines(report: QualityReport, place: ReportPlace | None = None) -> list[str]:
@@ -612,7 +846,9 @@ def summary_lines(report: QualityReport, place: ReportPlace | None = None) -> li
     if report.skipped:
         lines.append("  not embedded: " + ", ".join(f"{n} {r}" for r, n in report.skipped.items()))
     if report.against is not None:
-        lines.append(f"  identities matching {report.against['dataset']}: {len(report.against['matches'])}")
+        what = "an image of" if report.against.get("kind") == "verification images" else ""
+        lines.append(f"  identities matching {what + ' ' if what else ''}{report.against['dataset']} (cosine >= "
+                     f"{report.against['threshold']}): {len(report.against['matches'])}")
     if place is None or place.in_dataset:
         lines.append(f"  -> {FACEGEN_DIR}/{REPORT_JSON}, " + ", ".join(report.plots))
     else:

@@ -1,9 +1,9 @@
 """facegen's exceptions. Library code raises them; the command line maps each kind to an exit code in one place
 (``FacegenGroup`` in ``facegen.cli``) and prints it as one line, never a traceback:
 
-- exit 2, :class:`UsageError` (and its kinds :class:`FolderBusy`, :class:`OutOfSpace`): the user's input,
-  options or environment must change before a rerun can work (a bad option or file, a busy folder, a full disk,
-  a hostile input);
+- exit 2, :class:`UsageError` (and its kinds :class:`FolderBusy`, :class:`OutOfSpace`, :class:`RankLost`): the
+  user's input, options or environment must change before a rerun can work (a bad option or file, a busy folder, a
+  full disk, a hostile input, a process of a distributed build that stopped);
 - exit 2, :class:`SampleError`: under ``--strict``, a bad sample stopped the build;
 - exit 1, :class:`CheckFailed`: a check the command exists to make failed (a publish check, a rebuild that
   differs from its card);
@@ -28,6 +28,11 @@ class FolderBusy(UsageError):
 
 class OutOfSpace(UsageError):
     """The disk or quota is full; what was complete is kept and the rerun resumes once there is room."""
+
+
+class RankLost(UsageError):
+    """Another process of this distributed build failed or stopped giving signs of life: this one stops too; what
+    is complete is kept and a rerun resumes."""
 
 
 class SampleError(FacegenError):

@@ -6,7 +6,8 @@
   A failure (a full disk, Ctrl-C) removes the temporary and leaves the previous file as it was.
 - :func:`atomic_npz`: an ``.npz`` written atomically whose bytes depend on its arrays alone (``np.savez`` dates
   each zip entry with the current time, so the same arrays saved twice differ).
-- :func:`sha256_file`, :func:`xxh3_128_file`: streamed in 8 MiB blocks, never the whole file in memory.
+- :func:`sha256_file`, :func:`xxh3_128_file`: streamed in 8 MiB blocks, never the whole file in memory; threads may
+  hash several files at once (reads and both hashes release the GIL).
 """
 
 from __future__ import annotations
@@ -97,11 +98,15 @@ Progress = Callable[[int], object]  # called with the bytes of each block read (
 
 
 def _digest_file(path: str | os.PathLike, digest, progress: Progress | None):
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            digest.update(block)
+    """Streamed into one reused buffer (no allocation per block); reading and hashing release the GIL, so threads
+    hash files in parallel."""
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
             if progress is not None:
-                progress(len(block))
+                progress(n)
     return digest.hexdigest()
 
 

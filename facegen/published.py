@@ -17,13 +17,19 @@ API summary
   ``.skipped`` (members or shards that could not be read, with reasons), ``.fingerprint()``, ``.name``.
 
 What is read, and how cheaply: a local build's per-shard sample index (``.facegen/shards/index/{j:06d}.json``:
-keys, identities, labels, byte offsets and lengths) when it is present and matches the shard's name and size;
-nothing of the shard itself is then read until a sample is, and a sample's members are found from its headers with
-one read of its byte range. Without an index (a Hub download, a shard rewritten since), the tar headers
-(:mod:`facegen.tarfiles`: bounded; a damaged header ends the shard's listing) and the small ``.json`` and ``.cls``
-members; image bytes only on request, by offset. One identity's samples may be spread over many shards (shards are
-shuffled across the whole dataset), so samples are regrouped by their label (``cls``) and ordered by key. A member
-too large to be metadata, a label that is not an integer or a damaged shard is a counted skip, never an exception.
+keys, identities, labels, byte offsets and lengths) when it is present and describes this very shard: its name and
+size, samples laid end to end from byte 0 up to the end-of-archive blocks, each no longer than
+:data:`MAX_SAMPLE_BYTES`, each key ``{cls:06d}_{n}`` of its own label, and each span starting with a valid header of
+a member of that key (one 512-byte ``pread`` per sample). Labels and identities must also pair one to one across the
+dataset: a shard whose index pairs them otherwise is read from its headers instead (an index is only a cache of
+what the tar says; a lying one never merges two identities). A sample's members are then found from its headers
+alone (:func:`facegen.tarfiles.span_members`), whatever its span claims. Without a usable index (a Hub download, a
+shard rewritten since), the tar headers (:mod:`facegen.tarfiles`: bounded; a damaged header ends the shard's
+listing) and the small ``.json`` and ``.cls`` members; image bytes only on request, by offset, and never a member
+over :data:`MAX_MEMBER_BYTES` (:class:`MemberTooLarge`). One identity's samples may be spread over many shards
+(shards are shuffled across the whole dataset), so samples are regrouped by their label (``cls``) and ordered by key.
+A member too large to be metadata, a label that is not an integer or a damaged shard is a counted skip, never an
+exception.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +46,14 @@ from facegen.errors import UsageError
 from facegen.hub_ids import HubId, dataset_id, parse
 from facegen.layout import DATA_DIR, INFO, LICENSE, README, TRAIN_DIR, OutputFolder, shard_number
 from facegen.layout.records import RunRecord, SampleIndex
-from facegen.tarfiles import TarDamaged, block_members, list_members
+from facegen.tarfiles import BLOCK, TarDamaged, header_at, list_members, span_members
 
 HUB_PATTERNS = [f"{DATA_DIR}/**", README, INFO, f"{LICENSE}*"]
 MAX_METADATA_BYTES = 1 << 20  # a json or cls member larger than this is not facegen's metadata
+# a face image is 5 KB-1 MB (facegen's sources refuse files over 8-32 MB): a larger member is not read
+MAX_MEMBER_BYTES = 16 << 20
+MAX_SAMPLE_BYTES = 8 * MAX_MEMBER_BYTES  # an indexed span longer than this (image, cls, json, a few extras) is a lie
+KEY = re.compile(r"(\d{6,})_\d{3,}")  # the shard writer's {cls:06d}_{n:03d}
 COLUMNS_OF_EVERY_SAMPLE = ("cls", "json", "__key__", "__url__")
 
 
@@ -110,6 +121,28 @@ class Sample:
         if self.span is not None:
             return self.span[0]
         return min((offset for offset, _ in self.members.values()), default=0)
+
+
+class MemberTooLarge(OSError):
+    """A member over :data:`MAX_MEMBER_BYTES`: never read (a counted skip for whoever asked for it)."""
+
+
+def _identity(meta, cls: int) -> str:
+    """A sample's identity as its json names it (``cls{N}`` when it names none)."""
+    identity = meta.get("identity") if isinstance(meta, dict) else None
+    return str(identity) if identity not in (None, "") else f"cls{cls}"
+
+
+def _unpaired(found: list[tuple[int, str, Sample]]) -> list[Sample]:
+    """The samples whose label has two identities, or whose identity has two labels (a facegen build pairs them one
+    to one)."""
+    identities, labels = defaultdict(set), defaultdict(set)
+    for cls, _, sample in found:
+        identities[cls].add(sample.identity)
+        labels[sample.identity].add(cls)
+    if all(len(i) == 1 for i in identities.values()) and all(len(c) == 1 for c in labels.values()):
+        return []
+    return [sample for cls, _, sample in found if len(identities[cls]) > 1 or len(labels[sample.identity]) > 1]
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -225,64 +258,93 @@ class PublishedDataset:
         from tqdm.auto import tqdm
 
         found: list[tuple[int, str, Sample]] = []
+        indexed: set[int] = set()
         for index, path in enumerate(tqdm(self.shards, unit="shard", desc="read shards", disable=not progress)):
-            indexed = self._indexed_shard(index, path)
-            if indexed is not None:
-                self.indexed_shards += 1
-                found += indexed
+            samples = self._indexed_shard(index, path)
+            if samples is not None:
+                indexed.add(index)
+                found += samples
             else:
                 found += self._scan_shard(index, path)
+        # labels and identities paired otherwise than one to one: each indexed sample involved is checked against
+        # its json, and a shard whose index lied is read from its headers instead
+        doubtful = {sample.shard for sample in _unpaired(found)
+                    if sample.shard in indexed and self._identity_in_json(sample) != sample.identity}
+        if doubtful:
+            found = [item for item in found if item[2].shard not in doubtful]
+            for index in sorted(doubtful):
+                found += self._scan_shard(index, self.shards[index])
+            indexed -= doubtful
+        self.indexed_shards = len(indexed)
         found.sort(key=lambda item: (item[0], item[1]))  # label order, then key (= image number) order
         self.samples = [sample for _, _, sample in found]
 
     def _indexed_shard(self, index: int, path: Path) -> list[tuple[int, str, Sample]] | None:
         """The shard's samples from its sample index, or None (then its headers are scanned) when there is no
-        index, or it does not describe this very file (name, size, the end-of-archive blocks right after its last
-        sample) or is malformed."""
+        index, or it is malformed or does not describe this very file: its name and size, samples laid end to end
+        from byte 0 (each at most MAX_SAMPLE_BYTES, its key of its own label, its span starting with a header of
+        a member of that key) up to the end-of-archive blocks."""
         number = shard_number(path)
         if number is None:
             return None
         record = SampleIndex.read(self.folder.shard(number).index)  # its types checked
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return None
-        if record is None or record.tar != path.relative_to(self.root).as_posix() or record.tar_bytes != size:
+        if record is None or record.tar != path.relative_to(self.root).as_posix():
             return None
         out, end = [], 0
-        for key, identity, cls, offset, length in zip(record.keys, record.identities, record.cls, record.offsets,
-                                                      record.lengths):
-            if not (0 <= offset and offset + length <= size):
-                return None
-            end = max(end, offset + length)
-            identity = str(identity) if identity not in (None, "") else f"cls{cls}"
-            out.append((cls, key, Sample(index, key, cls, identity, span=(offset, length))))
-        try:  # the end-of-archive blocks follow the last indexed sample: nothing was appended since
+        try:
             with open(path, "rb") as f:
-                if os.pread(f.fileno(), 1024, end) != bytes(1024):
+                fd = f.fileno()
+                size = os.fstat(fd).st_size
+                if record.tar_bytes != size:
+                    return None
+                for key, identity, cls, offset, length in zip(record.keys, record.identities, record.cls,
+                                                              record.offsets, record.lengths):
+                    label = KEY.fullmatch(key)
+                    if (label is None or int(label.group(1)) != cls or offset != end or length % BLOCK
+                            or not 0 < length <= min(MAX_SAMPLE_BYTES, size - offset)):
+                        return None
+                    first = header_at(fd, offset, size)
+                    if first is None or _split_name(first.name)[0] != key or first.offset + first.size > end + length:
+                        return None
+                    end += length
+                    identity = str(identity) if identity not in (None, "") else f"cls{cls}"
+                    out.append((cls, key, Sample(index, key, cls, identity, span=(offset, length))))
+                # the end-of-archive blocks follow the last indexed sample: nothing was appended since
+                if os.pread(fd, 2 * BLOCK, end) != bytes(2 * BLOCK):
                     return None
         except OSError:
             return None
         return out
 
+    def _identity_in_json(self, sample: Sample) -> str | None:
+        """The identity the sample's own json member names; None when it cannot be read."""
+        try:
+            members = self.members(sample)
+            if "json" not in members or members["json"][1] > MAX_METADATA_BYTES:
+                return None
+            return _identity(json.loads(self.read(sample, "json")), sample.cls)
+        except (OSError, ValueError):
+            return None
+
     def members(self, sample: Sample) -> dict[str, tuple[int, int]]:
-        """field -> (offset, size) in the shard; for an indexed sample, from its headers (one read of its span)."""
+        """field -> (offset, size) in the shard; for an indexed sample, from the headers in its span (one pread of
+        512 bytes per member, whatever the span's length)."""
         if sample.members or sample.span is None:
             return sample.members
         start, length = sample.span
+        name = self.shards[sample.shard].name
         with open(self.shards[sample.shard], "rb") as f:
-            block = os.pread(f.fileno(), length, start)
-        if len(block) != length:
-            raise OSError(f"{self.shards[sample.shard].name} ends inside sample {sample.key}")
-        try:
-            entries = block_members(block)
-        except TarDamaged as exc:
-            raise OSError(f"{self.shards[sample.shard].name}: sample {sample.key} is damaged ({exc})") from None
+            try:
+                entries = span_members(f.fileno(), start, length)
+            except TarDamaged as exc:
+                raise OSError(f"{name}: sample {sample.key} is damaged ({exc})") from None
         members = {}
-        for name, offset, size in entries:
-            key, field_name = _split_name(name)
-            if key == sample.key and field_name:
-                members[field_name] = (start + offset, size)
+        for member in entries:
+            key, field_name = _split_name(member.name)
+            if key != sample.key:
+                raise OSError(f"{name}: the sample index puts member {member.name} in sample {sample.key}")
+            if field_name:
+                members[field_name] = (member.offset, member.size)
         sample.members = members
         return members
 
@@ -328,9 +390,7 @@ class PublishedDataset:
             except ValueError as exc:
                 self._skip(where, "bad json", str(exc))
                 continue
-            identity = meta.get("identity") if isinstance(meta, dict) else None
-            identity = str(identity) if identity not in (None, "") else f"cls{cls}"
-            out.append((cls, key, Sample(index, key, cls, identity, members)))
+            out.append((cls, key, Sample(index, key, cls, _identity(meta, cls), members)))
         return out
 
     def read(self, sample: Sample, field_name: str, length: int | None = None) -> bytes:
@@ -339,6 +399,9 @@ class PublishedDataset:
         if field_name not in members:
             raise OSError(f"sample {sample.key} has no {field_name!r} member")
         offset, size = members[field_name]
+        if length is None and size > MAX_MEMBER_BYTES:  # a prefix (a header to check) is bounded by its length
+            raise MemberTooLarge(f"{self.shards[sample.shard].name}: member {sample.key}.{field_name} is {size:,} "
+                                 f"bytes, over the {MAX_MEMBER_BYTES:,} a facegen dataset's member may hold")
         size = size if length is None else min(size, length)
         with open(self.shards[sample.shard], "rb") as f:
             f.seek(offset)

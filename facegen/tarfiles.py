@@ -7,8 +7,13 @@ API summary
 - ``list_members(path) -> Listing``: ``.members`` (regular members, in file order), ``.others`` (names of the
   other entries: directories, links, devices; facegen writes none), ``.error`` (the :class:`TarDamaged` or
   ``OSError`` that ended the listing, else None; everything listed before it is whole).
-- ``block_members(block) -> list[Member]``: the same for tar blocks held in memory (a sample's span, read with one
-  ``pread`` from a sample index); offsets are relative to the block. Raises :class:`TarDamaged`.
+- ``block_members(block) -> list[Member]``: the same for tar blocks held in memory; offsets are relative to the
+  block. Raises :class:`TarDamaged`.
+- ``span_members(fd, start, length) -> list[Member]``: the same for the bytes ``[start, start + length)`` of an open
+  tar (a sample's span, from a sample index), from their headers alone: a span of any declared length costs one
+  ``pread`` of 512 bytes per member. Offsets are the tar's. Raises :class:`TarDamaged` or ``OSError``.
+- ``header_at(fd, position, end) -> Member | None``: the member whose header is at ``position`` of an open tar (checksum
+  and size checked), else None: one ``pread`` (a sample index's claim checked against the tar).
 - ``payload_bytes(block) -> int``: the members' data bytes of a block, from the size fields alone (the shard
   assembly's count of samples copied between facegen's own tars).
 
@@ -211,6 +216,32 @@ def block_members(block: bytes) -> list[Member]:
     if listing.error is not None:
         raise listing.error
     return listing.members
+
+
+def header_at(fd: int, position: int, end: int) -> Member | None:
+    """The member whose header lies at ``position`` of the open tar ``fd`` of ``end`` bytes (checksum and size field
+    checked, its data inside the file), or None when the block there is no usable header. Raises OSError."""
+    header = os.pread(fd, BLOCK, position)
+    if len(header) < BLOCK or not header.strip(b"\0"):
+        return None
+    try:
+        _check_header(header, position)
+        size = _number(header[124:136], "size", position)
+    except TarDamaged:
+        return None
+    if _padded(size) > end - position - BLOCK:
+        return None
+    return Member(_name(header), position + BLOCK, size)
+
+
+def span_members(fd: int, start: int, length: int) -> list[Member]:
+    """The regular members laid out in bytes ``[start, start + length)`` of the open tar ``fd``, read header by header
+    (never member data); offsets are the tar's. Raises TarDamaged (a header that cannot be used, or a member running
+    past the span) or OSError."""
+    listing = _list(lambda position, size: os.pread(fd, size, start + position), length)
+    if listing.error is not None:
+        raise listing.error
+    return [Member(name, start + offset, size) for name, offset, size in listing.members]
 
 
 def payload_bytes(block: bytes) -> int:

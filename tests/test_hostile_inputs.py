@@ -34,6 +34,7 @@ from facegen.testing.hostile import (
     huge_array_pickle_bytes,
     non_utf8_name,
     random_bytes_file,
+    shared_buffer_pickle_bytes,
     write_malicious_torch_pickle,
     write_npz_bomb,
     write_overlapping_zip_bomb,
@@ -222,7 +223,7 @@ def test_refs_and_single_image_loads_agree_with_load_on_hostile_names_and_links(
     assert kinds(disco.load("00003")) == [("Skip", "00003", "broken HDF5 link")]
 
 
-def test_sfhq_npz_bomb_and_huge_array_pickle_are_skipped_in_bounded_memory(tmp_path):
+def test_sfhq_npz_bomb_and_huge_and_shared_buffer_pickles_are_skipped_in_bounded_memory(tmp_path):
     root = write_sfhq_source(tmp_path / "sfhq", images_per_part=4, size=96, feature_dims=SMALL_FEATURES,
                              sample_folder=False)
     bomb_stem, pickle_stem = sfhq_name(1, 3), sfhq_name(1, 4)
@@ -232,6 +233,8 @@ def test_sfhq_npz_bomb_and_huge_array_pickle_are_skipped_in_bounded_memory(tmp_p
     with zipfile.ZipFile(npz) as archive:
         assert archive.getinfo("landmarks.npy").file_size > 3e9
     next(root.rglob(f"{pickle_stem}.pickle")).write_bytes(huge_array_pickle_bytes())
+    shared_stem = sfhq_name(1, 1)  # 700 arrays over one 4 MB buffer: 3.06 GB before (issue 18)
+    next(root.rglob(f"{shared_stem}.pickle")).write_bytes(shared_buffer_pickle_bytes())
 
     out = tmp_path / "out"
     code, _, err, peak = build_measured(["--source", "sfhq", "--source-path", root, "--source-opt",
@@ -240,11 +243,12 @@ def test_sfhq_npz_bomb_and_huge_array_pickle_are_skipped_in_bounded_memory(tmp_p
     assert code == 0, err
     assert "Traceback" not in err
     assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak / 1e9:.2f} GB"
-    assert skipped(out) == {"bad landmarks": 1, "unsafe pickle": 1}
+    assert skipped(out) == {"bad landmarks": 1, "unsafe pickle": 2}
     details = {f["identity"]: f["detail"] for f in failures(out)}
     assert "over the 1048576 bytes limit" in details[bomb_stem]
     assert "refused an array of shape (1099511627776,)" in details[pickle_stem]
-    assert load_rows(out).num_rows == 2
+    assert "arrays sharing one buffer" in details[shared_stem]
+    assert load_rows(out).num_rows == 1
 
 
 def test_sfhq_files_and_canvases_too_large_are_skipped_before_reading_or_decoding(tmp_path):

@@ -67,3 +67,19 @@ def test_truncated_pickle_is_a_broken_pickle_not_a_crash():
     data = pickle.dumps({"a": np.ones((1, 512), np.float32)}, protocol=4)
     with pytest.raises(pickle.UnpicklingError, match="broken pickle"):
         loads_array_dict(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_arrays_sharing_one_buffer_are_refused_before_any_copy(tmp_path, protocol):
+    """4 MB that 700 arrays share (memo references: protocols 2-4 through _reconstruct's state, 5 through one
+    _frombuffer array): 2.9 GB once a reader copies each array. All the arrays together may not reference more
+    bytes than the pickle holds (issue 18: the build peaked at 3.06 GB and exited 0)."""
+    from facegen.testing.hostile import shared_buffer_pickle_bytes
+
+    path = tmp_path / "shared.pickle"
+    path.write_bytes(shared_buffer_pickle_bytes(protocol=protocol))
+    assert path.stat().st_size < 7 << 20  # under the features cap (16 MB)
+    with pytest.raises(UnsafePickleError, match="together more than its .* bytes .arrays sharing one buffer"):
+        load_array_dict(path)
+    path.write_bytes(shared_buffer_pickle_bytes(arrays=1, protocol=protocol))
+    assert load_array_dict(path)["model_0"].nbytes == 4 << 20  # one array over its own buffer is what SFHQ writes

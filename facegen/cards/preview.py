@@ -8,8 +8,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from facegen.layout import OutputFolder
-from facegen.tarfiles import TarDamaged, block_members, list_members
+from facegen.builders.engine.images import MAX_PIXELS
+from facegen.layout import OutputFolder, shard_number, shard_path
+from facegen.layout.records import SampleIndex
+from facegen.published import MAX_MEMBER_BYTES
+from facegen.tarfiles import TarDamaged, list_members, span_members
 
 IDENTITIES = 8
 IMAGES_PER_IDENTITY = 4
@@ -34,7 +37,7 @@ def _first_samples(tar_paths: list[Path], image_column: str, identities: int, pe
                     if label not in found and len(found) >= identities:
                         return found
                     images = found.setdefault(label, [])
-                    if len(images) < per_identity:
+                    if len(images) < per_identity and member.size <= MAX_MEMBER_BYTES:
                         images.append(os.pread(f.fileno(), member.size, member.offset))
         except OSError:
             continue
@@ -44,27 +47,24 @@ def _first_samples(tar_paths: list[Path], image_column: str, identities: int, pe
 def _indexed_samples(out: Path, image_column: str, identities: int, per_identity: int):
     """{label: [image bytes…]} for the lowest labels, from the shards' sample indexes: the shards are shuffled,
     so an identity's images lie in many shards; each is read with one pread. Empty when there is no index."""
-    import json
-
+    folder = OutputFolder(out)
     wanted: dict[int, list[tuple[str, int, int]]] = {}
-    for path in sorted(OutputFolder(out).shard_index_dir.glob("[0-9]*.json")):
-        try:
-            index = json.loads(path.read_bytes())
-            rows = zip(index["cls"], index["offsets"], index["lengths"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        for cls, offset, length in rows:
+    for path in sorted(folder.shard_index_dir.glob("[0-9]*.json")):
+        index = SampleIndex.read(path)  # its types checked; None when unreadable
+        number = shard_number(f"train-{path.stem}.tar")
+        if index is None or number is None or index.tar != shard_path(number):
+            continue  # an index names its own shard, nothing else
+        for cls, offset, length in zip(index.cls, index.offsets, index.lengths):
             if cls < identities * 4:  # enough candidates without keeping every row of a large build
-                wanted.setdefault(cls, []).append((index.get("tar", ""), offset, length))
+                wanted.setdefault(cls, []).append((index.tar, offset, length))
     found: dict[str, list[bytes]] = {}
     for cls in sorted(wanted)[:identities]:
         images = found.setdefault(f"{cls:06d}", [])
         for tar, offset, length in sorted(wanted[cls])[:per_identity]:
-            try:
+            try:  # the span's headers only, then its image members under the cap: an index may lie
                 with open(out / tar, "rb") as f:
-                    block = os.pread(f.fileno(), length, offset)
-                images += [block[m.offset:m.offset + m.size] for m in block_members(block)
-                           if m.name.endswith("." + image_column)]
+                    images += [os.pread(f.fileno(), m.size, m.offset) for m in span_members(f.fileno(), offset, length)
+                               if m.name.endswith("." + image_column) and m.size <= MAX_MEMBER_BYTES]
             except (TarDamaged, OSError):
                 continue  # a damaged shard gives no tile; `facegen publish` reports it
     return {label: images for label, images in found.items() if images}
@@ -91,6 +91,8 @@ def preview_grid(tar_paths: list[Path], image_column: str, identities: int = IDE
         for row, data in enumerate(images):
             try:
                 with Image.open(io.BytesIO(data)) as im:
+                    if im.width * im.height > MAX_PIXELS:  # the build's own limit: never decoded
+                        continue
                     thumb = im.convert("RGB")
                     thumb.thumbnail((tile, tile))
             except Exception:  # a damaged image leaves its tile blank; the card must still render

@@ -7,8 +7,10 @@ through only the few numpy globals needed to rebuild arrays and dtypes; any othe
 :class:`UnsafePickleError`. After loading, the result is checked to be a dict of plain numeric arrays.
 
 Memory is bounded too: the file is refused above ``max_bytes`` before it is read, and every array the pickle asks
-numpy to allocate is checked against the pickle's own size first (an array's data always travels inside the
-pickle, so a pickle that requests a 2**40-element array is lying, and is refused without allocating anything).
+numpy to make is checked against the pickle's own size first, and so are all the arrays of the result together
+(each counted every time it appears: its reader copies it every time): an array's data always travels inside the
+pickle, once, so a pickle that requests a 2**40-element array, or 700 arrays over one shared 4 MB buffer (memo
+references cost a few bytes each: 2.9 GB once copied), is lying, and is refused before anything is copied.
 
 insightface's verification sets (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``) are pickles of ``(bins,
 issame_list)``: 2P encoded images as bytes (Python 2 ``str``, so Python 3 reads them with ``encoding="bytes"``) or as
@@ -52,8 +54,9 @@ MAX_PAIRS_BYTES = 1 << 30  # lfw.bin is ~60 MB, cfp_fp.bin ~90 MB
 _NDARRAY = object()  # what the global numpy.ndarray unpickles to: not callable, only _reconstruct's first argument
 
 
-def _check_request(shape, dtype, available: int) -> None:
-    """Refuse an array of ``shape`` x ``dtype`` before numpy allocates it: more bytes than the pickle carries."""
+def _check_request(shape, dtype, available: int) -> int:
+    """Refuse an array of ``shape`` x ``dtype`` before numpy allocates it: more bytes than the pickle carries.
+    Returns its bytes."""
     dtype = np.dtype(dtype)
     if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS:
         raise UnsafePickleError(f"refused an array of dtype {dtype}: only numeric arrays are allowed")
@@ -69,6 +72,7 @@ def _check_request(shape, dtype, available: int) -> None:
     if requested > available:
         raise UnsafePickleError(f"refused an array of shape {tuple(dims)} and dtype {dtype} ({requested} bytes): "
                                 f"more than the {available} bytes of the pickle")
+    return requested
 
 
 class _CheckedArray(np.ndarray):
@@ -101,7 +105,8 @@ class _ArrayDictUnpickler(pickle.Unpickler):
 
     def __init__(self, stream: BinaryIO, size: int, encoding: str = "ASCII"):
         super().__init__(stream, encoding=encoding)
-        self.size = size  # bytes of the pickle: no array it holds can be larger
+        self.size = size  # bytes of the pickle: no array it holds can be larger, nor all of them together
+        self.claimed = 0  # bytes of the arrays made so far
 
     def find_class(self, module: str, name: str):
         module = _RENAMED_MODULES.get(module, module)
@@ -118,16 +123,23 @@ class _ArrayDictUnpickler(pickle.Unpickler):
             return _latin1_encode
         return super().find_class(module, name)
 
+    def _claim(self, shape, dtype, available: int) -> None:
+        """Count an array about to be made against what the pickle carries, for it alone and for all together."""
+        self.claimed += _check_request(shape, dtype, available)
+        if self.claimed > self.size:
+            raise UnsafePickleError(f"refused the arrays of the pickle: together {self.claimed} bytes, more than the "
+                                    f"{self.size} bytes of the pickle (arrays sharing one buffer)")
+
     def _reconstruct(self, subtype, shape, dtype):
         if subtype is not _NDARRAY:
             raise UnsafePickleError("refused _reconstruct of anything but numpy.ndarray")
-        _check_request(shape, dtype, self.size)
+        self._claim(shape, dtype, self.size)
         return _CheckedArray(shape, dtype)
 
     def _frombuffer(self, buf, dtype, shape, order, axis_order=None):
         if not isinstance(buf, (bytes, bytearray, pickle.PickleBuffer)):
             raise UnsafePickleError("refused _frombuffer of anything but bytes")
-        _check_request(shape, dtype, memoryview(buf).nbytes)
+        self._claim(shape, dtype, memoryview(buf).nbytes)
         from numpy._core.numeric import _frombuffer
 
         return _frombuffer(buf, dtype, shape, order, axis_order)
@@ -220,6 +232,7 @@ def load_verification_pairs(path: str | os.PathLike, max_bytes: int = MAX_PAIRS_
         flags.append(bool(flag))
     if isinstance(bins, np.ndarray) or len(bins) != 2 * len(flags):
         raise UnsafePickleError(f"{len(bins)} images for {len(flags)} pairs: expected two images per pair")
+    _check_total((item for item in bins if isinstance(item, np.ndarray)), len(data))
     images = []
     for item in bins:
         if type(item) is _CheckedArray:
@@ -233,6 +246,17 @@ def load_verification_pairs(path: str | os.PathLike, max_bytes: int = MAX_PAIRS_
             kind = f"{item.dtype} array of shape {item.shape}" if isinstance(item, np.ndarray) else type(item).__name__
             raise UnsafePickleError(f"bins holds a {kind}, not encoded image bytes")
     return images, flags
+
+
+def _check_total(arrays, size: int) -> None:
+    """The arrays' bytes, each counted every time it appears (its reader copies it every time), against the bytes of
+    the pickle: arrays that share one buffer (a memo reference each) are refused here, before anyone copies them."""
+    total = 0
+    for array in arrays:
+        total += array.nbytes
+        if total > size:
+            raise UnsafePickleError(f"refused the arrays of the pickle: together more than its {size} bytes (arrays "
+                                    "sharing one buffer)")
 
 
 def _load(stream: BinaryIO, size: int, unpickler=_ArrayDictUnpickler, encoding: str = "ASCII", check: bool = True):
@@ -249,6 +273,7 @@ def _load(stream: BinaryIO, size: int, unpickler=_ArrayDictUnpickler, encoding: 
         return value
     if not isinstance(value, dict):
         raise UnsafePickleError(f"expected a dict of numpy arrays, got {type(value).__name__}")
+    _check_total((a for a in value.values() if isinstance(a, np.ndarray)), size)
     for key, array in list(value.items()):
         if not isinstance(key, str):
             raise UnsafePickleError(f"expected string keys, got {type(key).__name__} {key!r}")

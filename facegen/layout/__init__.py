@@ -13,6 +13,7 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
         card.json       the card's settings (repo id, gating)
         card_files.json sha256 of each card file facegen wrote (so that it never replaces a user's file)
         lock, lock.break                              the build lock
+        ranks/{r:06d}.json  each process's heartbeat in a distributed build
         shards/{j:06d}.json, shards/index/{j:06d}.json, skipped/{j:06d}.jsonl       per published shard
         units/{i:06d}.tar, units/{i:06d}.json, units/index/, units/skipped/         identity-level units of work
         skipped.jsonl   every skipped sample           report.json, report_embeddings.npz   the quality report
@@ -181,6 +182,14 @@ class OutputFolder:
     @property
     def lock_break(self) -> Path:
         return self.records / LOCK_BREAK_FILE
+
+    @property
+    def ranks_dir(self) -> Path:
+        return self.records / "ranks"
+
+    def rank_beat(self, rank: int) -> Path:
+        """Process ``rank``'s heartbeat in a distributed build."""
+        return self.ranks_dir / f"{rank:06d}.json"
 
     @property
     def skipped_list(self) -> Path:

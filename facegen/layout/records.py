@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class Record:
     """A file under ``.facegen/`` with a schema: ``to_dict``/``from_dict``, ``write``/``read``."""
 
     SCHEMA: ClassVar[str]  # name and version, e.g. "facegen-run-1"; a change of meaning bumps the number
+    MAX_BYTES: ClassVar[int | None] = None  # a larger file is not this record: refused unread
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": self.SCHEMA, **dataclasses.asdict(self)}
@@ -177,7 +179,12 @@ class Record:
     @classmethod
     def parse(cls: type[R], path: Path) -> R:
         """The record in ``path``; OSError when it cannot be read, RecordError when it is not this record."""
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if cls.MAX_BYTES is not None and size > cls.MAX_BYTES:
+                raise RecordError(f"{path} holds {size:,} bytes, more than a {cls.__name__} ever does "
+                                  f"({cls.MAX_BYTES:,})")
+            raw = f.read()
         try:
             data = json.loads(raw)
         except ValueError as exc:
@@ -490,6 +497,7 @@ class SampleIndex(Record):
     assembly and readers of the dataset seek to a sample without reading the tar's headers."""
 
     SCHEMA: ClassVar[str] = "facegen-sample-index-2"
+    MAX_BYTES: ClassVar[int] = 64 << 20  # ~60 bytes a sample: a tar of 10,000 samples has an index of ~1 MB
 
     tar: str  # relative to OUT
     tar_bytes: int
@@ -511,6 +519,25 @@ class SampleIndex(Record):
 
     def __len__(self) -> int:
         return len(self.keys)
+
+
+@dataclass(frozen=True)
+class RankBeat(Record):
+    """``.facegen/ranks/{r:06d}.json``: process ``rank`` of a distributed build is alive (``beat`` counts up while it
+    runs), finished its part (``done``) or failed (``failed``, with ``error``). ``run`` is the lock holder's token of
+    the run it belongs to: a file left by an earlier run says nothing about this one."""
+
+    SCHEMA: ClassVar[str] = "facegen-rank-beat-1"
+    MAX_BYTES: ClassVar[int] = 64 * 1024
+
+    run: str
+    rank: int
+    world: int
+    host: str
+    pid: int
+    beat: int
+    state: str  # running, done, failed
+    error: str = ""
 
 
 # --- the records of the commands around a build: report.json, the curation file, card_files.json ---

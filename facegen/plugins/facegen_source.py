@@ -18,15 +18,20 @@ labels stay contiguous. The file's decisions are recorded in the run's provenanc
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 
 from facegen.api import LicenseInfo, Option, Skip, Source, SourceImage, UsageError, sha256_file
 # this source's format is facegen's own output folder (its layout and records, as published)
 from facegen.layout import LICENSE
 from facegen.layout.records import Curation, RecordError
-from facegen.published import PublishedDataset
+from facegen.published import MemberTooLarge, PublishedDataset
 
 BIBTEX_BLOCK = re.compile(r"```bibtex\n(.*?)\n```", re.DOTALL)
 OWNED_FIELDS = ("identity", "source", "source_ref")  # set by the new build's shard writer
+# An identity of a facegen dataset holds a few MB (72 DigiFace images: 2 MB; 50 Arc2Face PNGs: 20 MB). Its samples
+# are read while the ones before them, plus themselves, fit in this (each sample weighed by its span in the tar, known
+# before anything is read), so that loading one identity, or one of its images alone, holds at most this much.
+MAX_IDENTITY_BYTES = 256 << 20
 
 
 class FacegenSource(Source):
@@ -52,6 +57,7 @@ class FacegenSource(Source):
         removed = {r["identity"] for r in self.curation.removed_identities} if self.curation else set()
         self._removed_samples = {r["key"] for r in self.curation.removed_samples} if self.curation else set()
         self._ids = [i for i in self.dataset.identities if i not in removed]
+        self._weights: dict[str, list[int]] = {}  # identity -> bytes its samples take up to each one, in order
         self.license = self._parent_license()
         self.citation = self._parent_citation()
         name = self.dataset.name
@@ -139,17 +145,34 @@ class FacegenSource(Source):
         samples = self._samples(identity_id)
         return self.load_images(identity_id, range(len(samples)), samples)
 
+    def _weight_up_to(self, identity_id, samples) -> list[int]:
+        """Bytes of the identity's samples up to and including each one (the positional bound: an image is read
+        alone exactly when it would be read with its whole identity)."""
+        if identity_id not in self._weights:
+            sizes = (sample.span[1] if sample.span is not None else sum(size for _, size in sample.members.values())
+                     for sample in samples)
+            self._weights[identity_id] = list(accumulate(sizes))
+        return self._weights[identity_id]
+
     def load_images(self, identity_id, indices, samples=None):
         samples = samples if samples is not None else self._samples(identity_id)
         extras_wanted = self.dataset.extra_columns()
+        weight = self._weight_up_to(identity_id, samples)
         items: list[SourceImage | Skip] = []
         for i in indices:
             sample = samples[i]
             ref = self.dataset.ref(sample)
+            if weight[i] > MAX_IDENTITY_BYTES:
+                items.append(Skip(ref, "identity over the size limit", f"its samples up to this one add up to "
+                                  f"{weight[i]:,} bytes, over {MAX_IDENTITY_BYTES:,}"))
+                continue
             try:
                 data = self.dataset.image(sample)
                 extras = {name: self.dataset.read(sample, name) for name in extras_wanted
                           if name in self.dataset.members(sample)}
+            except MemberTooLarge as exc:
+                items.append(Skip(ref, "member too large", str(exc)))
+                continue
             except OSError as exc:
                 items.append(Skip(ref, "unreadable member", str(exc)))
                 continue

@@ -14,7 +14,9 @@ Each writer makes a small real file that, read naively, costs gigabytes of memor
 - :func:`non_utf8_name`: a file name with bytes that are not UTF-8 (as ``os.listdir`` returns it);
 - :func:`crafted_tar_bytes`: a shard with one crafted tar header (:data:`TAR_CASES`: negative octal or base-256
   sizes that send the reader back into a loop, sizes past the end, a bad checksum, pax records that do the same or
-  declare 2 GB).
+  declare 2 GB);
+- :func:`shared_buffer_pickle_bytes`: a features pickle of 4 MB whose 700 arrays share one buffer (2.9 GB copied);
+- :func:`write_sparse_shard`: a facegen shard of image members of any size (:func:`padded_jpeg`), written sparse.
 
 Inflating streams are built from one compressed block of zeros repeated (deflate blocks after a full flush stand
 alone), so writing a 3 GB bomb takes a moment and no memory.
@@ -22,6 +24,8 @@ alone), so writing a 3 GB bomb takes a moment and no memory.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
 import struct
@@ -148,6 +152,31 @@ def huge_array_pickle_bytes(model: str = "CLIP_ViTL_14@336", elements: int = 2**
     """A features pickle ``{model: array}`` that names only numpy's allowed globals but asks numpy for an array
     of ``elements`` bytes (pickle.load raises MemoryError at 2**40, or maps terabytes)."""
     return pickle.dumps({model: _HugeArray(elements)}, protocol=2)
+
+
+class _SharedBufferArray:
+    """Pickles as numpy's ``_reconstruct`` and a state whose data is one bytes object shared by every such array: the
+    pickle carries it once and refers to it from its memo (a few bytes) for each further array."""
+
+    def __init__(self, state: tuple):
+        self.state = state
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
+def shared_buffer_pickle_bytes(arrays: int = 700, buffer_bytes: int = 4 << 20, protocol: int = 2) -> bytes:
+    """A features pickle ``{model_k: array}`` of ``arrays`` float32 arrays, each over the same ``buffer_bytes``
+    buffer: a file of about ``buffer_bytes`` (under the features cap) that unpickles to ``arrays`` copies of it
+    (700 x 4 MB: 2.9 GB). Protocol 5 shares it through ``_frombuffer`` instead."""
+    data = np.random.default_rng(0).bytes(buffer_bytes)  # incompressible, as a real feature file
+    if protocol >= 5:
+        shared = np.frombuffer(data, dtype=np.float32)
+        return pickle.dumps({f"model_{k}": shared for k in range(arrays)}, protocol=5)
+    state = (1, (buffer_bytes // 4,), np.dtype(np.float32), False, data)
+    return pickle.dumps({f"model_{k}": _SharedBufferArray(state) for k in range(arrays)}, protocol=protocol)
 
 
 def add_huge_hdf5_dataset(file: str | os.PathLike, name: str, shape: tuple[int, ...], written: int = 0) -> None:
@@ -280,3 +309,34 @@ def crafted_tar_bytes(case: str, key: str = "999999_000", padding: int = 0) -> b
     else:
         raise ValueError(f"unknown case {case!r}")
     return good + crafted + behind + bytes(1024)
+
+
+def padded_jpeg(padding: int, seed: int = 0) -> tuple[bytes, int]:
+    """A valid 8x8 JPEG followed by ``padding`` zero bytes, as (the JPEG, ``padding``): decoders stop at its end
+    marker, so checking it costs a few microseconds whatever its size, and a file of it may be sparse (megabytes on
+    paper, nothing on the disk)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue(), padding
+
+
+def write_sparse_shard(path: str | os.PathLike, samples: list[tuple[str, int, str, int]]) -> Path:
+    """A shard of samples ``(key, cls, identity, padding)`` whose ``.png`` members hold :func:`padded_jpeg` images
+    (a reader finds a JPEG, which a PNG dataset converts) written sparse (the zeros are skipped over, never
+    written): a shard of gigabytes that takes no disk space."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for n, (key, cls, identity, padding) in enumerate(samples):
+            f.write(_member(f"{key}.cls", str(cls).encode()))
+            f.write(_member(f"{key}.json", json.dumps({"identity": identity, "source": "fixture",
+                                                       "source_ref": f"{identity}/{n}.png"}).encode()))
+            head, zeros = padded_jpeg(padding, seed=n)
+            size = len(head) + zeros
+            f.write(ustar_header(f"{key}.png", b"%011o\0" % size) + head)
+            f.seek(zeros + (-size % 512), os.SEEK_CUR)
+        f.write(bytes(1024))  # the end-of-archive blocks (after a skipped region: they make the file that long)
+    return path

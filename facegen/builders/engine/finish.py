@@ -107,9 +107,10 @@ class Summary:
         return f"no image was written to {self.out}: the {self.identities} identities of the plan hold no image"
 
 
-def finish(build, published: Published, lock, started: float) -> Summary:
-    """Wait until every shard is complete, then say what this run did and write the build's records and card."""
-    published.shards.wait(lock)
+def finish(build, published: Published, lock, started: float, ranks=None) -> Summary:
+    """Wait until every shard is complete (``ranks``: stop when a process that owes one is lost), then say what this
+    run did and write the build's records and card."""
+    published.shards.wait(lock, ranks)
     summary = summarise(build, published, time.perf_counter() - started)
     differs = counts_differ(build, summary)
     if differs:

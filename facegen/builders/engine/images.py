@@ -71,15 +71,16 @@ def _png_stream_ok(data: bytes, width: int, height: int) -> bool:
     the missing rows with black), or a row with an unknown filter type.
     """
     pos = 8
-    idat: list[bytes] = []
+    idat: list[memoryview] = []
     header = None
     size = len(data)
+    view = memoryview(data)  # chunks are looked at in place: a large file is never copied here
     while pos + 12 <= size:
         length, kind = struct.unpack_from(">I4s", data, pos)
         end = pos + 12 + length
         if end > size:
             return False
-        body = data[pos + 8:end - 4]
+        body = view[pos + 8:end - 4]
         if zlib.crc32(body, zlib.crc32(kind)) != struct.unpack_from(">I", data, end - 4)[0]:
             return False
         if kind == b"IHDR":

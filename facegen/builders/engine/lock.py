@@ -11,18 +11,26 @@ when the process dies the renewals stop. Another build then:
   a probe file written beside it), so clocks of different nodes need not agree; when the age cannot settle it, the
   file is watched for up to one lease: a renewal means the holder is alive (refuse), none means it is gone.
 
-``--break-lock`` takes the lock whoever holds it; a holder that loses its lock notices at its next heartbeat and
-stops before committing another shard. Every removal of someone else's lock goes through a short-lived
-``lock.break`` file (also created exclusively) and re-reads the lock first, so two processes taking over the same
-stale lock never delete each other's fresh one.
+``--break-lock`` takes the lock whoever holds it; a holder that loses its lock notices at its next heartbeat, and
+before committing each file (:meth:`OutputLock.check` reads the lock file again), and stops in one line. Every
+removal of someone else's lock goes through a short-lived ``lock.break`` file (also created exclusively) and
+re-reads the lock first, so two processes taking over the same stale lock never delete each other's fresh one.
+
+A lock file facegen did not write is never waited on: one that is not a regular file (a FIFO, a folder), larger
+than :data:`MAX_LOCK_BYTES`, or whose fields are out of range (a lease that is NaN, infinite, negative or over
+:data:`MAX_LEASE_SECONDS`; a pid outside 1..2**22) stops the build in one line (exit 2) that says to remove it or
+pass ``--break-lock`` (which removes any of them but a folder). Only an empty or half-written file, which a taker
+leaves for an instant, is watched, for one lease of this build's.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -35,8 +43,15 @@ from facegen.layout import OutputFolder
 from facegen.messages import warn
 
 DEFAULT_LEASE_SECONDS = 120.0  # the longest a requeued job waits for a lock left by a holder on another node
+MAX_LEASE_SECONDS = 86400.0  # a day: a longer lease is a typo (or a lock file facegen did not write)
 LEASE_ENV = "FACEGEN_LOCK_LEASE"  # seconds; tests and impatient clusters shorten it
 BREAK_STALE_SECONDS = 30.0  # a lock.break older than this was left by a process killed mid-take-over
+MAX_LOCK_BYTES = 64 * 1024  # facegen's lock file holds about 300 bytes
+MAX_PID = 1 << 22  # Linux's largest pid_max
+
+
+def valid_lease(value: float) -> bool:
+    return math.isfinite(value) and 0 < value <= MAX_LEASE_SECONDS
 
 
 def lease_seconds() -> float:
@@ -47,9 +62,18 @@ def lease_seconds() -> float:
         value = float(raw)
     except ValueError:
         raise UsageError(f"{LEASE_ENV}={raw!r} is not a number of seconds") from None
-    if value <= 0:
-        raise UsageError(f"{LEASE_ENV} must be positive, got {raw}")
+    if not valid_lease(value):
+        raise UsageError(f"{LEASE_ENV} must be a number of seconds above 0 and at most {MAX_LEASE_SECONDS:.0f}, "
+                         f"got {raw}")
     return value
+
+
+class ForeignLock(Exception):
+    """The lock path holds something facegen never writes there; ``what`` says what, in a few words."""
+
+    def __init__(self, what: str, removable: bool = True):
+        super().__init__(what)
+        self.what, self.removable = what, removable
 
 
 def _boot_id() -> str | None:
@@ -92,14 +116,26 @@ class Holder:
 
     @classmethod
     def parse(cls, raw: bytes) -> Holder | None:
-        """None for a file being written (empty) or damaged."""
+        """None for a file being written (empty or cut short); ForeignLock for a complete JSON object that facegen
+        did not write (fields missing or out of range)."""
         try:
             data = json.loads(raw.decode("utf-8"))
-            return cls(host=str(data["host"]), pid=int(data["pid"]), started=str(data["started"]),
-                       token=str(data["token"]), lease=float(data["lease"]), boot_id=data.get("boot_id"),
-                       process_start=data.get("process_start"))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except ValueError:
             return None
+        try:
+            holder = cls(host=str(data["host"]), pid=data["pid"], started=str(data["started"]),
+                         token=str(data["token"]), lease=float(data["lease"]), boot_id=data.get("boot_id"),
+                         process_start=data.get("process_start"))
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+            raise ForeignLock("missing or malformed fields") from None
+        if type(holder.pid) is not int or not 0 < holder.pid <= MAX_PID:
+            raise ForeignLock(f"pid {str(holder.pid)[:30]!r}, which no process has" if type(holder.pid) is not int
+                              else f"pid {str(holder.pid)[:30]}, which no process has")
+        if not valid_lease(holder.lease):
+            raise ForeignLock(f"a lease of {holder.lease} s")
+        if not all(v is None or isinstance(v, str) for v in (holder.boot_id, holder.process_start)):
+            raise ForeignLock("malformed fields")
+        return holder
 
     def is_gone(self) -> bool | None:
         """True: the holder's process no longer runs; False: it runs; None: cannot tell (another host)."""
@@ -144,13 +180,27 @@ class OutputLock:
     # --- reading the file and the file system's clock ---
 
     def _read(self) -> tuple[bytes, int] | None:
-        """The lock file's bytes and mtime (ns); None when there is no lock file."""
+        """The lock file's bytes and mtime (ns); None when there is no lock file; ForeignLock when the path holds
+        something else (opened without blocking: a FIFO never stalls the reader)."""
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(64 * 1024)
-                return raw, os.fstat(f.fileno()).st_mtime_ns
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            raise ForeignLock("a folder", removable=False) from None
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise ForeignLock("a folder", removable=False)
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) \
+                    else "a device"
+                raise ForeignLock(kind)
+            if info.st_size > MAX_LOCK_BYTES:
+                raise ForeignLock(f"{info.st_size:,} bytes")
+            return os.read(fd, MAX_LOCK_BYTES + 1), info.st_mtime_ns
+        finally:
+            os.close(fd)
 
     def _fs_now_ns(self) -> int:
         """Now, by the clock that stamps files in this folder (the NFS server's, not this node's)."""
@@ -187,9 +237,27 @@ class OutputLock:
         return removed
 
     def _remove_once(self, seen: tuple[bytes, int], check_mtime: bool) -> bool:
+        if not self._take_breaker():
+            return False
+        try:
+            try:
+                now = self._read()
+            except ForeignLock:
+                return False  # replaced meanwhile: judge it again
+            if now is not None and (now[0] != seen[0] or (check_mtime and now[1] != seen[1])):
+                return False  # renewed or replaced meanwhile: judge it again
+            self.path.unlink(missing_ok=True)
+            return True
+        finally:
+            self.breaker.unlink(missing_ok=True)
+
+    def _take_breaker(self) -> bool:
+        """Create ``lock.break`` (the right to remove a lock); False when another process holds it (one left by a
+        process killed mid-take-over is removed once stale)."""
         breaker = self.breaker
         try:
             os.close(os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return True
         except FileExistsError:
             try:
                 if (self._fs_now_ns() - breaker.stat().st_mtime_ns) / 1e9 > BREAK_STALE_SECONDS:
@@ -197,14 +265,6 @@ class OutputLock:
             except FileNotFoundError:
                 pass
             return False
-        try:
-            now = self._read()
-            if now is not None and (now[0] != seen[0] or (check_mtime and now[1] != seen[1])):
-                return False  # renewed or replaced meanwhile: judge it again
-            self.path.unlink(missing_ok=True)
-            return True
-        finally:
-            breaker.unlink(missing_ok=True)
 
     def acquire(self, break_lock: bool = False) -> None:
         """Take the lock or raise a one-line UsageError naming the holder."""
@@ -222,10 +282,17 @@ class OutputLock:
                 pass
             except OSError as exc:
                 raise _cannot_write(self.out, exc) from None
-            seen = self._read()
+            try:
+                seen = self._read()
+                holder = Holder.parse(seen[0]) if seen is not None else None
+            except ForeignLock as exc:
+                if not (break_lock and exc.removable):
+                    raise self._foreign(exc) from None
+                if self._remove_foreign():
+                    warn(f"facegen: --break-lock: removed {self.path}, which was not a lock facegen wrote ({exc.what})")
+                continue
             if seen is None:
                 continue  # released meanwhile
-            holder = Holder.parse(seen[0])
             who = holder.describe() if holder else "an unreadable lock file"
             if break_lock:
                 if self._remove_if_unchanged(seen, check_mtime=False):
@@ -262,35 +329,60 @@ class OutputLock:
         self._thread = threading.Thread(target=self._heartbeat, name="facegen-lock-lease", daemon=True)
         self._thread.start()
 
+    def _foreign(self, exc: ForeignLock) -> UsageError:
+        if not exc.removable:
+            return UsageError(f"{self.path} is not a lock facegen wrote ({exc.what}): remove it, then rerun")
+        return UsageError(f"{self.path} is not a lock facegen wrote ({exc.what}): if no facegen command is using "
+                          f"{self.out}, remove it (a build's --break-lock does), then rerun")
+
+    def _remove_foreign(self) -> bool:
+        """--break-lock on a lock path that holds no lock: remove it under ``lock.break`` like any other."""
+        if not self._take_breaker():
+            time.sleep(0.05)
+            return False
+        try:
+            self.path.unlink(missing_ok=True)
+            return True
+        finally:
+            self.breaker.unlink(missing_ok=True)
+
     def _held(self, holder: Holder | None, why: str = "") -> FolderBusy:
         who = holder.describe() if holder else "another process"
         return FolderBusy(f"{self.out} is being built by another facegen process ({who}{'; ' + why if why else ''}):"
                           " wait for it to finish; if that process is gone, rerun with --break-lock")
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.lease / 8):
-            try:
-                seen = self._read()
-            except OSError:
-                continue  # a passing file-system error; the next beat tries again
-            holder = Holder.parse(seen[0]) if seen else None
-            if holder is None or holder.token != self.me.token:
-                self.lost = f"taken by {holder.describe()}" if holder else "the lock file was removed"
-                return
-            try:
-                os.utime(self.path)  # the server's time on NFS: the lease is judged by the file system's clock
-            except OSError:
-                pass  # a passing file-system error; the next beat tries again
-
-    def _read_quietly(self):
+    def _still_mine(self) -> bool | None:
+        """Whether the lock file is still this process's: True, False (then ``lost`` says why), or None when it
+        cannot be read just now (a passing file-system error)."""
         try:
-            return self._read()
+            seen = self._read()
+            holder = Holder.parse(seen[0]) if seen else None
+        except ForeignLock as exc:
+            self.lost = f"replaced by {exc.what}"
+            return False
         except OSError:
             return None
+        if holder is None or holder.token != self.me.token:
+            self.lost = f"taken by {holder.describe()}" if holder else "the lock file was removed"
+            return False
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease / 8):
+            mine = self._still_mine()
+            if mine is False:
+                return
+            if mine:
+                try:
+                    os.utime(self.path)  # the server's time on NFS: the lease is judged by the file system's clock
+                except OSError:
+                    pass  # a passing file-system error; the next beat tries again
 
     def check(self) -> None:
-        """Raise when another process has taken this lock (--break-lock, or a lease that expired meanwhile)."""
-        if self.lost:
+        """Raise when another process has taken this lock (--break-lock, or a lease that expired meanwhile): what
+        the heartbeat saw, or the lock file read now (a holder that was frozen, then woken, learns it before its
+        heartbeat runs again)."""
+        if self.lost or self._still_mine() is False:
             raise FolderBusy(f"lost the lock of {self.out} ({self.lost}); stopped without writing more: rerun the "
                              "same command once the other build is done")
 
@@ -299,8 +391,7 @@ class OutputLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        seen = self._read_quietly()
-        if seen is not None and (h := Holder.parse(seen[0])) is not None and h.token == self.me.token:
+        if self._still_mine():
             try:
                 self.path.unlink(missing_ok=True)
                 if self._made_folder:

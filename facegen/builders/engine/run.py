@@ -26,6 +26,7 @@ from facegen.builders.engine.finish import Summary, finish
 from facegen.builders.engine.images import VERIFY_LEVELS
 from facegen.builders.engine.lock import output_lock
 from facegen.builders.engine.options import BuildConfig
+from facegen.builders.engine.ranks import Ranks
 from facegen.builders.engine.outputs import (
     abspath,
     create_output_folder,
@@ -186,17 +187,34 @@ class Build:
         create_output_folder(self.out)
         with output_lock(self.out, self.state, self.options.break_lock) as lock:
             prepare_output(self.out, self.signature(), self.options.overwrite, self.state)
+            ranks = self.ranks(lock)
             started = time.perf_counter()
             try:
                 if self.per_image:  # the published shards are the units of work, read from the source
-                    published = ShardWork(self, lock).run()
+                    published = ShardWork(self, lock, ranks).run()
                 else:  # units of identities, then the published shards assembled from them
-                    units = UnitWork(self, lock).run()
+                    units = UnitWork(self, lock, ranks).run()
                     self.transform.close()  # the models are not needed for the assembly
-                    published = Assembly(self, lock, units).run()
+                    published = Assembly(self, lock, units, ranks).run()
+            except BaseException as exc:  # the other processes stop at once instead of after the timeout
+                if ranks is not None:
+                    ranks.stop(exc)
+                raise
             finally:  # open files and HDF5 handles are released even when a bad sample stops the run
                 self.transform.close()
                 self.source.close()
+            if ranks is not None:
+                ranks.stop()  # this process's part is complete
             if not self.state.is_main_process:
                 return None
-            return finish(self, published, lock, started)
+            return finish(self, published, lock, started, ranks)
+
+    def ranks(self, lock) -> Ranks | None:
+        """In a distributed build, this process's heartbeat (every process learns the run's token from the main,
+        in one broadcast while all of them are known to be alive); None for a single process."""
+        if self.state.num_processes == 1:
+            return None
+        from accelerate.utils import broadcast_object_list
+
+        run = broadcast_object_list([lock.me.token if lock is not None else None], from_process=0)[0]
+        return Ranks(self.folder, run, *self.rank).start()

@@ -10,18 +10,23 @@ into the one line that says how much space the rest needs).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from facegen.builders.engine.outputs import NO_SPACE
+from facegen.builders.engine.ranks import Ranks
 from facegen.builders.engine.writer import SHARD, UNIT, TarWriter, check_complete, read_stats
 from facegen.errors import SampleError
 from facegen.layout import OutputFolder, Place, shard_number
 from facegen.layout.records import TarStats
 
 NOUNS = {SHARD: "shard", UNIT: "unit of work"}
+# tars checked at once on a rerun: reads and XXH3 release the GIL; more threads than cores keep a network file
+# system's or an SSD's queue full
+CHECK_THREADS = min(8, 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 
 
 def check_lock(lock) -> None:
@@ -70,10 +75,12 @@ class TarFiles:
     def todo(self, mine: list[int]) -> dict[int, str | None]:
         """Which of ``mine`` are not complete (size and checksum against their stats), each with why it is redone
         (None: it was never written). A tar that fails its check loses its stats first, so that nobody takes it for
-        complete while it is redone."""
+        complete while it is redone. The tars are checked on CHECK_THREADS threads at once (a rerun of a finished
+        build reads every byte it kept: as fast as the disk allows)."""
         todo = {}
-        for i in mine:
-            problem = self.problem(i)
+        with ThreadPoolExecutor(max(1, min(CHECK_THREADS, len(mine)))) as pool:
+            problems = list(pool.map(self.problem, mine))
+        for i, problem in zip(mine, problems):
             if problem is None:
                 continue
             if problem != "missing":
@@ -93,14 +100,26 @@ class TarFiles:
     def written_now(self, i: int, stats: TarStats) -> bool:
         return stats.started_at != self.before.get(i)
 
-    def wait(self, lock) -> None:
+    def wait(self, lock, ranks: Ranks | None = None) -> None:
         """Wait (on the files, not a collective) until every tar is complete (size against its stats): each process
-        checked its own tars' checksums. A lock lost meanwhile (another build took the folder) stops the wait."""
+        checked its own tars' checksums. A lock lost meanwhile (another build took the folder) stops the wait, and
+        so does a process that owes a tar and failed or went silent (``ranks``, in a distributed build)."""
         while True:
-            if all(self.problem(i, checksum=False) is None for i in range(self.count)):
+            missing = [i for i in range(self.count) if self.problem(i, checksum=False) is not None]
+            if not missing:
                 return
             check_lock(lock)
+            if ranks is not None:
+                owed: dict[int, str] = {}
+                for i in missing:
+                    owed.setdefault(i % ranks.world, f"{self.noun} {i}")
+                ranks.check(owed, lambda rank: self._owed_by(rank, ranks.world))
             time.sleep(0.5)
+
+    def _owed_by(self, rank: int, world: int) -> str | None:
+        """The first tar process ``rank`` of ``world`` still owes, or None."""
+        missing = next((i for i in self.mine(rank, world) if self.problem(i, checksum=False) is not None), None)
+        return None if missing is None else f"{self.noun} {missing}"
 
     def refuse_kept_skips(self, state, planned_from: tuple[str, str] | None = None) -> None:
         """--strict on a folder whose complete tars (kept, not redone) skipped samples (an earlier run without
@@ -167,16 +186,26 @@ def filled(writer: TarWriter, fill: Callable[[], None]) -> TarWriter:
         raise
 
 
+def _committed(committing: Future, lock) -> None:
+    """Wait for a commit. One that failed after the lock was lost (a holder frozen mid-commit while another build
+    took the folder with --break-lock and removed this file's temporary) stops the build in the lock's one line."""
+    try:
+        committing.result()
+    except Exception:
+        check_lock(lock)
+        raise
+
+
 def commit_each(finished: Iterator[TarWriter], lock, progress) -> None:
     """Commit each finished tar (fsync, rename, records) in a committer thread while the next one is written. Once
-    the previous commit is done a tar is committed only while the lock is still ours; a failed commit, a lost lock
-    or Ctrl-C discards it instead."""
+    the previous commit is done a tar is committed only while the lock is still ours (the lock file is read again
+    first); a failed commit, a lost lock or Ctrl-C discards it instead."""
     with ThreadPoolExecutor(1) as committer:
         committing = None
         for writer in finished:
             try:
                 if committing is not None:
-                    committing.result()
+                    _committed(committing, lock)
                 check_lock(lock)  # another build took the folder over: commit nothing more
                 committing = committer.submit(writer.commit)
             except BaseException:
@@ -184,4 +213,4 @@ def commit_each(finished: Iterator[TarWriter], lock, progress) -> None:
                 raise
             progress.set_postfix_str(f"{writer.kind} {writer.index}: {writer.images} images", refresh=False)
         if committing is not None:
-            committing.result()
+            _committed(committing, lock)

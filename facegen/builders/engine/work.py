@@ -9,6 +9,11 @@
 
 Process ``r`` of ``W`` takes the units and shards ``i ≡ r (mod W)`` that are not complete yet. A full disk stops a
 step in one line that says how much space the rest needs, measured on the tars written so far.
+
+Memory: the source is read ahead by threads, in bytes as well as in counts (:func:`_read_ahead`: about
+:data:`READ_AHEAD_BYTES` of loaded images, a thread task of single images stops past :data:`CHUNK_BYTES`), and a
+transform's batch is cut short past :data:`BATCH_BYTES`; so even images just under a source's per-file cap (8-32 MB)
+keep a build under 1.5 GB. Outputs never depend on how the reading or the batches were cut.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from tqdm.auto import tqdm
 
 from facegen.builders.engine.images import check_source_images
 from facegen.builders.engine.outputs import NO_SPACE, discard_partial_files, no_space_message
+from facegen.builders.engine.ranks import Ranks
 from facegen.builders.engine.tars import CutShort, TarFiles, commit_each, filled
 from facegen.builders.engine.writer import SHARD, UNIT, ImageInfo, TarWriter
 from facegen.builders.plan import identity_seed, sample_order, shard_bounds
@@ -37,6 +43,9 @@ from facegen.streams import Ahead, run_ahead
 # identities are read ahead and their images checked by threads: file reads, zlib and PIL decodes release the GIL
 LOAD_THREADS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
 LOAD_CHUNK = 16  # single images (per-image transforms) are read ahead in chunks: a thread task costs ~20 µs
+READ_AHEAD_BYTES = 192 << 20  # loaded images waiting for the transform, besides the batch it works on
+CHUNK_BYTES = 32 << 20  # a chunk's task stops past this; the rest of its images are the next task
+BATCH_BYTES = 128 << 20  # a batch is handed to the transform early past this
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,8 @@ class Step:
 
     what = "shard"  # the kind of file a full disk cuts short here
 
-    def __init__(self, build, lock):
-        self.build, self.lock = build, lock
+    def __init__(self, build, lock, ranks: Ranks | None = None):
+        self.build, self.lock, self.ranks = build, lock, ranks
 
     def run(self):
         try:
@@ -106,29 +115,79 @@ class Step:
 # --- reading and transforming the source ---
 
 
-def _read_ahead(pool: ThreadPoolExecutor, load, items, window: int) -> Iterator:
-    """``load(item)`` for each item, in order, with up to ``window`` loads running ahead in ``pool``."""
+def _held(value) -> int:
+    """Bytes an image or extra holds in memory (encoded bytes, an array, a PIL image); 0 for small values."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    size, bands = getattr(value, "size", None), getattr(value, "getbands", None)
+    if isinstance(size, tuple) and len(size) == 2 and bands is not None:  # a PIL image
+        return size[0] * size[1] * len(bands())
+    return 0
+
+
+def _identity_bytes(identity: Identity) -> int:
+    return sum(_held(image.data) + sum(_held(v) for v in image.extras.values()) for image in identity.images)
+
+
+_END = object()
+
+
+def _read_ahead(pool: ThreadPoolExecutor, load, items, window: int, budget: int = READ_AHEAD_BYTES) -> Iterator:
+    """The results of ``load(item)`` for each item, in order, loaded ahead in ``pool``.
+
+    ``load`` returns (results, bytes they hold, rest): a load may stop early, leaving ``rest`` of its item, which
+    is loaded next, before anything else. At most ``window`` loads are ahead, and, by bytes, a load starts only
+    while the bytes of the loads done plus the largest load seen so far for each one still running (and the new
+    one) fit in ``budget``; until a first load is done, one runs at a time. One load always runs."""
     pending: deque = deque()
     todo = iter(items)
-    for item in todo:
-        pending.append(pool.submit(load, item))
+    largest: int | None = None
+
+    def room() -> bool:
+        nonlocal largest
+        if not pending:
+            return True
         if len(pending) >= window:
-            break
+            return False
+        held = running = 0
+        for future in pending:
+            if future.done() and future.exception() is None:
+                size = future.result()[1]
+                held += size
+                largest = size if largest is None else max(largest, size)
+            else:
+                running += 1
+        return largest is not None and held + (running + 1) * largest <= budget
+
+    def fill() -> None:
+        while room():
+            item = next(todo, _END)
+            if item is _END:
+                return
+            pending.append(pool.submit(load, item))
+
+    fill()
     while pending:
-        future = pending.popleft()
-        nxt = next(todo, None)
-        if nxt is not None:
-            pending.append(pool.submit(load, nxt))
-        yield future.result()
+        results, size, rest = pending.popleft().result()
+        largest = size if largest is None else max(largest, size)
+        if rest:
+            pending.appendleft(pool.submit(load, rest))
+        fill()
+        yield from results
 
 
-def _batches(items: Iterator, size: int) -> Iterator[list]:
+def _batches(items: Iterator[tuple[Identity, int]], size: int, max_bytes: int = BATCH_BYTES) -> Iterator[list]:
+    """Batches of ``size`` identities, handed over early once they hold ``max_bytes``."""
     batch: list = []
+    held = 0
     for item in items:
         batch.append(item)
-        if len(batch) >= size:
+        held += _identity_bytes(item[0])
+        if len(batch) >= size or held >= max_bytes:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
@@ -264,8 +323,8 @@ class ShardWork(Step):
     """Per-image transforms: process r of W writes the published shards j ≡ r (mod W) that are not complete, each
     reading its samples from the source in the shuffled order."""
 
-    def __init__(self, build, lock):
-        super().__init__(build, lock)
+    def __init__(self, build, lock, ranks: Ranks | None = None):
+        super().__init__(build, lock, ranks)
         self.listing = Listing.of(build.source, build.plan)
         if not len(self.listing):
             raise UsageError("the source lists no image for the identities of the plan")
@@ -297,18 +356,20 @@ class ShardWork(Step):
         """One identity holding one image per sample of ``rows``, in that (the published) order."""
         build, listing = self.build, self.listing
 
-        def load(chunk: list[int]) -> list[tuple[Identity, int]]:
-            loaded = []
-            for row in chunk:
+        def load(chunk: list[int]) -> tuple[list[tuple[Identity, int]], int, list[int]]:
+            loaded, held = [], 0
+            for k, row in enumerate(chunk):
                 pos, number = int(listing.cls[row]), int(listing.number[row])
-                items = build.source.load_images(build.plan.ids[pos], [number])
-                loaded.append((_identity(build, pos, items), number))
-            return loaded
+                identity = _identity(build, pos, build.source.load_images(build.plan.ids[pos], [number]))
+                loaded.append((identity, number))
+                held += _identity_bytes(identity)
+                if held >= CHUNK_BYTES:  # large images: the rest of the chunk is the next task
+                    return loaded, held, chunk[k + 1:]
+            return loaded, held, []
 
         rows = rows.tolist()
         chunks = [rows[k:k + LOAD_CHUNK] for k in range(0, len(rows), LOAD_CHUNK)]  # one thread task per chunk
-        for loaded in _read_ahead(pool, load, chunks, max(2 * build.transform.batch_size // LOAD_CHUNK, 8)):
-            yield from loaded
+        return _read_ahead(pool, load, chunks, max(2 * build.transform.batch_size // LOAD_CHUNK, 8))
 
     def no_space(self, error: OSError, cut: CutShort | None) -> str:
         # skipped samples make a shard shorter: its planned length is an upper bound
@@ -325,8 +386,8 @@ class UnitWork(Step):
 
     what = "unit of work"
 
-    def __init__(self, build, lock):
-        super().__init__(build, lock)
+    def __init__(self, build, lock, ranks: Ranks | None = None):
+        super().__init__(build, lock, ranks)
         self.units = TarFiles.of(build.folder, UNIT, build.plan.num_units, build.state.is_main_process)
 
     def work(self) -> TarFiles:
@@ -345,15 +406,16 @@ class UnitWork(Step):
                 return filled(writer, lambda: stream.write(writer, len(plan.unit(i)), progress))
 
             commit_each((unit(i) for i in todo), self.lock, progress)
-        self.units.wait(self.lock)
+        self.units.wait(self.lock, self.ranks)
         return self.units
 
     def identities(self, i: int, pool: ThreadPoolExecutor) -> Iterator[tuple[Identity, int]]:
         """Unit ``i``'s identities in plan order (each numbering its samples from 0), loaded ahead by threads."""
         build = self.build
 
-        def load(pos: int) -> tuple[Identity, int]:
-            return _identity(build, pos, build.source.load(build.plan.ids[pos])), 0
+        def load(pos: int) -> tuple[list[tuple[Identity, int]], int, None]:
+            identity = _identity(build, pos, build.source.load(build.plan.ids[pos]))
+            return [(identity, 0)], _identity_bytes(identity), None
 
         return _read_ahead(pool, load, build.plan.unit(i), max(2 * build.transform.batch_size, 8))
 
@@ -407,8 +469,8 @@ class Assembly(Step):
     """The published shards from the units: process r of W assembles shards j ≡ r (mod W), each a series of preads
     of whole samples (headers included: keys do not change) in the shuffled order."""
 
-    def __init__(self, build, lock, units: TarFiles):
-        super().__init__(build, lock)
+    def __init__(self, build, lock, units: TarFiles, ranks: Ranks | None = None):
+        super().__init__(build, lock, ranks)
         self.started = time.perf_counter()
         self.units = units
         self.samples = UnitSamples.read(units)

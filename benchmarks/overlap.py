@@ -123,8 +123,13 @@ def sequential():
         self._post.shutdown()
         self._post = Inline(self.post_workers)
 
-    def loaded_in_turn(pool, load, items, window):
-        return map(load, items)
+    def loaded_in_turn(pool, load, items, window, budget=None):  # _read_ahead's loads, each in its turn
+        for item in items:
+            results, _, rest = load(item)
+            yield from results
+            while rest:
+                results, _, rest = load(rest)
+                yield from results
 
     with ExitStack() as stack:
         stack.enter_context(mock.patch.object(work, "run_ahead", InTurn))

@@ -216,7 +216,7 @@ def postprocess_cost(transform, count: int) -> dict:
     transform.embedder.embed(found)
     embed_s = (time.perf_counter() - start) / len(found)
     return {"images": count, "faces_found": len(found), "detect_align_s_per_image": align_s,
-            "embed_s_per_face": embed_s, "post_workers": transform._post._max_workers}
+            "embed_s_per_face": embed_s, "post_workers": transform.post_workers}
 
 
 def transform_vs_reference(transform, device: str, args, deadline: float) -> dict:

@@ -18,8 +18,10 @@ recorded it in ``.facegen/run.json`` (:func:`declared_paths`):
 - a source's published download (``Source.download_url`` and :class:`DownloadFile` entries);
 - what a plugin tells the person running it: ``warn(line)`` (``facegen.messages``), never print or logging.
 
-The records live in ``facegen.records``, the exceptions in ``facegen.errors`` and the streamed file hash
-(``sha256_file``, for a plugin that records a file it read) in ``facegen.fileio`` (the run engine and the command
+The records live in ``facegen.records``, the exceptions in ``facegen.errors``, the streamed file hash
+(``sha256_file``, for a plugin that records a file it read) in ``facegen.fileio`` and the thread stage
+(``run_ahead``, for a transform whose ``stream`` works ahead; ``stop_if_closed``, for long work on a stage's thread)
+in ``facegen.streams`` (the run engine and the command
 line use them too); they are re-exported here so that a plugin needs no other facegen module.
 """
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -36,13 +38,14 @@ from facegen.fileio import sha256_file
 from facegen.layout import PROVENANCE_NAME, is_plugin_provenance, published_provenance
 from facegen.messages import warn  # what a plugin tells the person running it: never print or logging
 from facegen.records import Face, Identity, IdentityResult, SourceImage, Skip, printable_name
+from facegen.streams import run_ahead, stop_if_closed
 
 __all__ = [
     "CHANNEL_ORDERS", "DownloadFile", "ExpectedCounts", "Face", "Identity", "IdentityResult", "LicenseInfo",
     "ModelInfo", "Option", "Plugin",
     "SampleError", "Skip", "Source", "SourceImage", "Transform", "UsageError", "check_provenance_files",
-    "declared_paths", "natural_key", "parse_options", "printable_name", "sha256_file", "sniff_image", "to_bool",
-    "to_list", "warn",
+    "declared_paths", "natural_key", "parse_options", "printable_name", "run_ahead", "sha256_file", "sniff_image",
+    "stop_if_closed", "to_bool", "to_list", "warn",
 ]
 
 
@@ -290,6 +293,8 @@ class Transform(Plugin):
 
     ``setup(device)`` loads the models once per process; ``__call__`` takes up to ``batch_size`` identities and
     yields one :class:`IdentityResult` per identity, in input order. All randomness comes from ``identity.seed``.
+    The run hands all of a process's batches to one :meth:`stream`, whose default calls ``__call__`` on each in
+    turn; a transform that can work on the next batch while it finishes one (arc2face) overrides ``stream``.
     """
 
     kind = "transform"
@@ -327,6 +332,22 @@ class Transform(Plugin):
 
     def __call__(self, batch: list[Identity]) -> Iterable[IdentityResult]:
         raise NotImplementedError
+
+    def stream(self, batches: Iterable[list[Identity]]) -> Iterator[IdentityResult]:
+        """One :class:`IdentityResult` per identity of ``batches``, in input order, each yielded as soon as it is
+        complete.
+
+        The run reads the batches ahead on one thread, iterates this on another and writes the results on a
+        third, through bounded queues: while a result is checked, encoded and written, the stream goes on. An
+        override may take batch n+1 (plan it, start generating it) before batch n's results are finished (e.g.
+        post-processed on worker threads), as long as each result is what ``__call__`` on its batch gives: the
+        batches are those the run would pass to ``__call__`` (cut per unit of work, so that the output does not
+        depend on the number of processes), and a result must not depend on which batches share the stream.
+        Threads it starts (``run_ahead`` is one such stage) must stop when the iterator is closed: a failure
+        downstream or Ctrl-C closes it.
+        """
+        for batch in batches:
+            yield from self(batch)
 
 
 def declared_paths(plugin: Plugin) -> dict[str, dict[str, Any]]:

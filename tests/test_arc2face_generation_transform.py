@@ -19,6 +19,7 @@ from facegen.generators import arc2face as a2f
 from facegen.plugins.arc2face import Arc2FaceTransform
 from facegen.plugins.folder import FolderSource
 from facegen.records import Identity, SourceImage
+from facegen.streams import run_ahead, stop_if_closed
 from facegen.testing.folder import write_folder_source
 
 FAST = {"steps": "3", "latents": "2", "images_per_latent": "2"}
@@ -244,6 +245,92 @@ def test_postprocessing_overlaps_generation(tiny_dir, source):
                    if any(g[0] < p[1] and p[0] < g[1] for g in spans["generate"])]
     assert len(overlapping) >= 4
     transform.close()
+
+
+def test_the_stream_plans_and_generates_the_next_call_while_finishing_this_one(tiny_dir, source):
+    """Across calls (issue 21 §1): call n+1 is planned while call n generates, and generated while call n's last
+    micro-batch is post-processed; each stage waits for that event, which a call-by-call loop would only produce
+    after the wait (WAIT: far above the milliseconds it takes). The results are a call per batch's, byte for byte."""
+    wait = 10.0
+    transform = make(tiny_dir, batch_size="1", images_per_batch="4")  # one identity, one micro-batch per call
+    batches = [[identity] for identity in identities(source)[:3]]
+    alone = [result for batch in batches for result in transform(batch)]
+    planned = [threading.Event() for _ in batches]
+    generating = [threading.Event() for _ in batches]
+    waited = {"next planned": [], "next generating": []}
+    plan_call, generate, postprocess = transform.plan_call, transform.generate, transform.postprocess
+    calls = iter(range(len(batches)))  # one generator call per call
+
+    def planning(batch):
+        planned[batch[0].cls].set()
+        return plan_call(batch)
+
+    def generating_(cond, chunk):
+        n = next(calls)
+        generating[n].set()
+        if n + 1 < len(batches):
+            waited["next planned"].append(planned[n + 1].wait(wait))
+        return generate(cond, chunk)
+
+    def postprocessing(plans, chunk, images):
+        n = plans[0].identity.cls
+        if n + 1 < len(batches):
+            waited["next generating"].append(generating[n + 1].wait(wait))
+        return postprocess(plans, chunk, images)
+
+    transform.plan_call, transform.generate, transform.postprocess = planning, generating_, postprocessing
+    streamed = list(transform.stream(batches))
+    transform.close()
+    assert waited == {"next planned": [True, True], "next generating": [True, True]}
+    assert [r.identity.id for r in streamed] == [b[0].id for b in batches]
+    assert [[(f.image, f.meta, f.ref) for f in r.faces] for r in streamed] == \
+        [[(f.image, f.meta, f.ref) for f in r.faces] for r in alone]
+    assert not [t for t in threading.enumerate() if t.name == "arc2face-plan"]
+
+
+def test_closing_the_stream_stops_generation_within_a_denoising_step(tiny_dir, source):
+    """Ctrl-C closes the run's stages: the generation thread stops after the denoising step in progress, not after
+    the micro-batch (1,000 steps here)."""
+    transform = make(tiny_dir, steps="1000", batch_size="1", images_per_batch="1")
+    assert transform.generator.between_steps is stop_if_closed
+    steps, generating = [], threading.Event()
+
+    def between_steps():
+        steps.append(threading.current_thread().name)
+        generating.set()
+        stop_if_closed()
+
+    transform.generator.between_steps = between_steps
+    stage = run_ahead(transform.stream([identities(source)[:1]]), 1, "test-generate")
+    assert generating.wait(60)
+    stage.close()
+    transform.close()
+    assert 1 <= len(steps) < 500 and set(steps) == {"test-generate"}
+
+
+def test_a_failure_planning_the_next_call_comes_after_this_calls_results(tiny_dir, source):
+    """As in a call-by-call loop, the results before a failure are all handed over (and written) before it, even
+    while they are still post-processed (slowly, here) when planning the next call fails."""
+    transform = make(tiny_dir, batch_size="1", images_per_batch="4")
+    batches = [[identity] for identity in identities(source)[:2]]
+    plan_call, postprocess = transform.plan_call, transform.postprocess
+
+    def planning(batch):
+        if batch[0].cls == 1:
+            raise UsageError("source image unreadable")
+        return plan_call(batch)
+
+    def slow_postprocessing(*args):
+        time.sleep(0.5)
+        return postprocess(*args)
+
+    transform.plan_call, transform.postprocess = planning, slow_postprocessing
+    got = []
+    with pytest.raises(UsageError, match="source image unreadable"):
+        for result in transform.stream(batches):
+            got.append(result.identity.id)
+    transform.close()
+    assert got == [batches[0][0].id]
 
 
 def test_missing_weights_and_bad_options_are_one_line_usage_errors(tmp_path, tiny_dir):

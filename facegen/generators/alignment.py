@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facegen.generators.arcface import MissingModelError, default_providers
+from facegen.generators.arcface import MissingModelError, default_providers, session_options
 
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963],
@@ -191,7 +191,8 @@ class FaceAligner:
             from insightface.model_zoo.scrfd import SCRFD
 
             self.model_path = os.fspath(model_path) if model_path is not None else resolve_scrfd(model_dir)
-            session = onnxruntime.InferenceSession(self.model_path, providers=providers or default_providers())
+            session = onnxruntime.InferenceSession(self.model_path, sess_options=session_options(),
+                                                   providers=providers or default_providers())
             self._scrfd = SCRFD(model_file=self.model_path, session=session)
             # ctx_id only matters when negative (forces CPU); the providers were chosen above.
             self._scrfd.prepare(0, input_size=self.det_size, det_thresh=self.det_thresh)

@@ -410,12 +410,14 @@ class Arc2FaceGenerator:
 
     Equivalent to ``StableDiffusionPipeline(prompt_embeds=cond, latents=initial_latents(seeds, …))`` with the
     empty-prompt negative branch, but the noise of every image comes from its own seed, the negative embeddings
-    are computed once, and the output is a uint8 array (no PIL round trip).
+    are computed once, and the output is a uint8 array (no PIL round trip). ``between_steps`` is called after each
+    denoising step (a caller that stops a run there raises from it).
     """
 
     def __init__(self, pipeline: Arc2FaceModels, steps: int = 25, guidance: float = 3.0, resolution: int | None = None,
-                 vae_batch: int = 8):
+                 vae_batch: int = 8, between_steps: Callable[[], None] | None = None):
         self.pipeline = pipeline
+        self.between_steps = between_steps
         self.unet, self.vae = pipeline.unet, pipeline.vae
         self.tokenizer, self.text_encoder = pipeline.tokenizer, pipeline.text_encoder
         self.scheduler = pipeline.scheduler
@@ -461,6 +463,8 @@ class Arc2FaceGenerator:
                 uncond, text = noise.chunk(2)
                 noise = uncond + self.guidance * (text - uncond)
             latents = self.scheduler.step(noise, t, latents).prev_sample
+            if self.between_steps is not None:
+                self.between_steps()
 
         # 3. decode in chunks (the VAE decoder dominates memory at 512²)
         images = []

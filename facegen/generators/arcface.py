@@ -97,6 +97,19 @@ def default_providers(device_id: int | None = None) -> list:
     return providers
 
 
+def session_options(threads: int | None = None):
+    """ONNX Runtime options for the face models: their thread pool does not spin once a run is done. The models run
+    beside the generator and the run's other stages (post-processing on several threads, planning, writing): a
+    pool that spins, waiting for work, holds cores that those need (issue 21 §1). ``threads``: intra-op threads."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 class ArcFaceEmbedder:
     """Batched ArcFace embeddings of aligned 112x112 RGB face crops."""
 
@@ -105,10 +118,7 @@ class ArcFaceEmbedder:
         import onnxruntime
 
         self.onnx_path = os.fspath(onnx_path)
-        options = onnxruntime.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(self.onnx_path, sess_options=options,
+        self.session = onnxruntime.InferenceSession(self.onnx_path, sess_options=session_options(threads),
                                                     providers=providers or default_providers())
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name

@@ -17,11 +17,10 @@ Per identity:
    ("no face detected"). Each sample's json records latent_index, t, image_index, seed and the ArcFace cosine
    similarity of the aligned output to its prototype.
 
-Generation runs in the calling thread (the GPU); detection, alignment, embedding and PNG encoding of micro-batch
-b run on worker threads (``post_workers``) while micro-batch b+1 is generated. Results are yielded in input order.
-Post-processing of a call's last micro-batch does not overlap the next call's generation (the Transform API hands
-over one batch at a time), so a call should hold several micro-batches (``batch_size`` x latents x
-images_per_latent >> ``images_per_batch``).
+Generation runs in the thread iterating :meth:`Arc2FaceTransform.stream` (the GPU), one micro-batch after another,
+across calls; steps 1-2 of the next call run on a planning thread meanwhile, and detection, alignment, embedding and
+PNG encoding of each micro-batch on worker threads (``post_workers``) while the next ones are generated. Results
+are yielded in input order, each identity as soon as its images are post-processed.
 """
 
 from __future__ import annotations
@@ -35,11 +34,12 @@ from typing import Any
 import numpy as np
 from datasets import Value
 
-from facegen.api import (Face, IdentityResult, LicenseInfo, ModelInfo, Option, Skip, Transform, UsageError, sha256_file,
-                         to_bool)
+from facegen.api import (Face, IdentityResult, LicenseInfo, ModelInfo, Option, Skip, Transform, UsageError, run_ahead,
+                         sha256_file, stop_if_closed, to_bool)
 
 SHIFT_KEY = "delta"  # tensor name in delta.safetensors (a file holding exactly one tensor is accepted too)
 SOURCE_THREADS = min(8, os.cpu_count() or 1)  # threads decoding (and detecting) source images while planning
+PLANS_AHEAD = 1  # calls planned ahead of the one generating
 
 
 def positive_int(value: Any) -> int:
@@ -100,6 +100,33 @@ class ImageJob:
     image_index: int
     seed: int
     cond_row: int  # row of the projected (and shifted) embeddings of this call
+
+
+@dataclass
+class Call:
+    """One call's batch on its way through the stream: its plans, its images, and what came back of them."""
+
+    plans: list[IdentityPlan]
+    jobs: list[ImageJob]
+    cond: Any  # the projected, shifted embeddings of its latents (a tensor on the device; None: no latent)
+    collected: list[list] = field(init=False)  # per identity: its Faces and Skips, in job order
+    remaining: list[int] = field(init=False)  # per identity: images not post-processed yet
+    emitted: int = 0  # identities yielded so far
+
+    def __post_init__(self):
+        self.collected = [[] for _ in self.plans]
+        self.remaining = [0] * len(self.plans)
+        for job in self.jobs:
+            self.remaining[job.plan_index] += 1
+
+    def micro_batches(self, size: int):
+        for start in range(0, len(self.jobs), size):
+            yield self.jobs[start:start + size]
+
+    def collect(self, items: list) -> None:
+        for job, item in items:
+            self.collected[job.plan_index].append(item)
+            self.remaining[job.plan_index] -= 1
 
 
 SD15_CITATION = """@inproceedings{rombach2022high,
@@ -379,14 +406,16 @@ class Arc2FaceTransform(Transform):
         try:
             self.generator = a2f.Arc2FaceGenerator(pipeline, steps=self.opts["steps"],
                                                    guidance=self.opts["guidance"],
-                                                   resolution=self.opts["resolution"] or None)
+                                                   resolution=self.opts["resolution"] or None,
+                                                   # the run closing the stream (Ctrl-C) stops within a step
+                                                   between_steps=stop_if_closed)
         except ValueError as exc:  # e.g. a resolution the VAE cannot produce
             raise UsageError(f"transform 'arc2face': {exc}") from None
         self.delta = self._load_shift(pipeline.text_encoder.config.hidden_size)
         self._record_loaded()
         # micro-batches are post-processed in submission order's futures, so several workers keep output order
-        workers = self.opts["post_workers"] or (2 if device.type == "cuda" else 1)
-        self._post = ThreadPoolExecutor(workers, thread_name_prefix="arc2face-post")
+        self.post_workers = self.opts["post_workers"] or (2 if device.type == "cuda" else 1)
+        self._post = ThreadPoolExecutor(self.post_workers, thread_name_prefix="arc2face-post")
 
     def _record_loaded(self) -> None:
         """What each model role read (Hub commit, or folder name + sha256 of its weights) for run.json."""
@@ -441,22 +470,56 @@ class Arc2FaceTransform(Transform):
             post.shutdown(wait=True)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Per call: plan, generate, post-process
+    # The stream of calls: plan ahead, generate, post-process behind
     # ----------------------------------------------------------------------------------------------------------
 
     def __call__(self, batch):
-        import torch
+        yield from self.stream([batch])
 
-        from facegen.generators.arc2face import apply_shift, image_seed
+    def stream(self, batches):
+        """Every call's results in input order, each yielded once its images are post-processed; the generator
+        does not wait on the CPU between micro-batches or between calls:
 
+        - steps 1-4 of the next call (source embeddings, prototypes, variations, their projection and shift) run
+          on the thread ``arc2face-plan`` while this call generates (``PLANS_AHEAD`` calls ahead);
+        - step 5 runs here, one micro-batch of ``images_per_batch`` images after another;
+        - step 6 of each micro-batch runs on the ``post_workers`` while the next ones generate, the next call's too
+          (at most ``2 x post_workers`` micro-batches wait for them: then generation waits, and memory stays flat).
+
+        A micro-batch never mixes calls: every image is what a call of its batch alone makes, whatever the stream.
+        """
         if self.generator is None:
             raise RuntimeError("Arc2FaceTransform.setup(device) must be called before generating")
+        calls: deque[Call] = deque()  # calls whose results are not all yielded yet, in order
+        pending: deque = deque()  # (call, future) of the micro-batches being post-processed, in order
+        keep = 2 * self.post_workers
+        with run_ahead((self.plan_call(batch) for batch in batches), PLANS_AHEAD, "arc2face-plan") as planned:
+            try:
+                while True:
+                    try:
+                        call = next(planned, None)
+                    except Exception:  # reading or planning the next call failed: the calls before are handed
+                        yield from self._finished(calls, pending, 0)  # over first, as a call-by-call loop would
+                        raise
+                    if call is None:
+                        break
+                    calls.append(call)
+                    for chunk in call.micro_batches(self.opts["images_per_batch"]):
+                        images = self.generate(call.cond, chunk)
+                        pending.append((call, self._post.submit(self.postprocess, call.plans, chunk, images)))
+                        yield from self._finished(calls, pending, keep)
+                    yield from self._finished(calls, pending, keep)  # a call without images is complete at once
+                yield from self._finished(calls, pending, 0)
+            finally:
+                for _, future in pending:  # closed early (a failure downstream, Ctrl-C): drop what has not started
+                    future.cancel()
+
+    def plan_call(self, batch) -> Call:
+        """Steps 1-4 of a call, and its images: whose, which latent, which image, which noise seed."""
+        from facegen.generators.arc2face import apply_shift, image_seed
 
         # 1-2. source embeddings, prototypes, SLERP variations
         plans = self.plan_identities(batch)
-
-        # 3-4. one projection for every latent of the call, then the domain-gap shift
-        latents = [v.embedding for plan in plans for v in plan.variations]
         jobs: list[ImageJob] = []
         row = 0
         for p, plan in enumerate(plans):
@@ -464,40 +527,40 @@ class Arc2FaceTransform(Transform):
                 for k in range(self.opts["images_per_latent"]):
                     jobs.append(ImageJob(p, j, k, image_seed(plan.identity.seed, j, k), row))
                 row += 1
+        # 3-4. one projection for every latent of the call, then the domain-gap shift
+        latents = [v.embedding for plan in plans for v in plan.variations]
         cond = None
         if latents:
-            cond = self.generator.project(np.stack(latents))
-            cond = apply_shift(cond, self.delta, self.opts["shift_scale"])
+            cond = apply_shift(self.generator.project(np.stack(latents)), self.delta, self.opts["shift_scale"])
+        return Call(plans, jobs, cond)
 
-        # 5-6. generate micro-batches here, post-process the previous one on the worker thread
-        collected: list[list] = [[] for _ in plans]
-        remaining = [len(plan.variations) * self.opts["images_per_latent"] for plan in plans]
-        pending: deque = deque()
-        emitted = 0
+    def generate(self, cond, chunk: list[ImageJob]) -> np.ndarray:
+        """Step 5 for one micro-batch: its images, each from its own noise seed."""
+        import torch
 
-        def drain(block: bool):
-            nonlocal emitted
-            while pending and (block or pending[0].done()):
-                for job, item in pending.popleft().result():
-                    collected[job.plan_index].append(item)
-                    remaining[job.plan_index] -= 1
-            while emitted < len(plans) and remaining[emitted] == 0:
-                yield self._result(plans[emitted], collected[emitted])
-                emitted += 1
+        rows = torch.tensor([job.cond_row for job in chunk], device=cond.device)
+        try:
+            images = self.generator.generate(cond[rows], [job.seed for job in chunk])
+        except torch.OutOfMemoryError:
+            images = None  # leaving the handler frees the failed batch's tensors before memory is read
+        if images is None:
+            raise UsageError(f"transform 'arc2face': {self._out_of_memory()}")
+        return images
 
-        step = self.opts["images_per_batch"]
-        for start in range(0, len(jobs), step):
-            chunk = jobs[start:start + step]
-            rows = torch.tensor([job.cond_row for job in chunk], device=cond.device)
-            try:
-                images = self.generator.generate(cond[rows], [job.seed for job in chunk])
-            except torch.OutOfMemoryError:
-                images = None  # leaving the handler frees the failed batch's tensors before memory is read
-            if images is None:
-                raise UsageError(f"transform 'arc2face': {self._out_of_memory()}")
-            pending.append(self._post.submit(self.postprocess, plans, chunk, images))
-            yield from drain(block=False)
-        yield from drain(block=True)
+    def _finished(self, calls: deque[Call], pending: deque, keep: int):
+        """Collect the post-processed micro-batches (waiting for the oldest while more than ``keep`` are pending),
+        then yield every identity whose images are all in, in input order."""
+        while pending and (len(pending) > keep or pending[0][1].done()):
+            call, future = pending.popleft()
+            call.collect(future.result())
+        while calls:
+            call = calls[0]
+            while call.emitted < len(call.plans) and call.remaining[call.emitted] == 0:
+                yield self._result(call.plans[call.emitted], call.collected[call.emitted])
+                call.emitted += 1
+            if call.emitted < len(call.plans):
+                return
+            calls.popleft()
 
     def _out_of_memory(self) -> str:
         """The one line of a CUDA out-of-memory error: the images_per_batch that fits, from the memory table of

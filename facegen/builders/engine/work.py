@@ -38,6 +38,7 @@ from facegen.builders.plan import identity_seed, sample_order, shard_bounds
 from facegen.errors import OutOfSpace, SampleError, UsageError
 from facegen.layout.records import SampleIndex
 from facegen.records import Identity, SourceImage, Skip
+from facegen.streams import Ahead, run_ahead
 
 # identities are read ahead and their images checked by threads: file reads, zlib and PIL decodes release the GIL
 LOAD_THREADS = max(4, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4))
@@ -203,22 +204,86 @@ def _identity(build, pos: int, items: list) -> Identity:
                     skipped=[i for i in items if isinstance(i, Skip)])
 
 
-def transform_into(build, writer: TarWriter, identities: Iterator[tuple[Identity, int]], progress) -> None:
-    """Transform ``identities`` (each with the number of its first sample) in the transform's batches and write
-    the results in order; under --strict the first skip stops the build (the tar is then discarded)."""
-    transform = build.transform
-    for batch in _batches(identities, transform.batch_size):
-        results = iter(transform([identity for identity, _ in batch]))
-        for identity, first in batch:
-            result = next(results, None)
-            if result is None or result.identity.id != identity.id:
-                raise RuntimeError(f"transform {transform.name!r} did not return identity {identity.id} in order")
+# how far each stage of the stream may run ahead of the next (bounded: memory stays flat, a slow stage holds the
+# others back): batches read and cut ahead of the transform, results made ahead of the writer
+BATCHES_AHEAD = 2
+RESULTS_AHEAD_BATCHES = 2  # x the transform's batch size, in results
+
+
+def _generate(transform, batches) -> Iterator:
+    """The transform's stream, made (and so started) on the generation thread itself."""
+    yield from transform.stream(batches)
+
+
+class Transformed:
+    """The transform's results for this process's tars, streamed so that generation never waits (issue 21 §1):
+
+    1. read: a thread loads each tar's identities (through the loading pool) and cuts them into the transform's
+       batches, per tar, exactly as a call per batch would get them (the output does not depend on the number of
+       processes, the batch size or what was already written);
+    2. generate: a thread iterates ``Transform.stream`` over those batches, which may itself plan ahead and
+       post-process on its own threads;
+    3. write: the calling thread takes each result, in order, and checks, encodes and writes it into its tar
+       (:meth:`write`), while the committer thread commits the tar before (``commit_each``).
+
+    The stages hand over through bounded queues (``BATCHES_AHEAD`` batches, ``RESULTS_AHEAD_BATCHES`` batches'
+    worth of results) and start with the first tar written (a process with nothing to write starts no stream).
+    Closing it (a failure, a full disk, Ctrl-C: the tar being written is discarded by ``filled``) stops the
+    generation, then the reading, each after the item in progress.
+    """
+
+    def __init__(self, build, tars: Iterator[Iterator[tuple[Identity, int]]]):
+        self.build, self.tars = build, tars
+        # what was handed to the transform, in order, with the number of its first sample: the writer matches
+        # each result against it (appended by the reading thread before the transform can see the batch)
+        self.fed: deque[tuple[Identity, int]] = deque()
+        self.batches: Ahead | None = None
+        self.results: Ahead | None = None
+
+    def start(self) -> None:
+        transform = self.build.transform
+        self.batches = run_ahead(self._batches(self.tars, transform.batch_size), BATCHES_AHEAD, "facegen-read")
+        self.results = run_ahead(_generate(transform, self.batches),
+                                 RESULTS_AHEAD_BATCHES * max(1, transform.batch_size), "facegen-generate")
+
+    def _batches(self, tars: Iterator[Iterator[tuple[Identity, int]]], size: int) -> Iterator[list[Identity]]:
+        for identities in tars:
+            for batch in _batches(identities, size):
+                self.fed.extend(batch)
+                yield [identity for identity, _ in batch]
+
+    def write(self, writer: TarWriter, count: int, progress) -> None:
+        """The next ``count`` identities' results, in order, into ``writer``; under --strict the first skip stops the
+        build (the tar is then discarded)."""
+        build = self.build
+        if self.results is None:
+            self.start()
+        for _ in range(count):
+            result = next(self.results, None)
+            identity, first = self.fed.popleft() if self.fed else (None, 0)
+            if result is None or identity is None or result.identity.id != identity.id:
+                expected = "every identity" if identity is None else f"identity {identity.id}"
+                raise RuntimeError(f"transform {build.transform.name!r} did not return {expected} in order")
             result.skipped = identity.skipped + result.skipped
             writer.write(result, first)  # adds a skip for a sample it cannot encode
             if build.options.strict and result.skipped:
                 bad = result.skipped[0]
                 raise SampleError(bad.ref, f"{bad.reason}{': ' + bad.detail if bad.detail else ''}")
             progress.update(1)
+
+    def close(self) -> None:
+        try:
+            if self.results is not None:
+                self.results.close()  # the generation first: it may be waiting for a batch
+        finally:
+            if self.batches is not None:
+                self.batches.close()
+
+    def __enter__(self) -> Transformed:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 # --- per-image transforms: the published shards from the source ---
@@ -277,12 +342,12 @@ class ShardWork(Step):
         if todo:
             build.models.load()  # before the progress bar: a model that fails to load says so in one line
         with self.progress(sum(self.layout[j] for j in todo), "img") as progress, \
-                ThreadPoolExecutor(LOAD_THREADS) as pool:
+                ThreadPoolExecutor(LOAD_THREADS) as pool, \
+                Transformed(build, (self.images(order[bounds[j][0]:bounds[j][1]], pool) for j in todo)) as stream:
 
             def shard(j: int) -> TarWriter:
                 writer = self.writer(self.shards, j, todo[j], listing_xxh3_128=self.listing.xxh3_128)
-                rows = order[bounds[j][0]:bounds[j][1]]
-                return filled(writer, lambda: transform_into(build, writer, self.images(rows, pool), progress))
+                return filled(writer, lambda: stream.write(writer, bounds[j][1] - bounds[j][0], progress))
 
             commit_each((shard(j) for j in todo), self.lock, progress)
         return Published(self.shards, self.layout, identities_without_images=self.listing.identities_without_images)
@@ -333,11 +398,12 @@ class UnitWork(Step):
         if todo:
             build.models.load()  # before the progress bar: a model that fails to load says so in one line
         with self.progress(sum(len(plan.unit(i)) for i in todo), "id") as progress, \
-                ThreadPoolExecutor(LOAD_THREADS) as pool:
+                ThreadPoolExecutor(LOAD_THREADS) as pool, \
+                Transformed(build, (self.identities(i, pool) for i in todo)) as stream:
 
             def unit(i: int) -> TarWriter:
                 writer = self.writer(self.units, i, todo[i])
-                return filled(writer, lambda: transform_into(build, writer, self.identities(i, pool), progress))
+                return filled(writer, lambda: stream.write(writer, len(plan.unit(i)), progress))
 
             commit_each((unit(i) for i in todo), self.lock, progress)
         self.units.wait(self.lock, self.ranks)

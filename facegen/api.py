@@ -9,7 +9,8 @@ recorded it in ``.facegen/run.json`` (:func:`declared_paths`):
 - the records that flow: :class:`Identity` in, :class:`SourceImage`/:class:`Skip` from a source,
   :class:`IdentityResult` of :class:`Face`/:class:`Skip` from a transform; :class:`SampleError` for one unusable
   sample, :class:`UsageError` for the user's mistake (one line, exit 2);
-- options (:class:`Option`), and which of them are local paths (``path=True``: the card shows a placeholder,
+- options (:class:`Option`), which of them set a Hub model's revision (``revision_of``, pinned by ``--from-card``
+  to the card's commit), and which are local paths (``path=True``: the card shows a placeholder,
   ``--from-card`` never uses the card's value) or small rebuild inputs published under ``provenance/``
   (``provenance_file=NAME``: copied beside the card and handed back to the option by ``--from-card``);
 - card metadata: licence (:class:`LicenseInfo`), citation, models (:class:`ModelInfo`), column descriptions
@@ -95,6 +96,10 @@ class Option:
     ``provenance_file=NAME`` declares a small input the rebuild needs (implies ``path``): the card publishes the
     file the build read as ``provenance/NAME`` (while its sha256 is still the one the build recorded), the card's
     options name that copy, and ``--from-card`` hands the published copy back to the option.
+
+    ``revision_of=HUB_ID`` declares the option that sets the revision of the Hub model ``HUB_ID`` (as
+    ``ModelInfo.loaded["hub"]`` records it): ``--from-card`` sets it to the commit the card's build loaded, so
+    that the rebuild loads the same weights.
     """
 
     default: Any
@@ -105,6 +110,7 @@ class Option:
     placeholder: str = ""
     optional_on_rebuild: bool = False
     provenance_file: str = ""
+    revision_of: str = ""
 
     def __post_init__(self):
         if self.provenance_file:

@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 import click
 
 from facegen.errors import CheckFailed, RemoteError, SampleError, UsageError
+from facegen.messages import count, skipped_line
 
 # The one mapping of facegen's errors to exit codes: 2 when the user's input, options or environment must change,
 # 1 when a check the command exists to make fails or a remote service fails.
@@ -189,8 +190,13 @@ def build_command(source, source_path, source_opts, plugin, plugin_opts, out, re
     else:
         values = merge_recipe(load_recipe(recipe) if recipe else {}, cli_values)
     values = {k: v for k, v in values.items() if v is not None}
-    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, break_lock=break_lock,
-                         command=["facegen", *sys.argv[1:]], **values)
+    check_models = None
+    if record is not None:
+        from facegen.builders.hub.from_card import models_check
+
+        check_models = models_check(record)
+    config = BuildConfig(out=out, recipe=recipe, overwrite=overwrite, break_lock=break_lock, offers_break_lock=True,
+                         command=["facegen", *sys.argv[1:]], check_models=check_models, **values)
     summary = build(config)
     if summary is not None:
         for line in summary.lines():
@@ -281,45 +287,43 @@ def embed_command(source, source_path, source_opts, model_dir, detector, det_siz
         raise UsageError(f"no identity of {source_path} has a usable face image; nothing written")
     prototypes.save(out)
     remove_pieces(pieces)
-    reasons: dict[str, int] = {}
-    for skip in prototypes.skipped:
-        reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-    click.echo(f"{len(prototypes.ids)} prototypes from {int(prototypes.num_images.sum())} images -> {out}")
-    if reasons:
-        click.echo("skipped images: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+    click.echo(f"{count(len(prototypes.ids), 'prototype')} from {count(int(prototypes.num_images.sum()), 'image')} "
+               f"-> {out}")
+    if prototypes.skipped:
+        click.echo(skipped_line([skip.reason for skip in prototypes.skipped]))
     if prototypes.identities_without_images:
-        click.echo(f"{len(prototypes.identities_without_images)} identities without a usable image left out")
+        click.echo(f"{count(len(prototypes.identities_without_images), 'identity')} without a usable image left out")
 
 
 @main.command("select-identities")
 @click.option("--prototypes", required=True, type=click.Path(), help="prototypes.npz from `facegen embed`.")
-@click.option("--count", required=True, type=int, help="How many identities to keep.")
+@click.option("--count", "keep", required=True, type=int, help="How many identities to keep.")
 @click.option("--block", type=int, default=2048, show_default=True, help="Rows/columns per similarity tile.")
 @click.option("--method", type=click.Choice(["one-pass", "greedy"]), default="one-pass", show_default=True,
               help="one-pass: rank by highest similarity to any other identity, keep the first COUNT (the paper's "
                    "sorted list; drops both members of a near-duplicate pair). greedy: drop the identity most "
                    "similar to another remaining one, one at a time, until COUNT remain (keeps one of each pair).")
 @click.option("--out", required=True, type=click.Path(), help="Output ids.txt (for --identities-file).")
-def select_identities_command(prototypes, count, block, method, out):
+def select_identities_command(prototypes, keep, block, method, out):
     """Keep the COUNT most distinct identities (see --method), for --identities-file."""
     from facegen.builders.quality.identities import load_prototypes, select_identities, write_ids
 
     if block < 1:
         raise UsageError("--block must be at least 1")
     ids, embeddings = load_prototypes(prototypes)
-    selection = select_identities(ids, embeddings, count, method=method, block=block)
+    selection = select_identities(ids, embeddings, keep, method=method, block=block)
     kept = (f"kept: highest cosine similarity to any other identity <= {selection.threshold:.6f}"
             if method == "one-pass" else
             f"kept (greedy: the most similar remaining identity dropped one at a time): highest cosine similarity "
             f"to another kept identity <= {selection.threshold:.6f}")
     write_ids(out, selection, [
-        f"facegen select-identities: {len(selection.ids)} of {selection.total} identities of {prototypes}",
+        f"facegen select-identities: {len(selection.ids)} of {count(selection.total, 'identity')} of {prototypes}",
         kept,
         "order: most distinct first (facegen build keeps the source's order)",
     ])
     other = "another" if method == "one-pass" else "another kept one"
-    click.echo(f"kept {len(selection.ids)} of {selection.total} identities ({method}; highest similarity to {other} "
-               f"<= {selection.threshold:.4f}) in {selection.seconds:.1f} s -> {out}")
+    click.echo(f"kept {len(selection.ids)} of {count(selection.total, 'identity')} ({method}; highest similarity "
+               f"to {other} <= {selection.threshold:.4f}) in {selection.seconds:.1f} s -> {out}")
 
 
 @main.command("estimate-shift")
@@ -407,14 +411,15 @@ def card_command(out, repo_id, gating):
 
     folder = resolve_out(out)
     if not folder.is_dir():
-        raise UsageError(f"{out} is not a folder")
+        raise UsageError(f"{out}: no such folder" if not folder.exists() else f"{out} is a file, not a folder")
     # not while a build writes there (a folder without .facegen/ is no build: write_card says so)
-    with output_lock(folder) if OutputFolder(folder).records.is_dir() else nullcontext():
+    with output_lock(folder, command_breaks_locks=False) if OutputFolder(folder).records.is_dir() else nullcontext():
         files = write_card(out, repo_id=repo_id, gating=gating)
     planned = files.run.plan.shards
     if files.statistics.shards < planned:
-        click.echo(f"warning: only {files.statistics.shards} of {planned} shards are finished; the card counts "
-                   "those (rerun the build command to finish the rest)", err=True)
+        finished = files.statistics.shards
+        click.echo(f"warning: only {finished} of {count(planned, 'shard')} {'is' if finished == 1 else 'are'} "
+                   "finished; the card counts those (rerun the build command to finish the rest)", err=True)
     written = [README] + ([LICENSE] if files.license is not None else []) + (
         [PREVIEW] if files.preview is not None else [])
     click.echo(f"wrote {', '.join(str(Path(out) / name) for name in written)}")
@@ -469,9 +474,10 @@ def _recognizer_options(command):
 @click.argument("out", metavar="OUT", type=click.Path())
 @_recognizer_options
 @click.option("--against", metavar="PATH_OR_REPO",
-              help="Another facegen dataset (folder or ORG/NAME): list identities of OUT that match one of its; "
-                   "or a verification .bin (lfw.bin): list identities of OUT whose prototype matches one of its "
-                   "images (cosine >= --min-similarity).")
+              help="Another facegen dataset (a folder or ORG/NAME), a plain identity folder (one sub-folder of "
+                   "images per identity): list identities of OUT that match one of its; or a verification .bin "
+                   "(lfw.bin): list identities of OUT whose prototype matches one of its images (cosine >= "
+                   "--min-similarity).")
 @click.option("--out", "report_dir", type=click.Path(), metavar="DIR",
               help="Write report.json, report_embeddings.npz and report/*.png into DIR (required when OUT is a "
                    "Hub id; a local OUT's card is then left unchanged).")
@@ -491,16 +497,18 @@ def report_command(out, recognizer, model_dir, detector, dedup, min_similarity, 
 @_recognizer_options
 @click.option("--min-images", type=int, default=1, show_default=True,
               help="Drop identities left with fewer images than this.")
+@click.option("--max-removed", type=float, default=0.5, show_default=True,
+              help="Stop when the curation would remove more than this share of the identities.")
 @click.option("--overwrite", is_flag=True, help="Replace a different build already in --out.")
 def curate_command(out, new, recognizer, model_dir, detector, dedup, min_similarity, batch_size, min_images,
-                   overwrite):
+                   max_removed, overwrite):
     """Drop near-duplicate identities, outlier samples and thin identities of OUT (a folder or a Hub id; by its
-    report); build the rest into a new dataset through `--source facegen`."""
+    report, kept in NEW); build the rest into a new dataset through `--source facegen`. OUT is never written to."""
     from facegen.builders.quality.curate import curate
 
     _, summary = curate(out, new, recognizer=recognizer, model_dir=model_dir, detector=detector, dedup=dedup,
                         min_similarity=min_similarity, min_images=min_images, batch_size=batch_size,
-                        overwrite=overwrite, command=["facegen", *sys.argv[1:]])
+                        overwrite=overwrite, command=["facegen", *sys.argv[1:]], max_removed=max_removed)
     if summary is not None:
         for line in summary.lines():
             click.echo(line)

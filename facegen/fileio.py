@@ -8,11 +8,14 @@
   each zip entry with the current time, so the same arrays saved twice differ).
 - :func:`sha256_file`, :func:`xxh3_128_file`: streamed in 8 MiB blocks, never the whole file in memory; threads may
   hash several files at once (reads and both hashes release the GIL).
+- :func:`sorted_safetensors`: a safetensors file's bytes with its metadata in one order (the safetensors library
+  writes them from a hash map, in another order on every run), so that the same file has the same hash.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import zipfile
 from collections.abc import Callable, Iterator
@@ -118,3 +121,14 @@ def sha256_file(path: str | os.PathLike, progress: Progress | None = None) -> st
 def xxh3_128_file(path: str | os.PathLike, progress: Progress | None = None) -> str:
     """The file's XXH3-128 (hex): what the shard and unit stats record (fast enough to check every resume)."""
     return _digest_file(path, xxhash.xxh3_128(), progress)
+
+
+def sorted_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its ``__metadata__`` keys sorted; the tensors and their entries unchanged."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the library's own padding: the tensors start 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]

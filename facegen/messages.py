@@ -1,5 +1,5 @@
 """The one way facegen's code tells a person something: :func:`info` (what happened) to stdout, :func:`warn`
-(what to know or act on) to stderr. Progress is shown by tqdm bars only, and a command's failure is an exception
+(what to know or act on) to stderr; :func:`count` writes a number with its noun ("1 shard", "3 identities"). Progress is shown by tqdm bars only, and a command's failure is an exception
 (``facegen.errors``) that the command line prints. No other module prints or logs.
 
 Lines go through ``tqdm.write``, so that they never tear a progress bar on the terminal. :func:`captured` collects
@@ -49,6 +49,32 @@ def _say(message: Message) -> None:
     stream = sys.stderr if message.level == WARNING else sys.stdout
     tqdm.write(message.text, file=stream)
     stream.flush()  # a waiting build's line must show at once, also when the stream is a pipe
+
+
+def plural(noun: str, n: int) -> str:
+    """``noun`` as it reads after the number ``n``: "shard"/"shards", "identity"/"identities", "planned shard"/
+    "planned shards", "unit of work"/"units of work"."""
+    if n == 1:
+        return noun
+    head, of, tail = noun.partition(" of ")
+    words = head.split(" ")
+    last = words[-1]
+    words[-1] = last[:-1] + "ies" if last.endswith("y") and last[-2:-1] not in "aeiou" else last + "s"
+    return " ".join(words) + of + tail
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and its noun, plural when it must be: "1 shard", "2 shards", "0 identities"."""
+    return f"{n} {plural(noun, n)}"
+
+
+def skipped_line(reasons: list[str]) -> str:
+    """One line for skipped images by reason: "skipped 3 images (corrupt image: 2, no face detected: 1)"."""
+    by_reason: dict[str, int] = {}
+    for reason in reasons:
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return (f"skipped {count(len(reasons), 'image')} ("
+            + ", ".join(f"{reason}: {n}" for reason, n in sorted(by_reason.items())) + ")")
 
 
 @contextmanager

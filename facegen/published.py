@@ -13,7 +13,7 @@ API summary
 - ``PublishedDataset(path_or_repo)``: ``.samples`` (every sample, in identity (label) order, then key order),
   ``.identities`` (ids in label order), ``.by_identity`` (id -> samples), ``.read(sample, field) -> bytes``,
   ``.meta(sample) -> dict`` (its json), ``.image_column``, ``.features`` (the card's declared features),
-  ``.card`` (YAML data as a dict), ``.license_text``, ``.run`` (``.facegen/run.json`` when the folder has it),
+  ``.card`` (YAML data as a dict, read by :mod:`facegen.card_yaml`), ``.card_text`` (its Markdown), ``.license_text``, ``.run`` (``.facegen/run.json`` when the folder has it),
   ``.skipped`` (members or shards that could not be read, with reasons), ``.fingerprint()``, ``.name``.
 
 What is read, and how cheaply: a local build's per-shard sample index (``.facegen/shards/index/{j:06d}.json``:
@@ -42,6 +42,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facegen.card_yaml import MAX_CARD_BYTES, front_matter, read_card_text
 from facegen.errors import UsageError
 from facegen.hub_ids import HubId, dataset_id, parse
 from facegen.layout import DATA_DIR, INFO, LICENSE, README, TRAIN_DIR, OutputFolder, shard_number
@@ -55,6 +56,7 @@ MAX_MEMBER_BYTES = 16 << 20
 MAX_SAMPLE_BYTES = 8 * MAX_MEMBER_BYTES  # an indexed span longer than this (image, cls, json, a few extras) is a lie
 KEY = re.compile(r"(\d{6,})_\d{3,}")  # the shard writer's {cls:06d}_{n:03d}
 COLUMNS_OF_EVERY_SAMPLE = ("cls", "json", "__key__", "__url__")
+MAX_LABEL = 2**63 - 1  # labels are stored as int64 (`cls`, and a child build's `parent_cls`)
 
 
 def hub_dataset(path_or_repo: str | os.PathLike) -> HubId | None:
@@ -164,13 +166,16 @@ class PublishedDataset:
         self.shards = self.folder.shard_tars()
         if not self.shards:
             raise UsageError(f"{self.given} is not a facegen dataset: {TRAIN_DIR}/ holds no .tar shard")
+        self.card_text = ""  # the card's Markdown after its YAML
         self.card = self._read_card()
         self.features = self._read_features()
         self.image_column = self._image_column()
         self.run = RunRecord.read(self.folder.run_json)
         license_path = self.folder.file(LICENSE)
-        self.license_text = license_path.read_text(encoding="utf-8", errors="replace") if license_path.is_file() \
-            else ""
+        self.license_text = ""
+        if license_path.is_file():
+            with open(license_path, "rb") as f:  # a licence is text of a few KB: no more than a card is read
+                self.license_text = f.read(MAX_CARD_BYTES).decode("utf-8", errors="replace")
         self.skipped: Counter = Counter()
         self.skipped_details: list[dict] = []
         self.samples: list[Sample] = []
@@ -204,15 +209,14 @@ class PublishedDataset:
             return None
 
     def _read_card(self) -> dict:
+        """The card's YAML (:mod:`facegen.card_yaml`: bounded, no aliases, UTF-8), {} without a card; a card that
+        cannot be read is one line naming it."""
         readme = self.folder.readme
         if not readme.is_file():
             return {}
-        from huggingface_hub import DatasetCard
-
-        try:
-            return DatasetCard.load(readme).data.to_dict()
-        except Exception:  # a card that does not parse: the shards are still readable
-            return {}
+        where = f"{self.given}'s README.md"
+        card, self.card_text = front_matter(read_card_text(readme, where), where)
+        return card
 
     def _read_features(self):
         """The card's declared features (``datasets.Features``), else the run's, else None."""
@@ -300,8 +304,8 @@ class PublishedDataset:
                 for key, identity, cls, offset, length in zip(record.keys, record.identities, record.cls,
                                                               record.offsets, record.lengths):
                     label = KEY.fullmatch(key)
-                    if (label is None or int(label.group(1)) != cls or offset != end or length % BLOCK
-                            or not 0 < length <= min(MAX_SAMPLE_BYTES, size - offset)):
+                    if (label is None or int(label.group(1)) != cls or not 0 <= cls <= MAX_LABEL or offset != end
+                            or length % BLOCK or not 0 < length <= min(MAX_SAMPLE_BYTES, size - offset)):
                         return None
                     first = header_at(fd, offset, size)
                     if first is None or _split_name(first.name)[0] != key or first.offset + first.size > end + length:
@@ -384,6 +388,9 @@ class PublishedDataset:
                 cls = int(metadata[key].get("cls", b"").decode("ascii").strip())
             except (UnicodeDecodeError, ValueError):
                 self._skip(where, "bad label", "the .cls member is missing or not an integer")
+                continue
+            if not 0 <= cls <= MAX_LABEL:
+                self._skip(where, "bad label", f"the label {cls} is not an int64 >= 0 (a column of int64 labels)")
                 continue
             try:
                 meta = json.loads(metadata[key].get("json") or b"{}")

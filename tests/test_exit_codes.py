@@ -35,7 +35,7 @@ def strict_build(tmp_path):
 
 CASES = {  # name: (the command, made in tmp_path; exit code; what its one line says)
     "click usage": (lambda tmp: ["build", "--no-such-option"], 2, "No such option"),
-    "UsageError": (lambda tmp: ["card", tmp / "nowhere"], 2, "is not a folder"),
+    "UsageError": (lambda tmp: ["card", tmp / "nowhere"], 2, "no such folder"),
     "FolderBusy": (lambda tmp: ["card", tmp / "busy"], 2, "is being built by another facegen process"),
     "SampleError": (strict_build, 2, "bad sample 0/1.png: corrupt image"),
     "CheckFailed": (lambda tmp: ["publish", broken_output(tmp), "--repo", "org/x", "--dry-run"], 1,

@@ -91,8 +91,6 @@ def record(out: Path) -> dict:
         data = (out / name).read_bytes()
         if name == "README.md":
             data = masked_card(data.decode()).encode()
-        elif name.endswith(".safetensors"):
-            data = canonical_safetensors(data)
         files[name] = sha256(data)
         if name.endswith(".tar"):
             members[name] = tar_members(out / name)
@@ -156,20 +154,6 @@ def build_disco(ws: Path) -> Path:
     return ws / "out-disco"
 
 
-def canonical_safetensors(data: bytes, paths: dict[str, str] | None = None) -> bytes:
-    """The same safetensors file with its header's keys sorted (and ``paths`` replaced in its metadata). The
-    safetensors library serialises the metadata from a Rust HashMap, so one estimate is written with its keys in
-    another order on every run: by `facegen estimate-shift`, and again by the build's scrubbed copy in
-    provenance/ (reported, not fixed here)."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    for old, new in (paths or {}).items():
-        header["__metadata__"] = {key: value.replace(old, new) for key, value in header["__metadata__"].items()}
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
-
-
 def build_arc2face(ws: Path) -> Path:
     """The digi2real recipe's four commands as its header gives them, with the demo's tiny models and sizes
     (facegen.builders.demo)."""
@@ -188,10 +172,8 @@ def build_arc2face(ws: Path) -> Path:
             "--out", "digi2real/ids.txt")
     facegen("estimate-shift", "--real", f"folder:{real}", "--synthetic", f"digiface:{src}:max_images=5",
             "--model-dir", models, "--max-images", 8, "--device", "cpu", "--out", "digi2real/delta.safetensors")
-    # the estimate names its inputs' absolute paths, and the card records the file's sha256: the same input on
-    # every run, wherever the temporary folder is
-    delta = ws / "digi2real" / "delta.safetensors"
-    delta.write_bytes(canonical_safetensors(delta.read_bytes(), {str(ws): "/data"}))
+    # the estimate names its inputs' absolute paths (in the temporary folder): the build publishes it with them
+    # replaced by placeholders, its metadata in one order, and the card names that copy's sha256
     facegen("build", "--recipe", "digi2real", "--source-path", src, "--out", ws / "out-arc2face",
             "--plugin-opt", f"model_dir={models}", "--plugin-opt", "latents=2", "--plugin-opt", "images_per_latent=2",
             "--plugin-opt", "steps=4", "--shard-samples", 6)

@@ -70,8 +70,8 @@ def test_embed_skips_bad_images_and_counts_them(tmp_path, face_models, capsys):
                                "--out", out], capsys)
     assert code == 0
     assert "3 prototypes from 5 images" in stdout
-    assert "skipped images: 2 corrupt image" in stdout
-    assert "1 identities without a usable image left out" in stdout
+    assert "skipped 2 images (corrupt image: 2)" in stdout
+    assert "1 identity without a usable image left out" in stdout
     ids, _ = load_prototypes(out)
     assert ids == ["0", "1", "2"]
 

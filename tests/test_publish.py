@@ -58,11 +58,10 @@ def built_once(tmp_path_factory):
 
 @pytest.fixture
 def built(built_once, tmp_path):
-    """A copy of the module's build in this test's folder, plus a hidden leftover and a stray note."""
+    """A copy of the module's build in this test's folder, plus hidden leftovers (never uploaded)."""
     out = shutil.copytree(built_once, tmp_path / "out")
     (out / "data" / "train" / ".train-000009.tar.tmp-123").write_bytes(b"half a shard")  # a killed writer's file
     (out / ".DS_Store").write_bytes(b"finder")
-    (out / "notes.txt").write_text("my notes, not part of the dataset\n")
     return out
 
 
@@ -77,7 +76,7 @@ def test_publish_commits_exactly_the_dataset_files(built, hub, capsys):
     repo = hub.repos["org/faces"]
     assert repo.private is True
     files = hub.files("org/faces")
-    assert sorted(files) == PUBLISHED  # no .facegen/, no hidden temp shard, no .DS_Store, no notes.txt
+    assert sorted(files) == PUBLISHED  # no .facegen/, no hidden temp shard, no .DS_Store
     for path in PUBLISHED:
         assert files[path] == (built / path).read_bytes()
     assert 'load_dataset("org/faces", split="train")' in files["README.md"].decode()  # the card names the repo
@@ -248,15 +247,13 @@ def test_refuses_a_broken_folder_with_every_problem_and_contacts_nothing(tmp_pat
     stats2 = json.loads((out / ".facegen" / "shards" / "000002.json").read_text())
     stats2["images"] += 1
     (out / ".facegen" / "shards" / "000002.json").write_text(json.dumps(stats2))
-    (out / "data" / "train" / "train-000003.tar.tmp").write_bytes(b"x")  # `datasets` would load this as a shard
     assert cli("publish", out, "--repo", "org/faces", "--token", TOKEN) == 1  # the check publish exists to make
     err = capsys.readouterr().err
     assert err.startswith("facegen: error: refusing to publish")
     for expected in ("`license_link: LICENSE` but that file is missing",
                      "data/train/train-000001.tar: not a complete tar",
                      "data/train/train-000002.tar: 6 images but its stats say 7",
-                     "run.json counts 18 images but the shard stats add up to 19",
-                     "data/train/train-000003.tar.tmp: not a shard of this build"):
+                     "run.json counts 18 images but the shard stats add up to 19"):
         assert expected in err
     assert hub.requests == []
 
@@ -413,9 +410,10 @@ def test_publish_refuses_a_licence_the_inputs_do_not_imply(tmp_path, hub, capsys
            "licence they imply)" in problems
     readme.write_text(original)
     (out / "LICENSE").write_text("MIT License\n\nPermission is hereby granted, free of charge…\n")
-    assert cli("publish", out, "--repo", "org/x", "--dry-run") == 1
+    assert "LICENSE: its text is not the one the build's inputs imply" in " ".join(check_folder(out))
+    assert cli("publish", out, "--repo", "org/x", "--dry-run") == 2  # not what facegen wrote: one line
     err = capsys.readouterr().err
-    assert "LICENSE: its text is not the one the build's inputs imply" in err and hub.requests == []
+    assert "LICENSE changed since facegen wrote it: rerun `facegen card OUT`" in err and hub.requests == []
 
 
 def test_publish_checks_every_linked_file_and_the_info_file(tmp_path):
@@ -460,10 +458,12 @@ def test_publish_refuses_symlinks_and_foreign_provenance_files(built, hub, tmp_p
     secret.write_text("not part of the dataset\n")
     (built / "LICENSE-extra").symlink_to(secret)
     (built / "provenance" / "notes.json").write_text("{}\n")
-    assert cli("publish", built, "--repo", "org/faces", "--dry-run") == 1
+    assert cli("publish", built, "--repo", "org/faces", "--dry-run") == 2  # the user must move them: one line
     err = capsys.readouterr().err
-    assert "LICENSE-extra is a symbolic link" in err
-    assert "provenance/notes.json was not written by facegen" in err
+    assert err.count("\n") == 1 and "LICENSE-extra is a symbolic link" in err and "1 other file like it" in err
+    (built / "LICENSE-extra").unlink()
+    assert cli("publish", built, "--repo", "org/faces", "--dry-run") == 2
+    assert "provenance/notes.json was not written by facegen" in capsys.readouterr().err
     assert hub.requests == []
 
 

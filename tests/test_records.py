@@ -11,7 +11,7 @@ from facegen.layout import OutputFolder
 from facegen.fileio import sha256_file
 from facegen.layout.records import (
     BuildSignature,
-    CardFilesRecord,
+    OwnFiles,
     PathOptionRecord,
     RecordError,
     RunRecord,
@@ -64,16 +64,16 @@ def test_every_record_a_build_writes_reads_back_as_written(built):
         assert sum(units[i].images_per_identity.values()) == len(unit_index)
     assert sum(len(SampleIndex.read(folder.shard(j).index)) for j in range(3)) == run.totals.images == 10
     # the card's own files (surfaces' record, on engine's Record: "schema" first like every record)
-    assert next(iter(json.loads(folder.card_files_record.read_text()))) == "schema"
-    assert CardFilesRecord.read(folder.card_files_record).wrote("README.md", sha256_file(out / "README.md"))
+    assert next(iter(json.loads(folder.own_files_record.read_text()))) == "schema"
+    assert OwnFiles.read(folder.own_files_record).wrote("README.md", sha256_file(out / "README.md"))
 
 
-def test_a_card_files_record_of_another_version_owns_nothing_and_a_provenance_path_is_checked(built):
+def test_an_own_files_record_of_another_version_owns_nothing_and_a_provenance_path_is_checked(built):
     _, out = built
-    path = OutputFolder(out).card_files_record
+    path = OutputFolder(out).own_files_record
     data = json.loads(path.read_text())
-    path.write_text(json.dumps({**data, "schema": "facegen-card-files-0"}))
-    assert CardFilesRecord.read(path) == CardFilesRecord()  # nothing in OUT is taken for facegen's own
+    path.write_text(json.dumps({**data, "schema": "facegen-own-files-0"}))
+    assert OwnFiles.read(path) == OwnFiles()  # nothing in OUT is taken for facegen's own
     # where the card copies a plugin's provenance file is read from run.json: provenance/NAME only
     assert PathOptionRecord(provenance_file="provenance/shift.safetensors").provenance_file
     for bad in ("../../outside.txt", "provenance/identities.txt", "provenance/.hidden", "provenance/a/b"):

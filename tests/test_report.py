@@ -86,7 +86,7 @@ def test_curate_removes_exactly_the_planted_flaws(real, tmp_path, capsys):
     new = tmp_path / "curated"
     code, stdout, err = run_cli(["curate", out, "--out", new], capsys)
     assert code == 0, err
-    report = json.loads((out / ".facegen" / "report.json").read_text())
+    report = json.loads((new / ".facegen" / "parent-report" / "report.json").read_text())  # OUT is not written to
     assert report["embedding"]["reused"] is True  # the first report's embeddings, thresholds applied again
     original, duplicate = planted.duplicate  # the duplicate has fewer images: the original is kept
     rows = list(load_dataset(str(new), split="train", streaming=True))

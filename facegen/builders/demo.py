@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facegen.errors import UsageError
-from facegen.messages import info
+from facegen.messages import count, info
 
 RANDOM_WEIGHTS_WARNING = (
     "NOTE: the demo models have RANDOM weights, so the generated faces are noise. "
@@ -75,8 +75,8 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overw
                                      images_per_identity=settings.images_per_identity)
     real_dir = write_folder_source(out / "real", identities=3, images_per_identity=2, size=256, start=1000)
     model_dir = write_tiny_arc2face(out / "models", seed=settings.seed)
-    info(f"wrote a generated folder source ({settings.identities} identities x {settings.images_per_identity} "
-         f"images) to {source_dir}, random-weight models to {model_dir}")
+    info(f"wrote a generated folder source ({count(settings.identities, 'identity')} x "
+         f"{count(settings.images_per_identity, 'image')}) to {source_dir}, random-weight models to {model_dir}")
 
     # 3. prototypes, selection, shift
     prototypes_path, ids_path, delta_path = out / "prototypes.npz", out / "ids.txt", out / "delta.safetensors"
@@ -85,10 +85,10 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings | None = None, overw
     prototypes.save(prototypes_path)
     result.commands.append(f"facegen embed --source folder --source-path {q(source_dir)} --model-dir {q(model_dir)} "
                            f"--out {q(prototypes_path)}")
-    info(f"embed: {len(prototypes.ids)} prototypes -> {prototypes_path}")
+    info(f"embed: {count(len(prototypes.ids), 'prototype')} -> {prototypes_path}")
 
     selection = select_least_similar(prototypes.ids, prototypes.embeddings, settings.keep)
-    write_ids(ids_path, selection, [f"facegen demo: {settings.keep} of {selection.total} identities"])
+    write_ids(ids_path, selection, [f"facegen demo: {settings.keep} of {count(selection.total, 'identity')}"])
     result.commands.append(f"facegen select-identities --prototypes {q(prototypes_path)} --count {settings.keep} "
                            f"--out {q(ids_path)}")
     info(f"select-identities: kept {len(selection.ids)} of {selection.total} -> {ids_path}")

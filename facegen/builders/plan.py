@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from facegen.errors import UsageError
+from facegen.messages import count
 from facegen.training import NODE_SHARDS
 
 DEFAULT_SHARD_SAMPLES = 10_000  # img2dataset's default; recipes set their own so that shards weigh ~200 MB-1 GB
@@ -106,7 +107,8 @@ def make_plan(
         if missing:
             shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
             raise UsageError(
-                f"{len(missing)} identities of {os.path.basename(identities_file)} are not in the source: {shown}"
+                f"{count(len(missing), 'identity')} of {os.path.basename(identities_file)} "
+                f"{'is' if len(missing) == 1 else 'are'} not in the source: {shown}"
             )
         chosen = set(wanted)
         ids = [i for i in ids if i in chosen]  # the source's stable order, not the file's

@@ -7,7 +7,6 @@ exact example count), so ``load_dataset(OUT)`` never infers a schema from the fi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shlex
 from dataclasses import dataclass
@@ -15,17 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from huggingface_hub import DatasetCard, DatasetCardData
+from huggingface_hub import DatasetCardData
 
+from facegen.card_yaml import front_matter
 from facegen.cards.licenses import LicenceChain, licence_chain
 from facegen.cards.loading import loading_context
 from facegen.cards.preview import preview_grid
 from facegen.cards.public import (
     OUT_PLACEHOLDER,
     PLUGIN_OPTIONS,
-    copy_provenance,
     known_paths,
+    published_hashes,
     path_options,
+    provenance_copies,
+    public_command_args,
     public_options,
     scrub,
     source_placeholder,
@@ -33,7 +35,7 @@ from facegen.cards.public import (
 from facegen.cards.quality import curation_context, quality_context
 from facegen.cards.stats import Statistics, size_category, summarise
 from facegen.errors import UsageError
-from facegen.fileio import atomic_write, sha256_file
+from facegen.fileio import atomic_write
 from facegen.layout import (
     CARD_FILES,
     CHECKSUMS_FILE,
@@ -43,12 +45,25 @@ from facegen.layout import (
     README,
     OutputFolder,
 )
-from facegen.layout.records import CardFilesRecord, RunRecord, ShardStats, load_run, load_shard_stats, load_unit_stats
+from facegen.layout.records import (
+    RunRecord,
+    ShardChecksums,
+    ShardStats,
+    is_own_file,
+    load_run,
+    load_shard_stats,
+    load_unit_stats,
+    not_own_files,
+    refuse_foreign_files,
+    remove_own_file,
+    write_own_files,
+)
+from facegen.messages import plural
 
 TEMPLATES = Path(__file__).parent / "templates"
 PLACEHOLDER_REPO = "ORG/NAME"
 SHARD_CHECKSUMS_SHOWN = 200
-# Marks a LICENSE file written by facegen, so that a re-render may replace or remove it (never a user's own file).
+# Tells a reader that facegen wrote this LICENSE (and re-renders it); facegen itself knows its files by their record.
 LICENSE_MARKER = "This LICENSE file was written by facegen"
 
 
@@ -75,7 +90,7 @@ def _environment() -> jinja2.Environment:
         undefined=jinja2.Undefined,  # records of older builds may lack optional fields: render them empty
     )
     env.filters["cell"] = lambda v: str(v if v is not None else "").replace("|", "\\|").replace("\n", " ").strip()
-    env.filters["plural"] = lambda word, n: word if n == 1 else ("identities" if word == "identity" else word + "s")
+    env.filters["plural"] = lambda word, n: plural(word, n)
     env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else f"{v:,.4g}" if isinstance(v, float) else v
     return env
 
@@ -220,8 +235,8 @@ def from_card_command(run: RunRecord, repo_id: str) -> str:
 
 
 def public_command(run: RunRecord, out: Path) -> str:
-    """The command as it was run, with its local paths replaced."""
-    return shlex.join(scrub(list(run.command), known_paths(run, out)))
+    """The command as it was run, with its local paths replaced (relative ones too)."""
+    return shlex.join(public_command_args(run, out))
 
 
 def _citations(run: RunRecord) -> list[dict]:
@@ -366,8 +381,8 @@ def _models_for_card(run: RunRecord) -> list[dict]:
     return rows
 
 
-def _checksums(shards: list[ShardStats]) -> dict:
-    return {"algorithm": "xxh3_128", "files": {s.tar: s.tar_xxh3_128 for s in shards}}
+def _checksums(shards: list[ShardStats]) -> ShardChecksums:
+    return ShardChecksums("xxh3_128", {s.tar: s.tar_xxh3_128 for s in shards})
 
 
 def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:
@@ -386,7 +401,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     if gating is None:
         gating = card_settings(out).get("gating", True)
     gated = bool(gating) and needs_gating(chain)
-    provenance = sorted(rel for rel, _, _ in _provenance_inputs(run) if (out / rel).is_file())
+    provenance = sorted(rel for rel, _, _ in _provenance_inputs(run) if is_own_file(out, rel))
     data = card_data(run, statistics, chain, num_bytes=sum(s.sample_bytes for s in shards), gated=gated,
                      provenance=provenance + [CHECKSUMS_FILE])
     features = Features.from_dict(run.features)
@@ -395,6 +410,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     preview = preview_grid(tar_paths, run.image_column, out=out)
     num_shards = len(shards)
     known = known_paths(run, out)
+    provenance_facts = {**known, **published_hashes(run, out)}  # a provenance file's hash: the published copy's
     models = _models_for_card(run)
     context = {
         "card_data": data.to_yaml(),
@@ -433,8 +449,10 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
         "provenance_files": provenance,
         "checksums_file": CHECKSUMS_FILE,
         "options_json": json.dumps(public_options(run), indent=2, sort_keys=True),
-        "source_provenance_json": json.dumps(scrub(run.source.provenance, known), indent=2, sort_keys=True),
-        "transform_provenance_json": json.dumps(scrub(run.transform.provenance, known), indent=2, sort_keys=True),
+        "source_provenance_json": json.dumps(scrub(run.source.provenance, provenance_facts), indent=2,
+                                             sort_keys=True),
+        "transform_provenance_json": json.dumps(scrub(run.transform.provenance, provenance_facts), indent=2,
+                                                sort_keys=True),
         "citations": _citations(run),
         "license_marker": LICENSE_MARKER,
         "quality": quality_context(out),  # `facegen report`
@@ -442,7 +460,7 @@ def render_card(out_dir, repo_id: str | None = None, gating: bool | None = None)
     }
     env = _environment()
     readme = env.get_template("README.md.j2").render(**context)
-    DatasetCard(readme)  # parses the YAML front matter: a card that does not round-trip is never written
+    front_matter(readme, "the rendered card")  # as every reader parses it: a card that does not is never written
     license_text = env.get_template("LICENSE.j2").render(**context) if chain.hub_id == "other" else None
     return CardFiles(readme=readme, license=license_text, preview=preview, card_data=data, chain=chain,
                      statistics=statistics, run=run)
@@ -475,79 +493,51 @@ def _lengths_text(lengths: list[int]) -> str:
 
 
 def written_by_facegen(out, name: str) -> bool:
-    """Whether ``OUT/name`` (a card file) is exactly what facegen wrote, so that facegen may replace or remove it."""
-    out = Path(out)
-    path = out / name
-    if not path.is_file():
-        return False
-    if name == LICENSE and LICENSE_MARKER in path.read_text(encoding="utf-8", errors="replace"):
-        return True
-    return CardFilesRecord.read(OutputFolder(out).card_files_record).wrote(name, sha256_file(path))
+    """Whether ``OUT/name`` is exactly what facegen wrote (its record of its own files), so that facegen may replace
+    or remove it."""
+    return is_own_file(out, name)
 
 
 def foreign_card_files(out, names=CARD_FILES) -> list[str]:
     """The card's file names (or ``names``) in OUT that hold files facegen did not write (the user's own, or edited
     since)."""
-    out = Path(out)
-    return [name for name in names if (out / name).exists() and not written_by_facegen(out, name)]
+    return not_own_files(out, names)
 
 
 def write_recorded(out, name: str, data: bytes) -> None:
     """Write ``OUT/name`` (``_info.json``: written by the build, outside the card), recorded as facegen's; a file
     there that facegen did not write is refused in one line, never replaced."""
-    out = Path(out)
-    if foreign_card_files(out, (name,)):
-        raise UsageError(f"{out / name} was not written by facegen (or changed since): move it out of the folder so "
-                         "that the build can write it there")
-    _record_card_files(out, {name: data})
-    atomic_write(out / name, data)
-
-
-def _record_card_files(out: Path, files: dict[str, bytes]) -> None:
-    """Record the new versions before writing them (see :meth:`CardFilesRecord.adding`)."""
-    path = OutputFolder(out).card_files_record
-    record = CardFilesRecord.read(path)
-    for name, data in files.items():
-        record = record.adding(name, hashlib.sha256(data).hexdigest())
-    record.write(path)
+    write_own_files(Path(out), {name: data}, what="the build's " + name)
 
 
 def write_card(out_dir, repo_id: str | None = None, gating: bool | None = None) -> CardFiles:
     """Write OUT/README.md, OUT/LICENSE (when the licence is `other`), OUT/preview.jpg and OUT/provenance/ (the
-    small inputs needed to rebuild, and the shards' checksums) from OUT/.facegen.
+    small inputs needed to rebuild, and the shards' checksums) from OUT/.facegen, each recorded as facegen's.
 
-    A file under one of the card's names that facegen did not write is never replaced or removed: the card is
-    refused in one line naming it (UsageError), as is a folder facegen cannot write to.
+    A file under one of those names that facegen did not write (or that changed since) is never replaced or
+    removed: the card is refused in one line naming it (UsageError) before anything is written, as is a folder
+    facegen cannot write to.
     """
     out = Path(out_dir)
     run = load_run(out)
-    try:  # first: the card lists the provenance files present
-        copy_provenance(out, run)
-        atomic_write(OutputFolder(out).file(CHECKSUMS_FILE),
-                     (json.dumps(_checksums(load_shard_stats(out)), indent=1, sort_keys=True) + "\n").encode())
-    except OSError as exc:
-        raise UsageError(f"cannot write the dataset card in {out}: {exc.strerror or exc}") from None
-    files = render_card(out, repo_id, gating)
-    foreign = [name for name in foreign_card_files(out) if name != LICENSE or files.license is not None]
-    if foreign:
-        raise UsageError(f"{', '.join(str(out / n) for n in foreign)} {'was' if len(foreign) == 1 else 'were'} not "
-                         "written by facegen (or changed since): move "
-                         f"{'it' if len(foreign) == 1 else 'them'} out of the folder so that the dataset card can "
-                         "be written there")
-    new = {README: files.readme.encode("utf-8")}
-    if files.license is not None:
-        new[LICENSE] = files.license.encode("utf-8")
-    if files.preview is not None:
-        new[PREVIEW] = files.preview
+    inputs = provenance_copies(out, run)
+    inputs[CHECKSUMS_FILE] = _checksums(load_shard_stats(out)).to_json()
+    licence = LICENSE if expected_licence(out)[0].hub_id == "other" else None
+    refuse_foreign_files(out, [*inputs, README, PREVIEW, *([licence] if licence else [])], "the dataset card")
     try:
+        write_own_files(out, inputs, "the dataset card")  # first: the card lists the provenance files present
+        files = render_card(out, repo_id, gating)
+        new = {README: files.readme.encode("utf-8")}
+        if files.license is not None:
+            new[LICENSE] = files.license.encode("utf-8")
+        if files.preview is not None:
+            new[PREVIEW] = files.preview
         if repo_id or gating is not None:
             remember_card_settings(out, repo_id=repo_id, gating=gating)
-        _record_card_files(out, new)
-        for name, data in new.items():
-            atomic_write(out / name, data)
+        write_own_files(out, new, "the dataset card")
         for name in (LICENSE, PREVIEW):  # ours from an earlier render that has none now
-            if name not in new and written_by_facegen(out, name):
-                (out / name).unlink()
+            if name not in new:
+                remove_own_file(out, name)
     except OSError as exc:
         raise UsageError(f"cannot write the dataset card in {out}: {exc.strerror or exc}") from None
     return files

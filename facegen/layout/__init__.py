@@ -11,7 +11,8 @@ Nothing else in facegen joins ``.facegen`` or names these files; it asks an :cla
     OUT/.facegen/                                facegen's records, never uploaded:
         run.json        provenance of the build       config.json   the build's signature (resume or refuse)
         card.json       the card's settings (repo id, gating)
-        card_files.json sha256 of each card file facegen wrote (so that it never replaces a user's file)
+        own_files.json  sha256 of every file facegen wrote outside .facegen/ and the shards (so that it never
+                        replaces a user's file, and publish uploads only what facegen wrote)
         lock, lock.break                              the build lock
         ranks/{r:06d}.json  each process's heartbeat in a distributed build
         shards/{j:06d}.json, shards/index/{j:06d}.json, skipped/{j:06d}.jsonl       per published shard
@@ -30,7 +31,7 @@ dataset's README.md and LICENSE, and the export's own record and partial files a
 (never a folder: torchvision's ``ImageFolder`` takes every sub-folder, hidden ones included, for a class).
 
 ``FACEGEN_DIR`` and the names below are the only spellings of these files in the code. What the records hold
-(run.json, config.json, the shard and unit stats, the sample index, report.json, the curation file, card_files.json)
+(run.json, config.json, the shard and unit stats, the sample index, report.json, the curation file, own_files.json)
 is typed in :mod:`facegen.layout.records`.
 """
 
@@ -86,7 +87,7 @@ WORST_IDENTITIES_PLOT = f"{PLOTS_DIR}/worst-identities.png"
 RUN_JSON = "run.json"
 CONFIG_JSON = "config.json"
 CARD_SETTINGS = "card.json"
-CARD_FILES_RECORD = "card_files.json"
+OWN_FILES_RECORD = "own_files.json"
 LOCK_FILE = "lock"
 LOCK_BREAK_FILE = "lock.break"
 LOCK_FILES = (LOCK_FILE, LOCK_BREAK_FILE)  # kept by --overwrite: the running build holds them
@@ -172,8 +173,8 @@ class OutputFolder:
         return self.records / CARD_SETTINGS
 
     @property
-    def card_files_record(self) -> Path:
-        return self.records / CARD_FILES_RECORD
+    def own_files_record(self) -> Path:
+        return self.records / OWN_FILES_RECORD
 
     @property
     def lock(self) -> Path:

@@ -9,7 +9,7 @@ way to write and read it.
     report.json                   :class:`QualityReport` what `facegen report` measured
     report_embeddings.npz, pieces :class:`EmbeddingsRecord` what an embeddings file holds besides its arrays
     curation.json                 :class:`Curation`      what `facegen curate` removed (no schema field: see there)
-    card_files.json               :class:`CardFilesRecord` the versions facegen wrote of its own card files
+    own_files.json                :class:`OwnFiles`      every file facegen wrote outside .facegen/ and the shards
 
 and, in an export's folder (``facegen export … --to DIR``), ``DIR/.facegen-export.json`` (:class:`ExportRecord`).
 
@@ -23,8 +23,10 @@ applicable, e.g. the units of a per-image build).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,8 +36,8 @@ from typing import Any, ClassVar, TypeVar, Union
 import numpy as np
 
 from facegen.errors import UsageError
-from facegen.fileio import atomic_write
-from facegen.layout import OutputFolder, is_plugin_provenance
+from facegen.fileio import atomic_write, sha256_file
+from facegen.layout import OWN_PROVENANCE_FILES, OutputFolder, is_plugin_provenance, shard_number, shard_path
 
 R = TypeVar("R", bound="Record")
 
@@ -302,6 +304,7 @@ class RunOptions:
     format: str
     strict: bool
     verify: str
+    out: str | None = None  # absolute (a build of an earlier version did not record it)
 
 
 @dataclass(frozen=True)
@@ -540,7 +543,7 @@ class RankBeat(Record):
     error: str = ""
 
 
-# --- the records of the commands around a build: report.json, the curation file, card_files.json ---
+# --- the records of the commands around a build: report.json, the curation file, own_files.json ---
 
 
 @dataclass(frozen=True)
@@ -606,9 +609,10 @@ class EmbeddingsRecord(Record):
 @dataclass(frozen=True)
 class Curation:
     """A curated build's decisions (``.facegen/curation.json``, written by `facegen curate`; published as
-    ``provenance/curation.json``). Only the removals are required (a hand-written file may hold just those, and
-    other fields, which are ignored): ``removed_identities`` rows are {identity, reason, detail}, ``removed_samples``
-    rows {identity, key, source_ref, reason, cosine}; ``identity`` and ``key`` are required in them.
+    ``provenance/curation.json``). Only the removals are required, one of the two lists at least (a hand-written
+    file may hold just those, and other fields, which are ignored): ``removed_identities`` rows are {identity,
+    reason, detail}, ``removed_samples`` rows {identity, key, source_ref, reason, cosine}; ``identity`` and ``key``
+    are required in them.
 
     Not a :class:`Record`: the file has no ``schema`` field, since its published copy must not change; it is read
     with the same typed checks."""
@@ -646,6 +650,8 @@ class Curation:
     @classmethod
     def from_dict(cls, data: Any, where: str = "curation file") -> Curation:
         if isinstance(data, dict):
+            if not {"removed_identities", "removed_samples"} & set(data):  # `removed: [...]` would remove nothing
+                raise RecordError(f"{where} holds neither removed_identities nor removed_samples")
             known = {f.name for f in dataclasses.fields(cls)}
             data = {k: v for k, v in data.items() if k in known}
         return _fields(cls, data, where)
@@ -660,27 +666,244 @@ class Curation:
         return cls.from_dict(data, str(path))
 
 
+# --- what a card publishes of its build: its `facegen:` YAML key and provenance/checksums.json ---
+# A card is input, never trusted: `--from-card` reads these with the same typed checks as every record, plus ranges,
+# before anything runs (a seed of 1.5 or `.nan`, `strict: maybe`, `models: abc` or `provenance: [1]` is one line).
+
+HEX = re.compile(r"[0-9a-f]+")
+OPTION_SCALARS = (str, int, float, bool, type(None))
+
+
+def _hex(value: str | None, digits: int, where: str) -> None:
+    if value is not None and (len(value) != digits or not HEX.fullmatch(value)):
+        raise RecordError(f"{where}: expected {digits} hexadecimal digits, got {value[:80]!r}")
+
+
+def _option_values(options: dict[str, Any], where: str) -> None:
+    """A plugin's options as a card gives them: plain values (text, numbers, booleans, lists of them)."""
+    for name, value in options.items():
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(item, OPTION_SCALARS) for item in items):
+            raise RecordError(f"{where}.{name}: expected a plain value (text, number, true/false or a list of "
+                              f"them), got {type(value).__name__}")
+
+
 @dataclass(frozen=True)
-class CardFilesRecord(Record):
-    """``.facegen/card_files.json``: the sha256 of every version facegen wrote of its own files in OUT (README.md,
-    LICENSE, preview.jpg, _info.json). facegen replaces or removes such a file only while it is one of these."""
+class CardOptions:
+    """The build options a card publishes (``facegen.options``; local paths already placeholders). Only the plugins
+    are required: a value not given is the command line's default."""
 
-    SCHEMA: ClassVar[str] = "facegen-card-files-1"
+    source: str
+    plugin: str
+    source_path: str | None = None
+    source_opts: dict[str, Any] = field(default_factory=dict)
+    plugin_opts: dict[str, Any] = field(default_factory=dict)
+    recipe: str | None = None
+    limit_identities: int | None = None
+    identities_file: str | None = None
+    identities_file_sha256: str | None = None
+    shard_size: int | None = None
+    shard_samples: int | None = None
+    shards_multiple_of: int | None = None
+    seed: int | None = None
+    format: str | None = None
+    strict: bool | None = None
+    verify: str | None = None
 
-    files: dict[str, list[str]] = field(default_factory=dict)  # name -> sha256 of the last versions, newest last
+    def __post_init__(self):
+        for name in ("limit_identities", "shard_size", "shard_samples", "shards_multiple_of"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecordError(f"options.{name}: must be at least 1, got {value}")
+        for name, allowed in (("format", ("png", "jpg")), ("verify", ("full", "header"))):
+            if getattr(self, name) not in (None, *allowed):
+                raise RecordError(f"options.{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not self.source or not self.plugin:
+            raise RecordError("options: source and plugin must name plugins")
+        _hex(self.identities_file_sha256, 64, "options.identities_file_sha256")
+        _option_values(self.source_opts, "options.source_opts")
+        _option_values(self.plugin_opts, "options.plugin_opts")
 
-    def wrote(self, name: str, sha256: str) -> bool:
-        return sha256 in self.files.get(name, [])
 
-    def adding(self, name: str, sha256: str) -> CardFilesRecord:
-        """This record with a new version of ``name``; the previous one stays listed (a crash between recording and
-        writing leaves either version recognised)."""
-        return CardFilesRecord({**self.files, name: self.files.get(name, [])[-1:] + [sha256]})
+@dataclass(frozen=True)
+class CardModel:
+    """A model of the card's build: ``loaded`` is {"hub", "commit"} or {"folder", "sha256": {file: hex}} (and
+    "test_model"), or {} when nothing was recorded; every value but the hashes is text."""
+
+    id: str
+    role: str = ""
+    revision: str | None = None
+    loaded: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        where = f"models[{self.id!r}].loaded"
+        for name, value in self.loaded.items():  # a plugin may record more facts: text, like these
+            if name != "sha256" and not isinstance(value, str):
+                raise RecordError(f"{where}.{name}: expected text, got {type(value).__name__}")
+        hashes = self.loaded.get("sha256", {})
+        if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in
+                                                   hashes.items()):
+            raise RecordError(f"{where}.sha256: expected a mapping of file names to sha256")
+        for name, digest in hashes.items():
+            _hex(digest, 64, f"{where}.sha256.{name}")
+
+
+@dataclass(frozen=True)
+class CardBuild:
+    """A card's ``facegen:`` YAML key (``facegen.cards.card.facegen_record``): what ``--from-card`` rebuilds from.
+    ``provenance`` names files published beside the card: facegen's own provenance files or a plugin's
+    ``provenance/NAME``, never a path outside the dataset."""
+
+    options: CardOptions
+    version: str = ""
+    plan: PlanRecord | None = None
+    models: list[CardModel] = field(default_factory=list)
+    provenance: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.plan is not None:
+            _hex(self.plan.plan_sha256, 64, "plan.plan_sha256")
+            if self.plan.identities < 0 or self.plan.shards < 0:
+                raise RecordError("plan: counts must not be negative")
+        for rel in self.provenance:
+            if rel not in OWN_PROVENANCE_FILES and not is_plugin_provenance(rel):
+                raise RecordError(f"provenance: {rel[:200]!r} is not a provenance file of a facegen dataset "
+                                  "(provenance/NAME)")
 
     @classmethod
-    def read(cls, path: Path) -> CardFilesRecord:
-        """The record at ``path``; an empty one (nothing is facegen's) when there is none or it is damaged."""
+    def from_dict(cls, data: Any, where: str = "facegen") -> CardBuild:
+        return _fields(cls, data, where)
+
+
+@dataclass(frozen=True)
+class ShardChecksums:
+    """``provenance/checksums.json``: each published shard's XXH3-128, by its path in the dataset."""
+
+    algorithm: str
+    files: dict[str, str]
+
+    def __post_init__(self):
+        if self.algorithm != "xxh3_128":
+            raise RecordError(f"algorithm: expected xxh3_128, got {self.algorithm!r}")
+        for rel, digest in self.files.items():
+            if shard_number(rel) is None or rel != shard_path(shard_number(rel)):
+                raise RecordError(f"files: {rel[:200]!r} is not a shard of a facegen dataset")
+            _hex(digest, 32, f"files.{rel}")
+
+    def to_json(self) -> bytes:
+        return (json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> ShardChecksums:
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            raise RecordError(f"{where} is not valid JSON ({exc})") from None
+        return _fields(cls, value, where)
+
+
+@dataclass(frozen=True)
+class OwnFiles(Record):
+    """``.facegen/own_files.json``: every file facegen wrote in its folder outside ``.facegen/`` and the shards (the
+    card's README.md, LICENSE and preview.jpg, ``_info.json``, ``provenance/*``, ``report/*.png``; in a report's own
+    ``--out DIR`` also ``report.json`` and ``report_embeddings.npz``), as the sha256 of its last versions, newest
+    last. The shards are recorded by their stats (size and XXH3-128) instead.
+
+    facegen replaces or removes a file only while it is one of these versions (never a user's file, nor one edited
+    since), and publish uploads a file only while it is the newest version. The new version is recorded before the
+    file is written, and the previous one stays listed, so a crash between the two leaves either recognised."""
+
+    SCHEMA: ClassVar[str] = "facegen-own-files-1"
+    MAX_BYTES: ClassVar[int] = 16 << 20  # ~100 bytes a version: far more than the files facegen writes
+
+    files: dict[str, list[str]] = field(default_factory=dict)  # path relative to the folder -> sha256, newest last
+
+    def wrote(self, name: str, sha256: str) -> bool:
+        """``sha256`` is a version facegen wrote of ``name``."""
+        return sha256 in self.files.get(name, [])
+
+    def newest(self, name: str) -> str | None:
+        versions = self.files.get(name)
+        return versions[-1] if versions else None
+
+    def adding(self, name: str, sha256: str) -> OwnFiles:
+        """This record with a new version of ``name`` (the previous one kept)."""
+        if self.newest(name) == sha256:
+            return self
+        return OwnFiles({**self.files, name: self.files.get(name, [])[-1:] + [sha256]})
+
+    def without(self, name: str) -> OwnFiles:
+        return OwnFiles({k: v for k, v in self.files.items() if k != name})
+
+    @classmethod
+    def read(cls, path: Path) -> OwnFiles:
+        """The record at ``path``; an empty one (nothing is facegen's) when there is none, it is damaged, or it was
+        written by another version."""
         return super().read(path) or cls()
+
+
+def own_files(root: str | os.PathLike) -> OwnFiles:
+    """The record of what facegen wrote in the folder ``root``."""
+    return OwnFiles.read(OutputFolder(root).own_files_record)
+
+
+def is_own_file(root: str | os.PathLike, name: str) -> bool:
+    """``root/name`` is a regular file holding a version facegen wrote (so facegen may replace or remove it)."""
+    path = Path(root) / name
+    if path.is_symlink() or not path.is_file():
+        return False
+    return own_files(root).wrote(name, sha256_file(path))
+
+
+def not_own_files(root: str | os.PathLike, names) -> list[str]:
+    """Those of ``names`` that exist in ``root`` but are not facegen's (the user's own, or changed since)."""
+    return [name for name in names if os.path.lexists(Path(root) / name) and not is_own_file(root, name)]
+
+
+def refuse_foreign_files(root: str | os.PathLike, names, what: str) -> None:
+    """One line (UsageError) naming the files among ``names`` in ``root`` that facegen did not write."""
+    root = Path(root)
+    foreign = not_own_files(root, names)
+    if foreign:
+        shown = ", ".join(str(root / name) for name in foreign[:3]) + (" …" if len(foreign) > 3 else "")
+        raise UsageError(f"{shown} {'was' if len(foreign) == 1 else 'were'} not written by facegen (or changed "
+                         f"since): move {'it' if len(foreign) == 1 else 'them'} out of the folder so that {what} can "
+                         "be written there")
+
+
+def write_own_files(root: str | os.PathLike, files: dict[str, bytes], what: str = "facegen's files") -> None:
+    """Write each ``root/name`` (atomically), recorded as facegen's first; a file under one of those names that
+    facegen did not write (or that changed since) is refused in one line naming it, and nothing is written."""
+    root = Path(root)
+    refuse_foreign_files(root, files, what)
+    record = own_files(root)
+    hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    changed = {name: sha for name, sha in hashes.items()
+               if record.newest(name) != sha or not (root / name).is_file()}  # as written: left as it is
+    record_files(root, changed)
+    for name in changed:
+        atomic_write(root / name, files[name])
+
+
+def record_files(root: str | os.PathLike, hashes: dict[str, str]) -> None:
+    """Record new versions (name -> sha256) of facegen's files in ``root``."""
+    if not hashes:
+        return
+    path = OutputFolder(root).own_files_record
+    record = OwnFiles.read(path)
+    for name, sha256 in hashes.items():
+        record = record.adding(name, sha256)
+    record.write(path)
+
+
+def remove_own_file(root: str | os.PathLike, name: str) -> bool:
+    """Remove ``root/name`` if it is facegen's (then forget it); a user's file there is kept. True when removed."""
+    if not is_own_file(root, name):
+        return False
+    (Path(root) / name).unlink()
+    path = OutputFolder(root).own_files_record
+    OwnFiles.read(path).without(name).write(path)
+    return True
 
 
 @dataclass(frozen=True)

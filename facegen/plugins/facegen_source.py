@@ -94,22 +94,31 @@ class FacegenSource(Source):
         self._curation_sha256 = sha256_file(path)
         return curation
 
+    def _card_field(self, name: str) -> str:
+        """A text field of the parent's card ("" when absent); any other type is one line (a card is input)."""
+        value = self.dataset.card.get(name)
+        if name == "license" and isinstance(value, list) and value:  # the Hub allows a list of licences
+            value = value[0]
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise UsageError(f"source 'facegen': the card of {self.dataset.given} has a {type(value).__name__} as "
+                             f"`{name}`, which must be text")
+        return value
+
     def _parent_license(self) -> LicenseInfo | None:
-        card = self.dataset.card
-        hub_id = card.get("license")
-        if not hub_id or card.get("license_name") == "undeclared":
+        hub_id = self._card_field("license")
+        name, link = self._card_field("license_name"), self._card_field("license_link")
+        if not hub_id or name == "undeclared":
             return None  # undeclared in the parent, so undeclared here: the new card says so
-        if isinstance(hub_id, list):
-            hub_id = hub_id[0]
         text = self.dataset.license_text
         terms = ""
         if "RESULTING TERMS" in text:  # facegen's own LICENSE: the paragraph after this heading
             terms = text.split("RESULTING TERMS", 1)[1].strip().split("\n\n", 1)[0].replace("\n", " ")
-        link = card.get("license_link") or ""
         if link == LICENSE and self.homepage_for_link():
             link = f"{self.homepage_for_link()}/blob/main/LICENSE"
         return LicenseInfo(
-            id=hub_id, name=card.get("license_name") or hub_id, link=link, text=text.strip(),
+            id=hub_id, name=name or hub_id, link=link, text=text.strip(),
             commercial_use=None,  # the card classifies the parent's licence (and the terms below) itself
             note=f"the licence of the parent dataset {self.dataset.name}" + (f": {terms}" if terms else ""),
         )
@@ -118,11 +127,9 @@ class FacegenSource(Source):
         return f"https://huggingface.co/datasets/{self.dataset.repo_id}" if self.dataset.repo_id else ""
 
     def _parent_citation(self) -> str:
-        readme = self.dataset.folder.readme
-        text = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else ""
-        entries = [block.strip() for block in BIBTEX_BLOCK.findall(text)]
+        entries = [block.strip() for block in BIBTEX_BLOCK.findall(self.dataset.card_text)]
         name = self.dataset.name
-        title = self.dataset.card.get("pretty_name") or name
+        title = self._card_field("pretty_name") or name
         key = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "parent"
         where = f"https://huggingface.co/datasets/{name}" if "/" in name else name
         entries.insert(0, "@misc{" + key + ",\n  title = {" + title + "},\n  howpublished = {" + where
@@ -201,7 +208,7 @@ class FacegenSource(Source):
             "parent_revision": self.dataset.root.name if self.dataset.repo_id else None,
             "parent_identities": len(self.dataset.identities),
             "parent_samples": len(self.dataset.samples),
-            "parent_license": self.dataset.card.get("license"),
+            "parent_license": self._card_field("license") or None,
             "parent_unreadable": dict(self.dataset.skipped),
         }
         if self.curation is not None:

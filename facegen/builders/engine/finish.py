@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from facegen.builders.engine.skipped import gather_skipped
 from facegen.builders.engine.tars import check_lock
 from facegen.builders.engine.work import Published
 from facegen.errors import OutOfSpace, UsageError
+from facegen.messages import count
 from facegen.layout import INFO, OutputFolder
 from facegen.layout.records import (
     ExpectedCountsRecord,
@@ -38,10 +40,6 @@ from facegen.layout.records import (
     json_safe,
 )
 from facegen.messages import warn
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -83,28 +81,29 @@ class Summary:
             lines.append(f"  units of work {self.units} ({self.units_written} written now); assembling the shards "
                          f"took {self.assembly_seconds:.1f} s = {share:.0f}% of the run")
         for kind, n in sorted(self.redone.items()):
-            lines.append(f"  {n} {kind}{'s' if n != 1 else ''} failed {'their' if n != 1 else 'its'} check "
+            lines.append(f"  {count(n, kind)} failed {'their' if n != 1 else 'its'} check "
                          f"(size or XXH3-128 against its stats) and {'were' if n != 1 else 'was'} redone")
         lines.append(f"  skipped {skipped} ({self.reasons() or 'none'}){where}")
         if self.shards_written:
-            lines.append(f"  {self.images_written} images in {_count(self.shards_written, 'shard')} written now in "
-                         f"{self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
-                         + (f"; {self.images - self.images_written} images in {_count(kept, 'shard')} kept from an "
-                            "earlier run" if kept else ""))
+            lines.append(f"  {count(self.images_written, 'image')} in {count(self.shards_written, 'shard')} written "
+                         f"now in {self.seconds:.1f} s = {self.images_per_second:.1f} images/s"
+                         + (f"; {count(self.images - self.images_written, 'image')} in {count(kept, 'shard')} kept "
+                            "from an earlier run" if kept else ""))
         elif self.units_written:  # units redone to the same bytes: the shards made from them stand
-            lines.append(f"  {_count(self.units_written, 'unit')} of work written again in {self.seconds:.1f} s; "
-                         f"all {self.shards} shards ({self.images} images) were already complete and kept")
-        else:
-            lines.append(f"  nothing to do: all {self.shards} shards ({self.images} images) were already complete "
+            lines.append(f"  {count(self.units_written, 'unit of work')} written again in {self.seconds:.1f} s; "
+                         f"all {count(self.shards, 'shard')} ({count(self.images, 'image')}) were already complete "
                          "and kept")
+        else:
+            lines.append(f"  nothing to do: all {count(self.shards, 'shard')} ({count(self.images, 'image')}) were "
+                         "already complete and kept")
         return lines
 
     def nothing_written(self) -> str:
         """The one line of a build in which no image was written."""
         if self.skipped:
-            return (f"no image was written to {self.out}: all {sum(self.skipped.values())} samples were skipped "
-                    f"({self.reasons(3)}); every skipped file is listed in {self.skipped_list}")
-        return f"no image was written to {self.out}: the {self.identities} identities of the plan hold no image"
+            return (f"no image was written to {self.out}: all {count(sum(self.skipped.values()), 'sample')} were "
+                    f"skipped ({self.reasons(3)}); every skipped file is listed in {self.skipped_list}")
+        return f"no image was written to {self.out}: the plan's {count(self.identities, 'identity')} hold no image"
 
 
 def finish(build, published: Published, lock, started: float, ranks=None) -> Summary:
@@ -250,11 +249,12 @@ def run_record(build, published: Published, summary: Summary) -> RunRecord:
         python=sys.version.split()[0],
         options=RunOptions(
             source=o.source, source_path=abspath(o.source_path), source_opts=json_safe(build.source.opts),
-            plugin=o.plugin, plugin_opts=json_safe(build.transform.opts), recipe=o.recipe,
+            plugin=o.plugin, plugin_opts=json_safe(build.transform.opts),
+            recipe=os.path.abspath(o.recipe) if o.recipe and os.path.isfile(o.recipe) else o.recipe,
             limit_identities=o.limit_identities, identities_file=o.identities_file,
             identities_file_sha256=build.identities_file_sha256, shard_size=o.shard_size,
             shard_samples=o.shard_samples, shards_multiple_of=o.shards_multiple_of, seed=o.seed,
-            format=build.image_format, strict=o.strict, verify=o.verify),
+            format=build.image_format, strict=o.strict, verify=o.verify, out=str(build.out)),
         plan=PlanRecord(identities=len(plan.ids), shards=len(published.layout), plan_sha256=plan.sha256()),
         layout=LayoutRecord(
             mode="units" if units else "per-image",

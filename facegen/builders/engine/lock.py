@@ -164,8 +164,9 @@ def _cannot_write(out: Path, exc: OSError) -> UsageError:
 class OutputLock:
     """The exclusive lock of one output folder, held by one process (a distributed run's main process)."""
 
-    def __init__(self, out: Path, lease: float | None = None):
+    def __init__(self, out: Path, lease: float | None = None, command_breaks_locks: bool = True):
         self.out = Path(out)
+        self.command_breaks_locks = command_breaks_locks  # the command has --break-lock (its refusal may name it)
         paths = OutputFolder(self.out)
         self.folder = paths.records
         self.path = paths.lock
@@ -348,8 +349,10 @@ class OutputLock:
 
     def _held(self, holder: Holder | None, why: str = "") -> FolderBusy:
         who = holder.describe() if holder else "another process"
+        then = ("if that process is gone, rerun with --break-lock" if self.command_breaks_locks else
+                "then rerun this command (if that process hangs, stop it first)")
         return FolderBusy(f"{self.out} is being built by another facegen process ({who}{'; ' + why if why else ''}):"
-                          " wait for it to finish; if that process is gone, rerun with --break-lock")
+                          f" wait for it to finish; {then}")
 
     def _still_mine(self) -> bool | None:
         """Whether the lock file is still this process's: True, False (then ``lost`` says why), or None when it
@@ -401,13 +404,14 @@ class OutputLock:
 
 
 @contextmanager
-def output_lock(out: Path, state=None, break_lock: bool = False):
+def output_lock(out: Path, state=None, break_lock: bool = False, command_breaks_locks: bool = True):
     """Hold ``out``'s lock for the block. In a distributed run the main process takes it and every rank learns the
-    outcome (one broadcast) before anything is written, so no rank waits for a lock that was refused."""
+    outcome (one broadcast) before anything is written, so no rank waits for a lock that was refused.
+    ``command_breaks_locks``: False for a command without ``--break-lock`` (its refusal does not name the option)."""
     lock, refusal, kind = None, None, UsageError
     if state is None or state.is_main_process:
         try:
-            lock = OutputLock(out)
+            lock = OutputLock(out, command_breaks_locks=command_breaks_locks)
             lock.acquire(break_lock=break_lock)
         except UsageError as exc:
             lock, refusal, kind = None, str(exc), type(exc)

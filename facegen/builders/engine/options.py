@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
@@ -33,10 +34,15 @@ class BuildConfig:
     verify: str = "full"  # full: every image decoded once before it is written; header: PIL's cheap check only
     overwrite: bool = False
     break_lock: bool = False
+    offers_break_lock: bool = False  # the command has --break-lock (`facegen build`): a busy folder's line names it
     command: list[str] = field(default_factory=list)
+    # called with the transform's ModelInfo list once its models are loaded, before anything is generated (a
+    # rebuild from a card checks them against the card's: facegen.builders.hub.from_card.models_check)
+    check_models: Callable[[list], None] | None = None
 
 
-RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "break_lock", "command"}
+RECIPE_KEYS = {f.name for f in fields(BuildConfig)} - {"out", "recipe", "overwrite", "break_lock", "offers_break_lock",
+                                                       "command", "check_models"}
 RECIPE_TYPES = {"shard_size": int, "shard_samples": int, "shards_multiple_of": int, "seed": int,
                 "limit_identities": int, "strict": to_bool, "source": str, "plugin": str, "source_path": str,
                 "identities_file": str, "format": str, "verify": str}

@@ -1,9 +1,11 @@
 """The output folder: where a build may write, and what ``--overwrite`` may remove (only what facegen wrote).
 
 facegen writes, in ``--out``: ``data/train/train-NNNNNN.tar`` (and hidden temporaries beside them), ``.facegen/``
-(records, and the units of work of identity-level transforms), ``_info.json`` and the card files README.md, LICENSE
-and preview.jpg. Anything else in the folder is the user's and is never
-touched; a user's file under one of those names stops the build with one line naming it.
+(records, and the units of work of identity-level transforms), ``_info.json``, the card files README.md, LICENSE
+and preview.jpg, ``provenance/`` and (`facegen report`) ``report/*.png``; every one of those files outside
+``.facegen/`` and the shards is recorded in ``.facegen/own_files.json`` when it is written. Anything else in the
+folder is the user's and is never touched; a user's file under one of those names stops the build with one line
+naming it.
 """
 
 from __future__ import annotations
@@ -15,14 +17,12 @@ from pathlib import Path
 
 from facegen.errors import UsageError
 from facegen.layout import (
-    CHECKSUMS_FILE,
-    IDENTITIES_FILE,
     LOCK_FILES,
     OUTPUT_FILES,
     SHARD_FILE,
     OutputFolder,
 )
-from facegen.layout.records import BuildSignature, RecordError, load_run
+from facegen.layout.records import BuildSignature, RecordError, not_own_files, own_files, remove_own_file
 
 NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
             errno.EFBIG: "file too large for a file-size limit (ulimit -f)"}
@@ -73,11 +73,16 @@ def refuse_out_inside_source(out: Path, source_path: str | None) -> None:
 
 
 def foreign_files(out: Path, has_build: bool) -> list[str]:
-    """Files in ``out`` under names facegen writes that facegen did not write (relative names)."""
-    from facegen.cards.card import foreign_card_files
-
-    found = foreign_card_files(out, OUTPUT_FILES)
-    train = OutputFolder(out).train_dir
+    """Files in ``out`` under names facegen writes that facegen did not write (relative names): the card's files,
+    ``_info.json``, anything under ``provenance/`` (the card writes there, and publish uploads it), and tars in
+    ``data/train/`` that are not this build's shards."""
+    folder = OutputFolder(out)
+    names = list(OUTPUT_FILES)
+    if folder.provenance_dir.is_dir():
+        names += sorted(p.relative_to(out).as_posix() for p in folder.provenance_dir.rglob("*")
+                        if not p.is_dir() and not p.name.startswith("."))
+    found = not_own_files(out, names)
+    train = folder.train_dir
     if train.is_dir():
         for path in sorted(train.iterdir()):
             ours = has_build and SHARD_FILE.fullmatch(path.name)
@@ -91,29 +96,15 @@ def _names(names: list[str]) -> str:
     return shown + (" is" if len(names) == 1 else " are")
 
 
-def _recorded_provenance(out: Path) -> list[str]:
-    """The provenance files the previous build's card copies (the identity list, the plugins' declared files)."""
-    from facegen.cards.public import provenance_files
-
-    try:
-        run = load_run(out)
-    except UsageError:  # no run.json (an interrupted build): its card was never written
-        return []
-    return [rel for rel, _, _ in provenance_files(run)]
-
-
 def remove_facegen_outputs(out: Path) -> None:
-    """What --overwrite removes: only the files a build writes, never anything else in the folder."""
-    from facegen.cards.card import written_by_facegen
-
+    """What --overwrite removes: only the files a build (and its card, and `facegen report`) wrote, never anything
+    else in the folder: every file of facegen's record that is still as facegen wrote it, the records, the shards."""
     folder = OutputFolder(out)
-    for name in OUTPUT_FILES:  # before .facegen/, which holds the record of what facegen wrote
-        if written_by_facegen(out, name):
-            (out / name).unlink()
-    for rel in {CHECKSUMS_FILE, IDENTITIES_FILE, *_recorded_provenance(out)}:  # the rebuild inputs the card copies
-        folder.file(rel).unlink(missing_ok=True)
-    if folder.provenance_dir.is_dir() and not any(folder.provenance_dir.iterdir()):
-        folder.provenance_dir.rmdir()
+    for name in own_files(out).files:  # before .facegen/, which holds the record of what facegen wrote
+        remove_own_file(out, name)
+    for empty in (folder.provenance_dir, folder.plots_dir):
+        if empty.is_dir() and not empty.is_symlink() and not any(empty.iterdir()):
+            empty.rmdir()
     facegen_dir = folder.records
     if facegen_dir.is_dir():
         for path in facegen_dir.iterdir():

@@ -95,14 +95,17 @@ class Models:
     """The transform's models, loaded on this process's device the first time they are needed: a process with
     nothing to generate loads none (and its run.json keeps what the run that generated recorded as loaded)."""
 
-    def __init__(self, transform: Transform, device):
-        self.transform, self.device = transform, device
+    def __init__(self, transform: Transform, device, check=None):
+        self.transform, self.device, self.check = transform, device, check
         self.loaded = False
 
     def load(self) -> None:
+        """Load the models; ``check`` (``BuildConfig.check_models``) sees what was loaded before any use."""
         if not self.loaded:
             self.transform.setup(self.device)
             self.loaded = True
+            if self.check is not None:
+                self.check(self.transform.models())
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ class Build:
         samples = SampleFormat(options.format or transform.output_format(source), source.name,
                                tuple(transform.quality_fields), options.verify,
                                lossy_allowed=options.format == "jpg", **_channels(source, transform, options))
-        return cls(options, out, OutputFolder(out), state, source, transform, Models(transform, state.device), plan,
+        return cls(options, out, OutputFolder(out), state, source, transform,
+                   Models(transform, state.device, options.check_models), plan,
                    samples, bool(transform.per_image),
                    sha256_file(options.identities_file) if options.identities_file else None)
 
@@ -185,7 +189,8 @@ class Build:
         """The build, holding the output folder's lock throughout (work, records, card); a full disk stops it in one
         line, with every complete file intact and the partial one discarded."""
         create_output_folder(self.out)
-        with output_lock(self.out, self.state, self.options.break_lock) as lock:
+        with output_lock(self.out, self.state, self.options.break_lock,
+                         command_breaks_locks=self.options.offers_break_lock) as lock:
             prepare_output(self.out, self.signature(), self.options.overwrite, self.state)
             ranks = self.ranks(lock)
             started = time.perf_counter()

@@ -20,6 +20,7 @@ from facegen.builders.engine.outputs import NO_SPACE
 from facegen.builders.engine.ranks import Ranks
 from facegen.builders.engine.writer import SHARD, UNIT, TarWriter, check_complete, read_stats
 from facegen.errors import SampleError
+from facegen.messages import count
 from facegen.layout import OutputFolder, Place, shard_number
 from facegen.layout.records import TarStats
 
@@ -211,6 +212,6 @@ def commit_each(finished: Iterator[TarWriter], lock, progress) -> None:
             except BaseException:
                 writer.abort()
                 raise
-            progress.set_postfix_str(f"{writer.kind} {writer.index}: {writer.images} images", refresh=False)
+            progress.set_postfix_str(f"{writer.kind} {writer.index}: {count(writer.images, 'image')}", refresh=False)
         if committing is not None:
             _committed(committing, lock)

@@ -18,19 +18,26 @@ the shards' bytes (the source files, or a GPU's float16 arithmetic).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from facegen import registry
-from facegen.errors import UsageError
+from facegen import hub_ids, registry
+from facegen.card_yaml import MAX_CARD_BYTES, front_matter, read_card_text
+from facegen.errors import CheckFailed, UsageError
 from facegen.hub_ids import dataset_id
 from facegen.layout import CHECKSUMS_FILE, IDENTITIES_FILE, README, OutputFolder, published_provenance
-from facegen.layout.records import RunRecord, load_run, load_shard_stats
+from facegen.layout.records import (
+    CardBuild,
+    RecordError,
+    RunRecord,
+    ShardChecksums,
+    load_run,
+    load_shard_stats,
+)
+from facegen.messages import count
 
 REBUILT_OPTIONS = ("source", "source_path", "source_opts", "plugin", "plugin_opts", "limit_identities",
                    "identities_file", "shard_size", "shard_samples", "shards_multiple_of", "seed", "format", "strict",
@@ -54,38 +61,63 @@ def _is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and value.startswith("<") and value.endswith(">")
 
 
-def _front_matter(text: str, where: str) -> dict:
-    if not text.startswith("---"):
-        raise UsageError(f"{where} has no YAML front matter: not a dataset card")
-    try:
-        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{where}: the card's YAML does not parse ({str(exc).splitlines()[0]})") from None
-    record = meta.get("facegen") if isinstance(meta, dict) else None
-    if not isinstance(record, dict) or not isinstance(record.get("options"), dict):
+def _card_build(text: str, where: str) -> CardBuild:
+    """The card's ``facegen:`` record, checked by type and range (:class:`CardBuild`) before anything runs."""
+    meta, _ = front_matter(text, where)
+    if not isinstance(meta.get("facegen"), dict):
         raise UsageError(f"{where} is not the card of a facegen build (no `facegen:` options in its YAML)")
-    return record
-
-
-def _checksums_file(path: Path) -> dict[str, str]:
     try:
-        return dict(json.loads(path.read_text(encoding="utf-8")).get("files") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+        return CardBuild.from_dict(meta["facegen"])
+    except RecordError as exc:
+        raise UsageError(f"{where}: the card's facegen record is not valid: {exc}") from None
+
+
+def _record_of(card: CardBuild, where: str) -> CardRecord:
+    options = {k: v for k, v in dataclasses.asdict(card.options).items() if v is not None}
+    return CardRecord(where, options, dataclasses.asdict(card.plan) if card.plan else {},
+                      [dataclasses.asdict(m) for m in card.models])
+
+
+def _checksums_file(path: Path, where: str) -> dict[str, str]:
+    """The shards' checksums published beside a card (checked: shard paths to XXH3-128), or one line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CARD_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {where}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CARD_BYTES:
+        raise UsageError(f"{where} is larger than {MAX_CARD_BYTES >> 20} MB: not a facegen checksums file")
+    try:
+        return dict(ShardChecksums.parse(data, where).files)
+    except RecordError as exc:
+        raise UsageError(f"{where} is not a facegen checksums file: {exc}") from None
+
+
+def _beside(folder: Path, rel: str) -> Path | None:
+    """A provenance file published beside a card, when it is a regular file inside the card's folder."""
+    path = folder / rel
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:  # a folder on the way is a link out of the dataset
+        return None
+    return path
 
 
 def _from_folder(folder: Path, where: str) -> CardRecord:
     run_path = OutputFolder(folder).run_json
-    if run_path.is_file():  # the build's own record: same facts, paths unscrubbed
+    if run_path.is_file():  # the build's own record on this machine: same facts, paths unscrubbed
         run = load_run(folder)
         record = CardRecord(where, dataclasses.asdict(run.options), dataclasses.asdict(run.plan),
                             [dataclasses.asdict(m) for m in run.transform.models], local=True)
         record.checksums = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(folder)}
         for rel, local, _ in _provenance(run):
-            if not Path(os.path.expanduser(local)).is_file() and (folder / rel).is_file():
-                record.files[rel] = str(folder / rel)  # the original moved away: the published copy
-        if record.files:
-            _use_provenance(record)
+            copy = _beside(folder, rel)
+            if not Path(os.path.expanduser(local)).is_file() and copy is not None:
+                record.files[rel] = str(copy)  # the original moved away: the published copy
+        if IDENTITIES_FILE in record.files:
+            record.options["identities_file"] = record.files[IDENTITIES_FILE]
         return record
     readme = OutputFolder(folder).readme
     if not readme.is_file():
@@ -94,15 +126,17 @@ def _from_folder(folder: Path, where: str) -> CardRecord:
 
 
 def _from_card_file(readme: Path, where: str) -> CardRecord:
-    """The record in a card's YAML, with the provenance files that lie beside it."""
+    """The record in a card's YAML, with the provenance files it lists that lie beside it."""
     folder = readme.parent
-    card = _front_matter(readme.read_text(encoding="utf-8"), where)
-    record = CardRecord(where, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
-    for rel in card.get("provenance") or []:
-        if (folder / rel).is_file():
-            record.files[rel] = str(folder / rel)
-    record.checksums = _checksums_file(OutputFolder(folder).file(CHECKSUMS_FILE))
-    _use_provenance(record)
+    card = _card_build(read_card_text(readme, where), where)
+    record = _record_of(card, where)
+    for rel in card.provenance:
+        copy = _beside(folder, rel)
+        if copy is not None:
+            record.files[rel] = str(copy)
+    checksums = _beside(folder, CHECKSUMS_FILE)
+    if checksums is not None:
+        record.checksums = _checksums_file(checksums, f"{where}: {CHECKSUMS_FILE}")
     return record
 
 
@@ -123,21 +157,13 @@ def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"cannot read {name} of the dataset {repo_id} on the Hub: {first}") from None
 
-    readme = download(README)
-    card = _front_matter(Path(readme).read_text(encoding="utf-8"), repo_id)
-    record = CardRecord(repo_id, dict(card["options"]), card.get("plan") or {}, card.get("models") or [])
-    for rel in card.get("provenance") or []:
+    card = _card_build(read_card_text(download(README), repo_id), repo_id)
+    record = _record_of(card, repo_id)
+    for rel in card.provenance:  # names checked by CardBuild: facegen's provenance files, or provenance/NAME
         record.files[rel] = download(rel)
     if CHECKSUMS_FILE in record.files:
-        record.checksums = _checksums_file(Path(record.files[CHECKSUMS_FILE]))
-    _use_provenance(record)
+        record.checksums = _checksums_file(Path(record.files[CHECKSUMS_FILE]), f"{repo_id}: {CHECKSUMS_FILE}")
     return record
-
-
-def _use_provenance(record: CardRecord) -> None:
-    """The identity list named by the card now names its local copy (the plugins' files: :func:`build_values`)."""
-    if IDENTITIES_FILE in record.files:
-        record.options["identities_file"] = record.files[IDENTITIES_FILE]
 
 
 def read_card(spec: str, revision: str | None = None) -> CardRecord:
@@ -150,29 +176,41 @@ def read_card(spec: str, revision: str | None = None) -> CardRecord:
     hub = dataset_id(spec)
     if hub is not None:
         return _from_repo(hub.repo_id, hub.revision or revision)
-    raise UsageError(f"--from-card {spec}: not a folder, a README.md or a Hub dataset id ORG/NAME")
+    raise UsageError(f"--from-card {spec}: no such folder or file (a build folder, its README.md, or a Hub dataset "
+                     "id ORG/NAME)")
 
 
 def build_values(record: CardRecord, given: dict[str, Any]) -> dict[str, Any]:
     """The build options: the card's, overridden by what the command line gives (option dicts key by key).
-    A value the card could not publish (a local path) must be given again."""
+
+    A card never chooses a local path or a file to read: a source folder is given again (only a Hub dataset id
+    the card names is used as it is), the identity list is the copy published beside the card, a plugin's path
+    option gets its published copy, is left out (``optional_on_rebuild``) or is given again. A model the card's
+    build loaded from the Hub is pinned to that commit through the option its plugin declares for it
+    (``facegen.api.Option(revision_of=…)``). The build's own run.json on this machine (``record.local``) keeps its
+    paths."""
     values = {k: record.options.get(k) for k in REBUILT_OPTIONS}
     for key, value in given.items():
         if key in ("source_opts", "plugin_opts"):
             values[key] = {**(values.get(key) or {}), **(value or {})}
         elif value is not None:
             values[key] = value
-    if _is_placeholder(values.get("source_path")):
-        raise UsageError(f"the card's build read {values['source_path']}: pass --source-path with your copy")
+    if not record.local:
+        _card_paths(record, values, given)
+    pins = {m["loaded"]["hub"]: m["loaded"]["commit"] for m in record.models
+            if (m.get("loaded") or {}).get("hub") and (m.get("loaded") or {}).get("commit")}
     for key, kind, plugin, flag in (("source_opts", "source", "source", "--source-opt"),
                                     ("plugin_opts", "transform", "plugin", "--plugin-opt")):
         opts = dict(values.get(key) or {})
         given_names = set(given.get(key) or {})
-        declared = _path_options(kind, values.get(plugin))
+        declared = _declared_options(kind, values.get(plugin))
+        for name, option in declared.items():
+            if option.revision_of in pins and name not in given_names:
+                opts[name] = pins[option.revision_of]  # the commit the card's build loaded
         for name, value in list(opts.items()):
-            if name in given_names or value in (None, ""):
-                continue
             option = declared.get(name)
+            if name in given_names or value in (None, "") or (option is not None and not option.path):
+                continue
             published = published_provenance(option.provenance_file) if option and option.provenance_file else None
             if published and published in record.files:
                 opts[name] = record.files[published]  # the copy published with the card
@@ -187,11 +225,24 @@ def build_values(record: CardRecord, given: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _path_options(kind: str, name: str | None) -> dict:
-    """The options the card's ``kind`` plugin declares as local paths (``facegen.api.Option(path=True)``)."""
+def _card_paths(record: CardRecord, values: dict[str, Any], given: dict[str, Any]) -> None:
+    """--source-path and --identities-file of a rebuild from a card: given, or what the card publishes."""
+    source_path = values.get("source_path")
+    if given.get("source_path") is None and source_path is not None and hub_ids.parse(source_path) is None:
+        shown = source_path if _is_placeholder(source_path) else "a local folder"
+        raise UsageError(f"the card's build read {shown}: pass --source-path with your copy")
+    if given.get("identities_file") is None and values.get("identities_file") is not None:
+        if IDENTITIES_FILE not in record.files:
+            raise UsageError(f"the card's build used an identity list that is not published with the card "
+                             f"({IDENTITIES_FILE}): pass --identities-file")
+        values["identities_file"] = record.files[IDENTITIES_FILE]
+
+
+def _declared_options(kind: str, name: str | None) -> dict:
+    """The options the card's ``kind`` plugin declares (which are local paths, which pin a model's revision)."""
     if not name:
         return {}
-    return {n: option for n, option in registry.get(kind, name).options.items() if option.path}
+    return dict(registry.get(kind, name).options)
 
 
 def _loaded_key(model: dict) -> tuple:
@@ -218,12 +269,27 @@ def _model_difference(card: dict, rebuilt: dict) -> str | None:
     return None
 
 
+def models_check(record: CardRecord) -> Callable[[list], None]:
+    """What the build calls once the transform's models are loaded, before it generates anything
+    (``BuildConfig.check_models``): a model loaded now that differs from the card's (another Hub commit, a local
+    folder whose files have other sha256) stops the rebuild in one line."""
+
+    def check(models: list) -> None:
+        now = {_loaded_key({"id": m.id, "role": m.role}): {"loaded": m.loaded} for m in models}
+        for model in record.models:
+            difference = _model_difference(model, now.get(_loaded_key(model), {}))
+            if difference:
+                raise CheckFailed(f"rebuild of {record.where} stopped before generating anything: {difference}")
+
+    return check
+
+
 def compare(record: CardRecord, out: Path) -> tuple[bool, str]:
     """(same, one line): the rebuild in ``out`` against the card."""
     run = load_run(out)
     plan_was, plan_now = record.plan.get("plan_sha256"), run.plan.plan_sha256
     if plan_was and plan_was != plan_now:
-        return False, (f"the source's identities differ: the plan has {run.plan.identities} identities, "
+        return False, (f"the source's identities differ: the plan has {count(run.plan.identities, 'identity')}, "
                        f"sha256 {str(plan_now)[:12]}…; the card's has {record.plan.get('identities')}, "
                        f"{plan_was[:12]}… (another source folder or source version?)")
     now_models = {_loaded_key(m): m for m in map(dataclasses.asdict, run.transform.models)}
@@ -233,10 +299,12 @@ def compare(record: CardRecord, out: Path) -> tuple[bool, str]:
             return False, difference
     shards = {s.tar: s.tar_xxh3_128 for s in load_shard_stats(out)}
     if not record.checksums:
-        return True, f"rebuilt {len(shards)} shards; the card lists no checksums to compare with"
+        return True, f"rebuilt {count(len(shards), 'shard')}; the card lists no checksums to compare with"
     differ = sorted(p for p in set(shards) | set(record.checksums) if shards.get(p) != record.checksums.get(p))
     if differ:
         cause = ("the source files differ (the models and the plan are the same), or the build ran on a GPU in "
                  "float16, which matches only within numeric tolerance")
-        return False, f"{len(differ)} of {len(record.checksums)} shards differ from the card ({differ[0]} first): {cause}"
-    return True, f"all {len(shards)} shards are byte-identical to the card's"
+        return False, (f"{len(differ)} of {count(len(record.checksums), 'shard')} "
+                       f"{'differs' if len(differ) == 1 else 'differ'} from the card ({differ[0]} first): {cause}")
+    return True, (f"all {count(len(shards), 'shard')} {'is' if len(shards) == 1 else 'are'} byte-identical to the "
+                  "card's")

@@ -1,14 +1,19 @@
 """`facegen publish`: check a finished build folder, then upload it to a Hub dataset repository.
 
-Steps (each visible in :func:`publish`):
+Steps (each visible in :func:`publish`), all while holding the folder's lock (a build in progress there, or a
+`facegen card` or `report`, stops the publish in one line, exit 2):
 
-1. Check the folder locally (:func:`check_folder`) and refuse with the list of problems: the card's YAML parses
-   and names a licence (with a LICENSE file when it is `other`), every shard is a complete tar whose size,
-   checksum and sample count match its stats, the totals match the run, and ``load_dataset(OUT, streaming=True)``
-   yields exactly the declared columns and rows.
-2. List what would be uploaded (:func:`files_to_upload`): README.md, LICENSE*, preview.jpg and data/**; never
+1. Only what facegen wrote (:func:`check_files`): every visible file outside ``.facegen/`` is a shard of the build
+   or a file facegen recorded when it wrote it (``.facegen/own_files.json``: the card's files, ``_info.json``,
+   ``provenance/*``, ``report/*.png``) and unchanged since; no symbolic or hard link. Anything else stops the
+   publish in one line naming it, exit 2 (move the file out, or rerun the command that writes it).
+2. Check the folder's content (:func:`check_folder`) and refuse with the list of problems, exit 1: the card's YAML
+   parses and names a licence (with a LICENSE file when it is `other`), every shard is a complete tar whose size,
+   checksum and sample count match its stats, the totals match the run, no uploaded text names a local path the
+   build recorded, and ``load_dataset(OUT, streaming=True)`` yields exactly the declared columns and rows.
+3. List what would be uploaded (:func:`files_to_upload`): README.md, LICENSE*, preview.jpg and data/**; never
    ``.facegen/`` or hidden/temporary files. ``--dry-run`` stops here and contacts nothing.
-3. ``create_repo(repo_type="dataset", exist_ok=True)`` (and the branch when ``--revision`` names one), then
+4. ``create_repo(repo_type="dataset", exist_ok=True)`` (and the branch when ``--revision`` names one), then
    ``upload_folder`` with those patterns. huggingface_hub 2.x's upload is resumable: rerunning the same command
    after an interruption skips the files already committed.
 
@@ -29,9 +34,11 @@ from pathlib import Path
 import xxhash
 
 from facegen.errors import CheckFailed, RemoteError, UsageError
+from facegen.fileio import sha256_file
 from facegen.hub_ids import check_repo_name
+from facegen.builders.engine.lock import output_lock
+from facegen.card_yaml import front_matter, read_card_text
 from facegen.layout import (
-    CHECKSUMS_FILE,
     DATA_DIR,
     FACEGEN_DIR,
     INFO,
@@ -42,8 +49,8 @@ from facegen.layout import (
     README,
     OutputFolder,
 )
-from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats
-from facegen.messages import info
+from facegen.layout.records import RunRecord, load_run, load_shard_stats, load_unit_stats, own_files
+from facegen.messages import count, info
 from facegen.tarfiles import list_members
 
 # report/: the plots of `facegen report` (report.json itself stays in .facegen/)
@@ -150,7 +157,8 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
     except OSError as exc:
         return {}, f"not a complete tar ({type(exc).__name__}: {exc})"
     if broken:
-        return {}, (f"{len(broken)} image(s) do not decode (`load_dataset` would fail on them), first: {broken[0]}; "
+        return {}, (f"{count(len(broken), 'image')} {'does' if len(broken) == 1 else 'do'} not decode "
+                    f"(`load_dataset` would fail on {'it' if len(broken) == 1 else 'them'}), first: {broken[0]}; "
                     "rebuild with the default --verify full, which skips them")
     return {"images": images, "xxh3_128": reader.xxh3_128.hexdigest(),
             "bytes": reader.bytes_read}, None
@@ -159,18 +167,17 @@ def check_shard(path: Path, image_column: str, verify: str = "full") -> tuple[di
 def _check_card(out: Path, run: RunRecord, problems: list[str]) -> None:
     from datasets import Features
     from datasets.info import DatasetInfosDict
-    from huggingface_hub import DatasetCard
+    from huggingface_hub import DatasetCardData
 
     readme = OutputFolder(out).readme
     if not readme.is_file():
         problems.append("README.md is missing (run `facegen card OUT` to write it)")
         return
     try:
-        card = DatasetCard.load(readme)
-    except Exception as exc:  # the YAML parser and the card loader raise several types
-        problems.append(f"README.md: the YAML front matter does not parse ({type(exc).__name__}: {exc})")
+        data, _ = front_matter(read_card_text(readme, README), README)
+    except UsageError as exc:
+        problems.append(str(exc))
         return
-    data = card.data.to_dict()
     licence = data.get("license")
     if not licence:
         problems.append("README.md: no `license` in the YAML")
@@ -186,7 +193,11 @@ def _check_card(out: Path, run: RunRecord, problems: list[str]) -> None:
                 problems.append(f"README.md: `license_link: {link}` but that file is missing or empty")
     if not data.get("configs"):
         problems.append("README.md: no `configs` (data_files) in the YAML")
-    infos = DatasetInfosDict.from_dataset_card_data(card.data)
+    try:
+        infos = DatasetInfosDict.from_dataset_card_data(DatasetCardData(**data))
+    except Exception as exc:  # datasets raises several types for a malformed dataset_info
+        problems.append(f"README.md: `dataset_info` is not valid ({type(exc).__name__}: {exc})".splitlines()[0])
+        return
     info = next(iter(infos.values()), None) if infos else None
     if info is None or info.features is None:
         problems.append("README.md: no `dataset_info.features` in the YAML")
@@ -201,7 +212,7 @@ def _check_card(out: Path, run: RunRecord, problems: list[str]) -> None:
 
 
 def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = "full",
-                  counted: dict[str, int] | None = None) -> None:
+                  counted: dict[str, int | None] | None = None) -> None:
     from facegen.cards.stats import summarise
 
     image_column = run.image_column
@@ -210,7 +221,8 @@ def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = 
     indices = [s.shard for s in shards]
     missing = sorted(set(range(expected)) - set(indices))
     if missing:
-        problems.append(f"{len(missing)} of {expected} shards have no stats (not finished?): first is "
+        problems.append(f"{len(missing)} of {count(expected, 'shard')} {'has' if len(missing) == 1 else 'have'} "
+                        "no stats (not finished?): first is "
                         f"{missing[0]:06d}; rerun the build command to complete them")
     listed = set()
     totals = Counter()
@@ -225,6 +237,8 @@ def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = 
         found, problem = check_shard(path, image_column, verify)
         if problem:
             problems.append(f"{rel}: {problem}")
+            if counted is not None:
+                counted[rel] = None  # a shard of this build, reported: its count is unknown
             continue
         if found["bytes"] != stats.tar_bytes:
             problems.append(f"{rel}: {found['bytes']} bytes but its stats say {stats.tar_bytes}")
@@ -233,24 +247,15 @@ def _check_shards(out: Path, run: RunRecord, problems: list[str], verify: str = 
         if counted is not None:
             counted[rel] = found["images"]
         if found["images"] != stats.images:
-            problems.append(f"{rel}: {found['images']} images but its stats say {stats.images}")
+            problems.append(f"{rel}: {count(found['images'], 'image')} but its stats say {stats.images}")
     # a shard holds samples of many identities: identities are counted across the shards (or the units of work)
     totals["identities"] = summarise(shards, load_unit_stats(out), run.plan.identities).identities
     for name in ("images", "identities"):
         if getattr(run.totals, name) != totals[name]:
             problems.append(f"run.json counts {getattr(run.totals, name)} {name} but the shard stats add up to "
                             f"{totals[name]}")
-    # every visible file under data/ must be a listed shard: `datasets` would load anything else ending in .tar
-    data_dir = out / "data"
-    if not data_dir.is_dir():
+    if not (out / DATA_DIR).is_dir():
         problems.append("data/ is missing")
-        return
-    for path in sorted(data_dir.rglob("*")):
-        rel = path.relative_to(out).as_posix()
-        if path.is_dir() or any(part.startswith(".") for part in path.relative_to(out).parts):
-            continue
-        if rel not in listed:
-            problems.append(f"{rel}: not a shard of this build (remove it or rerun the build)")
 
 
 def _check_loads(out: Path, run: RunRecord, problems: list[str]) -> None:
@@ -277,14 +282,12 @@ def _check_loads(out: Path, run: RunRecord, problems: list[str]) -> None:
 def _check_licence(out: Path, problems: list[str]) -> None:
     """README.md's licence fields and LICENSE must be the ones the build's inputs imply (a hand-edited
     `license: mit` or a replaced LICENSE text is refused)."""
-    from huggingface_hub import DatasetCard
-
     from facegen.cards.card import expected_licence
 
     try:
         chain, licence_text = expected_licence(out)
-        data = DatasetCard.load(OutputFolder(out).readme).data.to_dict()
-    except Exception:  # the card checks above already report an unreadable card or run
+        data, _ = front_matter(read_card_text(OutputFolder(out).readme, README), README)
+    except UsageError:  # the card checks above already report an unreadable card or run
         return
     for key, want in (("license", chain.hub_id), ("license_name", chain.name), ("license_link", chain.link)):
         if data.get(key) != want:
@@ -302,7 +305,11 @@ def _check_links(out: Path, problems: list[str]) -> None:
     readme = OutputFolder(out).readme
     if not readme.is_file():
         return
-    for target in sorted(set(re.findall(r"\]\(([^)\s]+)\)", readme.read_text(encoding="utf-8")))):
+    try:
+        text = read_card_text(readme, README)
+    except UsageError:  # the card checks report it
+        return
+    for target in sorted(set(re.findall(r"\]\(([^)\s]+)\)", text))):
         if re.match(r"^(?:[a-z][a-z0-9+.-]*:|#)", target):  # a URL, mailto: or an anchor in the card
             continue
         path = target.split("#", 1)[0]
@@ -310,8 +317,9 @@ def _check_links(out: Path, problems: list[str]) -> None:
             problems.append(f"README.md links to {path}, which is missing")
 
 
-def _check_info(out: Path, counted: dict[str, int], problems: list[str]) -> None:
-    """`_info.json` (timm's shard list), when present, names exactly the shards with their sample counts."""
+def _check_info(out: Path, counted: dict[str, int | None], problems: list[str]) -> None:
+    """`_info.json` (timm's shard list), when present, names exactly the shards with their sample counts (those
+    counted: a shard whose check failed was reported already)."""
     path = out / "_info.json"
     if not path.is_file():
         return
@@ -327,10 +335,94 @@ def _check_info(out: Path, counted: dict[str, int], problems: list[str]) -> None
     for name in sorted(set(counted) - set(listed)):
         problems.append(f"_info.json does not list the shard {name}")
     for name in sorted(set(listed) & set(counted)):
-        if listed[name] != counted[name]:
-            problems.append(f"_info.json gives {name} {listed[name]} samples; it holds {counted[name]}")
-    if num_samples != sum(counted.values()):
+        if counted[name] is not None and listed[name] != counted[name]:
+            problems.append(f"_info.json gives {name} {count(listed[name], 'sample')}; it holds {counted[name]}")
+    if None not in counted.values() and num_samples != sum(counted.values()):
         problems.append(f"_info.json: num_samples {num_samples}, the shards hold {sum(counted.values())}")
+
+
+def _check_local_paths(out: Path, run: RunRecord, problems: list[str]) -> None:
+    """No text file publish uploads names a local path the build recorded: absolute, or relative as given
+    (:func:`facegen.cards.public.local_path_needles`), a safetensors file's metadata included."""
+    from facegen.cards.public import local_path_needles
+
+    needles = local_path_needles(run, out)
+    pattern = re.compile("|".join(rf"(?<![\w.~/-]){re.escape(n)}(?![\w.-])" for n in sorted(needles, key=len,
+                                                                                            reverse=True)))
+    for f in files_to_upload(out):
+        text = _text_of(out / f.path)
+        found = pattern.search(text) if text is not None and needles else None
+        if found:
+            problems.append(f"{f.path} names {needles[found.group(0)]} ({found.group(0)}): nothing published may "
+                            "name a local path (rerun `facegen card OUT`)")
+
+
+TEXT_SUFFIXES = (".md", ".json", ".txt", ".jsonl", ".yaml", ".yml", ".csv", ".bib", "")
+
+
+def _text_of(path: Path) -> str | None:
+    """A file's text as a reader sees it (a safetensors file's header), or None for an image or a shard."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return f.read(min(size, 100 << 20)).decode("utf-8", errors="replace")
+    if path.suffix not in TEXT_SUFFIXES and path.name != LICENSE:
+        return None
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def check_files(out_dir) -> None:
+    """Publish uploads exactly what facegen wrote: every visible file in the folder outside ``.facegen/`` is a
+    shard of the build (its content is checked against its stats by :func:`check_folder`) or a file facegen
+    recorded when it wrote it (``.facegen/own_files.json``), unchanged since, with no other name (hard link) and
+    not a symbolic link. Anything else stops the publish in one line naming it (UsageError, exit 2: the user must
+    move the file out, or have facegen write it again); hidden names are never uploaded and are left alone."""
+    out = Path(out_dir)
+    shards = {s.tar for s in load_shard_stats(out)}
+    record = own_files(out)
+    problems: list[str] = []
+    for folder, dirs, names in os.walk(out):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .facegen/ and hidden folders stay local
+        for name in sorted([*dirs, *(n for n in names if not n.startswith("."))]):
+            path = here / name
+            rel = path.relative_to(out).as_posix()
+            problem = _file_problem(path, rel, shards, record)
+            if problem:
+                problems.append(problem)
+    if problems:
+        more = f" (and {count(len(problems) - 1, 'other file')} like it)" if len(problems) > 1 else ""
+        raise UsageError(f"refusing to publish {out_dir}: {problems[0]}{more}")
+
+
+def _file_problem(path: Path, rel: str, shards: set[str], record) -> str | None:
+    if path.is_symlink():
+        return (f"{rel} is a symbolic link: publish uploads only the files facegen wrote (move it out of the "
+                "folder)")
+    if path.is_dir():
+        return None
+    stat = path.stat()
+    if not path.is_file():
+        return f"{rel} is not a regular file: move it out of the folder"
+    if stat.st_nlink > 1:
+        return (f"{rel} has {stat.st_nlink} names (a hard link): it could change through another name after the "
+                "check; replace it with a copy of itself")
+    if rel in shards:
+        return None  # its size and XXH3-128 are checked against its stats
+    if rel not in record.files:
+        return f"{rel} was not written by facegen: publish uploads only what facegen wrote (move it out of the folder)"
+    if sha256_file(path) != record.newest(rel):
+        return f"{rel} changed since facegen wrote it: {rewrite_hint(rel)} (move your own text elsewhere first)"
+    return None
+
+
+def rewrite_hint(rel: str) -> str:
+    """The command that writes facegen's file ``rel`` again."""
+    if rel.startswith(f"{PLOTS_DIR}/"):
+        return "rerun `facegen report OUT`"
+    if rel == INFO:
+        return "rerun the build command (it writes _info.json again)"
+    return "rerun `facegen card OUT`"
 
 
 def check_folder(out_dir, verify: str = "full") -> list[str]:
@@ -347,37 +439,17 @@ def check_folder(out_dir, verify: str = "full") -> list[str]:
     except UsageError as exc:
         return [str(exc)]
     problems: list[str] = []
-    counted: dict[str, int] = {}
+    counted: dict[str, int | None] = {}
     _check_card(out, run, problems)
     if not problems:
         _check_licence(out, problems)
     _check_links(out, problems)
     _check_shards(out, run, problems, verify, counted)
     _check_info(out, counted, problems)
-    _check_upload_files(out, run, problems)
+    _check_local_paths(out, run, problems)
     if not problems:  # loading is slow and pointless when the files are already known to be wrong
         _check_loads(out, run, problems)
     return problems
-
-
-def _check_upload_files(out: Path, run: RunRecord, problems: list[str]) -> None:
-    """Publish sends regular files of the build only: no symbolic link (it could point anywhere on this machine),
-    and under provenance/ only the rebuild inputs the card writes there (the identity list, the shards' checksums
-    and the files the build's plugins declared)."""
-    from facegen.cards.public import provenance_files
-
-    known = {CHECKSUMS_FILE, *(rel for rel, _, _ in provenance_files(run))}
-    for f in files_to_upload(out):
-        path = out / f.path
-        parts = Path(f.path).parts
-        if any((out.joinpath(*parts[:k])).is_symlink() for k in range(1, len(parts) + 1)):
-            problems.append(f"{f.path} is a symbolic link: publish uploads only the build's own files (replace it "
-                            "with the file, or move it out of the folder)")
-        elif parts[0] == PROVENANCE_DIR and f.path not in known:
-            problems.append(f"{f.path} was not written by facegen: provenance/ holds only "
-                            f"{', '.join(sorted(known))}; move it out of the folder")
-        elif not path.is_file():
-            problems.append(f"{f.path} is not a regular file")
 
 
 # --------------------------------------------------------------------------------------------- upload
@@ -468,24 +540,34 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
 
     ``gating``: for data that is not free to use (non-commercial, research-only, undeclared), the card carries the
     Hub's access form and the repo's gate is switched on (``gated="auto"``); False (``--no-gating``) leaves both out.
+    The folder's lock is held throughout: a build in progress there stops the publish in one line.
     """
-    from huggingface_hub import HfApi, constants
-
-    from facegen.cards.card import PLACEHOLDER_REPO, card_settings, write_card
 
     out = Path(out_dir).expanduser().resolve()
     check_repo_name(repo_id)
     if not out.is_dir():
-        raise UsageError(f"{out_dir} is not a folder")
+        raise UsageError(f"{out_dir}: no such folder")
+    with output_lock(out, command_breaks_locks=False):  # not while a build (or a card, a report) writes there
+        return _publish(out, out_dir, repo_id, private=private, revision=revision, dry_run=dry_run, token=token,
+                        endpoint=endpoint, gating=gating, verify=verify)
+
+
+def _publish(out: Path, out_dir, repo_id: str, *, private: bool, revision: str | None, dry_run: bool,
+             token: str | None, endpoint: str | None, gating: bool, verify: str) -> PublishResult:
+    from huggingface_hub import HfApi, constants
+
+    from facegen.cards.card import PLACEHOLDER_REPO, card_settings, write_card
+
     branch = revision or constants.DEFAULT_REVISION
 
-    # 1. local checks; refuse with every problem found
+    # 1. local checks: only what facegen wrote (one line, exit 2), then the folder's content (every problem, exit 1)
+    check_files(out)
     info(f"checking {out} …" + (" (every image decoded)" if verify == "full" else " (images not decoded)"))
     problems = check_folder(out, verify)
     if problems:
         shown = problems[:PROBLEMS_SHOWN]
         more = f"\n  … and {len(problems) - PROBLEMS_SHOWN} more" if len(problems) > PROBLEMS_SHOWN else ""
-        raise CheckFailed(f"refusing to publish {out_dir}: {len(problems)} problem(s):\n  - "
+        raise CheckFailed(f"refusing to publish {out_dir}: {count(len(problems), 'problem')}:\n  - "
                           + "\n  - ".join(shown) + more)
 
     token_value, token_source = resolve_token(token)
@@ -513,7 +595,7 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
     info(f"target: {hub}/datasets/{repo_id} (branch {branch}, {visibility}"
          + (", gated: users accept the terms first)" if gated else ")"))
     info(f"token: {token_source}")
-    info(f"{len(upload)} files, {result.total_bytes:,} bytes (README.md and _info.json last):")
+    info(f"{count(len(upload), 'file')}, {result.total_bytes:,} bytes (README.md and _info.json last):")
     for f in upload:
         info(f"  {f.path}  ({f.size:,} bytes)")
     if dry_run:
@@ -538,14 +620,14 @@ def publish(out_dir, repo_id: str, *, private: bool = False, revision: str | Non
             api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True)
         commit = None
         for step, (allow, deletes) in enumerate(((_first_patterns(), SYNCED_FOLDERS), (LAST_FILES, [])), 1):
-            count = len(files_to_upload(out, allow))
-            if not count and not deletes:
+            files = len(files_to_upload(out, allow))
+            if not files and not deletes:
                 continue
             # huggingface_hub >= 1.20 with hf_xet: a streamed pipeline of several commits, resumed by a rerun
             commit = api.upload_folder(
                 repo_id=repo_id, repo_type="dataset", folder_path=str(out), revision=branch,
                 allow_patterns=allow, ignore_patterns=list(IGNORE_PATTERNS), delete_patterns=deletes or None,
-                commit_message=(f"facegen: dataset files ({count})" if step == 1 else "facegen: dataset card"),
+                commit_message=(f"facegen: dataset files ({files})" if step == 1 else "facegen: dataset card"),
             ) or commit
     except Exception as exc:  # HfHubHTTPError, network errors…: one masked line, and how to resume
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -48,7 +48,7 @@ from facegen.errors import UsageError
 from facegen.fileio import atomic_npz, atomic_write, sha256_file
 from facegen.generators.embeddings import EMBEDDING_SIZE, SourceEmbeddings, normalize
 from facegen.layout.records import dumps, json_safe
-from facegen.messages import info
+from facegen.messages import info, plural
 from facegen.records import SourceImage, Skip
 
 LOAD_THREADS = 4  # identities are read ahead by threads (file and zip reads release the GIL)
@@ -288,7 +288,8 @@ def _check_count(ids: Sequence[str], count: int) -> None:
     if len(ids) < 2:
         raise UsageError("selection needs at least two identities")
     if count > len(ids):
-        raise UsageError(f"--count {count} is more than the {len(ids)} identities in the prototypes file")
+        raise UsageError(f"--count {count} is more than the {len(ids)} {plural('identity', len(ids))} in the "
+                         "prototypes file")
 
 
 def select_least_similar(ids: Sequence[str], embeddings: np.ndarray, count: int, block: int = 2048) -> Selection:

@@ -10,11 +10,14 @@ Steps (each a function below):
    consistency is its cosine to its identity's prototype; an identity's separability is its prototype's highest
    cosine to another identity's prototype. Near-duplicate identities: prototype cosine >= ``dedup``. Outliers:
    samples whose consistency is < ``min_similarity``. Image modes and sizes are counted from the decoded images.
-4. ``--against``: the prototypes of another facegen dataset; identities of this one whose prototype reaches
-   ``dedup`` with any of them are listed (identity leakage, e.g. evaluation identities in a training set). An
-   insightface verification file (``lfw.bin``) is compared image by image instead
-   (:mod:`facegen.builders.quality.leakage`).
-5. Write ``.facegen/report.json``, the plots ``report/*.png`` and re-render the card (its Quality section).
+4. ``--against``: the prototypes of another dataset (a facegen folder, a Hub id, or a plain identity folder read
+   with the `folder` source: :func:`against_dataset`); identities of this one whose prototype reaches ``dedup``
+   with any of them are listed (identity leakage, e.g. evaluation identities in a training set). An insightface
+   verification file (``lfw.bin``) is compared image by image instead (:mod:`facegen.builders.quality.leakage`).
+5. Write ``.facegen/report.json``, the plots ``report/*.png`` and re-render the card (its Quality section), holding
+   the folder's lock. Only the report's own files are written: the plots (and, in a folder of their own, report.json
+   and the cached embeddings) are recorded as facegen's (``.facegen/own_files.json``), and a file of the user's under
+   one of their names stops the report before anything is computed.
 
 Where the report goes: into the dataset's folder (above) for a local dataset; for a Hub dataset (``ORG/NAME`` or
 ``hf://datasets/ORG/NAME``, downloaded into the Hub cache, which is never written to) into ``report_dir``
@@ -38,7 +41,9 @@ Recognisers and their default thresholds (:data:`DEFAULTS`):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import errno
 import io
 import os
 import threading
@@ -46,7 +51,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +59,7 @@ import numpy as np
 
 import facegen
 from facegen.builders.engine.images import MAX_PIXELS
+from facegen.builders.engine.lock import output_lock
 from facegen.builders.quality.pieces import (
     ArraySpec,
     OtherPass,
@@ -66,7 +72,7 @@ from facegen.builders.quality.pieces import (
     wait_for,
 )
 from facegen.errors import UsageError
-from facegen.fileio import atomic_file, sha256_file
+from facegen.fileio import sha256_file
 from facegen.generators.embeddings import normalize
 from facegen.layout import (
     CONSISTENCY_PLOT,
@@ -78,8 +84,17 @@ from facegen.layout import (
     OutputFolder,
     pieces_folder,
 )
-from facegen.layout.records import QualityReport, ReportSettings, dumps, json_safe
-from facegen.messages import info, warn
+from facegen.layout.records import (
+    QualityReport,
+    ReportSettings,
+    dumps,
+    json_safe,
+    record_files,
+    refuse_foreign_files,
+    remove_own_file,
+    write_own_files,
+)
+from facegen.messages import count, info, warn
 from facegen.published import PublishedDataset
 
 DEFAULTS = {
@@ -376,9 +391,9 @@ def embed_dataset(dataset: PublishedDataset, recognizer: Recognizer, batch_size:
     """Embed every sample in this process, nothing kept on disk (``--against``); the bar shows samples/s."""
     order = _read_order(dataset)
     started = time.perf_counter()
-    count = -(-len(order) // batch_size)
+    n_batches = -(-len(order) // batch_size)
     with _bar(recognizer, len(order), progress) as bar:
-        pieces = [piece for _, piece in _embed_batches(dataset, recognizer, order, batch_size, range(count), bar)]
+        pieces = [piece for _, piece in _embed_batches(dataset, recognizer, order, batch_size, range(n_batches), bar)]
     return _join(dataset, order, batch_size, pieces, recognizer.dim, time.perf_counter() - started)
 
 
@@ -429,6 +444,24 @@ def _load_embeddings(path: Path, identity: dict, fingerprint: str, keys: list[st
     return Embeddings(piece.keys, piece.arrays["vectors"], c["reasons"], c["modes"], c["sizes"])
 
 
+def cached_embeddings(dataset: PublishedDataset, recognizer: Recognizer, paths: list[Path]) -> Embeddings | None:
+    """The first of ``paths`` that holds valid cached embeddings of ``dataset`` (read only), or None."""
+    fingerprint, keys = dataset.fingerprint(), [s.key for s in dataset.samples]
+    for path in paths:
+        cached = _load_embeddings(path, recognizer.identity(), fingerprint, keys, recognizer.dim)
+        if cached is not None:
+            return cached
+    return None
+
+
+def save_embeddings(place: ReportPlace, dataset: PublishedDataset, recognizer: Recognizer,
+                    embeddings: Embeddings) -> None:
+    """Cache ``embeddings`` where ``place`` keeps them (recorded as facegen's in a report folder of its own)."""
+    place.folder.mkdir(parents=True, exist_ok=True)
+    _save_embeddings(place.embeddings, embeddings, recognizer.identity(), dataset.fingerprint())
+    place.record_embeddings()
+
+
 def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_size: int = 64,
                        progress: bool = True, path: Path | None = None,
                        ranks: Ranks | None = None) -> tuple[Embeddings | None, bool]:
@@ -445,7 +478,7 @@ def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_
     if ranks.share(cached is not None):
         return cached, True
     order = _read_order(dataset)
-    count = -(-len(order) // batch_size)
+    n_batches = -(-len(order) // batch_size)
     signature = json_safe({"pass": "report", "recognizer": identity, "fingerprint": fingerprint,
                            "batch_size": batch_size, "samples": len(keys)})
     folder = pieces_folder(path)
@@ -456,15 +489,15 @@ def dataset_embeddings(dataset: PublishedDataset, recognizer: Recognizer, batch_
                                           _record_bytes(batch_keys)))
 
     started = time.perf_counter()
-    mine = sum(len(order[b * batch_size:(b + 1) * batch_size]) for b in range(ranks.index, count, ranks.count))
+    mine = sum(len(order[b * batch_size:(b + 1) * batch_size]) for b in range(ranks.index, n_batches, ranks.count))
     with _bar(recognizer, mine, progress, ranks) as bar:
-        result = run_pass(folder, signature, count,
+        result = run_pass(folder, signature, n_batches,
                           lambda batches: _embed_batches(dataset, recognizer, order, batch_size, batches, bar),
                           load, ranks, reused=lambda b: bar.update(len(order[b * batch_size:(b + 1) * batch_size])))
     if result is None:
         return None, False
     if result.reused:
-        info(f"facegen report: {result.reused} of {count} batches reused from an interrupted run, "
+        info(f"facegen report: {result.reused} of {n_batches} batches reused from an interrupted run, "
              f"{result.computed} embedded")
     embeddings = _join(dataset, order, batch_size, result.pieces, recognizer.dim, time.perf_counter() - started)
     _save_embeddings(path, embeddings, identity, fingerprint)
@@ -617,9 +650,10 @@ def analyse(dataset: PublishedDataset, embeddings: Embeddings, dedup: float,
 # ----------------------------------------------------------------------------------------------- plots
 
 
-def _save_figure(figure, path: Path) -> None:
-    with atomic_file(path) as f:
-        figure.savefig(f, format="png", dpi=100, bbox_inches="tight")
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def _pyplot():
@@ -635,10 +669,11 @@ def _pyplot():
 
 def write_plots(out: Path, dataset: PublishedDataset, a: Analysis, identities: list[dict],
                 settings: ReportSettings) -> list[str]:
-    """report/consistency.png, report/separability.png, report/worst-identities.png; their relative paths."""
+    """report/consistency.png, report/separability.png, report/worst-identities.png (each recorded as facegen's
+    file of ``out``; a plot of an earlier report that this one has not is removed); their relative paths."""
     plt = _pyplot()
     recognizer = settings.recognizer
-    written = []
+    plots: dict[str, bytes] = {}
 
     def histogram(values, threshold, label, title, name):
         figure, axes = plt.subplots(figsize=(6, 3.2))
@@ -649,23 +684,26 @@ def write_plots(out: Path, dataset: PublishedDataset, a: Analysis, identities: l
         axes.set_ylabel("count")
         axes.set_title(title)
         axes.legend(loc="upper left")
-        _save_figure(figure, out / name)
+        plots[name] = _png(figure)
         plt.close(figure)
-        written.append(name)
 
     histogram(a.cosine, settings.min_similarity, f"outlier below {settings.min_similarity}",
               "Consistency: each sample's cosine to its identity's prototype", CONSISTENCY_PLOT)
     if len(a.ids) > 1:
         histogram(a.separability, settings.dedup, f"near-duplicate from {settings.dedup}",
                   "Separability: each identity's highest cosine to another", SEPARABILITY_PLOT)
-    worst = _worst_identities(out, dataset, a, identities, settings.min_similarity, plt)
-    if worst:
-        written.append(worst)
-    return written
+    worst = _worst_identities(dataset, a, identities, settings.min_similarity, plt)
+    if worst is not None:
+        plots[WORST_IDENTITIES_PLOT] = worst
+    write_own_files(out, plots, "the report's plots")
+    for name in PLOTS:
+        if name not in plots:
+            remove_own_file(out, name)
+    return list(plots)
 
 
-def _worst_identities(out: Path, dataset: PublishedDataset, a: Analysis, identities: list[dict], minimum: float,
-                      plt) -> str | None:
+def _worst_identities(dataset: PublishedDataset, a: Analysis, identities: list[dict], minimum: float,
+                      plt) -> bytes | None:
     """A grid: the identities with the lowest consistency (rows), some of their images with their cosines."""
     from PIL import Image
 
@@ -706,9 +744,9 @@ def _worst_identities(out: Path, dataset: PublishedDataset, a: Analysis, identit
                     spine.set_linewidth(2)
         axes[r][0].set_ylabel(str(row["identity"])[:14], fontsize=7)
     figure.suptitle("Least consistent identities (rows): images, cosine to prototype (red: outlier)", fontsize=9)
-    _save_figure(figure, out / WORST_IDENTITIES_PLOT)
+    png = _png(figure)
     plt.close(figure)
-    return WORST_IDENTITIES_PLOT
+    return png
 
 
 # ----------------------------------------------------------------------------------------------- the command
@@ -725,6 +763,18 @@ def thresholds(recognizer: str, dedup: float | None, min_similarity: float | Non
     return dedup, min_similarity
 
 
+def against_dataset(against: str, progress: bool = True):
+    """``--against``: a facegen dataset (a folder or a Hub id), or a plain identity folder (one sub-folder of images
+    per identity, read with the `folder` source); a path that does not exist is "no such folder"."""
+    from facegen.published import hub_dataset
+
+    if hub_dataset(against) is None and not OutputFolder(against).train_dir.is_dir():
+        from facegen.builders.quality.identity_folder import IdentityFolder
+
+        return IdentityFolder(against)
+    return PublishedDataset(against, progress=progress)
+
+
 def against_matches(a: Analysis, other: PublishedDataset, recognizer: Recognizer, threshold: float,
                     batch_size: int, progress: bool) -> dict:
     """Identities of this dataset whose prototype reaches ``threshold`` with an identity of ``other``."""
@@ -739,9 +789,15 @@ def against_matches(a: Analysis, other: PublishedDataset, recognizer: Recognizer
             "matches": [[a.ids[i], b.ids[j], round(c, 6)] for i, j, c in matches]}
 
 
+PLOTS = (CONSISTENCY_PLOT, SEPARABILITY_PLOT, WORST_IDENTITIES_PLOT)
+
+
 @dataclass(frozen=True)
 class ReportPlace:
-    """Where a report's files go: a dataset folder's own, or a folder of their own (``--out DIR``)."""
+    """Where a report's files go: a dataset folder's own (``.facegen/report.json`` and the cached embeddings there,
+    the plots under ``report/``), or a folder of their own (``--out DIR``: ``DIR/report.json``,
+    ``DIR/report_embeddings.npz``, ``DIR/report/*.png``). Either way the files outside ``.facegen/`` are recorded as
+    facegen's (``.facegen/own_files.json`` of that folder) and a file facegen did not write is never replaced."""
 
     folder: Path  # report/*.png are written under it
     json: Path
@@ -753,8 +809,50 @@ class ReportPlace:
         if report_dir is None or Path(report_dir).resolve() == dataset_root:
             paths = OutputFolder(dataset_root)
             return cls(dataset_root, paths.report_json, paths.report_embeddings, True)
-        folder = Path(report_dir).resolve()  # a folder of its own: no .facegen/ in it
+        folder = Path(report_dir).resolve()
         return cls(folder, folder / REPORT_JSON, folder / REPORT_EMBEDDINGS, False)
+
+    def own_names(self) -> list[str]:
+        """The files of this report outside ``.facegen/``, relative to :attr:`folder`."""
+        names = list(PLOTS)
+        if not self.in_dataset:
+            names += [REPORT_JSON, REPORT_EMBEDDINGS]
+        return names
+
+    def check(self) -> None:
+        """Before anything is computed: a folder to write in, holding no file of the user's under the report's
+        names."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UsageError(f"--out {self.folder} is a file, not a folder")
+        refuse_foreign_files(self.folder, self.own_names(), "the report")
+
+    def write_json(self, report: QualityReport) -> None:
+        if self.in_dataset:
+            report.write(self.json)
+        else:
+            write_own_files(self.folder, {REPORT_JSON: report.to_json()}, "the report")
+
+    def record_embeddings(self) -> None:
+        """The cached embeddings of a report folder of its own, as written (the cache writes them itself)."""
+        if not self.in_dataset and self.embeddings.is_file():
+            record_files(self.folder, {REPORT_EMBEDDINGS: sha256_file(self.embeddings)})
+
+
+# what a folder that cannot take the report says while it is written (a read-only mount, a full disk, a quota)
+CANNOT_WRITE = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def writing_into(folder: Path, what: str):
+    """Writing ``what`` into ``folder``: a folder that cannot take it is one line, not a traceback. Each file is
+    written whole or not at all (``facegen.fileio``), so what was there before stays readable."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in CANNOT_WRITE:
+            raise
+        raise UsageError(f"cannot write {what} in {folder}: {exc.strerror or exc}; free some space or choose a "
+                         "writable folder, and rerun") from None
 
 
 def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, detector: str = "scrfd",
@@ -762,7 +860,9 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
                batch_size: int = 64, progress: bool = True, card: bool = True,
                report_dir: str | os.PathLike | None = None) -> QualityReport | None:
     """Compute (or reuse the embeddings of) the report of the facegen dataset ``out`` (a folder or a Hub id);
-    write it into that folder, or into ``report_dir`` (required for a Hub id: the Hub cache is not ours).
+    write it into that folder (the main process holding its lock), or into ``report_dir`` (required for a Hub id:
+    the Hub cache is not ours). Only the report's own files are written: a user's file under one of their names
+    stops the report before anything is computed.
 
     On many processes (``accelerate launch``, ``torchrun``) every process takes part in the embedding pass
     (:func:`dataset_embeddings`); the main process then analyses and writes, and every process returns the
@@ -780,18 +880,38 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
     started = time.perf_counter()
     dataset = PublishedDataset(out)
     place = ReportPlace.of(dataset.root, report_dir)
-    if place.folder.exists() and not place.folder.is_dir():
-        raise UsageError(f"--out {place.folder} is a file, not a folder")
-    model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size,
-                            ranks=ranks)
-    before = _file_identity(place.json)
-    embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
-                                            path=place.embeddings, ranks=ranks)
-    if not ranks.main:  # the main process analyses and writes: wait for its report.json (a new file)
-        wait_for(lambda: _file_identity(place.json) not in (None, before))
-        return QualityReport.read(place.json)
+    # not while a build (or a card, a publish) works in the dataset's folder
+    busy = output_lock(dataset.root, command_breaks_locks=False) if place.in_dataset and ranks.main else nullcontext()
+    with writing_into(place.folder, "the report"), busy:
+        place.check()
+        model = make_recognizer(recognizer, model_dir=model_dir, detector=detector, batch_size=batch_size,
+                                ranks=ranks)
+        before = _file_identity(place.json)
+        embeddings, reused = dataset_embeddings(dataset, model, batch_size=batch_size, progress=progress,
+                                                path=place.embeddings, ranks=ranks)
+        if not ranks.main:  # the main process analyses and writes: wait for its report.json (a new file)
+            wait_for(lambda: _file_identity(place.json) not in (None, before))
+            return QualityReport.read(place.json)
+        place.record_embeddings()
+        report, analysis = measure(dataset, model, embeddings, reused, dedup, min_similarity, against=against,
+                                   batch_size=batch_size, progress=progress,
+                                   dataset_name=None if place.in_dataset else dataset.name)
+        report = write_report(place, dataset, report, analysis, started)
+        if card and place.in_dataset and OutputFolder(dataset.root).run_json.is_file():
+            from facegen.cards import write_card
+
+            write_card(dataset.root)
+    for line in summary_lines(report, place):
+        info(line)
+    return report
+
+
+def measure(dataset: PublishedDataset, model: Recognizer, embeddings: Embeddings, reused: bool, dedup: float,
+            min_similarity: float, against: str | None = None, batch_size: int = 64, progress: bool = True,
+            dataset_name: str | None = None) -> tuple[QualityReport, Analysis]:
+    """The report (without plots yet) and the analysis behind it; writes nothing."""
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    settings = ReportSettings(recognizer, model.model, dedup, min_similarity, DEFAULTS[recognizer])
+    settings = ReportSettings(model.name, model.model, dedup, min_similarity, DEFAULTS[model.name])
     found, analysis = analyse(dataset, embeddings, dedup, min_similarity)
     matches = None
     if against:
@@ -799,23 +919,23 @@ def run_report(out, recognizer: str = "dlib", model_dir: str | None = None, dete
 
         matches = (benchmark_leakage(analysis.ids, analysis.prototypes, against, model, min_similarity, batch_size,
                                      progress) if is_verification_file(against) else
-                   against_matches(analysis, PublishedDataset(against, progress=progress), model, dedup, batch_size,
+                   against_matches(analysis, against_dataset(against, progress), model, dedup, batch_size,
                                    progress))
-    plots = write_plots(place.folder, dataset, analysis, found["identities"], settings)
     report = QualityReport(
         facegen_version=facegen.__version__, created=created, settings=settings, fingerprint=dataset.fingerprint(),
         embedding={"reused": reused, "seconds": round(embeddings.seconds, 3),
                    "samples_per_second": round(len(dataset.samples) / embeddings.seconds, 2)
                    if embeddings.seconds > 0 else None},
-        **found, plots=plots, seconds=round(time.perf_counter() - started, 3),
-        dataset_name=None if place.in_dataset else dataset.name, against=matches)
-    report.write(place.json)
-    if card and place.in_dataset and OutputFolder(dataset.root).run_json.is_file():
-        from facegen.cards import write_card
+        **found, plots=[], seconds=0.0, dataset_name=dataset_name, against=matches)
+    return report, analysis
 
-        write_card(dataset.root)
-    for line in summary_lines(report, place):
-        info(line)
+
+def write_report(place: ReportPlace, dataset: PublishedDataset, report: QualityReport, analysis: Analysis,
+                 started: float) -> QualityReport:
+    """The plots, then report.json (which lists them); returns the report as written."""
+    plots = write_plots(place.folder, dataset, analysis, report.identities, report.settings)
+    report = dataclasses.replace(report, plots=plots, seconds=round(time.perf_counter() - started, 3))
+    place.write_json(report)
     return report
 
 
@@ -833,7 +953,8 @@ def summary_lines(report: QualityReport, place: ReportPlace | None = None) -> li
     consistency = s["sample_consistency"].get("median")
     separability = s["separability"].get("median")
     lines = [
-        f"facegen report ({settings.recognizer}): {d['identities']} identities, {d['samples']} samples, "
+        f"facegen report ({settings.recognizer}): {count(d['identities'], 'identity')}, "
+        f"{count(d['samples'], 'sample')}, "
         f"{d['embedded']} embedded" + (f" ({report.embedding['samples_per_second']} samples/s)"
                                        if report.embedding.get("samples_per_second") else " (reused)"),
         f"  consistency (median cosine to own prototype): "

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facegen.errors import UsageError
-from facegen.fileio import atomic_write
+from facegen.fileio import atomic_write, sorted_safetensors
+from facegen.messages import count, skipped_line
 from facegen.records import SourceImage, Skip
 
 SHIFT_KEY = "delta"  # the tensor the arc2face transform reads (its SHIFT_KEY)
@@ -202,8 +203,8 @@ class ShiftEstimate:
             "id_token_position": str(self.id_position),
             "real_count": str(self.real_count),
             "synthetic_count": str(self.synthetic_count),
-            "real_sources": "; ".join(f"{k} ({v} images)" for k, v in self.real_counts.items()),
-            "synthetic_sources": "; ".join(f"{k} ({v} images)" for k, v in self.synthetic_counts.items()),
+            "real_sources": "; ".join(f"{k} ({count(v, 'image')})" for k, v in self.real_counts.items()),
+            "synthetic_sources": "; ".join(f"{k} ({count(v, 'image')})" for k, v in self.synthetic_counts.items()),
             "skipped_images": str(len(self.skipped)),
         }
         meta.update({k: f"{v:.6g}" for k, v in self.norms().items()})
@@ -220,19 +221,16 @@ class ShiftEstimate:
             "mean_real": torch.from_numpy(np.ascontiguousarray(self.mean_real, dtype=np.float32)),
             "mean_synthetic": torch.from_numpy(np.ascontiguousarray(self.mean_synthetic, dtype=np.float32)),
         }
-        atomic_write(path, save(tensors, metadata=self.metadata()))
+        atomic_write(path, sorted_safetensors(save(tensors, metadata=self.metadata())))
 
     def lines(self) -> list[str]:
         norms = self.norms()
-        out = [f"real: {self.real_count} images"]
+        out = [f"real: {count(self.real_count, 'image')}"]
         out += [f"  {k}: {v}" for k, v in self.real_counts.items()]
-        out.append(f"synthetic: {self.synthetic_count} images")
+        out.append(f"synthetic: {count(self.synthetic_count, 'image')}")
         out += [f"  {k}: {v}" for k, v in self.synthetic_counts.items()]
         if self.skipped:
-            reasons: dict[str, int] = {}
-            for skip in self.skipped:
-                reasons[skip.reason] = reasons.get(skip.reason, 0) + 1
-            out.append("skipped images: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+            out.append(skipped_line([skip.reason for skip in self.skipped]))
         out.append(f"|mean real| = {norms['mean_real_norm']:.4f}   |mean synthetic| = "
                    f"{norms['mean_synthetic_norm']:.4f}")
         out.append(f"|delta| = {norms['delta_norm']:.4f} over {self.delta.shape[0]}x{self.delta.shape[1]}; "

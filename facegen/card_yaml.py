@@ -43,13 +43,13 @@ def load_yaml(text: str, where: str, what: str = "the YAML") -> Any:
     """``text`` parsed as plain YAML data, refusing aliases (see the module docstring): the events are read first,
     and an alias stops the read before anything is built from it."""
     if len(text.encode("utf-8", errors="replace")) > MAX_YAML_BYTES:
-        raise UsageError(f"{where}: {what} is larger than {MAX_YAML_BYTES >> 20} MB: not a dataset card facegen "
+        raise UsageError(f"{where}: {what} is larger than {MAX_YAML_BYTES >> 20} MB: more than facegen "
                          "reads")
     try:
         for event in yaml.parse(text, Loader=_SAFE_LOADER):
             if isinstance(event, yaml.AliasEvent):
                 raise UsageError(f"{where}: {what} holds an alias (*{event.anchor}, line "
-                                 f"{event.start_mark.line + 1}); a card holds none (they can expand a few lines "
+                                 f"{event.start_mark.line + 1}); facegen reads none (they can expand a few lines "
                                  "into gigabytes)")
         return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:

@@ -281,6 +281,17 @@ def test_out_folder_of_the_user_is_protected(tmp_path, folder_source):
     assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_recipe_with_an_alias_or_broken_yaml_is_one_line(tmp_path, folder_source):
+    bomb = tmp_path / "bomb.yaml"  # a recipe handed around like a card: aliases refused before they expand
+    bomb.write_text("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 10)))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("source: [folder\n")
+    for recipe, expected in ((bomb, "holds an alias (*a0, line 2)"), (broken, "the recipe does not parse")):
+        proc = facegen("build", "--recipe", recipe, "--source-path", folder_source, "--out", tmp_path / "o")
+        assert proc.returncode == 2 and expected in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_recipe_values_are_typed_like_the_cli(tmp_path, folder_source):
     recipe = tmp_path / "r.yaml"
     recipe.write_text('source: folder\nplugin: passthrough\nshard_size: "5"\nstrict: "no"\nlimit_identities: 6\n')

@@ -189,6 +189,19 @@ def test_command_yml_with_an_object_tag_builds_no_object(tmp_path):
     assert not marker.exists()
 
 
+def test_command_yml_alias_bomb_is_an_error_in_the_record_not_gigabytes(tmp_path):
+    root = write_disco_source(tmp_path / "disco", identities=1, augmentations=1, command=False)
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]  # 10**10 values
+    (root / "command.yml").write_text("\n".join(lines) + "\n")
+    record = DiscoSource(root).provenance()
+    assert "command_yml" not in record and "expands to more than 100,000 values" in record["command_yml_error"]
+    json.dumps(record)
+    # a file that merely shares a value (yaml.dump writes an anchor for an object used twice) is read as before
+    (root / "command.yml").write_text("- a: &d [pose, light]\n- b: *d\n")
+    assert DiscoSource(root).provenance()["command_yml"] == [{"a": ["pose", "light"]}, {"b": ["pose", "light"]}]
+
+
 def test_natural_key():
     assert sorted(["augmentation_10", "reference", "augmentation_2", "augmentation_1"], key=natural_key) == [
         "augmentation_1", "augmentation_2", "augmentation_10", "reference"]

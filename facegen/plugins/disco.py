@@ -97,13 +97,36 @@ _PlainYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/", _construct_p
 _PlainYamlLoader.add_multi_constructor("!", _construct_plain)
 
 
+MAX_COMMAND_YML_BYTES = 1 << 20  # DisCo's command.yml is a few KB of click parameters
+MAX_COMMAND_YML_NODES = 100_000  # after aliases are expanded: a "billion laughs" file of a few KB counts 10**9
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many nodes ``node`` holds once every alias is expanded (as json.dumps of the record would expand it);
+    aliases share node objects, so each is counted once per reference, computed once."""
+    if id(node) not in memo:
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        memo[id(node)] = 1 + sum(_expanded_nodes(child, memo) for child in children)
+    return memo[id(node)]
+
+
 def read_command_yml(path: str) -> Any:
-    """The parsed command.yml (a list of {command: params}); raises ValueError when it is not YAML."""
+    """The parsed command.yml (a list of {command: params}); raises ValueError when it is not YAML, or larger than
+    a command file is (its bytes, or its nodes once aliases are expanded)."""
+    if os.path.getsize(path) > MAX_COMMAND_YML_BYTES:
+        raise ValueError(f"command.yml is larger than {MAX_COMMAND_YML_BYTES >> 20} MB")
     with open(path, encoding="utf-8") as f:
-        try:
-            return yaml.load(f, Loader=_PlainYamlLoader)  # noqa: S506 - a SafeLoader subclass
-        except yaml.YAMLError as exc:
-            raise ValueError(str(exc).splitlines()[0]) from None
+        text = f.read(MAX_COMMAND_YML_BYTES + 1)
+    try:
+        node = yaml.compose(text, Loader=_PlainYamlLoader)  # noqa: S506 - a SafeLoader subclass
+        if node is not None and _expanded_nodes(node, {}) > MAX_COMMAND_YML_NODES:
+            raise ValueError(f"command.yml expands to more than {MAX_COMMAND_YML_NODES:,} values (aliases)")
+        return yaml.load(text, Loader=_PlainYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None
+    except RecursionError:
+        raise ValueError("command.yml is nested too deeply to read") from None
 
 
 class DiscoSource(Source):

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
 
-import yaml
-
 from facegen.api import to_bool
+from facegen.card_yaml import load_yaml
 from facegen.errors import UsageError
 
 
@@ -85,10 +84,7 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
             )
         text = candidate.read_text(encoding="utf-8")
         where = f"built-in recipe {name_or_file}"
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{where} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = load_yaml(text, where, "the recipe") or {}  # one line for bad YAML; aliases refused as in a card
     if not isinstance(data, dict):
         raise UsageError(f"{where} must be a YAML mapping of build options")
     if not all(isinstance(k, str) for k in data):

@@ -20,8 +20,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from huggingface_hub import DatasetCard
 
-from conftest import BIN, cli
+from conftest import BIN, cli, facegen
 from facegen.testing.folder import draw_face, encode, write_folder_source
 
 MAGIC = 0xCED7230A
@@ -111,8 +112,14 @@ def test_rec_export_reads_as_arcface_torch_reads_it(dataset, tmp_path):
     assert [int(end - start) for start, end in ranges] == list(IMAGES.values())
     assert {got[k - 1][0] for start, end in ranges for k in range(int(start), int(end))} == {0, 1, 2, 3}
     assert (to / "property").read_text() == "4,24,24\n"
-    card = (to / "README.md").read_text()
-    assert card.startswith("---\n") and "This folder is an export of `ds` (RecordIO in insightface's layout)" in card
+    card, source = DatasetCard.load(to / "README.md"), DatasetCard.load(dataset / "README.md")
+    assert "This folder is an export of `ds` made with `facegen export`: MXNet RecordIO in insightface's" in card.text
+    assert "`datasets` does not read these files" in card.text
+    meta, source_meta = card.data.to_dict(), source.data.to_dict()
+    assert "configs" not in meta and "dataset_info" not in meta  # nothing `datasets` would look for here
+    assert {k: v for k, v in meta.items() if k != "tags"} == {k: v for k, v in source_meta.items()
+                                                              if k not in ("configs", "dataset_info", "tags")}
+    assert source.text.lstrip() in card.text  # the prose (licence section, citation) unchanged
     assert (to / "LICENSE").read_bytes() == (dataset / "LICENSE").read_bytes()
     assert sorted(p.name for p in to.iterdir()) == [".facegen-export.json", "LICENSE", "README.md", "property",
                                                     "train.idx", "train.rec"]
@@ -146,6 +153,91 @@ def test_imagefolder_export_loads_as_image_folder_does(dataset, tmp_path):
         expected = [(key.split("_")[1], data) for _, key, ident, data in reference if ident == identity]
         assert [(p.stem, p.read_bytes()) for p in files] == expected
     assert not [p for p in to.rglob(".*") if p.name != ".facegen-export.json"]  # no temporaries left
+
+
+def folder_dataset(root: Path, identities: dict[str, list[int | bytes]]) -> Path:
+    """A passthrough build of a folder source: identity -> its images, each a size (a face drawn that size) or the
+    file's bytes (an empty list: an empty folder)."""
+    for i, (identity, images) in enumerate(identities.items()):
+        (root / "src" / identity).mkdir(parents=True)
+        for n, image in enumerate(images):
+            data = image if isinstance(image, bytes) else encode(draw_face(i, n, size=image))
+            (root / "src" / identity / f"{n}.png").write_bytes(data)
+    assert cli("build", "--source", "folder", "--source-path", root / "src", "--plugin", "passthrough", "--out",
+               root / "ds") == 0
+    return root / "ds"
+
+
+def test_imagefolder_export_loads_with_datasets(dataset, tmp_path):
+    """The card beside the export declares its images (not the shards' ``data/train/*.tar``): `load_dataset` on the
+    folder gets every image with its folder's name as label; also a single identity named like a split, which
+    datasets' own inference would take for a "test" split without labels."""
+    import datasets
+
+    def loaded(train) -> list[tuple[str, bytes]]:
+        names = train.features["label"].names
+        return sorted((names[row["label"]], row["image"]["bytes"] or Path(row["image"]["path"]).read_bytes())
+                      for row in train.cast_column("image", datasets.Image(decode=False)))
+
+    to = tmp_path / "folders"
+    assert cli("export", dataset, "--format", "imagefolder", "--to", to) == 0
+    expected = sorted((identity, data) for _, _, identity, data in published(dataset))
+    for got in (datasets.load_dataset(str(to)), datasets.load_dataset("imagefolder", data_dir=str(to))):
+        assert list(got) == ["train"] and loaded(got["train"]) == expected
+    card = DatasetCard.load(to / "README.md")
+    assert card.data.to_dict()["license"] == DatasetCard.load(dataset / "README.md").data.to_dict()["license"]
+    assert "dataset_info" not in card.data.to_dict()
+
+    lone = folder_dataset(tmp_path / "lone", {"test": [24, 24]})
+    assert cli("export", lone, "--format", "imagefolder", "--to", tmp_path / "lone-if") == 0
+    got = datasets.load_dataset(str(tmp_path / "lone-if"))
+    assert list(got) == ["train"] and loaded(got["train"]) == [("test", data) for *_, data in published(lone)]
+
+
+def test_export_of_a_dataset_whose_card_yaml_is_broken_keeps_its_text(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    (copy / "README.md").write_text("---\nlicense: [unclosed\n---\n# The prose\n", encoding="utf-8")
+    result = facegen("export", copy, "--format", "imagefolder", "--to", tmp_path / "if")
+    assert result.returncode == 0 and "does not parse" in result.stderr
+    card = DatasetCard.load(tmp_path / "if" / "README.md")
+    assert card.text.endswith("# The prose\n") and "configs" in card.data.to_dict()
+
+
+def test_rec_export_warns_about_mixed_sizes(tmp_path):
+    ds = folder_dataset(tmp_path, {"ada": [24, 24], "bo": [32], "cy": [24, 40]})
+    result = facegen("export", ds, "--format", "rec", "--to", tmp_path / "rec")
+    assert result.returncode == 0
+    assert (tmp_path / "rec" / "property").read_text() == "3,24,24\n"  # the most common size
+    warning = [line for line in result.stderr.splitlines() if "24x24" in line]
+    assert len(warning) == 1 and "2 of 5 exported images are not 24x24" in warning[0] and "112x112" in warning[0]
+    uniform = facegen("export", folder_dataset(tmp_path / "u", {"ada": [24], "bo": [24]}), "--format", "rec",
+                      "--to", tmp_path / "u-rec")
+    assert uniform.returncode == 0 and "exported images are not" not in uniform.stderr
+
+
+def test_rec_export_numbers_classes_without_gaps(tmp_path):
+    """A label with no image (an empty identity folder; an identity whose only image was skipped by the build) is
+    not a class of the export: record 0, the identity records, property, the labels and the summary agree."""
+    broken = b"\x89PNG\r\n\x1a\nbroken"
+    ds = folder_dataset(tmp_path, {"ada": [24, 24], "bo": [], "cy": [broken], "di": [24, 24, 24]})
+    reference = published(ds)
+    result = facegen("export", ds, "--format", "rec", "--to", tmp_path / "rec")
+    assert result.returncode == 0 and "5 images of 2 identities; skipped 0" in result.stdout
+    rec = RecordIO(tmp_path / "rec")
+    _, (first, end), _ = rec.read(0)
+    assert (first, end) == (len(reference) + 1, len(reference) + 1 + 2)
+    labels = [int(rec.read(key)[1][0]) for key in range(1, int(first))]
+    assert labels == [0, 0, 1, 1, 1]
+    assert [tuple(map(int, rec.read(key)[1])) for key in range(int(first), int(end))] == [(1, 3), (3, 6)]
+    assert (tmp_path / "rec" / "property").read_text() == "2,24,24\n"
+
+    assert cli("export", ds, "--format", "rec", "--shuffle", "--to", tmp_path / "shuffled") == 0
+    shuffled = RecordIO(tmp_path / "shuffled")
+    assert sorted(int(shuffled.read(key)[1][0]) for key in shuffled.index) == [0, 0, 1, 1, 1]
+    assert (tmp_path / "shuffled" / "property").read_text() == "2,24,24\n"
 
 
 def test_export_refuses_a_folder_it_did_not_write_and_another_export(dataset, tmp_path, capsys):

@@ -4,7 +4,10 @@
   (``recognition/arcface_torch/dataset.py``: record 0's labels ``[N+1, N+1+C]``, then each of the image records
   ``1 .. N`` with its class): ``DIR/train.rec`` + ``train.idx`` + ``property`` ("C,H,W"). The images are the
   dataset's samples in label order, then key order; each image record holds the sample's image bytes and its
-  ``cls`` as a scalar label; records ``N+1 .. N+C`` are one identity record per class, labelled ``[start, end)``.
+  class as a scalar label: the ``cls`` values with an image, numbered ``0 .. C-1`` in order (a ``cls`` with no
+  image, from an empty identity or one whose images were all skipped, leaves no gap, so record 0, the identity
+  records and ``property`` say the same C); records ``N+1 .. N+C`` are one identity record per class, labelled
+  ``[start, end)``. ``property``'s H,W is the most common image size; other sizes are counted in one warning.
   A record whose payload holds the RecordIO magic word is cut into chunks (:mod:`facegen.plugins.recordio`, which
   writes what mxnet 1.9.1 writes).
 - ``--format rec --shuffle``: the header-less flavour DALI's ``fn.readers.mxnet`` wants (arcface_torch's
@@ -12,12 +15,16 @@
   labels, with ``train.idx``.
 - ``--format imagefolder``: ``DIR/{identity}/{n}.{ext}`` for torchvision's ``ImageFolder`` (its class index is the
   sorted order of the folder names, not ``cls``); ``n`` is the sample's number within its identity (the key's
-  ``_NNN``). An identity id that is not a plain file name becomes ``cls-{cls:06d}``.
+  ``_NNN``). An identity id that is not a plain file name (or starts with ``__``, which ``datasets`` skips)
+  becomes ``cls-{cls:06d}``.
 
 Image bytes are never re-encoded: a PNG dataset exports PNG bytes (``mx.image.imdecode`` and ``cv2.imdecode``,
 which arcface_torch and insightface decode with, read PNG as well as JPEG; DALI's image decoder too). The source
-dataset's card (README.md, with a note on top saying what this folder is, and LICENSE) is copied beside the export:
-its licence and citation apply to it unchanged.
+dataset's card is written beside the export (README.md, and LICENSE copied): its licence, citation, gating and prose
+unchanged, a note on top saying what this folder is and what reads it, and YAML ``configs``/``dataset_info`` that
+describe this folder, not the shards: for image folders a ``configs`` entry naming ``*/*.{ext}`` with
+``drop_labels: false`` (so ``load_dataset`` gets ``label`` from the folder names even for one identity, or one named
+like a split), for RecordIO none (``datasets`` does not read it).
 
 Resumable and atomic like a build: ``DIR/.facegen-export.json`` (:class:`ExportRecord`) names what is exported
 and how far it got. A RecordIO export writes ``.train.rec.partial`` and ``.train.idx.partial``, and at each
@@ -67,7 +74,8 @@ class ExportSummary:
     shuffle: bool
     samples: int  # in the dataset
     written: int  # images in the export
-    identities: int
+    identities: int  # with an image in the export
+    classes: int = 0  # labels 0 .. classes-1 (RecordIO: property's count)
     skipped: Counter = field(default_factory=Counter)
     already_complete: bool = False
     resumed_at: int = 0  # samples handled by an earlier, interrupted run
@@ -77,7 +85,10 @@ class ExportSummary:
         flavour = {("rec", False): "RecordIO, insightface's layout", ("rec", True): "RecordIO, shuffled, no header",
                    ("imagefolder", False): "image folders"}[(self.format, self.shuffle)]
         lines = [f"facegen export done: {self.to} ({flavour})",
-                 f"  {self.written} images of {self.identities} identities; skipped {sum(self.skipped.values())}"
+                 f"  {self.written} images of {self.identities} identities"
+                 + (f" (labels 0..{self.classes - 1}: {self.classes - self.identities} with no image)"
+                    if self.classes > self.identities else "")
+                 + f"; skipped {sum(self.skipped.values())}"
                  + (f" ({', '.join(f'{r}: {n}' for r, n in self.skipped.most_common())})" if self.skipped else "")]
         if self.already_complete:
             lines.append("  nothing to do: the export was already complete")
@@ -111,7 +122,7 @@ def export(dataset: str | os.PathLike, to: str | os.PathLike, fmt: str, shuffle:
         record = RecExport(data, folder, order, record, progress).run()
     else:
         record = FolderExport(data, folder, order, record, progress).run()
-    summary.written, summary.identities = record.written, record.identities
+    summary.written, summary.identities, summary.classes = record.written, record.identities, record.classes
     summary.skipped = Counter(s.reason for s in record.skipped)
     summary.seconds = time.perf_counter() - started
     return summary
@@ -170,20 +181,61 @@ def _start(folder: ExportFolder, plan: ExportPlan) -> ExportRecord:
     return record
 
 
-def _copy_card(data: PublishedDataset, folder: ExportFolder, what: str) -> None:
-    """The source dataset's README.md (a note on top saying what this folder is) and LICENSE, beside the export."""
-    note = (f"> **This folder is an export of `{data.name}` ({what}) made with `facegen export`.** The card below "
-            "describes the dataset as published (WebDataset shards): the same images, labels, licence and "
-            "citation apply to this export. Image bytes are copied, never re-encoded.\n\n")
+def _write_card(data: PublishedDataset, folder: ExportFolder, fmt: str, shuffle: bool) -> None:
+    """The source dataset's card beside the export: its licence, citation, gating and prose as they are, a note on
+    top saying what this folder holds and how to read it, and YAML whose ``configs``/``dataset_info`` describe this
+    folder instead of the WebDataset shards (a copy of the source's would make ``load_dataset`` look for
+    ``data/train/*.tar``); LICENSE* copied."""
+    import yaml
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     readme = data.folder.readme
-    if readme.is_file():
-        text = readme.read_text(encoding="utf-8", errors="replace")
-        match = re.match(r"(?s)(---\n.*?\n---\n)(.*)", text)
-        text = match.group(1) + "\n" + note + match.group(2).lstrip("\n") if match else note + text
-        atomic_write(folder.file(README), text.encode("utf-8"))
+    text = readme.read_text(encoding="utf-8", errors="replace") if readme.is_file() else ""
+    card = None
+    if text.startswith("---"):
+        try:
+            card = DatasetCard(text)
+        except (yaml.YAMLError, ValueError, TypeError):  # not YAML; not a mapping; fields of the wrong type
+            warn(f"{data.name}'s README.md has YAML front matter that does not parse: the export's card keeps its "
+                 "text only (the licence is in LICENSE)")
+            match = re.match(r"(?s)---\n.*?\n---\n", text)
+            text = text[match.end():] if match else ""
+    meta = card.data.to_dict() if card is not None else {}
+    body = card.text if card is not None else text
+    for key in ("configs", "dataset_info"):
+        meta.pop(key, None)
+    if isinstance(meta.get("tags"), list):
+        meta["tags"] = [tag for tag in meta["tags"] if tag != "webdataset"]
+    if fmt == "imagefolder":
+        meta["configs"] = [{"config_name": "default", "drop_labels": False,
+                            "data_files": [{"split": "train", "path": f"*/*.{data.image_column}"}]}]
+    yaml_text = DatasetCardData(**meta).to_yaml(original_order=list(meta))
+    content = f"---\n{yaml_text}\n---\n\n{_card_note(data, fmt, shuffle)}{body.lstrip()}"
+    DatasetCard(content)  # the front matter parses back: a card that does not round-trip is never written
+    atomic_write(folder.file(README), content.encode("utf-8"))
     for path in sorted(data.root.glob(f"{LICENSE}*")):
         if path.is_file():
             atomic_write(folder.file(path.name), path.read_bytes())
+
+
+def _card_note(data: PublishedDataset, fmt: str, shuffle: bool) -> str:
+    """The note on top of the export's card: what this folder holds and what reads it."""
+    made = f"> **This folder is an export of `{data.name}` made with `facegen export`:"
+    if fmt == "imagefolder":
+        what = (f"{made} image folders** (`{{identity}}/{{n}}.{data.image_column}`). `datasets` loads it "
+                "(`load_dataset(\"imagefolder\", data_dir=...)`, or this folder or its Hub id: the `configs` above "
+                "name the images), and so does torchvision's `ImageFolder`; both number the classes (`label`) in the "
+                "sorted order of the folder names, not by the dataset's `cls`.")
+    else:
+        flavour = ("MXNet RecordIO, shuffled and without header records** (`train.rec`, `train.idx`, `property`), "
+                   "for DALI's `fn.readers.mxnet`." if shuffle else
+                   "MXNet RecordIO in insightface's layout** (`train.rec`, `train.idx`, `property`), for "
+                   "arcface_torch's `MXFaceDataset` (and DALI's mxnet reader after arcface_torch's `shuffle_rec.py`).")
+        what = (f"{made} {flavour} `datasets` does not read these files (load the WebDataset version for that). "
+                "Each image's label is its `cls`, numbered 0..C-1 in `cls` order without gaps; `property` says C "
+                "and the size most images have.")
+    return (f"{what} The card below describes the dataset as published (WebDataset shards): the same images, "
+            "licence and citation apply to this export. Image bytes are copied, never re-encoded.\n\n")
 
 
 def _image_size(data: bytes) -> str:
@@ -246,7 +298,8 @@ class RecExport:
 
         rec, idx = self._open(record)
         position, written = record.position, record.written
-        skipped = list(record.skipped)
+        skipped, sizes = list(record.skipped), Counter(record.sizes)
+        label_of = self._labels(position, skipped)
         first_key = 0 if self.shuffle else 1
         if not self.shuffle and position == 0:  # record 0 first; its labels are written last, in place
             self._write(rec, idx, 0, pack([0.0, 0.0], b""))
@@ -264,11 +317,13 @@ class RecExport:
                 finally:
                     bar.update(1)
                 key = first_key + written
-                since_bytes += self._write(rec, idx, key, pack(float(sample.cls), image, id=key))
+                since_bytes += self._write(rec, idx, key, pack(float(label_of(sample.cls)), image, id=key))
+                sizes[_image_size(image)] += 1
                 written += 1
                 since += 1
                 if since >= CHECKPOINT_RECORDS or since_bytes >= CHECKPOINT_BYTES:
-                    self._checkpoint(rec, idx, position=position + 1, written=written, skipped=skipped)
+                    self._checkpoint(rec, idx, position=position + 1, written=written, skipped=skipped,
+                                     sizes=dict(sizes))
                     since, since_bytes = 0, 0
             position = len(self.order)
         if written == 0:
@@ -279,13 +334,34 @@ class RecExport:
         gone = {s.position for s in skipped}
         if self.shuffle:
             identities = len({s.cls for i, s in enumerate(self.order) if i not in gone})
+            classes = len({s.cls for s in self.order})
         else:
-            identities = self._identity_records(rec, idx, gone, written)
-        record = self._checkpoint(rec, idx, position=position, written=written, skipped=skipped,
-                                  records_done=True, identities=identities)
+            identities = classes = self._identity_records(rec, idx, gone, written)
+        record = self._checkpoint(rec, idx, position=position, written=written, skipped=skipped, sizes=dict(sizes),
+                                  records_done=True, identities=identities, classes=classes)
         rec.close()
         idx.close()
         return record
+
+    def _labels(self, position: int, skipped: list[ExportSkip]):
+        """``cls`` -> the label written: the classes numbered 0..C-1 in ``cls`` order, so that a ``cls`` with no
+        image (an empty identity, or one whose images were all skipped) leaves no gap, and record 0, the C identity
+        records and ``property`` agree on C. In label order that is the count of classes written so far (recounted
+        from the record on a resume); shuffled, the rank among the dataset's classes (no identity records there)."""
+        if self.shuffle:
+            ranks = {cls: i for i, cls in enumerate(sorted({s.cls for s in self.order}))}
+            return ranks.__getitem__
+        gone = {s.position for s in skipped}
+        earlier = [s.cls for i, s in enumerate(self.order[:position]) if i not in gone]
+        state = {"classes": len(set(earlier)), "last": earlier[-1] if earlier else None}
+
+        def label_of(cls: int) -> int:
+            if cls != state["last"]:
+                state["classes"] += 1
+                state["last"] = cls
+            return state["classes"] - 1
+
+        return label_of
 
     def _write(self, rec, idx, key: int, payload: bytes) -> int:
         data = encode_record(payload)
@@ -333,12 +409,15 @@ class RecExport:
                 raise UsageError(f"{final} is missing or not the size its record says: delete {self.folder.root} to "
                                  "export again")
         fsync_folder(self.folder.root)
-        classes = max(s.cls for s in self.order) + 1
-        sizes = Counter(_image_size(self.data.image(s)) for s in self.order[:64])
-        size = next((s for s, _ in sizes.most_common() if s), "112,112")
-        atomic_write(self.folder.file(PROPERTY_FILE), f"{classes},{size}\n".encode("ascii"))
-        _copy_card(self.data, self.folder, "RecordIO, shuffled, without header records" if self.shuffle
-                   else "RecordIO in insightface's layout")
+        sizes = Counter({size: n for size, n in record.sizes.items() if size})
+        size = min(sizes, key=lambda s: (-sizes[s], s), default="112,112")  # the most common; of a tie, the smallest
+        atomic_write(self.folder.file(PROPERTY_FILE), f"{record.classes},{size}\n".encode("ascii"))
+        others = record.written - sizes[size]
+        if others:
+            height, width = size.split(",")
+            warn(f"{others} of {record.written} exported images are not {height}x{width}, the size written in "
+                 "property (the most common one); arcface_torch expects every image 112x112")
+        _write_card(self.data, self.folder, "rec", self.shuffle)
         self.record = dataclasses.replace(record, complete=True)
         self.record.write(self.folder.record)
 
@@ -375,21 +454,22 @@ class FolderExport:
         if written == 0:
             raise UsageError(f"no sample of {self.data.name} could be read: nothing exported")
         sync_all()  # every image durable before the record says complete
-        _copy_card(self.data, self.folder, "image folders for torchvision's ImageFolder")
+        _write_card(self.data, self.folder, "imagefolder", False)
         gone = {s.position for s in skipped}
         identities = len({sample.identity for i, sample in enumerate(self.order) if i not in gone})
         self.record = dataclasses.replace(self.record, position=len(self.order), written=written, skipped=skipped,
-                                          complete=True, identities=identities)
+                                          complete=True, identities=identities, classes=identities)
         self.record.write(self.folder.record)
         return self.record
 
     def _folder_names(self) -> dict[str, str]:
         """Identity -> its folder's name: the identity id when it is a plain, visible file name (unique once case is
-        ignored, for file systems that ignore it), else ``cls-{cls:06d}``."""
+        ignored, for file systems that ignore it; not starting with ``__``, which ``datasets`` skips like a hidden
+        folder), else ``cls-{cls:06d}``."""
         names, taken = {}, set()
         for identity, samples in self.data.by_identity.items():
             name = identity
-            if (not SAFE_FOLDER.fullmatch(name) or name.startswith(".") or name.strip() != name
+            if (not SAFE_FOLDER.fullmatch(name) or name.startswith((".", "__")) or name.strip() != name
                     or name.lower() in taken or name in self.folder.own_names()):
                 name = f"cls-{samples[0].cls:06d}"
             names[identity] = name

@@ -946,4 +946,6 @@ class ExportRecord(Record):
     records_done: bool = False
     complete: bool = False
     identities: int = 0  # identities (classes) with at least one image written, once complete
+    classes: int = 0  # labels 0 .. classes-1 written (property's count), once complete
+    sizes: dict[str, int] = field(default_factory=dict)  # "H,W" (from each image's header) -> images written
 

@@ -50,3 +50,8 @@ class CheckFailed(FacegenError):
 
 class RemoteError(FacegenError):
     """A remote service failed or sent something else than published (the Hub, a download server)."""
+
+
+# How to install what `report`'s plots and `--recognizer dlib` need: the README's install (a checkout), or an index.
+REPORT_EXTRA_INSTALL = ("`pip install -e \".[report]\"` in a facegen checkout, `pip install 'facegen[report]'` "
+                        "from an index")

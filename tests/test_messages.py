@@ -125,7 +125,7 @@ def test_interrupted_build_says_how_to_resume(tmp_path, capsys, sig, code, word)
     proc.send_signal(signal.SIGCONT)
     stdout, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert f"facegen: {word}: complete shards are kept; rerun the same command to resume" in err
+    assert f"facegen: {word}: complete units of work and shards are kept; rerun the same command to resume" in err
     assert "Traceback" not in err and "done" not in stdout
     assert not (out / ".facegen" / "lock").exists()  # released on the way out
     assert not [p for p in (out / "data" / "train").iterdir() if p.name.startswith(".")]

@@ -358,6 +358,16 @@ def rank_batches(order, ranks, workers, batch_size, reader):
     return counts
 
 
+def test_no_step_per_epoch_is_an_error_naming_what_serves_one():
+    from facegen import training
+
+    info = {"splits": {"train": {"num_samples": 16, "shard_lengths": [2] * 8}}}
+    with pytest.raises(ValueError, match="batch_size 256 get no full batch from 16 samples in 8 shards; "
+                                         "a batch_size of at most 2 serves one step"):
+        training.steps_per_epoch(info, ranks=8, workers=4, batch_size=256, reader="datasets")
+    assert training.steps_per_epoch(info, ranks=8, workers=4, batch_size=2, reader="datasets") == 1
+
+
 @pytest.mark.parametrize("lengths", [[60] * 5, [80, 78, 80, 77, 80, 75, 80, 70], [625] * 32, [9, 1, 5, 7, 3, 8]])
 def test_every_rank_gets_the_steps_whatever_the_shard_order(lengths):
     import itertools
@@ -368,12 +378,18 @@ def test_every_rank_gets_the_steps_whatever_the_shard_order(lengths):
     info = {"splits": {"train": {"num_samples": sum(lengths), "shard_lengths": lengths}}}
     rng = random.Random(0)
     orders = [lengths] + [rng.sample(lengths, len(lengths)) for _ in range(30)]
+    def steps_per_epoch(*args):  # none is a ValueError (tested below): 0 steps here
+        try:
+            return training.steps_per_epoch(info, *args)
+        except ValueError:
+            return 0
+
     for ranks, workers, batch_size in itertools.product((1, 2, 3, 4), (1, 2, 4), (1, 4, 16, 29)):
-        steps = training.steps_per_epoch(info, ranks, workers, batch_size, "datasets")
+        steps = steps_per_epoch(ranks, workers, batch_size, "datasets")
         assert all(min(rank_batches(o, ranks, workers, batch_size, "datasets")) >= steps for o in orders)
         if len(set(lengths)) == 1 and len(lengths) % (ranks * workers) == 0:  # an even split: nothing to spare
             assert rank_batches(lengths, ranks, workers, batch_size, "datasets") == [steps] * ranks
-        steps = training.steps_per_epoch(info, ranks, workers, batch_size, "webdataset")
+        steps = steps_per_epoch(ranks, workers, batch_size, "webdataset")
         assert min(rank_batches(lengths, ranks, workers, batch_size, "webdataset")) == steps  # a fixed split
         if len(lengths) >= ranks * workers:  # timm: no worker's shards run short of its count (no repeats)
             per_worker = training.timm_num_samples(info, ranks, workers, batch_size) // (ranks * workers)

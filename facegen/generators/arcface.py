@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facegen.errors import UsageError
+from facegen.errors import RemoteError, UsageError, server_failed
 from facegen.generators.embeddings import normalize
 
 ARC2FACE_REPO_ID = "FoivosPar/Arc2Face"
@@ -73,8 +73,11 @@ def resolve_arcface(model_dir: str | os.PathLike | None = None, repo_id: str = A
         # each retry; the probe fails at once, and a reachable Hub still gets hf_hub_download's retries
         HfApi().model_info(repo_id, revision=revision)
         return hf_hub_download(repo_id, ARCFACE_FILENAME, revision=revision)
-    except Exception as exc:  # offline, unreachable, missing revision: all end the same way for the user
+    except Exception as exc:  # offline, unreachable, missing revision: the user provides the file
         reason = type(exc).__name__
+        if server_failed(exc):
+            raise RemoteError(f"cannot get {ARCFACE_FILENAME} from the Hub repo {repo_id}@{revision[:12]}: the Hub "
+                              f"answered {exc.response.status_code}; rerun later, or {pass_model_dir}") from None
         raise MissingModelError(
             f"cannot get {ARCFACE_FILENAME} from the Hub repo {repo_id}@{revision[:12]} ({reason}); on an offline "
             f"machine download it elsewhere with `hf download {repo_id} {ARCFACE_FILENAME} --revision {revision} "

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from facegen import registry
-from facegen.errors import UsageError
+from facegen.errors import RemoteError, UsageError, server_failed
 from facegen.hub_ids import dataset_id
 from facegen.layout import CHECKSUMS_FILE, IDENTITIES_FILE, README, OutputFolder, published_provenance
 from facegen.layout.records import RunRecord, load_run, load_shard_stats
@@ -121,7 +121,8 @@ def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
             return hf_hub_download(repo_id, name, repo_type="dataset", revision=revision)
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot read {name} of the dataset {repo_id} on the Hub: {first}") from None
+            kind = RemoteError if server_failed(exc) else UsageError  # the Hub failing; else no network or no file
+            raise kind(f"cannot read {name} of the dataset {repo_id} on the Hub: {first}") from None
 
     readme = download(README)
     card = _front_matter(Path(readme).read_text(encoding="utf-8"), repo_id)

@@ -89,10 +89,10 @@ class FolderSource(Source):
                     for entry in entries:
                         if entry.name.startswith("."):
                             ignored["hidden files"] += 1
+                        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                            images.append(entry.name)  # by its name, as before: one that cannot be read is a skip
                         elif entry.is_dir():
                             ignored["nested folders"] += 1
-                        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                            images.append(entry.name)
                         else:
                             ignored["non-image files"] += 1
             except OSError:

@@ -22,9 +22,10 @@ EXIT_CODES = {UsageError: 2, SampleError: 2, CheckFailed: 1, RemoteError: 1}
 INTERRUPTED, TERMINATED = 130, 143
 # What an interrupted command leaves behind; any other command: "rerun the same command".
 AFTER_A_STOP = {
-    "build": "complete shards are kept; rerun the same command to resume",
-    "curate": "complete shards are kept; rerun the same command to resume",
-    "demo": "complete shards are kept; rerun the same command to resume",
+    # the build's units of work, then the published shards assembled from them: either may be what is kept
+    "build": "complete units of work and shards are kept; rerun the same command to resume",
+    "curate": "complete units of work and shards are kept; rerun the same command to resume",
+    "demo": "complete units of work and shards are kept; rerun the same command to resume",
     "download": "what arrived is kept in a partial file; rerun the same command to resume",
     "export": "what was exported is kept; rerun the same command to resume",
     "publish": "rerun the same command to resume the upload (files already committed are skipped)",

@@ -7,7 +7,9 @@
 - exit 2, :class:`SampleError`: under ``--strict``, a bad sample stopped the build;
 - exit 1, :class:`CheckFailed`: a check the command exists to make failed (a publish check, a rebuild that
   differs from its card);
-- exit 1, :class:`RemoteError`: a remote service failed (the Hub, a download server); a rerun may work.
+- exit 1, :class:`RemoteError`: a remote service failed (the Hub or a download server answered with a failure,
+  see :func:`server_failed`); a rerun may work. No answer at all (no network) is a UsageError: the environment must
+  change.
 
 Ctrl-C and SIGTERM (exit 130 and 143) are handled by the command line too. Any other exception is a bug in
 facegen and stays a traceback.
@@ -50,3 +52,16 @@ class CheckFailed(FacegenError):
 
 class RemoteError(FacegenError):
     """A remote service failed or sent something else than published (the Hub, a download server)."""
+
+
+# How to install what `report`'s plots and `--recognizer dlib` need: the README's install (a checkout), or an index.
+REPORT_EXTRA_INSTALL = ("`pip install -e \".[report]\"` in a facegen checkout, `pip install 'facegen[report]'` "
+                        "from an index")
+
+
+def server_failed(exc: BaseException) -> bool:
+    """Whether a remote call's exception is the server's failure answer (5xx, or 429 too many requests): a
+    RemoteError, exit 1. No answer at all (no network, refused, offline mode) means the environment must change, and
+    a 4xx (no such repo or file, no access) the input or the token: UsageError, exit 2."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return isinstance(status, int) and (status >= 500 or status == 429)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from facegen.card_yaml import MAX_CARD_BYTES, front_matter, read_card_text
-from facegen.errors import UsageError
+from facegen.errors import RemoteError, UsageError, server_failed
 from facegen.hub_ids import HubId, dataset_id, parse
 from facegen.layout import DATA_DIR, INFO, LICENSE, README, TRAIN_DIR, OutputFolder, shard_number
 from facegen.layout.records import RunRecord, SampleIndex
@@ -81,10 +81,11 @@ def download_dataset(repo_id: str, revision: str | None = None) -> Path:
 
     try:
         return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
+    except Exception as exc:  # offline, unknown repo, gated: the user must act; the Hub failing: a rerun may work
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UsageError(f"{repo_id} is not a local folder, and the Hub dataset {repo_id} cannot be downloaded "
-                         f"({type(exc).__name__}{': ' + first_line if first_line else ''})") from None
+        kind = RemoteError if server_failed(exc) else UsageError
+        raise kind(f"{repo_id} is not a local folder, and the Hub dataset {repo_id} cannot be downloaded "
+                   f"({type(exc).__name__}{': ' + first_line if first_line else ''})") from None
 
 
 def resolve_dataset(path_or_repo: str | os.PathLike) -> tuple[Path, str | None]:

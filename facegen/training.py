@@ -46,9 +46,25 @@ def _per_worker_shards(num_shards: int, workers: int) -> list[int]:
 
 
 def steps_per_epoch(info: dict, ranks: int, workers: int, batch_size: int, reader: str = "datasets") -> int:
-    """Full batches (``drop_last`` in each worker) that every rank gets from ``reader`` in every epoch."""
+    """Full batches (``drop_last`` in each worker) that every rank gets from ``reader`` in every epoch.
+
+    ValueError when that is none (an epoch of no steps would train nothing), naming what serves one step."""
     if min(ranks, workers, batch_size) < 1:
         raise ValueError("ranks, workers and batch_size must be at least 1")
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
+    steps = _full_batches(info, ranks, workers, batch_size, reader)
+    if steps:
+        return steps
+    samples = sum(shard_lengths_of(info))
+    served = next((b for b in range(batch_size - 1, 0, -1) if _full_batches(info, ranks, workers, b, reader)), None)
+    hint = (f"a batch_size of at most {served} serves one step" if served else
+            "no batch_size serves one: use fewer ranks or workers")
+    raise ValueError(f"{reader}: {ranks} ranks x {workers} workers with batch_size {batch_size} get no full batch "
+                     f"from {samples} samples in {len(shard_lengths_of(info))} shards; {hint}")
+
+
+def _full_batches(info: dict, ranks: int, workers: int, batch_size: int, reader: str) -> int:
     lengths = shard_lengths_of(info)
     if reader == "datasets":
         ordered = sorted(lengths)  # any shard order: count each worker's smallest shards
@@ -57,9 +73,7 @@ def steps_per_epoch(info: dict, ranks: int, workers: int, batch_size: int, reade
     if reader == "webdataset":
         per_rank = [lengths[rank::ranks] for rank in range(ranks)]
         return min(sum(sum(mine[w::workers]) // batch_size for w in range(workers)) for mine in per_rank)
-    if reader == "timm":
-        return timm_num_samples(info, ranks, workers, batch_size) // (ranks * batch_size)
-    raise ValueError(f"reader must be one of {', '.join(READERS)}, got {reader!r}")
+    return timm_num_samples(info, ranks, workers, batch_size) // (ranks * batch_size)
 
 
 def timm_num_samples(info: dict, ranks: int, workers: int, batch_size: int) -> int:

@@ -112,6 +112,32 @@ def test_resolve_arcface_missing_in_model_dir(tmp_path):
     assert isinstance(info.value, UsageError)  # the CLI turns it into one line and exit code 2
 
 
+def test_embed_without_a_network_fails_in_one_line_naming_the_option(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants as hub_constants
+
+    from conftest import facegen
+    from facegen.testing.folder import write_folder_source
+
+    with socket.socket() as s:  # a port nothing listens on: every request is refused, like a machine offline
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(hub_constants, "ENDPOINT", closed)
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        closed + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    src = write_folder_source(tmp_path / "src", identities=1, images_per_identity=1)
+    started = time.monotonic()
+    result = facegen("embed", "--source", "folder", "--source-path", src, "--out", tmp_path / "p.npz")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    # no retry lines from huggingface_hub (5 retries with backoff took about 25 s)
+    assert result.stderr.count("\n") == 1 and "pass `--model-dir DIR`" in result.stderr, result.stderr
+    assert elapsed < 15, elapsed
+
+
 def test_resolve_arcface_offline_without_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 

@@ -81,6 +81,31 @@ def test_natural_order_and_labels(tmp_path):
     assert {(r["json"]["width"], r["json"]["height"]) for r in rows} == {(8, 8)}
 
 
+def test_empty_identity_folders_are_left_out_and_unread_files_are_counted(tmp_path):
+    src = write_folder_source(tmp_path / "src", identities=4, images_per_identity=2)
+    for image in (src / "1").iterdir():
+        image.unlink()  # identity 1: an empty folder
+    (src / "3" / "sub").mkdir()
+    (src / "3" / "sub" / "1.png").write_bytes((src / "3" / "0.png").read_bytes())  # nested: not read
+    (src / "3" / "notes.txt").write_text("notes")
+    (src / "3" / ".DS_Store").write_bytes(b"\0")
+    (src / "stray.png").write_bytes((src / "0" / "0.png").read_bytes())
+    out = tmp_path / "out"
+    result = facegen("build", "--source", "folder", "--source-path", src, "--plugin", "passthrough", "--out", out,
+                     check=True)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("folder:")]
+    assert warnings == ["folder: not read: 1 identity folder(s) without an image, left out (e.g. 1); "
+                        "1 images at the top level; 1 nested folders; 1 non-image files (only "
+                        "PATH/<identity>/<image>.png|jpg|jpeg is read; nested folders are not)"]
+    rows = sorted(datasets.load_dataset(str(out), split="train"), key=lambda r: r["__key__"])
+    # the labels stay dense, in the folders' order
+    assert [(r["cls"], r["json"]["identity"]) for r in rows] == [(0, "0")] * 2 + [(1, "2")] * 2 + [(2, "3")] * 2
+    run = json.loads((out / ".facegen" / "run.json").read_text())
+    assert run["totals"]["identities"] == 3
+    assert run["source"]["provenance"] == {"identity_folders_without_images": 1, "ignored_entries": {
+        "hidden files": 1, "images at the top level": 1, "nested folders": 1, "non-image files": 1}}
+
+
 def test_format_conversion_to_jpg(tmp_path, folder_source):
     out = tmp_path / "out"
     build("--source", "folder", "--source-path", folder_source, "--plugin", "passthrough", "--out", out,

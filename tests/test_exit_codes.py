@@ -40,10 +40,35 @@ CASES = {  # name: (the command, made in tmp_path; exit code; what its one line 
     "SampleError": (strict_build, 2, "bad sample 0/1.png: corrupt image"),
     "CheckFailed": (lambda tmp: ["publish", broken_output(tmp), "--repo", "org/x", "--dry-run"], 1,
                     "refusing to publish"),
+    # a server that answers with a failure: exit 1 (a rerun may work); one that cannot be reached: exit 2 (the
+    # network must change), as for the Hub
     "RemoteError": (lambda tmp: ["download", "digiface", "--to", tmp / "d", "--parts", "subjects_0-1999_72_imgs",
-                                 "--base-url", "http://127.0.0.1:9/", "--accept-license", "--retries", 0], 1,
+                                 "--base-url", "{failing server}", "--accept-license", "--retries", 0], 1,
+                    "HTTP 500"),
+    "unreachable": (lambda tmp: ["download", "digiface", "--to", tmp / "d", "--parts", "subjects_0-1999_72_imgs",
+                                 "--base-url", "http://127.0.0.1:9/", "--accept-license", "--retries", 0], 2,
                     "cannot reach 127.0.0.1:9"),
 }
+
+
+class FailingServer:
+    """Answers every request with HTTP 500."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                self.send_error(500)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -55,15 +80,40 @@ def test_each_kind_of_failure_is_one_line_and_its_exit_code(kind, tmp_path, caps
         write_output_folder(tmp_path / "busy", identities=2, shard_size=2)
         lock = OutputLock(tmp_path / "busy")
         lock.acquire()
+    server = FailingServer() if kind == "RemoteError" else None
+    if server is not None:
+        args = [server.url if a == "{failing server}" else a for a in args]
     try:
         code, _, err = run_cli(args, capsys)
     finally:
         if lock is not None:
             lock.release()
+        if server is not None:
+            server.close()
     assert code == expected_code, err
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("facegen: error: ")]
     assert len(errors) == 1 and says in errors[0], err
+
+
+def test_the_hub_failing_is_exit_1_and_no_network_exit_2(monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from facegen.errors import RemoteError, UsageError
+    from facegen.published import download_dataset
+
+    request = httpx2.Request("GET", "https://huggingface.co/api/datasets/org/x")
+    for raised, expected in ((HfHubHTTPError("503", response=httpx2.Response(503, request=request)), RemoteError),
+                             (HfHubHTTPError("404", response=httpx2.Response(404, request=request)), UsageError),
+                             (httpx2.ConnectError("no network", request=request), UsageError)):
+        def snapshot_download(*args, **kwargs):
+            raise raised
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+        with pytest.raises(expected):
+            download_dataset("org/x")
 
 
 def test_a_library_caller_gets_the_exception_not_an_exit(tmp_path):

@@ -16,6 +16,7 @@ from datasets import load_dataset
 from PIL import Image
 
 from facegen.builders.quality.curate import decide, near_duplicate_groups
+from facegen.errors import UsageError
 from facegen.layout.records import Curation, QualityReport, RecordError, ReportSettings
 from facegen.published import PublishedDataset
 from facegen.testing.output import write_output_folder
@@ -339,3 +340,14 @@ def test_report_curate_and_the_facegen_source_take_a_hub_id(real, tmp_path, hub)
     assert "(facegen dataset)" in readme.split("## Licence", 1)[1] and "`facegen` |" not in readme
     assert (new / "provenance" / "curation.json").is_file()
     no_local_paths(new, tmp_path)
+
+
+def test_missing_plot_package_names_the_readmes_install(monkeypatch):
+    import sys
+
+    from facegen.builders.quality.report import _pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(UsageError) as info:
+        _pyplot()
+    assert 'pip install -e ".[report]"' in str(info.value)  # the README's install, from a checkout

@@ -334,12 +334,13 @@ def test_a_changed_source_listing_redoes_the_shards_and_drops_surplus_ones(tmp_p
         (src / "5" / name).unlink()
     code, stdout, _ = run_cli(args, capsys)
     assert code == 0 and "shards 5 (5 written now" in stdout  # 22 samples: still 5 shards, all replanned
-    for name in ("0.png", "1.png"):
-        (src / "5" / name).unlink()
+    for name in ("0.png", "1.png"):  # not identity 5's last images: an empty folder would leave the plan
+        (src / "4" / name).unlink()
     assert run_cli(args, capsys)[0] == 0
     assert len(shard_paths(out)) == 4  # 20 samples: train-000004.tar is gone
     check_info_json_like_timm(out)
-    assert sorted(check_index(out)) == sorted(f"{c:06d}_{n:03d}" for c in range(5) for n in range(4))
+    assert sorted(check_index(out)) == sorted([f"{c:06d}_{n:03d}" for c in range(4) for n in range(4)]
+                                              + [f"{c:06d}_{n:03d}" for c in (4, 5) for n in range(2)])
 
 
 # --- the steps every rank can run (facegen.training; the card's snippets compute the same, tests/test_ddp_steps.py) ---
@@ -358,6 +359,16 @@ def rank_batches(order, ranks, workers, batch_size, reader):
     return counts
 
 
+def test_no_step_per_epoch_is_an_error_naming_what_serves_one():
+    from facegen import training
+
+    info = {"splits": {"train": {"num_samples": 16, "shard_lengths": [2] * 8}}}
+    with pytest.raises(ValueError, match="batch_size 256 get no full batch from 16 samples in 8 shards; "
+                                         "a batch_size of at most 2 serves one step"):
+        training.steps_per_epoch(info, ranks=8, workers=4, batch_size=256, reader="datasets")
+    assert training.steps_per_epoch(info, ranks=8, workers=4, batch_size=2, reader="datasets") == 1
+
+
 @pytest.mark.parametrize("lengths", [[60] * 5, [80, 78, 80, 77, 80, 75, 80, 70], [625] * 32, [9, 1, 5, 7, 3, 8]])
 def test_every_rank_gets_the_steps_whatever_the_shard_order(lengths):
     import itertools
@@ -368,12 +379,18 @@ def test_every_rank_gets_the_steps_whatever_the_shard_order(lengths):
     info = {"splits": {"train": {"num_samples": sum(lengths), "shard_lengths": lengths}}}
     rng = random.Random(0)
     orders = [lengths] + [rng.sample(lengths, len(lengths)) for _ in range(30)]
+    def steps_per_epoch(*args):  # none is a ValueError (tested below): 0 steps here
+        try:
+            return training.steps_per_epoch(info, *args)
+        except ValueError:
+            return 0
+
     for ranks, workers, batch_size in itertools.product((1, 2, 3, 4), (1, 2, 4), (1, 4, 16, 29)):
-        steps = training.steps_per_epoch(info, ranks, workers, batch_size, "datasets")
+        steps = steps_per_epoch(ranks, workers, batch_size, "datasets")
         assert all(min(rank_batches(o, ranks, workers, batch_size, "datasets")) >= steps for o in orders)
         if len(set(lengths)) == 1 and len(lengths) % (ranks * workers) == 0:  # an even split: nothing to spare
             assert rank_batches(lengths, ranks, workers, batch_size, "datasets") == [steps] * ranks
-        steps = training.steps_per_epoch(info, ranks, workers, batch_size, "webdataset")
+        steps = steps_per_epoch(ranks, workers, batch_size, "webdataset")
         assert min(rank_batches(lengths, ranks, workers, batch_size, "webdataset")) == steps  # a fixed split
         if len(lengths) >= ranks * workers:  # timm: no worker's shards run short of its count (no repeats)
             per_worker = training.timm_num_samples(info, ranks, workers, batch_size) // (ranks * workers)

@@ -17,6 +17,13 @@ from facegen.training import (
 EXAMPLE_RANKS, EXAMPLE_MAX_WORKERS, EXAMPLE_BATCH = NODE_RANKS, NODE_WORKERS, 256
 
 
+def _steps_or_none(info: dict, ranks: int, workers: int, reader: str) -> int:
+    try:
+        return steps_per_epoch(info, ranks, workers, EXAMPLE_BATCH, reader)
+    except ValueError:  # a worker's shards hold fewer samples than a batch: the card gives no example
+        return 0
+
+
 def loading_context(run: RunRecord, shard_lengths: list[int], image_sizes: dict[str, int], repo_id: str) -> dict:
     """``serves``: the most ranks x DataLoader workers that each read whole shards of their own (the shard count);
     ``example``: steps and samples left out per epoch for one node (None when a worker's shards hold fewer samples
@@ -27,8 +34,7 @@ def loading_context(run: RunRecord, shard_lengths: list[int], image_sizes: dict[
     ranks = min(EXAMPLE_RANKS, num_shards)
     if ranks:
         workers = loader_workers(num_shards, ranks, EXAMPLE_MAX_WORKERS)
-        readers = {reader: steps_per_epoch(info, ranks, workers, EXAMPLE_BATCH, reader)
-                   for reader in ("datasets", "webdataset", "timm")}
+        readers = {reader: _steps_or_none(info, ranks, workers, reader) for reader in ("datasets", "webdataset", "timm")}
         if any(readers.values()):
             groups = {}  # readers that run the same steps, together
             for reader, steps in readers.items():

@@ -302,6 +302,12 @@ def resolve_repo(repo_id: str, revision: str | None, files: Sequence[str], local
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         from huggingface_hub import constants
 
+        from facegen.errors import RemoteError, server_failed
+
+        if server_failed(exc):  # the Hub failing, not the machine: a rerun may work (exit 1)
+            raise RemoteError(f"{repo_id}@{revision} cannot be downloaded: the Hub answered "
+                              f"{exc.response.status_code}; rerun later, or pass model_dir=DIR") from None
+
         if constants.HF_HUB_OFFLINE:
             reason = "HF_HUB_OFFLINE is set"
         else:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facegen.errors import UsageError
+from facegen.errors import RemoteError, UsageError, server_failed
 from facegen.generators.embeddings import normalize
 
 ARC2FACE_REPO_ID = "FoivosPar/Arc2Face"
@@ -47,8 +47,9 @@ class MissingModelError(UsageError):
 
 
 def resolve_arcface(model_dir: str | os.PathLike | None = None, repo_id: str = ARC2FACE_REPO_ID,
-                    revision: str = ARC2FACE_REVISION) -> str:
-    """Path of ``arcface.onnx``: from ``model_dir`` (offline clusters) or the pinned Hub revision."""
+                    revision: str = ARC2FACE_REVISION, pass_model_dir: str = "pass `--model-dir DIR`") -> str:
+    """Path of ``arcface.onnx``: from ``model_dir`` (offline clusters) or the pinned Hub revision.
+    ``pass_model_dir`` says how the command at hand is given a model folder, for the offline hint."""
     if model_dir is not None:
         model_dir = Path(model_dir).expanduser()
         candidates = [Path(ARCFACE_FILENAME), Path("arc2face") / ARCFACE_FILENAME,
@@ -61,16 +62,26 @@ def resolve_arcface(model_dir: str | os.PathLike | None = None, repo_id: str = A
             f"download it with `hf download {repo_id} {ARCFACE_FILENAME} --revision {revision} "
             f"--local-dir {model_dir / 'arc2face'}`"
         )
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import HfApi, hf_hub_download
 
     try:
+        return hf_hub_download(repo_id, ARCFACE_FILENAME, revision=revision, local_files_only=True)
+    except Exception:
+        pass  # not in the cache
+    try:
+        # one request first: without a network hf_hub_download retries 5 times with backoff (about 25 s), logging
+        # each retry; the probe fails at once, and a reachable Hub still gets hf_hub_download's retries
+        HfApi().model_info(repo_id, revision=revision)
         return hf_hub_download(repo_id, ARCFACE_FILENAME, revision=revision)
-    except Exception as exc:  # offline, unreachable, missing revision: all end the same way for the user
+    except Exception as exc:  # offline, unreachable, missing revision: the user provides the file
         reason = type(exc).__name__
+        if server_failed(exc):
+            raise RemoteError(f"cannot get {ARCFACE_FILENAME} from the Hub repo {repo_id}@{revision[:12]}: the Hub "
+                              f"answered {exc.response.status_code}; rerun later, or {pass_model_dir}") from None
         raise MissingModelError(
             f"cannot get {ARCFACE_FILENAME} from the Hub repo {repo_id}@{revision[:12]} ({reason}); on an offline "
             f"machine download it elsewhere with `hf download {repo_id} {ARCFACE_FILENAME} --revision {revision} "
-            "--local-dir DIR`, copy DIR over and pass its path as the model directory"
+            f"--local-dir DIR`, copy DIR over and {pass_model_dir}"
         ) from None
 
 

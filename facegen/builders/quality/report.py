@@ -71,7 +71,7 @@ from facegen.builders.quality.pieces import (
     save_arrays,
     wait_for,
 )
-from facegen.errors import UsageError
+from facegen.errors import REPORT_EXTRA_INSTALL, UsageError
 from facegen.fileio import sha256_file
 from facegen.generators.embeddings import normalize
 from facegen.layout import (
@@ -660,7 +660,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UsageError("the report's plots need matplotlib (`pip install 'facegen[report]'`)") from None
+        raise UsageError(f"the report's plots need matplotlib ({REPORT_EXTRA_INSTALL})") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

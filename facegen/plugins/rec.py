@@ -306,7 +306,7 @@ class RecSource(Source):
             except RecordError as exc:
                 self._leave_out(f"identity record unreadable: {exc.reason}", key)
                 continue
-            if record.flag < 2 or not all(v == int(v) for v in record.labels[:2]):
+            if record.flag < 2 or not all(math.isfinite(v) and v == int(v) for v in record.labels[:2]):
                 self._leave_out("identity record without a [start, end) label", key)
                 continue
             start, end = int(record.labels[0]), int(record.labels[1])

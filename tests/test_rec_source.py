@@ -209,3 +209,29 @@ def test_identity_record_labelled_nan_or_infinite_is_left_out(tmp_path, bad):
     assert any("identity record without a [start, end) label" in w for w in source.warnings), source.warnings
     assert source.identities() == ["0"]
     assert [type(i) for i in source.load("0")] == [SourceImage, SourceImage]
+
+
+def test_a_property_that_is_a_fifo_is_ignored_never_a_hang(tmp_path):
+    """A FIFO named ``property`` beside the .rec: opening it to read blocked the build forever (no writer). It is
+    ignored with a warning, at once (bound 1 s, checked with 10 s)."""
+    import threading
+
+    folder = tmp_path / "face"
+    shutil.copytree(FIXTURES / "face", folder)
+    (folder / "property").unlink()
+    os.mkfifo(folder / "property")
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(source=RecSource(folder)), daemon=True)
+    thread.start()
+    thread.join(10)
+    try:
+        assert not thread.is_alive(), "RecSource still opening the FIFO after 10 s"
+    finally:
+        try:  # a reader blocked in open() wakes when a writer comes, so a failure leaves no stuck thread behind
+            os.close(os.open(folder / "property", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    source = outcome["source"]
+    assert source.provenance()["property"] is None
+    assert "rec: train.rec: the 'property' beside it is not a regular file: ignored" in source.warnings
+    assert source.identities()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import stat
 import threading
 from collections import Counter, defaultdict
 
@@ -163,10 +164,18 @@ class RecSource(Source):
         """insightface's ``property`` file beside the .rec ("classes,height,width"), for the provenance."""
         path = os.path.join(os.path.dirname(self.rec_path), "property")
         try:
-            with open(path, "rb") as f:
-                text = f.read(256).decode("ascii", "replace").strip().splitlines()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO named so would block the build forever
         except OSError:
             return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self.warnings.append(f"rec: {self.rec_name}: the 'property' beside it is not a regular file: ignored")
+                return None
+            text = os.read(fd, 256).decode("ascii", "replace").strip().splitlines()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         return text[0].strip() if text else None
 
     def _fd(self) -> int:

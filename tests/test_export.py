@@ -318,3 +318,18 @@ def test_png_bytes_are_exported_as_png(dataset, tmp_path):
     assert image[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(io.BytesIO(image)) as decoded:
         assert decoded.size == (24, 24)
+
+
+def test_imagefolder_fallback_names_never_take_a_folder_already_named(tmp_path):
+    """An identity named ``cls-000001`` (class 0) and one whose name is no safe folder name (a trailing space) with
+    class 1: the latter's fallback ``cls-000001`` was the former's folder, and one identity's images were lost."""
+    ds = folder_dataset(tmp_path, {"cls-000001": [24, 24], "zz ": [24, 24, 24]})
+    to = tmp_path / "folders"
+    assert cli("export", ds, "--format", "imagefolder", "--to", to) == 0
+    folders = {entry.name: sorted(p.read_bytes() for p in Path(entry.path).glob("*.png"))
+               for entry in os.scandir(to) if entry.is_dir()}
+    expected = {}
+    for _, _, identity, data in published(ds):
+        expected.setdefault(identity, []).append(data)
+    assert len(folders) == 2 and folders["cls-000001"] == sorted(expected["cls-000001"])
+    assert sorted(folders.values()) == sorted(map(sorted, expected.values()))

@@ -159,3 +159,14 @@ def test_build_of_an_hsface_lmdb_loads(hsface, tmp_path):
     rows = sorted((r["json"]["index"], r["json"]["identity"], r["json"]["channels"]) for r in ds)
     assert rows == [(i, str(i // 3), "rgb") for i in range(12)]
     assert ds.features["json"]["index"] == datasets.Value("int64")
+
+
+@pytest.mark.parametrize("label", [2**63, 2**64 - 1])
+def test_a_label_beyond_int64_is_left_out_and_counted(tmp_path, label):
+    """msgpack holds labels up to 2**64 - 1: planning crashed with OverflowError putting one in its int64 array."""
+    path = write_vec2face_lmdb(tmp_path / "x.lmdb", values={1: msgpack.dumps((face_jpeg(0, 1), label))})
+    source = LmdbSource(path)
+    assert source.warnings == ["lmdb: x.lmdb: left out 1 record (label is not a class number), e.g. index 1"]
+    assert source.provenance()["left_out"] == {"label is not a class number": 1}
+    items = [item for identity in source.identities() for item in source.load(identity)]
+    assert sum(isinstance(i, SourceImage) for i in items) == 5

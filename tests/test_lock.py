@@ -219,6 +219,13 @@ def lock_holding(path, case):
         os.mkfifo(path)
     elif case == "folder":
         path.mkdir()
+    elif case == "dangling symlink":
+        path.symlink_to(path.parent / "nowhere")
+    elif case == "symlink to a lock":
+        (path.parent / "elsewhere").write_text(json.dumps(holder))
+        path.symlink_to(path.parent / "elsewhere")
+    elif case == "deep json":
+        path.write_text("[" * 60000)
     elif case == "gigabytes":
         with open(path, "wb") as f:
             f.truncate(3 << 30)  # sparse: nothing on the disk
@@ -231,7 +238,7 @@ def lock_holding(path, case):
 
 
 LOCK_CASES = ["lease nan", "lease infinity", "lease negative", "lease huge", "pid -1", "pid 0", "pid 10**20", "fifo",
-              "folder", "gigabytes"]
+              "folder", "gigabytes", "dangling symlink", "symlink to a lock", "deep json"]
 
 
 def acquire_within(lock, seconds, **kwargs):
@@ -256,7 +263,8 @@ def acquire_within(lock, seconds, **kwargs):
 @pytest.mark.parametrize("case", LOCK_CASES)
 def test_a_lock_file_facegen_did_not_write_is_one_line_never_a_wait(tmp_path, case):
     """Today: 'waiting up to nan s' forever (NaN, Infinity), a read that blocks forever (a FIFO), a refusal naming
-    every process (pid -1, 0), a traceback (10**20). Each is refused at once (bound 1 s, checked with 10 s) in one
+    every process (pid -1, 0), a traceback (10**20, deep json), a busy loop at 100% CPU (a dangling symlink: O_EXCL
+    finds it, reading finds nothing), even with --break-lock. Each is refused at once (bound 1 s, checked with 10 s) in one
     line that says what the file is; --break-lock then removes it, except a folder."""
     path = tmp_path / ".facegen" / "lock"
     lock_holding(path, case)
@@ -272,7 +280,7 @@ def test_a_lock_file_facegen_did_not_write_is_one_line_never_a_wait(tmp_path, ca
         return
     assert error is None and Holder.parse(path.read_bytes()).token == taker.me.token
     taker.release()
-    assert not path.exists()
+    assert not path.exists() and not path.is_symlink()
 
 
 def test_a_build_refused_by_a_fifo_lock_is_one_line_exit_2(src, tmp_path, capsys, monkeypatch):

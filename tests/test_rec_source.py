@@ -18,7 +18,7 @@ from facegen.plugins import recordio
 from facegen.plugins import rec as rec_plugin
 from facegen.plugins.rec import RecSource
 from facegen.records import SourceImage, Skip
-from facegen.testing.recordio import HOSTILE_KINDS, write_face_rec, write_hostile_rec
+from facegen.testing.recordio import HOSTILE_KINDS, face_jpeg, write_face_rec, write_hostile_rec
 
 FIXTURES = Path(__file__).parent / "fixtures" / "recordio"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -192,3 +192,46 @@ def test_record_zero_past_float32_s_exact_integers_plans_by_each_image_s_label(m
     assert [source.image_refs(i) for i in source.identities()] == [
         ["train.rec:1", "train.rec:2"], ["train.rec:3", "train.rec:4", "train.rec:5"], ["train.rec:6", "train.rec:7"]]
     assert source.provenance()["left_out"] == {}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_identity_record_labelled_nan_or_infinite_is_left_out(tmp_path, bad):
+    """An identity record whose range is NaN or infinite crashed planning (int(nan)): it is a record without a
+    [start, end) label like any other broken one, and its images are placed by their own labels."""
+    folder = tmp_path / "rec"
+    folder.mkdir()
+    with recordio.RecordWriter(folder / "train.rec", folder / "train.idx") as writer:
+        writer.write(0, recordio.pack([3.0, 4.0], b""))  # 2 images, then 1 identity record
+        writer.write(1, recordio.pack(0.0, face_jpeg(0, 0)))
+        writer.write(2, recordio.pack(0.0, face_jpeg(0, 1)))
+        writer.write(3, recordio.pack([bad, 3.0], b""))
+    source = RecSource(folder)
+    assert any("identity record without a [start, end) label" in w for w in source.warnings), source.warnings
+    assert source.identities() == ["0"]
+    assert [type(i) for i in source.load("0")] == [SourceImage, SourceImage]
+
+
+def test_a_property_that_is_a_fifo_is_ignored_never_a_hang(tmp_path):
+    """A FIFO named ``property`` beside the .rec: opening it to read blocked the build forever (no writer). It is
+    ignored with a warning, at once (bound 1 s, checked with 10 s)."""
+    import threading
+
+    folder = tmp_path / "face"
+    shutil.copytree(FIXTURES / "face", folder)
+    (folder / "property").unlink()
+    os.mkfifo(folder / "property")
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(source=RecSource(folder)), daemon=True)
+    thread.start()
+    thread.join(10)
+    try:
+        assert not thread.is_alive(), "RecSource still opening the FIFO after 10 s"
+    finally:
+        try:  # a reader blocked in open() wakes when a writer comes, so a failure leaves no stuck thread behind
+            os.close(os.open(folder / "property", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    source = outcome["source"]
+    assert source.provenance()["property"] is None
+    assert "rec: train.rec: the 'property' beside it is not a regular file: ignored" in source.warnings
+    assert source.identities()

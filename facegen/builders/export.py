@@ -465,13 +465,17 @@ class FolderExport:
     def _folder_names(self) -> dict[str, str]:
         """Identity -> its folder's name: the identity id when it is a plain, visible file name (unique once case is
         ignored, for file systems that ignore it; not starting with ``__``, which ``datasets`` skips like a hidden
-        folder), else ``cls-{cls:06d}``."""
+        folder), else ``cls-{cls:06d}`` (``-2``, ``-3``... appended while another identity has that name)."""
         names, taken = {}, set()
         for identity, samples in self.data.by_identity.items():
             name = identity
             if (not SAFE_FOLDER.fullmatch(name) or name.startswith((".", "__")) or name.strip() != name
                     or name.lower() in taken or name in self.folder.own_names()):
-                name = f"cls-{samples[0].cls:06d}"
+                name = base = f"cls-{samples[0].cls:06d}"
+                suffix = 1
+                while name.lower() in taken:  # an identity literally named so took it first
+                    suffix += 1
+                    name = f"{base}-{suffix}"
             names[identity] = name
             taken.add(name.lower())
         return names

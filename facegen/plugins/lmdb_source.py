@@ -48,6 +48,7 @@ MAX_META_BYTES = 64  # __len__ and __classnum__ are msgpack integers
 MAX_RECORDS = 1 << 31
 MAX_MASK_HEADER_BYTES = 1 << 16
 WARNING_EXAMPLES = 3
+MAX_LABEL = (1 << 63) - 1  # the largest label an int64 plan holds
 
 
 _ENVS: dict[str, list] = {}  # real path -> [environment, sources using it]
@@ -294,9 +295,14 @@ class LmdbSource(Source):
                 self._leave_out("key missing", position)
                 continue
             try:
-                labels[row] = label_of(value)[2]
+                label = label_of(value)[2]
             except ValueFormatError:
                 self._leave_out("value is not msgpack (image bytes, label)", position)
+                continue
+            if label > MAX_LABEL:  # msgpack holds up to 2**64 - 1; the plan holds int64
+                self._leave_out("label is not a class number", position)
+                continue
+            labels[row] = label
         return labels
 
     # --- the Source API ---

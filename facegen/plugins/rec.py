@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import stat
 import threading
 from collections import Counter, defaultdict
 
@@ -163,10 +164,18 @@ class RecSource(Source):
         """insightface's ``property`` file beside the .rec ("classes,height,width"), for the provenance."""
         path = os.path.join(os.path.dirname(self.rec_path), "property")
         try:
-            with open(path, "rb") as f:
-                text = f.read(256).decode("ascii", "replace").strip().splitlines()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO named so would block the build forever
         except OSError:
             return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                self.warnings.append(f"rec: {self.rec_name}: the 'property' beside it is not a regular file: ignored")
+                return None
+            text = os.read(fd, 256).decode("ascii", "replace").strip().splitlines()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         return text[0].strip() if text else None
 
     def _fd(self) -> int:
@@ -306,7 +315,7 @@ class RecSource(Source):
             except RecordError as exc:
                 self._leave_out(f"identity record unreadable: {exc.reason}", key)
                 continue
-            if record.flag < 2 or not all(v == int(v) for v in record.labels[:2]):
+            if record.flag < 2 or not all(math.isfinite(v) and v == int(v) for v in record.labels[:2]):
                 self._leave_out("identity record without a [start, end) label", key)
                 continue
             start, end = int(record.labels[0]), int(record.labels[1])

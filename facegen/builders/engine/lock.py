@@ -16,16 +16,18 @@ before committing each file (:meth:`OutputLock.check` reads the lock file again)
 removal of someone else's lock goes through a short-lived ``lock.break`` file (also created exclusively) and
 re-reads the lock first, so two processes taking over the same stale lock never delete each other's fresh one.
 
-A lock file facegen did not write is never waited on: one that is not a regular file (a FIFO, a folder), larger
-than :data:`MAX_LOCK_BYTES`, or whose fields are out of range (a lease that is NaN, infinite, negative or over
-:data:`MAX_LEASE_SECONDS`; a pid outside 1..2**22) stops the build in one line (exit 2) that says to remove it or
-pass ``--break-lock`` (which removes any of them but a folder). Only an empty or half-written file, which a taker
-leaves for an instant, is watched, for one lease of this build's.
+A lock file facegen did not write is never waited on: one that is not a regular file (a FIFO, a folder, a symbolic
+link, even a dangling one), larger than :data:`MAX_LOCK_BYTES`, JSON nested too deep to parse, or whose fields are
+out of range (a lease that is NaN, infinite, negative or over :data:`MAX_LEASE_SECONDS`; a pid outside 1..2**22)
+stops the build in one line (exit 2) that says to remove it or pass ``--break-lock`` (which removes any of them but a
+folder; a link itself, never its target). Only an empty or half-written file, which a taker leaves for an instant, is
+watched, for one lease of this build's.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import math
 import os
@@ -122,6 +124,8 @@ class Holder:
             data = json.loads(raw.decode("utf-8"))
         except ValueError:
             return None
+        except RecursionError:  # '[' nested deeper than the parser's stack: no holder wrote that
+            raise ForeignLock("deeply nested JSON") from None
         try:
             holder = cls(host=str(data["host"]), pid=data["pid"], started=str(data["started"]),
                          token=str(data["token"]), lease=float(data["lease"]), boot_id=data.get("boot_id"),
@@ -184,11 +188,16 @@ class OutputLock:
         """The lock file's bytes and mtime (ns); None when there is no lock file; ForeignLock when the path holds
         something else (opened without blocking: a FIFO never stalls the reader)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
         except IsADirectoryError:
             raise ForeignLock("a folder", removable=False) from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            # facegen never writes a link there; a dangling one would fail O_EXCL yet read as absent: a busy loop
+            raise ForeignLock("a symbolic link") from None
         try:
             info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):

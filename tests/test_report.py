@@ -351,3 +351,16 @@ def test_missing_plot_package_names_the_readmes_install(monkeypatch):
     with pytest.raises(UsageError) as info:
         _pyplot()
     assert 'pip install -e ".[report]"' in str(info.value)  # the README's install, from a checkout
+
+
+def test_report_on_one_image_per_identity_plots_a_degenerate_range(tmp_path, capsys):
+    """One image per identity: every sample's cosine to its prototype is 1 within an ulp; numpy cannot cut that
+    range into bins, so the plot gets a small range of its own."""
+    from facegen.testing.arcface import write_tiny_face_models
+
+    models = write_tiny_face_models(tmp_path / "models")
+    out = write_output_folder(tmp_path / "out", identities=2, images_per_identity=1, card=False)
+    code, stdout, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert "report/consistency.png" in report["plots"]

@@ -364,3 +364,36 @@ def test_report_on_one_image_per_identity_plots_a_degenerate_range(tmp_path, cap
     assert code == 0, err
     report = json.loads((out / ".facegen" / "report.json").read_text())
     assert "report/consistency.png" in report["plots"]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels (its header, an empty image stream)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_against_a_verification_bin_does_not_decode_an_image_over_the_pixel_limit(tmp_path):
+    """A .bin whose image declares 13000x13000 pixels (a 164 KB PNG inflates to 0.5 GB, referenced by every pair):
+    counted as too large from its header, never decoded; a broken image is counted as corrupt."""
+    import pickle
+
+    from facegen.builders.quality.leakage import benchmark_leakage
+
+    class Recognizer:
+        def embed(self, images):
+            return [np.ones(4, np.float32) / 2 for _ in images]
+
+    small = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(small, "PNG")
+    huge = png_header_only(13000, 13000)
+    lfw = tmp_path / "lfw.bin"
+    lfw.write_bytes(pickle.dumps(([small.getvalue(), huge, huge, b"not an image"], [True, False])))
+    against = benchmark_leakage(["a"], np.ones((1, 4), np.float32) / 2, lfw, Recognizer(), 0.9, progress=False)
+    assert against["embedded"] == 1
+    assert against["skipped"] == {"corrupt image (UnidentifiedImageError)": 1, "image too large": 2}

@@ -382,6 +382,7 @@ def test_against_a_verification_bin_does_not_decode_an_image_over_the_pixel_limi
     """A .bin whose image declares 13000x13000 pixels (a 164 KB PNG inflates to 0.5 GB, referenced by every pair):
     counted as too large from its header, never decoded; a broken image is counted as corrupt."""
     import pickle
+    import warnings
 
     from facegen.builders.quality.leakage import benchmark_leakage
 
@@ -394,6 +395,9 @@ def test_against_a_verification_bin_does_not_decode_an_image_over_the_pixel_limi
     huge = png_header_only(13000, 13000)
     lfw = tmp_path / "lfw.bin"
     lfw.write_bytes(pickle.dumps(([small.getvalue(), huge, huge, b"not an image"], [True, False])))
-    against = benchmark_leakage(["a"], np.ones((1, 4), np.float32) / 2, lfw, Recognizer(), 0.9, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even PIL's DecompressionBombWarning
+        against = benchmark_leakage(["a"], np.ones((1, 4), np.float32) / 2, lfw, Recognizer(), 0.9,
+                                    progress=False)
     assert against["embedded"] == 1
     assert against["skipped"] == {"corrupt image (UnidentifiedImageError)": 1, "image too large": 2}

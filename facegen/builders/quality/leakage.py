@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 
 import numpy as np
 
@@ -49,7 +50,10 @@ def _rgb(encoded) -> tuple[np.ndarray | None, str]:
 
     data = encoded if isinstance(encoded, bytes) else np.asarray(encoded).tobytes()
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():  # PIL warns on opening what the check below counts as too large
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
             if image.width * image.height > MAX_PIXELS:
                 return None, "image too large"
             return np.asarray(image.convert("RGB")), ""

@@ -308,7 +308,7 @@ def test_a_symlinked_pieces_folder_is_replaced_not_followed(tmp_path, capsys):
     pieces = pieces_folder(out / ".facegen" / "report_embeddings.npz")
     pieces.parent.mkdir(parents=True, exist_ok=True)
     pieces.symlink_to(victim, target_is_directory=True)
-    code, stdout, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
+    code, _, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
     assert code == 0, err
     assert sorted(p.name for p in victim.iterdir()) == ["000000.npz", "keep.txt", "other.npz"]
     assert all(p.read_bytes() == b"mine" for p in victim.iterdir())

@@ -360,7 +360,7 @@ def test_report_on_one_image_per_identity_plots_a_degenerate_range(tmp_path, cap
 
     models = write_tiny_face_models(tmp_path / "models")
     out = write_output_folder(tmp_path / "out", identities=2, images_per_identity=1, card=False)
-    code, stdout, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
+    code, _, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
     assert code == 0, err
     report = json.loads((out / ".facegen" / "report.json").read_text())
     assert "report/consistency.png" in report["plots"]

@@ -206,7 +206,7 @@ class PublishedDataset:
     def _read_json(path: Path) -> dict | None:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def _read_card(self) -> dict:
@@ -328,7 +328,7 @@ class PublishedDataset:
             if "json" not in members or members["json"][1] > MAX_METADATA_BYTES:
                 return None
             return _identity(json.loads(self.read(sample, "json")), sample.cls)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
 
     def members(self, sample: Sample) -> dict[str, tuple[int, int]]:
@@ -395,8 +395,8 @@ class PublishedDataset:
                 continue
             try:
                 meta = json.loads(metadata[key].get("json") or b"{}")
-            except ValueError as exc:
-                self._skip(where, "bad json", str(exc))
+            except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
+                self._skip(where, "bad json", "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
                 continue
             out.append((cls, key, Sample(index, key, cls, _identity(meta, cls), members)))
         return out
@@ -427,7 +427,7 @@ class PublishedDataset:
             if "json" not in members or members["json"][1] > MAX_METADATA_BYTES:
                 return {}
             value = json.loads(self.read(sample, "json"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         return value if isinstance(value, dict) else {}
 

@@ -291,3 +291,25 @@ def test_cached_embeddings_with_nan_or_a_wrong_shape_are_computed_again(tmp_path
     assert code == 0, err
     assert err.count(f"cached embeddings {cache} not used ('vectors' holds NaN or infinite values)") == 1
     assert "(reused)" not in stdout and cache.read_bytes() == good.read_bytes()
+
+
+def test_a_symlinked_pieces_folder_is_replaced_not_followed(tmp_path, capsys):
+    """A crafted dataset whose pieces folder links elsewhere: the link is removed (not followed), the pieces are
+    written in a folder of their own, and nothing in the folder it pointed to is removed or written."""
+    from facegen.testing.arcface import write_tiny_face_models
+    from facegen.testing.output import write_output_folder
+
+    models = write_tiny_face_models(tmp_path / "models")
+    out = write_output_folder(tmp_path / "out", identities=3, images_per_identity=2, card=False)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("000000.npz", "other.npz", "keep.txt"):
+        (victim / name).write_bytes(b"mine")
+    pieces = pieces_folder(out / ".facegen" / "report_embeddings.npz")
+    pieces.parent.mkdir(parents=True, exist_ok=True)
+    pieces.symlink_to(victim, target_is_directory=True)
+    code, _, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in victim.iterdir()) == ["000000.npz", "keep.txt", "other.npz"]
+    assert all(p.read_bytes() == b"mine" for p in victim.iterdir())
+    assert not pieces.exists() and not pieces.is_symlink()

@@ -117,6 +117,13 @@ def test_hostile_shards_are_counted_skips(parent):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    # 1b: a json nested deeper than Python's stack: a counted skip, not a RecursionError
+    with tarfile.open(shards[1], "a") as tar:
+        for name, data in (("999997_000.png", b"x"), ("999997_000.cls", b"8"),
+                           ("999997_000.json", b"[" * 200_000)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     # 2: a truncated shard: the samples before the cut are kept, the one cut is not
     data = shards[2].read_bytes()
     shards[2].write_bytes(data[:len(data) // 2])
@@ -126,6 +133,12 @@ def test_hostile_shards_are_counted_skips(parent):
     assert dataset.skipped["truncated sample"] == 1
     huge = [s for s in dataset.samples if s.key == "999998_000"]
     assert huge and dataset.meta(huge[0]) == {}  # never read into memory
+    assert dataset.skipped["bad json"] == 1 and not [s for s in dataset.samples if s.key == "999997_000"]
+    sample = dataset.samples[0]  # a json member that changed after the scan: read as none
+    assert "json" in dataset.members(sample)
+    dataset.read = lambda sample, field: b"[" * 200_000
+    assert dataset.meta(sample) == {} and dataset._identity_in_json(sample) is None
+    del dataset.read
     for sample in dataset.samples:  # everything listed can be read whole
         assert len(dataset.image(sample)) == dataset.members(sample)["png"][1]
 

@@ -351,3 +351,53 @@ def test_missing_plot_package_names_the_readmes_install(monkeypatch):
     with pytest.raises(UsageError) as info:
         _pyplot()
     assert 'pip install -e ".[report]"' in str(info.value)  # the README's install, from a checkout
+
+
+def test_report_on_one_image_per_identity_plots_a_degenerate_range(tmp_path, capsys):
+    """One image per identity: every sample's cosine to its prototype is 1 within an ulp; numpy cannot cut that
+    range into bins, so the plot gets a small range of its own."""
+    from facegen.testing.arcface import write_tiny_face_models
+
+    models = write_tiny_face_models(tmp_path / "models")
+    out = write_output_folder(tmp_path / "out", identities=2, images_per_identity=1, card=False)
+    code, _, err = run_cli(["report", out, "--recognizer", "arcface", "--model-dir", models], capsys)
+    assert code == 0, err
+    report = json.loads((out / ".facegen" / "report.json").read_text())
+    assert "report/consistency.png" in report["plots"]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels (its header, an empty image stream)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_against_a_verification_bin_does_not_decode_an_image_over_the_pixel_limit(tmp_path):
+    """A .bin whose image declares 13000x13000 pixels (a 164 KB PNG inflates to 0.5 GB, referenced by every pair):
+    counted as too large from its header, never decoded; a broken image is counted as corrupt."""
+    import pickle
+    import warnings
+
+    from facegen.builders.quality.leakage import benchmark_leakage
+
+    class Recognizer:
+        def embed(self, images):
+            return [np.ones(4, np.float32) / 2 for _ in images]
+
+    small = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(small, "PNG")
+    huge = png_header_only(13000, 13000)
+    lfw = tmp_path / "lfw.bin"
+    lfw.write_bytes(pickle.dumps(([small.getvalue(), huge, huge, b"not an image"], [True, False])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not even PIL's DecompressionBombWarning
+        against = benchmark_leakage(["a"], np.ones((1, 4), np.float32) / 2, lfw, Recognizer(), 0.9,
+                                    progress=False)
+    assert against["embedded"] == 1
+    assert against["skipped"] == {"corrupt image (UnidentifiedImageError)": 1, "image too large": 2}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 
 import numpy as np
 
@@ -40,22 +41,35 @@ def image_ref(index: int) -> str:
     return f"pair-{index // 2:06d}/{SIDES[index % 2]}"
 
 
-def _rgb(encoded) -> np.ndarray | None:
+def _rgb(encoded) -> tuple[np.ndarray | None, str]:
+    """(RGB array or None, why not): an image whose header declares more than the build's pixel limit
+    (:data:`facegen.builders.engine.images.MAX_PIXELS`, as the report's own images) is not decoded."""
     from PIL import Image
+
+    from facegen.builders.engine.images import MAX_PIXELS
 
     data = encoded if isinstance(encoded, bytes) else np.asarray(encoded).tobytes()
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception:  # PIL raises many types for broken files: that image is counted as not embedded
-        return None
+        with warnings.catch_warnings():  # PIL warns on opening what the check below counts as too large
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                return None, "image too large"
+            return np.asarray(image.convert("RGB")), ""
+    except (Image.DecompressionBombError, MemoryError):  # PIL's own limit, above the build's
+        return None, "image too large"
+    except Exception as exc:  # PIL raises many types for broken files: that image is counted as not embedded
+        return None, f"corrupt image ({type(exc).__name__})"
 
 
-def embed_benchmark(path: str | os.PathLike, recognizer, batch_size: int = 64,
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
-    """(unit embeddings of the embedded images, their indices in ``bins``, the pairs in the file)."""
+def embed_benchmark(path: str | os.PathLike, recognizer, batch_size: int = 64, progress: bool = True,
+                    skipped: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(unit embeddings of the embedded images, their indices in ``bins``, the pairs in the file); ``skipped``
+    counts the images not embedded, by reason."""
     from tqdm.auto import tqdm
 
+    skipped = {} if skipped is None else skipped
     name = os.path.basename(os.fspath(path))
     try:
         bins, issame = load_verification_pairs(path)
@@ -67,13 +81,20 @@ def embed_benchmark(path: str | os.PathLike, recognizer, batch_size: int = 64,
     vectors, indices = [], []
     with tqdm(total=len(bins), unit="image", desc=f"embed {name}", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(bins), batch_size):
-            decoded = [(i, _rgb(bins[i])) for i in range(start, min(start + batch_size, len(bins)))]
-            decoded = [(i, rgb) for i, rgb in decoded if rgb is not None]
+            decoded = []
+            for i in range(start, min(start + batch_size, len(bins))):
+                rgb, reason = _rgb(bins[i])
+                if rgb is None:
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                else:
+                    decoded.append((i, rgb))
             if decoded:
                 for (i, _), vector in zip(decoded, recognizer.embed([rgb for _, rgb in decoded])):
                     if vector is not None:
                         vectors.append(np.asarray(vector, np.float32))
                         indices.append(i)
+                    else:
+                        skipped["no face detected"] = skipped.get("no face detected", 0) + 1
             bar.update(min(batch_size, len(bins) - start))
     matrix = np.stack(vectors) if vectors else np.zeros((0, 0), np.float32)
     return matrix, np.asarray(indices, np.int64), len(issame)
@@ -83,7 +104,8 @@ def benchmark_leakage(ids: list[str], prototypes: np.ndarray, path: str | os.Pat
                       threshold: float, batch_size: int = 64, progress: bool = True) -> dict:
     """The report's ``against`` section for a verification file: identities of the dataset (``ids``, their unit
     ``prototypes``) with a benchmark image at cosine >= ``threshold``, nearest first."""
-    images, indices, pairs = embed_benchmark(path, recognizer, batch_size, progress)
+    skipped: dict[str, int] = {}
+    images, indices, pairs = embed_benchmark(path, recognizer, batch_size, progress, skipped)
     matches, nearest = [], {}
     if len(ids) and len(indices):
         for r0 in range(0, len(ids), BLOCK):
@@ -96,5 +118,6 @@ def benchmark_leakage(ids: list[str], prototypes: np.ndarray, path: str | os.Pat
                 matches.append([identity, *nearest[identity][0]])
     matches.sort(key=lambda m: (-m[2], m[0]))
     return {"dataset": os.path.basename(os.fspath(path)), "kind": "verification images", "pairs": pairs,
-            "images": 2 * pairs, "embedded": int(len(indices)), "identities": len(ids), "threshold": threshold,
+            "images": 2 * pairs, "embedded": int(len(indices)),
+            "skipped": dict(sorted(skipped.items())), "identities": len(ids), "threshold": threshold,
             "matches": matches, "nearest": {m[0]: nearest[m[0]] for m in matches}}

@@ -150,7 +150,7 @@ def load_arrays(path: Path, signature: dict, batch: int, keys: list[str], specs:
     rows = len(keys)
     limit = record_bytes + sum(spec.bytes(rows) for spec in specs.values()) + NPY_HEADER
     try:
-        info = path.stat()
+        info = path.lstat()  # a symbolic link is not followed (not a regular file)
     except OSError as exc:
         raise ValueError(f"cannot read it ({exc.strerror or exc})") from None
     if not stat.S_ISREG(info.st_mode):
@@ -205,6 +205,7 @@ def run_pass(folder: Path, signature: dict, count: int, compute: Compute, load: 
         except ValueError:
             return None
 
+    own_folder(folder)
     pieces: dict[int, Piece] = {}
     todo = []
     mine = range(ranks.index, count, ranks.count)
@@ -245,6 +246,18 @@ def run_pass(folder: Path, signature: dict, count: int, compute: Compute, load: 
     return PassResult([pieces[b] for b in range(count)], kept, count - kept)
 
 
+def own_folder(folder: Path) -> None:
+    """The pieces folder as a real folder: a symbolic link or a file there (a crafted dataset's, pointing anywhere)
+    is removed as itself (never followed), so that no piece is read, written or removed outside it."""
+    try:
+        info = folder.lstat()
+    except FileNotFoundError:
+        info = None
+    if info is not None and not stat.S_ISDIR(info.st_mode):
+        folder.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def wait_for(done: Callable[[], object]) -> None:
     """Wait, on the files (a collective would time out during a long wait), until ``done()``."""
     while not done():
@@ -253,7 +266,10 @@ def wait_for(done: Callable[[], object]) -> None:
 
 def remove_pieces(folder: Path) -> None:
     """The pieces are in the result now: remove them (only the piece files and their folder)."""
-    if not folder.is_dir():
+    try:
+        if not stat.S_ISDIR(folder.lstat().st_mode):  # a symbolic link is not followed
+            return
+    except OSError:
         return
     for path in folder.iterdir():
         if path.suffix == ".npz" or ".tmp-" in path.name:

@@ -678,7 +678,10 @@ def write_plots(out: Path, dataset: PublishedDataset, a: Analysis, identities: l
     def histogram(values, threshold, label, title, name):
         figure, axes = plt.subplots(figsize=(6, 3.2))
         values = values[np.isfinite(values)]
-        axes.hist(values, bins=min(60, max(10, len(values) // 4)), color="#4c72b0")
+        span = None  # numpy's own range, unless the values are (all but) one: it cannot cut an ulp into bins
+        if values.size and float(values.max() - values.min()) < 1e-6:  # e.g. one image per identity: all ~1.0
+            span = (float(values.min()) - 0.01, float(values.max()) + 0.01)
+        axes.hist(values, bins=min(60, max(10, len(values) // 4)), range=span, color="#4c72b0")
         axes.axvline(threshold, color="#c44e52", linestyle="--", label=label)
         axes.set_xlabel(f"cosine similarity ({recognizer})")
         axes.set_ylabel("count")
